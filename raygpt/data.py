@@ -1,0 +1,123 @@
+"""Memmapped token files, deterministic batch positions, and host-to-device transfer. No Ray here.
+
+Batch positions are a pure function of (seed, split, iteration, rank, micro-step), never of a
+running RNG: a resumed or restarted run draws exactly the batches an uninterrupted run would.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Stream ids keep the training draws, the eval draws of each split, and anything added later apart.
+TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2
+
+
+class DataError(ValueError):
+    """A dataset that cannot be trained on; the message is one line and says how to fix it."""
+
+
+def validate_dataset(dataset_dir: str | Path, block_size: int, world_size: int, vocab_size: int) -> None:
+    """Refuse, before any worker starts, data that would crash or silently corrupt training."""
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise DataError(f"dataset folder {dataset_dir} not found; create it with "
+                        f"`python -m raygpt.prepare {dataset_dir.name} --data-dir {dataset_dir.parent}`")
+    for split in ("train", "val"):
+        path = dataset_dir / f"{split}.bin"
+        if not path.is_file():
+            raise DataError(f"{path} is missing; re-run `python -m raygpt.prepare {dataset_dir.name}`")
+        size = path.stat().st_size
+        if size % 2:
+            raise DataError(f"{path} has an odd number of bytes: not a uint16 token file")
+        n_tokens = size // 2
+        # Every rank trains on its own shard of train.bin; each needs one full window.
+        needed = (block_size + 1) * (world_size if split == "train" else 1)
+        if n_tokens < needed:
+            what = f"{world_size} rank shards of " if split == "train" and world_size > 1 else ""
+            raise DataError(f"{path} has {n_tokens} tokens, too few for {what}block_size {block_size} "
+                            f"(needs at least {needed})")
+        data = np.memmap(path, dtype=np.uint16, mode="r")
+        # Checking every token of a multi-GB file would take minutes: check its head and 16 spread chunks.
+        chunk = 1 << 16
+        starts = np.linspace(0, max(0, n_tokens - chunk), 16, dtype=np.int64)
+        sample_max = max(int(data[: 1 << 20].max()), *(int(data[s:s + chunk].max()) for s in starts))
+        if sample_max >= vocab_size:
+            raise DataError(f"{path} holds token id {sample_max} but the model's vocab_size is {vocab_size}; "
+                            "was the data prepared with another tokenizer than meta.json says?")
+
+
+def rank_shard(n_tokens: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The contiguous [start, end) slice of a token file that `rank` trains on."""
+    per_rank = n_tokens // world_size
+    return rank * per_rank, (rank + 1) * per_rank
+
+
+def window_starts(seed: int, stream: int, draw: tuple[int, ...], n_windows: int, high: int) -> np.ndarray:
+    """`n_windows` start positions in [0, high), fixed by (seed, stream, *draw)."""
+    rng = np.random.default_rng([seed, stream, *draw])
+    return rng.integers(0, high, size=n_windows, dtype=np.int64)
+
+
+class TokenFile:
+    """A uint16 token file read through a memmap, optionally restricted to one rank's shard."""
+
+    def __init__(self, path: str | Path, block_size: int, start: int = 0, end: int | None = None):
+        self.path = str(path)
+        n_tokens = len(np.memmap(self.path, dtype=np.uint16, mode="r"))
+        self.start, self.end = start, n_tokens if end is None else end
+        self.block_size = block_size
+        # A window needs block_size inputs plus one more token for the last target.
+        self.n_starts = (self.end - self.start) - block_size
+        if self.n_starts < 1:
+            raise ValueError(
+                f"{self.path}: {self.end - self.start} tokens{' in this rank shard' if start or end else ''}"
+                f" is too few for block_size {block_size} (need at least {block_size + 1})"
+            )
+        self._offsets = np.arange(block_size + 1, dtype=np.int64)
+
+    def windows(self, starts: np.ndarray) -> torch.Tensor:
+        """(len(starts), block_size + 1) int64 tokens; inputs are [:, :-1], targets [:, 1:]."""
+        # Re-open the memmap for every batch: a long-lived one keeps every page it touched mapped,
+        # so the process's memory grows to the size of the file over a long run.
+        data = np.memmap(self.path, dtype=np.uint16, mode="r")
+        rows = data[self.start + starts[:, None] + self._offsets]
+        return torch.from_numpy(rows.astype(np.int64))
+
+
+class Batches:
+    """The batches one rank trains and evaluates on, moved to `device` (pinned + non_blocking on CUDA)."""
+
+    def __init__(self, data_dir: str | Path, block_size: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"):
+        data_dir = Path(data_dir)
+        n_train = len(np.memmap(data_dir / "train.bin", dtype=np.uint16, mode="r"))
+        self.train = TokenFile(data_dir / "train.bin", block_size, *rank_shard(n_train, rank, world_size))
+        # Evaluation reads the whole of each file, so its windows do not depend on the world size.
+        self.eval_files = {
+            "train": TokenFile(data_dir / "train.bin", block_size),
+            "val": TokenFile(data_dir / "val.bin", block_size),
+        }
+        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda"
+
+    def _to_device(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        if self.pin:
+            # Pinned memory lets the copy run asynchronously while the GPU is still busy.
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+    def train_batch(self, iter_num: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = window_starts(self.seed, TRAIN_STREAM, (iter_num, self.rank, micro_step),
+                               self.batch_size, self.train.n_starts)
+        return self._to_device(self.train.windows(starts))
+
+    def eval_batch(self, split: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k-th of the fixed evaluation batches of `split`: the same windows at every eval."""
+        stream = EVAL_TRAIN_STREAM if split == "train" else EVAL_VAL_STREAM
+        token_file = self.eval_files[split]
+        starts = window_starts(self.seed, stream, (k,), self.batch_size, token_file.n_starts)
+        return self._to_device(token_file.windows(starts))

@@ -1,0 +1,350 @@
+"""train_loop_per_worker: nanoGPT's training loop, run by every Ray Train worker.
+
+The only module that calls ray.train inside the workers. Read top to bottom it is nanoGPT's train.py:
+set up the device and precision, build or restore the model, then loop over eval -> checkpoint ->
+accumulate gradients -> clip -> step -> log, with Ray taking the place of torchrun.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from raygpt import checkpoint
+from raygpt.config import TrainConfig
+from raygpt.data import Batches
+from raygpt.model import GPT, GPTConfig, clean_state_dict
+from raygpt.tokenizer import load_meta
+
+MODEL_ARG_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+DEFAULT_VOCAB_SIZE = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+# Reported metric -> WandB key (nanoGPT's names where it has them).
+WANDB_KEYS = {"loss": "train/loss", "val_loss": "val/loss", "train_loss": "eval/train_loss", "lr": "lr",
+              "mfu": "mfu", "tokens_per_sec": "tokens/s", "tokens_seen": "tokens_seen"}
+
+
+def get_lr(it: int, cfg: TrainConfig) -> float:
+    """nanoGPT's schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        # nanoGPT uses `>`; at it == lr_decay_iters the cosine is already at min_lr, and `>=` also
+        # avoids its division by zero when warmup_iters == lr_decay_iters.
+        return cfg.min_lr
+    decay_ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """'auto' -> bfloat16 where the GPU supports it, else float16 on CUDA, float32 on CPU."""
+    if device.type != "cuda":
+        if name == "auto":
+            return "float32"
+        return name
+    bf16_ok = torch.cuda.is_bf16_supported()
+    if name == "auto":
+        return "bfloat16" if bf16_ok else "float16"
+    if name == "bfloat16" and not bf16_ok:
+        raise RuntimeError(f"dtype bfloat16 is not supported by {torch.cuda.get_device_name(device)}; "
+                           "use --dtype=float16")
+    return name
+
+
+def build_model(cfg: TrainConfig, meta: dict | None, state: dict | None, explicit_keys: set[str]):
+    """The GPT to train, from a checkpoint's weights, GPT-2's, or scratch; and its model_args."""
+    if state is not None:
+        model_args = dict(state["model_args"])
+        conflicts = [f"{key}={getattr(cfg, key)} (checkpoint has {model_args[key]})"
+                     for key in MODEL_ARG_KEYS if key in explicit_keys and key in model_args
+                     and key != "block_size" and getattr(cfg, key) != model_args[key]]
+        if conflicts:
+            raise ValueError("the checkpoint's architecture conflicts with the config: " + ", ".join(conflicts))
+        model_args["dropout"] = cfg.dropout
+        model = GPT(GPTConfig(**model_args))
+        model.load_state_dict(clean_state_dict(state["model"]))
+    elif cfg.init_from == "scratch":
+        vocab_size = meta["vocab_size"] if meta else DEFAULT_VOCAB_SIZE
+        model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                          bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)
+        model = GPT(GPTConfig(**model_args))
+    else:
+        model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
+        model_args = {key: getattr(model.config, key) for key in MODEL_ARG_KEYS}
+        model_args["dropout"] = cfg.dropout
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+        model_args["block_size"] = cfg.block_size
+    return model, model_args
+
+
+def worker_cpu_count() -> int:
+    """The CPUs Ray gave this worker; Ray sets OMP_NUM_THREADS=1, which would leave torch on one thread."""
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    return max(1, int(cpus))
+
+
+def save_checkpoint(state: dict, out_dir: Path):
+    """Write ckpt.pt to out_dir (for nanoGPT-style tools) and return it as a Ray Checkpoint."""
+    ckpt_path = out_dir / checkpoint.CKPT_NAME
+    checkpoint.save_atomic(state, ckpt_path)
+    # Ray uploads the folder; a hard link hands it the file without a second serialization.
+    upload_dir = Path(tempfile.mkdtemp(prefix=".ray-upload-", dir=out_dir))
+    try:
+        os.link(ckpt_path, upload_dir / checkpoint.CKPT_NAME)
+    except OSError:
+        shutil.copy2(ckpt_path, upload_dir / checkpoint.CKPT_NAME)
+    from ray.train import Checkpoint
+
+    return Checkpoint.from_directory(str(upload_dir)), upload_dir
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    explicit_keys = set(loop_config.get("explicit_keys", ()))
+
+    # ---- where am I: rank, device, precision -------------------------------------------------
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    master_process = rank == 0
+    if cfg.use_gpu:
+        import ray.train.torch
+
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    device_type = device.type
+    torch.set_num_threads(worker_cpu_count())
+    torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls on Ampere and newer
+    torch.backends.cudnn.allow_tf32 = True
+    dtype = resolve_dtype(cfg.dtype, device)
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    autocast = nullcontext() if dtype == "float32" else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+
+    # gradient_accumulation_steps is the global count, as with nanoGPT under torchrun.
+    assert cfg.gradient_accumulation_steps % world_size == 0, "checked by the launcher"
+    accum_steps = cfg.gradient_accumulation_steps // world_size
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
+    out_dir = Path(cfg.out_dir)
+    if master_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"tokens per iteration will be: {tokens_per_iter:,}", flush=True)
+
+    dataset_dir = Path(cfg.data_dir) / cfg.dataset
+    meta = load_meta(dataset_dir)
+
+    # ---- model: a Ray checkpoint (restart or rerun) wins, then init_from -------------------------
+    state, resumed_from = None, None
+    ray_checkpoint = ray.train.get_checkpoint()
+    if ray_checkpoint is not None:
+        state, resumed_from = checkpoint.from_ray(ray_checkpoint), ray_checkpoint.path
+    elif cfg.init_from == "resume":
+        state, resumed_from = checkpoint.load(out_dir / checkpoint.CKPT_NAME), out_dir / checkpoint.CKPT_NAME
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model, model_args = build_model(cfg, meta, state, explicit_keys)
+    model.to(device)
+    block_size = model_args["block_size"]
+
+    scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
+                                           device_type, verbose=master_process)
+    iter_num, best_val_loss, wandb_run_id = 0, float("inf"), None
+    last_eval = {"train": float("nan"), "val": float("nan")}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        iter_num = state["iter_num"]
+        best_val_loss = state.get("best_val_loss", float("inf"))
+        wandb_run_id = state.get("wandb_run_id")
+        last_eval = state.get("last_eval", last_eval)
+        if master_process:
+            print(f"resuming from {resumed_from} at iter {iter_num} (best val loss {best_val_loss:.4f})", flush=True)
+    start_iter = iter_num
+    state = None  # free the checkpoint's copy of the weights
+
+    raw_model = model
+    if cfg.compile:
+        if master_process:
+            print("compiling the model... (takes a ~minute)", flush=True)
+        model = torch.compile(model)
+    eval_model = model
+    if world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device_type == "cuda" else None)
+
+    batches = Batches(dataset_dir, block_size, cfg.batch_size, cfg.seed, rank, world_size, device)
+
+    wandb_run = None
+    if cfg.wandb_log and master_process:
+        import wandb
+
+        wandb_run_id = wandb_run_id or wandb.util.generate_id()
+        wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, id=wandb_run_id,
+                               resume="allow", config=cfg.to_dict(), dir=str(out_dir))
+
+    @torch.no_grad()
+    def estimate_loss() -> dict[str, float]:
+        """Mean loss over the fixed eval windows; each rank takes every world_size-th window and the
+        per-window losses are summed into one vector, so the result does not depend on world_size."""
+        eval_model.eval()
+        out = {}
+        for split in ("train", "val"):
+            losses = torch.zeros(cfg.eval_iters, device=device)
+            for k in range(rank, cfg.eval_iters, world_size):
+                X, Y = batches.eval_batch(split, k)
+                with autocast:
+                    _, loss = eval_model(X, Y)
+                losses[k] = loss.float()
+            if world_size > 1:
+                dist.all_reduce(losses)
+            out[split] = losses.mean().item()
+        eval_model.train()
+        return out
+
+    def make_state() -> dict:
+        return {
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "model_args": model_args,
+            "iter_num": iter_num,
+            "best_val_loss": best_val_loss,
+            "config": cfg.to_dict(),
+            "seed": cfg.seed,
+            "wandb_run_id": wandb_run_id,
+            "last_eval": last_eval,
+        }
+
+    def weights_in_sync() -> bool:
+        """DDP keeps every rank's weights identical; compare a cheap fingerprint to prove it."""
+        with torch.no_grad():
+            fingerprint = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum()
+        if world_size == 1:
+            return True
+        fingerprints = [torch.zeros_like(fingerprint) for _ in range(world_size)]
+        dist.all_gather(fingerprints, fingerprint)
+        return all(torch.equal(f, fingerprints[0]) for f in fingerprints)
+
+    def report(metrics: dict, ray_checkpoint=None) -> None:
+        ray.train.report(metrics, checkpoint=ray_checkpoint)
+        if wandb_run is not None:
+            wandb_run.log({WANDB_KEYS[k]: v for k, v in metrics.items() if k in WANDB_KEYS and v is not None},
+                          step=metrics["iter"])
+
+    # ---- the loop ---------------------------------------------------------------------------
+    X, Y = batches.train_batch(iter_num, 0)
+    t0 = time.time()
+    local_iter_num = 0
+    running_mfu = -1.0
+    step_times: list[float] = []
+    nonfinite_in_a_row = 0
+    while True:
+        lr = get_lr(iter_num, cfg)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+
+        is_eval_iter = iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters
+        # A resumed run starts at its checkpoint's iteration, whose eval was already reported.
+        if is_eval_iter and (iter_num != start_iter or resumed_from is None or cfg.eval_only):
+            last_eval = estimate_loss()
+            improved = last_eval["val"] < best_val_loss
+            best_val_loss = min(best_val_loss, last_eval["val"])
+            if master_process:
+                print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}",
+                      flush=True)
+            metrics = {"iter": iter_num, "train_loss": last_eval["train"], "val_loss": last_eval["val"],
+                       "best_val_loss": best_val_loss, "lr": lr, "tokens_seen": iter_num * tokens_per_iter,
+                       "weights_in_sync": weights_in_sync()}
+            upload_dir = None
+            ray_ckpt = None
+            if master_process and iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
+                print(f"saving checkpoint to {out_dir}", flush=True)
+                ray_ckpt, upload_dir = save_checkpoint(make_state(), out_dir)
+            report({**metrics, "eval": True}, ray_ckpt)
+            if upload_dir is not None:
+                shutil.rmtree(upload_dir, ignore_errors=True)
+        if cfg.eval_only or iter_num >= cfg.max_iters:
+            break
+
+        # Forward/backward with gradient accumulation; DDP syncs gradients only on the last micro-step.
+        torch.manual_seed(hash((cfg.seed, iter_num, rank)) & 0x7FFF_FFFF)  # dropout is a function of the step
+        loss_sum = torch.zeros((), device=device)
+        for micro_step in range(accum_steps):
+            if world_size > 1:
+                model.require_backward_grad_sync = micro_step == accum_steps - 1
+            with autocast:
+                _, loss = model(X, Y)
+                loss = loss / accum_steps
+            loss_sum += loss.detach()
+            # Fetch the next batch while the GPU is still busy with this one.
+            X, Y = (batches.train_batch(iter_num, micro_step + 1) if micro_step + 1 < accum_steps
+                    else batches.train_batch(iter_num + 1, 0))
+            scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        params = raw_model.parameters()
+        if cfg.grad_clip > 0.0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # The gradient norm is all-reduced, so every rank takes the same decision here.
+        if torch.isfinite(grad_norm):
+            scaler.step(optimizer)
+            nonfinite_in_a_row = 0
+        else:
+            nonfinite_in_a_row += 1
+            if master_process:
+                print(f"warning: iter {iter_num}: non-finite gradient norm, step skipped "
+                      f"({nonfinite_in_a_row} in a row)", flush=True)
+            if cfg.max_nonfinite_steps and nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{nonfinite_in_a_row} consecutive steps with a non-finite loss or gradient at iter {iter_num};"
+                    f" stopping (the last good checkpoint is in {out_dir}); lower learning_rate or use bfloat16")
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        iter_num += 1
+        local_iter_num += 1
+        if iter_num % cfg.log_interval == 0:
+            lossf = loss_sum.item()
+            if local_iter_num >= 5:  # let the first iterations (compile, warm-up) pass
+                step_times.append(dt)
+                mfu = raw_model.estimate_mfu(cfg.batch_size * accum_steps, dt, device)
+                if mfu is not None:
+                    running_mfu = mfu if running_mfu < 0 else 0.9 * running_mfu + 0.1 * mfu
+            tokens_per_sec = tokens_per_iter / dt
+            if master_process:
+                typical_dt = sorted(step_times)[len(step_times) // 2] if step_times else dt
+                mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"
+                print(f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}, "
+                      f"{tokens_per_sec:,.0f} tok/s, lr {lr:.2e}, "
+                      f"eta {format_eta((cfg.max_iters - iter_num) * typical_dt)}", flush=True)
+            report({"iter": iter_num - 1, "loss": lossf, "train_loss": last_eval["train"],
+                    "val_loss": last_eval["val"], "best_val_loss": best_val_loss, "lr": lr,
+                    "mfu": running_mfu if running_mfu >= 0 else None, "tokens_per_sec": tokens_per_sec,
+                    "tokens_seen": iter_num * tokens_per_iter, "eval": False})
+    if wandb_run is not None:
+        wandb_run.finish()

@@ -1,0 +1,60 @@
+"""Shared test fixtures: offline tiktoken, the tiny Shakespeare corpus, one Ray local cluster per session."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+
+
+def _offline_tiktoken(cache_root: Path) -> None:
+    """Tests must not download: point tiktoken at the GPT-2 BPE files shipped in ../shared."""
+    if os.environ.get("TIKTOKEN_CACHE_DIR"):
+        return
+    cache = cache_root / "tiktoken-cache"
+    script = SHARED / "data" / "gpt2-bpe" / "tiktoken-cache.py"
+    if script.exists():
+        subprocess.run([sys.executable, str(script), str(cache)], check=True, capture_output=True)
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+
+
+def pytest_configure(config):
+    import tempfile
+
+    _offline_tiktoken(Path(tempfile.mkdtemp(prefix="raygpt-tests-")))
+    # Keep Ray quiet and local in tests.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path() -> Path:
+    if not SHAKESPEARE.exists():
+        pytest.skip("../shared/data/tinyshakespeare.txt not found")
+    return SHAKESPEARE
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One Ray local cluster for the whole session; starting Ray costs seconds, so tests share it."""
+    import ray
+
+    # 2-core CI machines: advertise 4 logical CPUs so two 1-CPU workers and Ray's own actors fit.
+    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory, shakespeare_path) -> Path:
+    """The real shakespeare_char dataset, prepared once; returns the data_dir holding it."""
+    from raygpt.prepare import prepare_shakespeare_char
+
+    data_dir = tmp_path_factory.mktemp("data")
+    prepare_shakespeare_char(data_dir, input_path=shakespeare_path)
+    return data_dir

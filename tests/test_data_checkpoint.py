@@ -1,0 +1,141 @@
+"""Batch sampling, dataset checks and checkpoint files: plain numpy/torch, no Ray."""
+import numpy as np
+import pytest
+import torch
+
+from raygpt import checkpoint
+from raygpt.data import Batches, DataError, rank_shard, validate_dataset
+
+
+def write_dataset(directory, n_train=5000, n_val=1000, vocab=65):
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rng.integers(0, vocab, n_train, dtype=np.uint16).tofile(directory / "train.bin")
+    rng.integers(0, vocab, n_val, dtype=np.uint16).tofile(directory / "val.bin")
+    return directory
+
+
+def test_batches_are_a_pure_function_of_seed_iter_rank_micro(tmp_path):
+    data = write_dataset(tmp_path / "d")
+    a = Batches(data, block_size=16, batch_size=4, seed=1, rank=1, world_size=2)
+    b = Batches(data, block_size=16, batch_size=4, seed=1, rank=1, world_size=2)
+    x1, y1 = a.train_batch(7, 3)
+    b.train_batch(0, 0)  # other draws in between change nothing
+    x2, y2 = b.train_batch(7, 3)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are the inputs shifted by one
+    assert not torch.equal(a.train_batch(7, 4)[0], x1)
+
+
+def test_each_rank_reads_only_its_shard(tmp_path):
+    data = write_dataset(tmp_path / "d", n_train=4000)
+    tokens = np.fromfile(data / "train.bin", dtype=np.uint16)
+    start, end = rank_shard(len(tokens), 1, 2)
+    assert (start, end) == (2000, 4000)
+    batches = Batches(data, block_size=8, batch_size=64, seed=3, rank=1, world_size=2)
+    x, y = batches.train_batch(0, 0)
+    shard = tokens[start:end]
+    for row_x, row_y in zip(x.numpy(), y.numpy()):
+        window = np.concatenate([row_x, row_y[-1:]])
+        hits = np.flatnonzero(np.lib.stride_tricks.sliding_window_view(shard, 9).__eq__(window).all(axis=1))
+        assert hits.size > 0
+
+
+def test_eval_windows_do_not_depend_on_rank(tmp_path):
+    data = write_dataset(tmp_path / "d")
+    one = Batches(data, block_size=16, batch_size=4, seed=5, rank=0, world_size=1)
+    other = Batches(data, block_size=16, batch_size=4, seed=5, rank=1, world_size=2)
+    assert torch.equal(one.eval_batch("val", 3)[0], other.eval_batch("val", 3)[0])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing_dir", "not found; create it with"),
+    ("missing_val", "val.bin is missing"),
+    ("empty_train", "has 0 tokens, too few"),
+    ("short_val", "too few for block_size"),
+    ("odd_bytes", "odd number of bytes"),
+    ("big_token", "holds token id 65535"),
+])
+def test_bad_datasets_are_refused_in_one_line(tmp_path, damage, message):
+    data = write_dataset(tmp_path / "d")
+    if damage == "missing_dir":
+        data = tmp_path / "nope"
+    elif damage == "missing_val":
+        (data / "val.bin").unlink()
+    elif damage == "empty_train":
+        (data / "train.bin").write_bytes(b"")
+    elif damage == "short_val":
+        np.zeros(10, dtype=np.uint16).tofile(data / "val.bin")
+    elif damage == "odd_bytes":
+        (data / "train.bin").write_bytes(b"\x00" * 4001)
+    elif damage == "big_token":
+        tokens = np.fromfile(data / "train.bin", dtype=np.uint16)
+        tokens[123] = 65535
+        tokens.tofile(data / "train.bin")
+    with pytest.raises(DataError) as error:
+        validate_dataset(data, block_size=32, world_size=1, vocab_size=65)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_train_shards_must_each_hold_a_window(tmp_path):
+    data = write_dataset(tmp_path / "d", n_train=100)
+    validate_dataset(data, block_size=32, world_size=2, vocab_size=65)
+    with pytest.raises(DataError, match="4 rank shards"):
+        validate_dataset(data, block_size=32, world_size=4, vocab_size=65)
+
+
+def good_state():
+    return {"model": {"w": torch.arange(4.0)}, "model_args": {"n_layer": 1}, "iter_num": 3, "config": {"a": 1}}
+
+
+def test_checkpoint_round_trip_and_atomic_replace(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_atomic(good_state(), path)
+    assert torch.equal(checkpoint.load(path)["model"]["w"], torch.arange(4.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp files left behind
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_atomic(good_state(), path)
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise OSError("No space left on device")
+
+    with pytest.raises(OSError):
+        checkpoint.save_atomic({**good_state(), "iter_num": 4, "bad": Unsaveable()}, path)
+    assert checkpoint.load(path)["iter_num"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_damaged_and_foreign_checkpoints_are_refused(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_atomic(good_state(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="damaged or truncated"):
+        checkpoint.load(path)
+    torch.save({"something": 1}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="not a GPT checkpoint"):
+        checkpoint.load(path)
+    path.write_text("hello")
+    with pytest.raises(checkpoint.CheckpointError):
+        checkpoint.load(path)
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint at"):
+        checkpoint.load(tmp_path / "missing.pt")
+
+
+class Payload:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_malicious_pickle_in_ckpt_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "ckpt.pt"
+    torch.save({**good_state(), "evil": Payload()}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="refused"):
+        checkpoint.load(path)
+    assert not (tmp_path / "PWNED").exists()
