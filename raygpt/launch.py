@@ -6,6 +6,7 @@ checked here (config, data, cluster resources, the checkpoint to resume), each f
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -36,16 +37,23 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     return cfg.replace(**changes)
 
 
+def quiet_ray() -> None:
+    """Keep the console to raygpt's lines: no usage-stats notice, no duplicated worker prints
+    (Train V2 copies print() into its own logger), no preemption-watcher noise on a local run."""
+    for name, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING", "0"),
+                        ("RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING", "0"),
+                        ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")):
+        os.environ.setdefault(name, value)
+
+
 def connect(address: str | None) -> None:
     """Join the cluster at `address` / RAY_ADDRESS, or start an embedded local Ray."""
     import ray
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray Train's own progress chatter goes to its logger; keep the console to raygpt's lines.
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING,
-             include_dashboard=False if not (address or os.environ.get("RAY_ADDRESS")) else None)
+    quiet_ray()
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
 
 
 def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> TrainConfig:
@@ -73,7 +81,7 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> TrainC
                           f" CPUs but {have} (lower --num-workers or --cpus_per_worker)")
     if not use_gpu and cfg.dtype == "float16":
         raise LaunchError("dtype float16 needs a GPU; on CPU use --dtype=float32 (or bfloat16)")
-    if cfg.gradient_accumulation_steps % num_workers:
+    if cfg.gradient_accumulation_steps % num_workers and not cfg.eval_only:
         raise LaunchError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by"
                           f" the number of workers ({num_workers})")
     return cfg.replace(use_gpu=use_gpu, num_workers=num_workers, cpus_per_worker=cpus_per_worker)
@@ -164,7 +172,9 @@ def run(cfg: TrainConfig, explicit_keys=(), address: str | None = None, wait_for
     cfg = prepare_run(cfg, address, wait_for_resources, prepare_input)
     print(f"raygpt: run '{cfg.run_name}' with {cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} worker(s),"
           f" {cfg.cpus_per_worker:g} CPUs each", flush=True)
-    return build_trainer(cfg, explicit_keys).fit()
+    result = build_trainer(cfg, explicit_keys).fit()
+    summarize(result, cfg)
+    return result
 
 
 def root_cause(error: BaseException) -> str:
@@ -178,7 +188,12 @@ def root_cause(error: BaseException) -> str:
     return text[-1] if text else type(error).__name__
 
 
-def summarize(result) -> None:
+def summarize(result, cfg: TrainConfig) -> None:
+    if cfg.eval_only:
+        evaluated = json.loads((Path(cfg.out_dir) / "eval.json").read_text())
+        print(f"eval at iter {evaluated['iter']}: train loss {evaluated['train_loss']:.4f}, "
+              f"val loss {evaluated['val_loss']:.4f} (written to {Path(cfg.out_dir) / 'eval.json'})")
+        return
     best = result.best_checkpoints
     if best:
         ckpt, metrics = min(best, key=lambda pair: pair[1].get("val_loss", float("inf")))
@@ -233,7 +248,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: training failed: {root_cause(e)}", file=sys.stderr)
         return 1
-    summarize(result)
     return 0
 
 

@@ -6,7 +6,9 @@ accumulate gradients -> clip -> step -> log, with Ray taking the place of torchr
 """
 from __future__ import annotations
 
+import json
 import math
+import secrets
 import os
 import shutil
 import tempfile
@@ -144,8 +146,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     autocast = nullcontext() if dtype == "float32" else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
 
     # gradient_accumulation_steps is the global count, as with nanoGPT under torchrun.
-    assert cfg.gradient_accumulation_steps % world_size == 0, "checked by the launcher"
-    accum_steps = cfg.gradient_accumulation_steps // world_size
+    accum_steps = max(1, cfg.gradient_accumulation_steps // world_size)  # divisibility: checked by the launcher
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
     out_dir = Path(cfg.out_dir)
     if master_process:
@@ -200,7 +201,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.wandb_log and master_process:
         import wandb
 
-        wandb_run_id = wandb_run_id or wandb.util.generate_id()
+        wandb_run_id = wandb_run_id or secrets.token_hex(4)
         wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, id=wandb_run_id,
                                resume="allow", config=cfg.to_dict(), dir=str(out_dir))
 
@@ -282,6 +283,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if master_process and iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
                 print(f"saving checkpoint to {out_dir}", flush=True)
                 ray_ckpt, upload_dir = save_checkpoint(make_state(), out_dir)
+            if master_process and cfg.eval_only:
+                # Ray's Result carries only checkpointed metrics: leave the numbers where people look.
+                (out_dir / "eval.json.tmp").write_text(json.dumps({**metrics, "eval_iters": cfg.eval_iters}))
+                os.replace(out_dir / "eval.json.tmp", out_dir / "eval.json")
             report({**metrics, "eval": True}, ray_ckpt)
             if upload_dir is not None:
                 shutil.rmtree(upload_dir, ignore_errors=True)

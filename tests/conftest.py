@@ -45,7 +45,10 @@ def ray_local():
     import ray
 
     # 2-core CI machines: advertise 4 logical CPUs so two 1-CPU workers and Ray's own actors fit.
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    from raygpt.launch import quiet_ray
+
+    quiet_ray()
+    ray.init(num_cpus=4, logging_level="WARNING", log_to_driver=False)
     yield
     ray.shutdown()
 
