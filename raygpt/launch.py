@@ -42,7 +42,10 @@ def quiet_ray() -> None:
     (Train V2 copies print() into its own logger), no preemption-watcher noise on a local run."""
     for name, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING", "0"),
                         ("RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING", "0"),
-                        ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")):
+                        ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
+                        # The controller collects reports at this interval; a report waits for the
+                        # previous one to be collected, and fit() for the workers' end (default 2 s).
+                        ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")):
         os.environ.setdefault(name, value)
 
 
