@@ -317,9 +317,8 @@ def clean_state_dict(state: dict) -> dict:
     """Strip the prefixes torch.compile (`_orig_mod.`) and DDP (`module.`) add to parameter names."""
     cleaned = {}
     for key, value in state.items():
-        for prefix in ("_orig_mod.", "module."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
+        while key.startswith(("_orig_mod.", "module.")):
+            key = key.split(".", 1)[1]
         cleaned[key] = value
     return cleaned
 

@@ -1,0 +1,125 @@
+"""Data preparation on the real corpus and on real parquet/text files; tokenizer metadata loading."""
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from raygpt.prepare import PrepareError, prepare_corpus, prepare_dataset, prepare_shakespeare_char
+from raygpt.tokenizer import EOT_TOKEN, Tokenizer, gpt2_encoding, load_meta
+
+
+def test_shakespeare_char_matches_nanogpt(tmp_path, shakespeare_path):
+    dataset = prepare_shakespeare_char(tmp_path, shakespeare_path)
+    train = np.fromfile(dataset / "train.bin", dtype=np.uint16)
+    val = np.fromfile(dataset / "val.bin", dtype=np.uint16)
+    meta = load_meta(dataset)
+    assert (meta["vocab_size"], len(train), len(val)) == (65, 1_003_854, 111_540)
+    text = shakespeare_path.read_text()
+    assert Tokenizer.from_meta(meta).decode(val[:1000].tolist()) == text[1_003_854:1_004_854]
+
+
+def test_shakespeare_bpe_matches_nanogpt(tmp_path, shakespeare_path):
+    dataset = prepare_dataset("shakespeare", tmp_path, shakespeare_path)
+    sizes = [(dataset / f"{split}.bin").stat().st_size // 2 for split in ("train", "val")]
+    assert sizes == [301_966, 36_059]
+    assert load_meta(dataset) == {"vocab_size": 50257, "tokenizer": "gpt2"}
+
+
+def make_parquet_corpus(directory, n_files=3, docs_per_file=200):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    directory.mkdir()
+    docs = []
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "doth", "speak", "héllo", "world", "😀", "\n"]
+    for i in range(n_files):
+        batch = [" ".join(rng.choice(words, size=rng.integers(1, 40))) for _ in range(docs_per_file)]
+        docs += batch
+        pq.write_table(pa.table({"text": batch, "id": list(range(docs_per_file))}), directory / f"part{i}.parquet")
+    return docs
+
+
+def test_parquet_corpus_is_tokenized_with_eot_and_split_deterministically(tmp_path):
+    docs = make_parquet_corpus(tmp_path / "in")
+    first = prepare_corpus("owt", tmp_path / "a", str(tmp_path / "in" / "*.parquet"), val_fraction=0.05, num_threads=2)
+    second = prepare_corpus("owt", tmp_path / "b", str(tmp_path / "in" / "*.parquet"), val_fraction=0.05, num_threads=1)
+    encoding = gpt2_encoding()
+    expected_total = sum(len(encoding.encode_ordinary(doc)) + 1 for doc in docs)
+    train = np.fromfile(first / "train.bin", dtype=np.uint16)
+    val = np.fromfile(first / "val.bin", dtype=np.uint16)
+    assert len(train) + len(val) == expected_total
+    assert train[-1] == EOT_TOKEN and val[-1] == EOT_TOKEN
+    assert int((train == EOT_TOKEN).sum() + (val == EOT_TOKEN).sum()) == len(docs)
+    assert 0 < len(val) < len(train)
+    for split in ("train.bin", "val.bin"):
+        assert (first / split).read_bytes() == (second / split).read_bytes()
+    assert not list(first.glob("*.tmp"))
+
+
+def test_text_files_one_doc_per_line(tmp_path):
+    (tmp_path / "in").mkdir()
+    lines = [f"line number {i}" for i in range(500)]
+    (tmp_path / "in" / "a.txt").write_text("\n".join(lines) + "\n")
+    dataset = prepare_corpus("lines", tmp_path / "out", str(tmp_path / "in" / "*.txt"), one_doc_per_line=True,
+                             val_fraction=0.1)
+    tokens = np.concatenate([np.fromfile(dataset / s, dtype=np.uint16) for s in ("train.bin", "val.bin")])
+    assert int((tokens == EOT_TOKEN).sum()) == 500
+
+
+def test_missing_column_lists_the_columns(tmp_path):
+    make_parquet_corpus(tmp_path / "in", n_files=1)
+    with pytest.raises(PrepareError, match=r"no column 'body' \(columns: text, id\)"):
+        prepare_corpus("owt", tmp_path / "out", str(tmp_path / "in" / "*.parquet"), text_column="body")
+
+
+def test_cli_exit_codes(tmp_path, shakespeare_path):
+    ok = subprocess.run([sys.executable, "-m", "raygpt.prepare", "shakespeare_char", "--input", str(shakespeare_path),
+                         "--data-dir", str(tmp_path)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "vocab 65" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "raygpt.prepare", "shakespeare_char", "--input",
+                          str(tmp_path / "missing.txt"), "--data-dir", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    bad = subprocess.run([sys.executable, "-m", "raygpt.prepare", "corpus", "--input", str(empty),
+                          "--data-dir", str(tmp_path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_benign_meta_pkl_loads(tmp_path):
+    chars = sorted(set("hello world"))
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                                                      "stoi": {c: i for i, c in enumerate(chars)}}))
+    meta = load_meta(tmp_path)
+    assert meta["chars"] == chars and Tokenizer.from_meta(meta).decode([0, 1]) == "".join(chars[:2])
+
+
+class Evil:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch PWNED",))
+
+
+def test_malicious_meta_pkl_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 1, "itos": {0: "a"}, "x": Evil()}))
+    with pytest.raises(ValueError, match="refused to load posix.system|refused to load os.system") as error:
+        load_meta(tmp_path)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not valid JSON"),
+    ('{"tokenizer": "char"}', "positive integer vocab_size"),
+    ('{"vocab_size": 3, "tokenizer": "char", "chars": ["a", "b"]}', "'chars' must list the 3 characters"),
+    ('{"vocab_size": 3, "tokenizer": "bytes"}', "tokenizer must be 'char' or 'gpt2'"),
+])
+def test_malformed_meta_json(tmp_path, content, message):
+    (tmp_path / "meta.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_meta(tmp_path)
