@@ -90,6 +90,34 @@ def build_model(cfg: TrainConfig, meta: dict | None, state: dict | None, explici
     return model, model_args
 
 
+def forward_backward(model, raw_model, optimizer, scaler, autocast, batches: Batches, X, Y, iter_num: int,
+                     accum_steps: int, grad_clip: float, ddp: bool):
+    """Gradients of one iteration over accum_steps micro-batches, unscaled and clipped.
+
+    Returns the summed (already 1/accum_steps-scaled) loss, the gradient norm, and the first batch of
+    the next iteration, which was fetched while the device worked on this one."""
+    loss_sum = torch.zeros((), device=X.device)
+    for micro_step in range(accum_steps):
+        if ddp:
+            # DDP all-reduces gradients only on the last micro-step; earlier ones just accumulate.
+            model.require_backward_grad_sync = micro_step == accum_steps - 1
+        with autocast:
+            _, loss = model(X, Y)
+            loss = loss / accum_steps
+        loss_sum += loss.detach()
+        # Fetch the next batch while the GPU is still busy with this one.
+        X, Y = (batches.train_batch(iter_num, micro_step + 1) if micro_step + 1 < accum_steps
+                else batches.train_batch(iter_num + 1, 0))
+        scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    params = [p for p in raw_model.parameters() if p.grad is not None]
+    if grad_clip > 0.0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    return loss_sum, grad_norm, X, Y
+
+
 def worker_cpu_count() -> int:
     """The CPUs Ray gave this worker; Ray sets OMP_NUM_THREADS=1, which would leave torch on one thread."""
     import ray
@@ -296,30 +324,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if cfg.eval_only or iter_num >= cfg.max_iters:
             break
 
-        # Forward/backward with gradient accumulation; DDP syncs gradients only on the last micro-step.
         torch.manual_seed(hash((cfg.seed, iter_num, rank)) & 0x7FFF_FFFF)  # dropout is a function of the step
-        loss_sum = torch.zeros((), device=device)
-        for micro_step in range(accum_steps):
-            if world_size > 1:
-                model.require_backward_grad_sync = micro_step == accum_steps - 1
-            with autocast:
-                _, loss = model(X, Y)
-                loss = loss / accum_steps
-            loss_sum += loss.detach()
-            # Fetch the next batch while the GPU is still busy with this one.
-            X, Y = (batches.train_batch(iter_num, micro_step + 1) if micro_step + 1 < accum_steps
-                    else batches.train_batch(iter_num + 1, 0))
-            scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        params = raw_model.parameters()
-        if cfg.grad_clip > 0.0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        loss_sum, grad_norm, X, Y = forward_backward(model, raw_model, optimizer, scaler, autocast, batches, X, Y,
+                                                     iter_num, accum_steps, cfg.grad_clip, ddp=world_size > 1)
         # The gradient norm is all-reduced, so every rank takes the same decision here.
         if torch.isfinite(grad_norm):
             scaler.step(optimizer)
             nonfinite_in_a_row = 0
+        elif scaler.is_enabled() and scaler.get_scale() >= 1.0:
+            pass  # float16 overflow: the scaler skips the step and lowers its scale, as designed
         else:
             nonfinite_in_a_row += 1
             if master_process:

@@ -1,0 +1,132 @@
+"""nanoGPT's train.py and raygpt (1 Ray worker) side by side on one GPU, in one command.
+
+    python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT throughput [--batch-sizes 12 32] [--iters 30]
+    python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT shakespeare --corpus tinyshakespeare.txt
+
+throughput: GPT-2 124M (12 layers, 768, block 1024, bias False, vocab 50304, bf16, compile) on random
+tokens; median ms/iter after warm-up, tokens/s, MFU (nanoGPT's FLOPs per token over 989 TFLOP/s on
+H100 SXM / H200) and peak memory is not reported by train.py, so the table gives what both print.
+shakespeare: configs/train_shakespeare_char.py as is; best val loss and wall time from command to exit.
+Each scenario appends a table to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_vs_nanogpt import run_and_parse  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def gpt2_flops_per_iter(tokens_per_iter: int) -> float:
+    n_params = 123_587_328  # get_num_params() of GPT-2 124M: vocab 50304, bias False, wpe left out
+    return (6 * n_params + 12 * 12 * 12 * 64 * 1024) * tokens_per_iter
+
+
+def throughput(args, env) -> list[str]:
+    data = args.work_dir / "data" / "owt_random"
+    data.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 100_000_000), ("val", 1_000_000)):
+        rng.integers(0, 50257, n, dtype=np.uint16).tofile(data / f"{split}.bin")
+    nanogpt_data = args.nanogpt / "data" / "owt_random"
+    shutil.rmtree(nanogpt_data, ignore_errors=True)
+    shutil.copytree(data, nanogpt_data)
+    rows = []
+    common = ["--dataset=owt_random", "--wandb_log=False", f"--gradient_accumulation_steps={args.accum}",
+              f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters * 10}", "--warmup_iters=5",
+              "--eval_interval=100000", "--eval_iters=1", "--log_interval=1", "--compile=True"]
+    for batch_size in args.batch_sizes:
+        results = [
+            run_and_parse(f"nanoGPT train.py, micro-batch {batch_size}",
+                          [sys.executable, "train.py", "config/train_gpt2.py", *common, f"--batch_size={batch_size}",
+                           f"--out_dir={args.work_dir / 'out-n'}"], args.nanogpt,
+                          args.work_dir / f"nanogpt-{batch_size}.log", env),
+            run_and_parse(f"raygpt, micro-batch {batch_size}",
+                          [sys.executable, "-m", "raygpt.launch", "configs/train_gpt2.py", *common,
+                           f"--batch_size={batch_size}", f"--data_dir={args.work_dir / 'data'}",
+                           f"--out_dir={args.work_dir / f'out-r{batch_size}'}", f"--storage_path={args.work_dir / 'ray'}",
+                           "--num_workers=1", "--always_save_checkpoint=False"], REPO,
+                          args.work_dir / f"raygpt-{batch_size}.log", env),
+        ]
+        tokens = batch_size * 1024 * args.accum
+        for r in results:
+            dt = r["median_ms"] / 1000
+            mfu = gpt2_flops_per_iter(tokens) / dt / 989e12
+            rows.append(f"| {r['name']} | {r['median_ms']:.1f} | {tokens / dt:,.0f} | {mfu * 100:.1f}% | "
+                        f"{r['median_ms'] / results[0]['median_ms']:.3f}x |")
+    return ["| GPT-2 124M, bf16, compile | ms/iter | tokens/s | MFU | time vs nanoGPT |",
+            "| --- | --- | --- | --- | --- |", *rows]
+
+
+def shakespeare(args, env) -> list[str]:
+    sys.path.insert(0, str(REPO))
+    from raygpt.prepare import prepare_shakespeare_char
+    from raygpt.tokenizer import load_meta
+    import pickle
+
+    dataset_dir = prepare_shakespeare_char(args.work_dir / "data", args.corpus)
+    nanogpt_data = args.nanogpt / "data" / "shakespeare_char"
+    for name in ("train.bin", "val.bin"):
+        shutil.copy(dataset_dir / name, nanogpt_data / name)
+    chars = load_meta(dataset_dir)["chars"]
+    with open(nanogpt_data / "meta.pkl", "wb") as f:  # nanoGPT's own format, only in its checkout
+        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
+                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+    extra = args.extra or []
+    results = [
+        run_and_parse("nanoGPT train.py", [sys.executable, "train.py", "config/train_shakespeare_char.py",
+                                           f"--out_dir={args.work_dir / 'out-n'}"], args.nanogpt,
+                      args.work_dir / "nanogpt-shakespeare.log", env),
+        run_and_parse("raygpt", [sys.executable, "-m", "raygpt.launch", "configs/train_shakespeare_char.py",
+                                 f"--data_dir={args.work_dir / 'data'}", f"--out_dir={args.work_dir / 'out-r'}",
+                                 f"--storage_path={args.work_dir / 'ray'}", "--num_workers=1", *extra], REPO,
+                      args.work_dir / "raygpt-shakespeare.log", env),
+    ]
+    rows = ["| shakespeare_char config | best val loss | median ms/iter | wall s (command to exit) | wall vs nanoGPT |",
+            "| --- | --- | --- | --- | --- |"]
+    for r in results:
+        best = min(val for _, val in r["evals"])
+        rows.append(f"| {r['name']} | {best:.4f} | {r['median_ms']:.2f} | {r['wall_s']:.1f} | "
+                    f"{r['wall_s'] / results[0]['wall_s']:.3f}x |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nanogpt", required=True, type=Path)
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/raygpt-bench-gpu"))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "gpu_results.md")
+    sub = parser.add_subparsers(dest="scenario", required=True)
+    tp = sub.add_parser("throughput")
+    tp.add_argument("--batch-sizes", type=int, nargs="+", default=[12, 32])
+    tp.add_argument("--accum", type=int, default=4)
+    tp.add_argument("--iters", type=int, default=30)
+    sh = sub.add_parser("shakespeare")
+    sh.add_argument("--corpus", type=Path, required=True)
+    sh.add_argument("--extra", nargs="*", help="extra raygpt overrides")
+    args = parser.parse_args()
+    args.nanogpt = args.nanogpt.resolve()
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    rows = throughput(args, env) if args.scenario == "throughput" else shakespeare(args, env)
+    import torch
+
+    header = (f"\n## {args.scenario} ({time.strftime('%Y-%m-%d')}, {torch.cuda.get_device_name()}, "
+              f"torch {torch.__version__})\n\nCommand: `python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH "
+              f"{' '.join(sys.argv[sys.argv.index(args.scenario):])}`\n\n")
+    with open(args.out, "a") as f:
+        f.write(header + "\n".join(rows) + "\n")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
