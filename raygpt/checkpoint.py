@@ -68,3 +68,27 @@ def from_ray(checkpoint) -> dict:
     """Load the ckpt.pt inside a ray.train.Checkpoint."""
     with checkpoint.as_directory() as directory:
         return load(Path(directory) / CKPT_NAME)
+
+
+def load_resume_state(ray_checkpoint=None, fallback: str | Path | None = None, warn=print) -> tuple[dict, str]:
+    """The newest checkpoint that loads: Ray's latest, then older ones of the same run (local storage),
+    then `fallback` (out_dir/ckpt.pt). A damaged one is reported and skipped, never half-loaded."""
+    candidates: list = []
+    if ray_checkpoint is not None:
+        latest = Path(ray_checkpoint.path)
+        if getattr(ray_checkpoint.filesystem, "type_name", "") == "local" and latest.parent.is_dir():
+            older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.name < latest.name), reverse=True)
+            candidates += [latest / CKPT_NAME, *(p / CKPT_NAME for p in older)]
+        else:
+            candidates.append(ray_checkpoint)
+    if fallback is not None:
+        candidates.append(Path(fallback))
+    for candidate in candidates:
+        try:
+            if isinstance(candidate, Path):
+                return load(candidate), str(candidate)
+            return from_ray(candidate), candidate.path
+        except CheckpointError as e:
+            warn(f"warning: skipping checkpoint: {e}")
+    raise CheckpointError("no usable checkpoint to resume from (" +
+                          ", ".join(str(getattr(c, "path", c)) for c in candidates) + ")")

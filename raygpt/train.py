@@ -187,10 +187,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- model: a Ray checkpoint (restart or rerun) wins, then init_from -------------------------
     state, resumed_from = None, None
     ray_checkpoint = ray.train.get_checkpoint()
-    if ray_checkpoint is not None:
-        state, resumed_from = checkpoint.from_ray(ray_checkpoint), ray_checkpoint.path
-    elif cfg.init_from == "resume":
-        state, resumed_from = checkpoint.load(out_dir / checkpoint.CKPT_NAME), out_dir / checkpoint.CKPT_NAME
+    if ray_checkpoint is not None or cfg.init_from == "resume":
+        state, resumed_from = checkpoint.load_resume_state(
+            ray_checkpoint, out_dir / checkpoint.CKPT_NAME, warn=lambda text: master_process and print(text, flush=True))
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, model_args = build_model(cfg, meta, state, explicit_keys)
     model.to(device)

@@ -48,8 +48,8 @@ def ray_local():
     from raygpt.launch import quiet_ray
 
     quiet_ray()
-    ray.init(num_cpus=4, logging_level="WARNING", log_to_driver=False)
-    yield
+    context = ray.init(num_cpus=4, logging_level="WARNING", log_to_driver=False)
+    yield context.address_info["address"]
     ray.shutdown()
 
 

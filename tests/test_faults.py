@@ -1,0 +1,98 @@
+"""Kill things for real and check nothing is lost: a Ray worker (SIGKILL), the driver (SIGINT, SIGKILL).
+
+Each faulted run is the `python -m raygpt.launch` CLI in a subprocess joined to the session's Ray
+cluster; its final weights must be bit-identical to those of an uninterrupted run of the same config.
+"""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from raygpt import checkpoint, launch
+from raygpt.config import TrainConfig
+
+FAULT_RUN = dict(dataset="shakespeare_char", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
+                 gradient_accumulation_steps=2, learning_rate=1e-2, min_lr=1e-3, warmup_iters=5,
+                 lr_decay_iters=200, max_iters=150, eval_interval=50, eval_iters=4, log_interval=1,
+                 device="cpu", dtype="float32", compile=False, seed=11, num_workers=2, cpus_per_worker=1)
+
+
+def cli_args(values: dict) -> list[str]:
+    return [f"--{key}={value}" for key, value in values.items()]
+
+
+def reference_weights(tmp_path, char_data) -> dict:
+    cfg = TrainConfig(**FAULT_RUN, data_dir=str(char_data), out_dir=str(tmp_path / "out-reference"),
+                      storage_path=str(tmp_path / "ray"))
+    launch.run(cfg)
+    return checkpoint.load(tmp_path / "out-reference" / "ckpt.pt")
+
+
+def start_cli(tmp_path, char_data, address, name, **extra):
+    values = {**FAULT_RUN, "data_dir": char_data, "out_dir": tmp_path / f"out-{name}",
+              "storage_path": tmp_path / "ray", **extra}
+    env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "raygpt.launch", *cli_args(values)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(process, pattern: str, timeout: float = 180) -> re.Match:
+    """Read the process's output until a line matches `pattern`."""
+    deadline = time.time() + timeout
+    for line in process.stdout:
+        if (match := re.search(pattern, line)):
+            return match
+        if time.time() > deadline:
+            break
+    process.kill()
+    pytest.fail(f"never saw {pattern!r}")
+
+
+def finish(process, timeout: float = 240) -> tuple[int, str]:
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+def assert_bit_identical(state: dict, reference: dict):
+    assert state["iter_num"] == reference["iter_num"] == FAULT_RUN["max_iters"]
+    for key, tensor in reference["model"].items():
+        assert torch.equal(state["model"][key], tensor), key
+    assert state["best_val_loss"] == reference["best_val_loss"]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tmp_path_factory, char_data):
+    return reference_weights(tmp_path_factory.mktemp("reference"), char_data)
+
+
+def test_killed_worker_is_replaced_and_the_run_ends_bit_identical(ray_local, tmp_path, char_data, reference):
+    process = start_cli(tmp_path, char_data, ray_local, "worker-kill", max_failures=1)
+    wait_for(process, r"saving checkpoint")  # the checkpoint at iter 50 ...
+    pid = int(wait_for(process, r"RayTrainWorker pid=(\d+).*iter 6\d:").group(1))  # ... and between two
+    os.kill(pid, signal.SIGKILL)
+    returncode, output = finish(process)
+    assert returncode == 0, output[-3000:]
+    assert "resuming from" in output
+    assert_bit_identical(checkpoint.load(tmp_path / "out-worker-kill" / "ckpt.pt"), reference)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_killed_driver_then_same_command_continues_bit_identical(ray_local, tmp_path, char_data, reference, sig):
+    name = f"driver-{sig.name}"
+    process = start_cli(tmp_path, char_data, ray_local, name)
+    wait_for(process, r"saving checkpoint")
+    wait_for(process, r"iter 6\d:")
+    os.killpg(process.pid, sig)
+    returncode, output = finish(process)
+    assert returncode != 0
+    time.sleep(2)  # let the cluster reap the dead driver's workers
+    rerun = start_cli(tmp_path, char_data, ray_local, name)
+    returncode, output = finish(rerun)
+    assert returncode == 0, output[-3000:]
+    assert re.search(r"resuming from .*checkpoint_.* at iter (50|100)", output)
+    assert_bit_identical(checkpoint.load(tmp_path / f"out-{name}" / "ckpt.pt"), reference)
