@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 
@@ -45,10 +46,12 @@ def load(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(
-            f"{path} holds more than tensors and plain values and was refused (weights_only load): {first_line}"
-        ) from None
+        # weights_only refuses anything that would import or call code; say what it was.
+        refused = re.search(r"GLOBAL (\S+)", str(e), re.IGNORECASE)
+        if refused:
+            raise CheckpointError(f"{path} was refused: it holds Python objects ({refused.group(1)}), not only "
+                                  "tensors and plain values; raygpt never unpickles code") from None
+        raise CheckpointError(f"{path} is damaged or truncated and cannot be read (not a torch checkpoint)") from None
     except Exception as e:  # a damaged file fails anywhere in the unpickler, with any exception type
         raise CheckpointError(f"{path} is damaged or truncated and cannot be read ({type(e).__name__})") from None
     if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
@@ -77,7 +80,8 @@ def load_resume_state(ray_checkpoint=None, fallback: str | Path | None = None, w
     if ray_checkpoint is not None:
         latest = Path(ray_checkpoint.path)
         if getattr(ray_checkpoint.filesystem, "type_name", "") == "local" and latest.parent.is_dir():
-            older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.name < latest.name), reverse=True)
+            older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name),
+                           reverse=True)
             candidates += [latest / CKPT_NAME, *(p / CKPT_NAME for p in older)]
         else:
             candidates.append(ray_checkpoint)

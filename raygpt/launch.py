@@ -69,7 +69,7 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> TrainC
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else (cfg.device != "cpu" and cluster_gpus > 0)
     if use_gpu and cfg.device == "cpu":
         raise LaunchError("use_gpu=True conflicts with device=cpu")
-    num_workers = cfg.num_workers or (cluster_gpus if use_gpu else 1)
+    num_workers = cfg.num_workers or (max(cluster_gpus, 1) if use_gpu else 1)
     if not wait_for_resources:
         if use_gpu and num_workers > cluster_gpus:
             raise LaunchError(f"{num_workers} GPU workers need {num_workers} GPUs but {have}"
@@ -95,7 +95,7 @@ def ray_checkpoint_dirs(cfg: TrainConfig) -> list[Path]:
     storage = Path(cfg.storage_path or Path("~/ray_results").expanduser())
     if "://" in str(cfg.storage_path):
         return []  # cloud storage: Ray itself finds them
-    return sorted((storage / cfg.run_name).glob("checkpoint_*"))
+    return sorted(p for p in (storage / cfg.run_name).glob("checkpoint_*") if p.is_dir())
 
 
 def check_inputs(cfg: TrainConfig, prepare_input: str | None = None) -> None:

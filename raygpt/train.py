@@ -263,6 +263,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "seed": cfg.seed,
             "wandb_run_id": wandb_run_id,
             "last_eval": last_eval,
+            "resumed_from": str(resumed_from) if resumed_from else None,  # lineage, for debugging
         }
 
     def weights_in_sync() -> bool:
