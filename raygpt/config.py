@@ -31,7 +31,7 @@ class TrainConfig:
     # I/O
     out_dir: str = key("out", "folder for ckpt.pt (the newest checkpoint) and wandb files")
     eval_interval: int = key(2000, "evaluate (and maybe checkpoint) every this many iterations")
-    log_interval: int = key(1, "print and report metrics every this many iterations")
+    log_interval: int = key(1, "print (and log to wandb) every this many iterations")
     eval_iters: int = key(200, "batches per split in each evaluation")
     eval_only: bool = key(False, "evaluate once and exit")
     always_save_checkpoint: bool = key(True, "checkpoint at every eval, not only when val loss improves")
