@@ -1,0 +1,343 @@
+"""`python -m raygpt.tune [CONFIG_FILE] --key=SPEC ... [--num-samples N] [--max-concurrent K] [--asha]`: a Ray Tune sweep.
+
+A SPEC is `loguniform:LOW:HIGH`, `uniform:LOW:HIGH`, `choice:A,B,C` or `grid:A,B,C`; every other
+`--key=value` and the config file are read as by raygpt.launch. Each trial is a Ray Train V2 run
+(`raygpt.launch.build_trainer`) of the base config with the trial's values, its own run_name
+(`<run_name>-<trial_id>`) and out_dir (`<out_dir>/<trial_id>`); its eval metrics reach Tune through
+TuneReportCallback. Tune minimizes val_loss; --asha stops poor trials early (time_attr 'iter').
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from raygpt import checkpoint, launch
+from raygpt.config import FIELD_TYPES, ConfigError, TrainConfig, check_known, config_help, load_config, parse_value
+from raygpt.data import DataError
+from raygpt.launch import LaunchError
+
+KINDS = ("loguniform", "uniform", "choice", "grid")
+SPEC_RE = re.compile(rf"^({'|'.join(KINDS)}):(.*)$", re.DOTALL)
+# Keys every trial must share: paths and names are set per trial, resources are planned once for the sweep.
+NOT_SAMPLED = ("out_dir", "run_name", "storage_path", "data_dir", "num_workers", "use_gpu", "cpus_per_worker",
+               "eval_only")
+
+
+@dataclass(frozen=True)
+class Spec:
+    kind: str
+    values: tuple  # (low, high) for the ranges, the options for choice/grid
+
+    def __str__(self) -> str:
+        sep = ":" if self.kind in ("loguniform", "uniform") else ","
+        return f"{self.kind}:{sep.join(repr(v) for v in self.values)}"
+
+
+def is_spec(text: str) -> bool:
+    return bool(SPEC_RE.match(text))
+
+
+def parse_spec(name: str, text: str) -> Spec:
+    """`loguniform:1e-4:3e-3` -> Spec('loguniform', (1e-4, 3e-3)); one-line ConfigError when malformed."""
+    check_known(name)
+    if name in NOT_SAMPLED:
+        raise ConfigError(f"bad search space for {name}: every trial of a sweep shares {name}, it cannot be sampled")
+    match = SPEC_RE.match(text)
+    if not match:
+        raise ConfigError(f"bad search space for {name}: expected one of {', '.join(k + ':' for k in KINDS)},"
+                          f" got {text!r}")
+    kind, body = match.groups()
+    typ = FIELD_TYPES[name]
+    if kind in ("loguniform", "uniform"):
+        parts = body.split(":")
+        values = tuple(parse_value(p.strip()) for p in parts)
+        if len(parts) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                      for v in values):
+            raise ConfigError(f"bad search space for {name}: {kind} needs two numbers LOW:HIGH, got {text!r}")
+        if typ not in (int, float):
+            raise ConfigError(f"bad search space for {name}: {kind} needs a numeric key, '{name}' is {typ.__name__}")
+        low, high = values
+        if not low < high:
+            raise ConfigError(f"bad search space for {name}: {kind} needs LOW < HIGH, got {text!r}")
+        if kind == "loguniform" and low <= 0:
+            raise ConfigError(f"bad search space for {name}: loguniform needs LOW > 0, got {text!r}")
+        if typ is int and not all(float(v).is_integer() for v in values):
+            raise ConfigError(f"bad search space for {name}: '{name}' is an int key, {kind} bounds must be integers,"
+                              f" got {text!r}")
+        return Spec(kind, (int(low), int(high)) if typ is int else (float(low), float(high)))
+    parts = [p.strip() for p in body.split(",")]
+    if not body.strip() or any(not p for p in parts):
+        raise ConfigError(f"bad search space for {name}: {kind} needs comma-separated values A,B,..., got {text!r}")
+    return Spec(kind, tuple(parse_value(p) for p in parts))
+
+
+def split_argv(config_argv: list[str]) -> tuple[list[str], dict[str, Spec]]:
+    """Separate sampled overrides (`--key=SPEC` / `--key SPEC`) from what load_config reads."""
+    rest: list[str] = []
+    specs: dict[str, Spec] = {}
+    i = 0
+    while i < len(config_argv):
+        arg = config_argv[i]
+        if arg.startswith("--"):
+            name, has_value, text = arg[2:].partition("=")
+            if not has_value and i + 1 < len(config_argv) and is_spec(config_argv[i + 1]):
+                text, has_value = config_argv[i + 1], True
+                i += 1
+            if has_value and is_spec(text):
+                name = name.replace("-", "_")
+                if name in specs:
+                    raise ConfigError(f"--{name} is sampled twice")
+                specs[name] = parse_spec(name, text)
+                i += 1
+                continue
+        rest.append(arg)
+        i += 1
+    return rest, specs
+
+
+def split_search_space(config_argv: list[str]) -> tuple[list[str], dict]:
+    """Like split_argv, with the sampled keys already as Ray Tune's param_space."""
+    rest, specs = split_argv(config_argv)
+    return rest, search_space(specs)
+
+
+def check_specs(base: TrainConfig, specs: dict[str, Spec]) -> dict[str, Spec]:
+    """Each bound / option must make a valid config with the base; returns the specs with coerced values."""
+    checked = {}
+    for name, spec in specs.items():
+        values = []
+        for value in spec.values:
+            try:
+                values.append(getattr(base.replace(**{name: value}), name))
+            except ConfigError as e:
+                raise ConfigError(f"bad search space for {name} ({spec}): {e}") from None
+        checked[name] = Spec(spec.kind, tuple(values))
+    return checked
+
+
+def search_space(specs: dict[str, Spec]) -> dict:
+    """Specs -> Ray Tune's param_space."""
+    from ray import tune
+
+    space = {}
+    for name, spec in specs.items():
+        is_int = FIELD_TYPES[name] is int
+        if spec.kind == "loguniform":
+            space[name] = tune.lograndint(spec.values[0], spec.values[1] + 1) if is_int else tune.loguniform(*spec.values)
+        elif spec.kind == "uniform":
+            space[name] = tune.randint(spec.values[0], spec.values[1] + 1) if is_int else tune.uniform(*spec.values)
+        elif spec.kind == "choice":
+            space[name] = tune.choice(list(spec.values))
+        else:
+            space[name] = tune.grid_search(list(spec.values))
+    return space
+
+
+def trial_count(space: dict, num_samples: int) -> int:
+    grid = math.prod(len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v)
+    return num_samples * grid
+
+
+def plan_concurrency(cfg: TrainConfig, explicit_keys, concurrent: int) -> TrainConfig:
+    """Share the cluster between `concurrent` trials where the user left workers/CPUs to the planner."""
+    import ray
+
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), int(resources.get("GPU", 0))
+    changes = {}
+    if cfg.use_gpu and "num_workers" not in explicit_keys:
+        changes["num_workers"] = max(1, gpus // concurrent)
+    workers = changes.get("num_workers", cfg.num_workers)
+    if "cpus_per_worker" not in explicit_keys:
+        share = int(cpus / (workers * concurrent)) if workers else 1
+        changes["cpus_per_worker"] = float(max(1, min(4, share)) if cfg.use_gpu else max(1, share))
+    return launch.plan_resources(cfg.replace(**changes)) if changes else cfg
+
+
+def make_trainable(base: TrainConfig, explicit_keys):
+    explicit_keys = sorted(set(explicit_keys))
+
+    def train_trial(config: dict) -> None:
+        from ray import tune
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        trial_id = tune.get_context().get_trial_id()
+        cfg = base.replace(**config, run_name=f"{base.run_name}-{trial_id}", out_dir=f"{base.out_dir}/{trial_id}")
+        launch.build_trainer(cfg, explicit_keys, callbacks=[TuneReportCallback()]).fit()
+
+    return train_trial
+
+
+def run_sweep(base: TrainConfig, specs: dict[str, Spec], explicit_keys=(), num_samples: int = 1,
+              max_concurrent: int | None = None, asha: bool = False, grace_period: int | None = None,
+              address: str | None = None, wait_for_resources: bool = False, prepare_input: str | None = None,
+              name: str | None = None, verbose: int = 1):
+    """Run the sweep and return Tune's ResultGrid. `specs`: {key: Spec} from split_argv, or a Tune param_space.
+
+    Trials run `concurrent` at a time: --max-concurrent, capped (unless wait_for_resources) by how many the
+    cluster holds side by side; a trial's own request is negligible, so this cap is what keeps Tune from
+    starting trials whose Train workers would only wait for resources."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    if not specs:
+        raise ConfigError("nothing to tune: give at least one --key=SPEC (loguniform:LOW:HIGH, uniform:LOW:HIGH, "
+                          "choice:A,B or grid:A,B)")
+    if num_samples < 1:
+        raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be at least 1, got {max_concurrent}")
+    if base.eval_only:
+        raise ConfigError("eval_only=True has nothing to tune")
+    for key in specs:
+        check_known(key)
+        if key in NOT_SAMPLED:
+            raise ConfigError(f"bad search space for {key}: every trial of a sweep shares {key}, it cannot be sampled")
+    # Specs (from split_argv) are checked against the base config; a ready param_space is used as given.
+    space = search_space(check_specs(base, specs)) if all(isinstance(s, Spec) for s in specs.values()) else specs
+    explicit_keys = set(explicit_keys) | set(specs)
+    cfg = launch.prepare_run(base, address, wait_for_resources, prepare_input)
+    trials = trial_count(space, num_samples)
+    concurrent = min(max_concurrent or trials, trials)
+    if not wait_for_resources:
+        import ray
+
+        resources = ray.cluster_resources()
+        # Trials whose Train workers fit side by side (workers shrink to that share where not set explicitly).
+        if cfg.use_gpu:
+            fits = int(resources.get("GPU", 0)) // (cfg.num_workers if "num_workers" in explicit_keys else 1)
+        else:
+            per_worker = cfg.cpus_per_worker if "cpus_per_worker" in explicit_keys else 1.0
+            fits = int(resources.get("CPU", 0) // (cfg.num_workers * per_worker))
+        concurrent = max(1, min(concurrent, fits))
+    if concurrent > 1:
+        cfg = plan_concurrency(cfg, explicit_keys, concurrent)
+    print(f"raygpt.tune: {trials} trial(s) of {cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} worker(s),"
+          f" {cfg.cpus_per_worker:g} CPUs each, up to {concurrent} at a time", flush=True)
+    scheduler = None
+    if asha:
+        grace = grace_period or min(cfg.max_iters, 2 * cfg.eval_interval)
+        scheduler = ASHAScheduler(time_attr="iter", max_t=max(cfg.max_iters, 1), grace_period=max(1, grace))
+    # The trial function only drives the Train run (whose controller takes 0 CPUs); its workers hold the
+    # resources. Tune refuses an all-zero request, and a CPU fraction would leave the workers' planned CPUs
+    # short of the cluster's, so the trial asks for one byte of Ray's memory resource.
+    trainable = tune.with_resources(make_trainable(cfg, explicit_keys), {"memory": 1})
+    tuner = tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=num_samples,
+                                    max_concurrent_trials=concurrent, scheduler=scheduler),
+        run_config=tune.RunConfig(name=name or f"{cfg.run_name}-tune", storage_path=cfg.storage_path or None,
+                                  verbose=verbose),
+    )
+    return tuner.fit()
+
+
+def best_checkpoint(result) -> tuple[str | None, dict | None]:
+    """The reported checkpoint with the lowest val_loss (Train keeps it: checkpoints are ranked by val_loss)."""
+    df = result.metrics_dataframe
+    if df is None or "checkpoint_path" not in df or "val_loss" not in df:
+        return result.metrics.get("checkpoint_path") if result.metrics else None, result.metrics
+    rows = df[df["checkpoint_path"].notna()]
+    if rows.empty:
+        return None, None
+    row = rows.loc[rows["val_loss"].idxmin()]
+    return row["checkpoint_path"], row.to_dict()
+
+
+def status_of(result, max_iters: int) -> str:
+    if result.error is not None:
+        return "ERROR"
+    it = (result.metrics or {}).get("iter")
+    if it is None:
+        return "NO RESULT"
+    return "DONE" if it >= max_iters else "STOPPED"
+
+
+def fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
+    return "-" if value is None else str(value)
+
+
+def summarize(grid, specs: dict[str, Spec], max_iters: int) -> int:
+    """Print the trial table and the best trial; returns the exit code (1 when no trial produced a result)."""
+    names = list(specs)
+    header = ["trial", *names, "val_loss", "best_val_loss", "iter", "status"]
+    rows = []
+    for result in grid:
+        metrics = result.metrics or {}
+        rows.append([metrics.get("trial_id") or Path(result.path).name,
+                     *(fmt(result.config.get(n)) for n in names),
+                     fmt(metrics.get("val_loss")), fmt(metrics.get("best_val_loss")), fmt(metrics.get("iter")),
+                     status_of(result, max_iters)])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for result in grid:
+        if result.error is not None:
+            print(f"trial {(result.metrics or {}).get('trial_id') or Path(result.path).name} failed:"
+                  f" {launch.root_cause(result.error)}")
+    scored = [r for r in grid if r.metrics and r.metrics.get("best_val_loss") is not None]
+    if not scored:
+        print("no trial reported a val loss", file=sys.stderr)
+        return 1
+    best = grid.get_best_result(metric="best_val_loss", mode="min", scope="last")
+    values = ", ".join(f"{n}={fmt(best.config.get(n))}" for n in names)
+    print(f"best trial {best.metrics.get('trial_id')}: {values}")
+    print(f"best val loss {best.metrics['best_val_loss']:.4f}")
+    ckpt, _ = best_checkpoint(best)
+    print(f"best checkpoint: {ckpt or 'none'}")
+    print(f"sweep folder: {grid.experiment_path}")
+    return 0
+
+
+def parse_args(argv: list[str]):
+    parser = argparse.ArgumentParser(prog="python -m raygpt.tune", add_help=False)
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--num-samples", type=int, default=1,
+                        help="samples of the search space (each grid: value is tried num-samples times)")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at a time (default: as many as fit)")
+    parser.add_argument("--asha", action="store_true", help="stop poor trials early (ASHA on val_loss by iter)")
+    parser.add_argument("--grace-period", type=int, default=None,
+                        help="iterations before ASHA may stop a trial (default: 2 eval intervals)")
+    parser.add_argument("--name", default=None, help="Tune experiment name (default: <run_name>-tune)")
+    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
+    parser.add_argument("--wait-for-resources", action="store_true")
+    parser.add_argument("--prepare-input", metavar="FILE")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, config_argv = parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as e:  # argparse already printed a usage line
+        return 2 if e.code else 0
+    if args.help:
+        print("usage: " + __doc__.split("`")[1])
+        print("\n" + "\n".join(__doc__.splitlines()[2:]))
+        print("tune options: --num-samples N, --max-concurrent K, --asha, --grace-period ITERS, --name NAME,"
+              " --address ADDR, --wait-for-resources, --prepare-input FILE\n")
+        print(config_help())
+        return 0
+    try:
+        config_argv, specs = split_argv(config_argv)
+        base = load_config(config_argv)
+        explicit_keys = launch.explicit_keys_of(config_argv)
+        grid = run_sweep(base, specs, explicit_keys, args.num_samples, args.max_concurrent, args.asha,
+                         args.grace_period, args.address, args.wait_for_resources, args.prepare_input, args.name)
+    except (ConfigError, LaunchError, DataError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return summarize(grid, specs, base.max_iters)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
