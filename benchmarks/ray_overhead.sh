@@ -2,7 +2,7 @@
 # Ray's cost and memory on one GPU, in one command: raygpt's training step timed without Ray
 # (raygpt.bench) and through one Ray Train worker (raygpt.launch), GPT-2 124M, bf16, compile,
 # micro-batch 12 x 4 accumulation; then peak memory per micro-batch for GPT-2 124M and gpt2-xl sizes.
-#   bash benchmarks/ray_overhead.sh OUT_DIR
+#   bash benchmarks/ray_overhead.sh OUT_DIR        (SKIP_MEMORY=1: Ray's cost only)
 set -u
 out=${1:-/tmp/raygpt-overhead}
 mkdir -p "$out/data/owt_random"
@@ -20,6 +20,7 @@ python3 -m raygpt.launch configs/train_gpt2.py $common --batch_size=12 --dataset
   --out_dir="$out/o" --storage_path="$out/r" --max_iters=40 --eval_interval=100000 --eval_iters=1 --log_interval=1 \
   --warmup_iters=5 --lr_decay_iters=400 --always_save_checkpoint=False 2>&1 | grep -E "iter (1[0-9]|2[0-9]|3[0-9]):" \
   | sed -E 's/.*time ([0-9.]+)ms.*/\1/' | sort -n | awk '{a[NR]=$1} END {print "median ms/iter through Ray:", a[int((NR+1)/2)]}'
+[ "${SKIP_MEMORY:-0}" = 1 ] && exit 0  # Ray's cost only
 echo "== peak memory by micro-batch (no Ray, accumulation 1)"
 for b in 16 32 48 64; do python3 -m raygpt.bench configs/train_gpt2.py --wandb_log=False --compile=True \
   --gradient_accumulation_steps=1 --batch_size=$b --steps 5 --warmup 3 2>&1 | tail -1; done

@@ -26,3 +26,7 @@ lr_decay_iters = 5000  # usually equal to max_iters
 min_lr = 1e-4  # usually learning_rate / 10
 beta2 = 0.99  # few tokens per iteration: average the second moment over longer
 warmup_iters = 100
+
+# raygpt only: a 10M-parameter model is launch-bound; CUDA graphs replay each step in a few launches.
+# Same numerics as the default mode. Ignored on CPU.
+compile_mode = 'reduce-overhead'

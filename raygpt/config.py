@@ -69,6 +69,10 @@ class TrainConfig:
     dtype: str = key("auto", "'auto' (bfloat16 if supported, else float16 on CUDA, float32 on CPU), float32, "
                              "bfloat16, float16")
     compile: bool = key(True, "torch.compile the model (PyTorch 2)")
+    compile_mode: str = key("default", "torch.compile mode: default, reduce-overhead (CUDA graphs; for small "
+                                       "models), max-autotune, max-autotune-no-cudagraphs")
+    attention: str = key("auto", "scaled_dot_product_attention backend: auto (PyTorch picks), flash, cudnn, "
+                                 "efficient, math")
     # Ray
     data_dir: str = key("data", "folder holding <dataset>/train.bin, val.bin, meta.json")
     num_workers: int = key(0, "training workers; 0 = one per GPU in the cluster, or 1 on CPU")
@@ -90,6 +94,8 @@ class TrainConfig:
         choose("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         choose("device", self.device, ("cuda", "cpu"))
         choose("backend", self.backend, ("nccl", "gloo"))
+        choose("compile_mode", self.compile_mode, COMPILE_MODES)
+        choose("attention", self.attention, ATTENTION_BACKENDS)
         if self.init_from not in INIT_CHOICES and not Path(self.init_from).expanduser().is_dir():
             raise ConfigError(f"init_from must be one of {', '.join(INIT_CHOICES)} or a local GPT-2 folder, "
                               f"got {self.init_from!r}")
@@ -134,6 +140,8 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

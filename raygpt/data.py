@@ -115,9 +115,12 @@ class Batches:
                                self.batch_size, self.train.n_starts)
         return self._to_device(self.train.windows(starts))
 
-    def eval_batch(self, split: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k-th of the fixed evaluation batches of `split`: the same windows at every eval."""
+    def eval_batch(self, split: str, k: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k-th of the fixed evaluation batches of `split` (the same windows at every eval), or
+        several of them stacked into one, in the order given."""
         stream = EVAL_TRAIN_STREAM if split == "train" else EVAL_VAL_STREAM
         token_file = self.eval_files[split]
-        starts = window_starts(self.seed, stream, (k,), self.batch_size, token_file.n_starts)
+        ks = [k] if isinstance(k, int) else k
+        starts = np.concatenate([window_starts(self.seed, stream, (one,), self.batch_size, token_file.n_starts)
+                                 for one in ks])
         return self._to_device(token_file.windows(starts))

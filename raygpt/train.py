@@ -24,6 +24,8 @@ from raygpt import checkpoint
 from raygpt.config import TrainConfig
 from raygpt.data import Batches
 from raygpt.model import GPT, GPTConfig, clean_state_dict
+from raygpt.speed import (compile_model, eval_group_size, set_attention_backend, skip_nonfinite_on_device,
+                          uses_cuda_graphs)
 from raygpt.tokenizer import load_meta
 
 MODEL_ARG_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
@@ -91,7 +93,7 @@ def build_model(cfg: TrainConfig, meta: dict | None, state: dict | None, explici
 
 
 def forward_backward(model, raw_model, optimizer, scaler, autocast, batches: Batches, X, Y, iter_num: int,
-                     accum_steps: int, grad_clip: float, ddp: bool):
+                     accum_steps: int, grad_clip: float, ddp: bool, cuda_graphs: bool = False):
     """Gradients of one iteration over accum_steps micro-batches, unscaled and clipped.
 
     Returns the summed (already 1/accum_steps-scaled) loss, the gradient norm, and the first batch of
@@ -101,6 +103,8 @@ def forward_backward(model, raw_model, optimizer, scaler, autocast, batches: Bat
         if ddp:
             # DDP all-reduces gradients only on the last micro-step; earlier ones just accumulate.
             model.require_backward_grad_sync = micro_step == accum_steps - 1
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # each micro-step replays the graphs afresh
         with autocast:
             _, loss = model(X, Y)
             loss = loss / accum_steps
@@ -169,6 +173,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(worker_cpu_count())
     torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls on Ampere and newer
     torch.backends.cudnn.allow_tf32 = True
+    if device_type == "cuda":
+        set_attention_backend(cfg.attention)
     dtype = resolve_dtype(cfg.dtype, device)
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     autocast = nullcontext() if dtype == "float32" else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
@@ -217,8 +223,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.compile:
         if master_process:
             print("compiling the model... (takes a ~minute)", flush=True)
-        model = torch.compile(model)
+        model = compile_model(model, cfg.compile_mode if device_type == "cuda" else "default")
     eval_model = model
+    cuda_graphs = cfg.compile and uses_cuda_graphs(cfg.compile_mode, device_type)
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device_type == "cuda" else None)
 
@@ -238,16 +245,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
         per-window losses are summed into one vector, so the result does not depend on world_size."""
         eval_model.eval()
         out = {}
+        my_batches = list(range(rank, cfg.eval_iters, world_size))
+        group = eval_group_size(len(my_batches), cfg.batch_size, block_size, model_args["vocab_size"],
+                                model_args["n_embd"])
         for split in ("train", "val"):
-            losses = torch.zeros(cfg.eval_iters, device=device)
-            for k in range(rank, cfg.eval_iters, world_size):
-                X, Y = batches.eval_batch(split, k)
+            loss_sum = torch.zeros((), device=device)
+            for i in range(0, len(my_batches), group):
+                ks = my_batches[i:i + group]
+                X, Y = batches.eval_batch(split, ks)
+                if cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
                 with autocast:
                     _, loss = eval_model(X, Y)
-                losses[k] = loss.float()
+                # Equal-sized batches: their summed mean losses are the group's mean times its size.
+                loss_sum += loss.float() * len(ks)
             if world_size > 1:
-                dist.all_reduce(losses)
-            out[split] = losses.mean().item()
+                dist.all_reduce(loss_sum)
+            out[split] = loss_sum.item() / cfg.eval_iters
         eval_model.train()
         return out
 
@@ -292,6 +306,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     running_mfu = -1.0
     step_times: list[float] = []
     nonfinite_in_a_row = 0
+    # On the GPU path the skip decision stays on the device; these are read at log and eval steps.
+    nonfinite_run = torch.zeros((), device=device)
+    nonfinite_since_check = torch.zeros((), device=device)
+
+    def check_nonfinite(it: int) -> None:
+        run, since = (int(v) for v in torch.stack([nonfinite_run, nonfinite_since_check]).tolist())
+        if since and master_process:
+            print(f"warning: iter {it}: {since} step(s) skipped for a non-finite loss or gradient norm "
+                  f"({run} in a row)", flush=True)
+        nonfinite_since_check.zero_()
+        if cfg.max_nonfinite_steps and run >= cfg.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{run} consecutive steps with a non-finite loss or gradient at iter {it};"
+                f" stopping (the last good checkpoint is in {out_dir}); lower learning_rate or use bfloat16")
+
     while True:
         lr = get_lr(iter_num, cfg)
         for param_group in optimizer.param_groups:
@@ -299,13 +328,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         is_eval_iter = iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters
         # A resumed run starts at its checkpoint's iteration, whose eval was already reported.
+        if is_eval_iter and local_iter_num > 0:
+            check_nonfinite(iter_num - 1)  # never checkpoint weights a run of bad steps left behind
         if is_eval_iter and (iter_num != start_iter or resumed_from is None or cfg.eval_only):
+            eval_start = time.time()
             last_eval = estimate_loss()
+            eval_seconds = time.time() - eval_start
             improved = last_eval["val"] < best_val_loss
             best_val_loss = min(best_val_loss, last_eval["val"])
             if master_process:
-                print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f}",
-                      flush=True)
+                print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f} "
+                      f"(eval {eval_seconds:.2f}s)", flush=True)
             metrics = {"iter": iter_num, "train_loss": last_eval["train"], "val_loss": last_eval["val"],
                        "best_val_loss": best_val_loss, "lr": lr, "tokens_seen": iter_num * tokens_per_iter,
                        "weights_in_sync": weights_in_sync()}
@@ -326,9 +359,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         torch.manual_seed(hash((cfg.seed, iter_num, rank)) & 0x7FFF_FFFF)  # dropout is a function of the step
         loss_sum, grad_norm, X, Y = forward_backward(model, raw_model, optimizer, scaler, autocast, batches, X, Y,
-                                                     iter_num, accum_steps, cfg.grad_clip, ddp=world_size > 1)
+                                                     iter_num, accum_steps, cfg.grad_clip, ddp=world_size > 1,
+                                                     cuda_graphs=cuda_graphs)
         # The gradient norm is all-reduced, so every rank takes the same decision here.
-        if torch.isfinite(grad_norm):
+        skipped = None if scaler.is_enabled() else skip_nonfinite_on_device(optimizer, grad_norm)
+        if skipped is not None:
+            nonfinite_run.copy_(torch.where(skipped > 0, nonfinite_run + 1, 0.0))
+            nonfinite_since_check.add_(skipped)
+        elif torch.isfinite(grad_norm):
             scaler.step(optimizer)
             nonfinite_in_a_row = 0
         elif scaler.is_enabled() and scaler.get_scale() >= 1.0:
@@ -350,6 +388,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         iter_num += 1
         local_iter_num += 1
         if iter_num % cfg.log_interval == 0:
+            check_nonfinite(iter_num - 1)
             lossf = loss_sum.item()
             if local_iter_num >= 5:  # let the first iterations (compile, warm-up) pass
                 step_times.append(dt)

@@ -1,4 +1,7 @@
 """Batch sampling, dataset checks and checkpoint files: plain numpy/torch, no Ray."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +108,25 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
 
     with pytest.raises(OSError):
         checkpoint.save_atomic({**good_state(), "iter_num": 4, "bad": Unsaveable()}, path)
+    assert checkpoint.load(path)["iter_num"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+DISK_FULL_SAVE = """
+import resource, sys, torch
+from raygpt import checkpoint
+# The kernel refuses writes past 1 MiB in this process, as a full disk would (Python ignores SIGXFSZ).
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+checkpoint.save_atomic({"model": {"w": torch.zeros(1 << 20)}, "model_args": {}, "iter_num": 4, "config": {}},
+                       sys.argv[1])
+"""
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_atomic(good_state(), path)
+    result = subprocess.run([sys.executable, "-c", DISK_FULL_SAVE, str(path)], capture_output=True, text=True)
+    assert result.returncode != 0 and "File too large" in result.stderr, result.stderr[-2000:]
     assert checkpoint.load(path)["iter_num"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 

@@ -100,16 +100,22 @@ def test_killed_worker_is_replaced_and_the_run_ends_bit_identical(ray_local, tmp
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_killed_driver_then_same_command_continues_bit_identical(ray_local, tmp_path, char_data, reference, sig):
     name = f"driver-{sig.name}"
-    process = start_cli(tmp_path, char_data, ray_local, name)
+    # WandB (offline) rides along: the rerun must continue the same wandb run, not start a new one.
+    tracked = dict(wandb_log=True, wandb_project="raygpt-test")
+    process = start_cli(tmp_path, char_data, ray_local, name, **tracked)
     wait_for(process, r"saving checkpoint")
     wait_until_registered(process, tmp_path / "ray" / f"out-{name}")
     os.killpg(process.pid, sig)
     returncode, output = finish(process)
     assert returncode != 0
     time.sleep(2)  # let the cluster reap the dead driver's workers
-    rerun = start_cli(tmp_path, char_data, ray_local, name)
+    rerun = start_cli(tmp_path, char_data, ray_local, name, **tracked)
     returncode, output = finish(rerun)
     assert returncode == 0, output[-3000:]
     state = checkpoint.load(tmp_path / f"out-{name}" / "ckpt.pt")
     assert "checkpoint_" in (state["resumed_from"] or ""), output[-3000:]
     assert_bit_identical(state, reference)
+    # wandb names each offline session's folder offline-run-<time>-<run id>: two sessions, one run.
+    sessions = sorted((tmp_path / f"out-{name}" / "wandb").glob("offline-run-*"))
+    assert len(sessions) == 2, sessions
+    assert {folder.name.rsplit("-", 1)[1] for folder in sessions} == {state["wandb_run_id"]}

@@ -3,6 +3,7 @@
 The test starts its own head (`ray start --head`, own ports and temp dir), submits with the job SDK
 (what `ray job submit` uses), and stops only the processes of the cluster it started.
 """
+import json
 import os
 import shutil
 import signal
@@ -69,17 +70,25 @@ def ray_head():
 def test_job_submit_trains_and_checkpoints(ray_head, tmp_path, char_data):
     ray_cli, address = ray_head
     storage = tmp_path / "ray"
+    # The README's way to hand workers a WandB key; it must never show up in output or saved files.
+    secret = "wandb-key-" + os.urandom(8).hex()
+    runtime_env = json.dumps({"env_vars": {"WANDB_API_KEY": secret, "WANDB_MODE": "offline"}})
     # `ray start --head` turns token authentication on; the CLI reads ~/.ray/auth_token in token mode.
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token"}
     submit = subprocess.run(
-        [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-         "python", "-m", "raygpt.launch", "--dataset=shakespeare_char", f"--data_dir={char_data}",
+        [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO),
+         "--runtime-env-json", runtime_env, "--",
+         sys.executable, "-m", "raygpt.launch", "--dataset=shakespeare_char", f"--data_dir={char_data}",
          f"--out_dir={tmp_path / 'out-job'}", f"--storage_path={storage}", "--num-workers", "1", "--n_layer=1",
          "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--gradient_accumulation_steps=1",
          "--max_iters=4", "--eval_interval=2", "--eval_iters=2", "--device=cpu", "--compile=False",
-         "--warmup_iters=1", "--lr_decay_iters=10"],
+         "--warmup_iters=1", "--lr_decay_iters=10", "--wandb_log=True"],
         env=env, capture_output=True, text=True, timeout=300)
     output = submit.stdout + submit.stderr
     assert submit.returncode == 0, output[-3000:]
     assert "succeeded" in output and "best val loss" in output, output[-3000:]
     assert list((storage / "out-job").glob("checkpoint_*/ckpt.pt"))
+    assert list((tmp_path / "out-job" / "wandb").glob("offline-run-*"))  # wandb ran, with the key in its env
+    assert secret not in output
+    for path in tmp_path.rglob("*"):  # checkpoints, configs, Ray's results, wandb's files
+        assert not path.is_file() or secret.encode() not in path.read_bytes(), path

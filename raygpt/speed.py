@@ -1,0 +1,64 @@
+"""Speed options that leave the numerics alone: attention backend, torch.compile mode, batched eval.
+
+Shared by the training loop and raygpt.bench so that what is benchmarked is what trains.
+"""
+from __future__ import annotations
+
+import torch
+
+# Config name -> the torch.backends.cuda switch that enables it.
+_ATTENTION_SWITCHES = {
+    "flash": "enable_flash_sdp",
+    "cudnn": "enable_cudnn_sdp",
+    "efficient": "enable_mem_efficient_sdp",
+    "math": "enable_math_sdp",
+}
+
+
+def set_attention_backend(name: str) -> None:
+    """Restrict scaled_dot_product_attention to one CUDA backend ('auto' leaves PyTorch's choice).
+
+    The math backend stays enabled as the fallback for inputs the chosen kernel does not support."""
+    if name == "auto":
+        return
+    for backend, switch in _ATTENTION_SWITCHES.items():
+        getattr(torch.backends.cuda, switch)(backend in (name, "math"))
+
+
+def compile_model(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """torch.compile with fixed shapes: the batch shapes of training and of eval never change."""
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=False)
+
+
+def uses_cuda_graphs(mode: str, device_type: str) -> bool:
+    return device_type == "cuda" and mode in ("reduce-overhead", "max-autotune")
+
+
+def eval_group_size(n_batches: int, batch_size: int, block_size: int, vocab_size: int, n_embd: int) -> int:
+    """How many eval batches to run as one forward pass.
+
+    A small model is launch-bound: 200 eval batches of 64 x 256 tokens cost 200 launches of a few
+    milliseconds each, while one pass over 10 of them costs barely more than one. The group is bounded
+    so its largest activation (logits or the MLP's hidden layer) stays under 2**28 elements, and it
+    divides n_batches so every pass has the same shape (no recompiles). GPT-2 sizes stay at 1."""
+    largest_row = batch_size * block_size * max(vocab_size, 4 * n_embd)
+    limit = max(1, min(n_batches, (1 << 28) // largest_row))
+    return max(g for g in range(1, limit + 1) if n_batches % g == 0)
+
+
+def skip_nonfinite_on_device(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor | None:
+    """Step `optimizer` unless grad_norm is not finite, deciding on the GPU instead of the host.
+
+    Fused AdamW takes a `found_inf` flag (the mechanism GradScaler uses) and skips the update, step
+    count included, when it is set, so the CPU never waits for the GPU here and keeps queueing work.
+    Returns the on-device "skipped" flag, or None when the optimizer cannot do this (the caller then
+    checks on the host)."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return None
+    skipped = (~torch.isfinite(grad_norm)).float()
+    optimizer.found_inf = skipped
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+    return skipped

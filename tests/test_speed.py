@@ -1,0 +1,82 @@
+"""Speed options (raygpt.speed): they must not change what is computed."""
+import pytest
+import torch
+
+from raygpt.config import ConfigError, TrainConfig
+from raygpt.data import Batches
+from raygpt.model import GPT, GPTConfig
+from raygpt.speed import eval_group_size, set_attention_backend, skip_nonfinite_on_device
+
+
+def test_eval_group_size_bounds_memory_and_divides():
+    # shakespeare_char's baby GPT: 64 x 256 tokens, MLP width 1536 -> 10 batches of 200 per pass
+    assert eval_group_size(200, 64, 256, 65, 384) == 10
+    assert eval_group_size(100, 64, 256, 65, 384) == 10
+    # GPT-2: a batch's logits are already 618M elements -> one batch at a time
+    assert eval_group_size(200, 12, 1024, 50304, 768) == 1
+    # a prime count that exceeds the bound falls back to 1; small models take everything at once
+    assert eval_group_size(199, 64, 256, 65, 384) == 1
+    assert eval_group_size(20, 12, 64, 65, 128) == 20
+    for n in range(1, 60):
+        g = eval_group_size(n, 8, 128, 50304, 768)
+        assert n % g == 0 and g * 8 * 128 * 50304 <= max(1 << 28, 8 * 128 * 50304)
+
+
+def test_grouped_eval_batches_are_the_single_batches_stacked(char_data):
+    batches = Batches(char_data / "shakespeare_char", block_size=16, batch_size=4, seed=3)
+    X, Y = batches.eval_batch("val", [0, 1, 2])
+    singles = [batches.eval_batch("val", k) for k in (0, 1, 2)]
+    assert torch.equal(X, torch.cat([x for x, _ in singles])) and torch.equal(Y, torch.cat([y for _, y in singles]))
+
+
+def test_grouped_mean_loss_equals_mean_of_batch_losses(char_data):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=65)).eval()
+    batches = Batches(char_data / "shakespeare_char", block_size=16, batch_size=4, seed=3)
+    with torch.no_grad():
+        separate = sum(model(*batches.eval_batch("val", k))[1] for k in range(6)) / 6
+        grouped = model(*batches.eval_batch("val", list(range(6))))[1]
+    assert torch.allclose(separate, grouped, rtol=1e-6, atol=0)
+
+
+def test_nonfinite_step_is_skipped_on_device_and_good_step_applied():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)  # fused AdamW takes found_inf
+    weight.grad = torch.full((3,), float("nan"))
+    skipped = skip_nonfinite_on_device(optimizer, torch.tensor(float("nan")))
+    assert skipped.item() == 1.0
+    assert torch.equal(weight.detach(), torch.ones(3)) and optimizer.state[weight]["step"].item() == 0
+    weight.grad = torch.ones(3)
+    skipped = skip_nonfinite_on_device(optimizer, torch.tensor(1.0))
+    assert skipped.item() == 0.0
+    assert (weight.detach() < 1).all() and optimizer.state[weight]["step"].item() == 1
+    assert not hasattr(optimizer, "found_inf")  # GradScaler's protocol attribute is not left behind
+
+
+def test_unfused_optimizer_is_left_to_the_host_check():
+    weight = torch.nn.Parameter(torch.ones(3))
+    weight.grad = torch.ones(3)
+    assert skip_nonfinite_on_device(torch.optim.AdamW([weight], lr=0.1), torch.tensor(1.0)) is None
+    assert torch.equal(weight.detach(), torch.ones(3))  # not stepped: the caller decides
+
+
+def test_attention_backend_switches():
+    flags = ("flash_sdp_enabled", "cudnn_sdp_enabled", "mem_efficient_sdp_enabled", "math_sdp_enabled")
+    before = [getattr(torch.backends.cuda, f)() for f in flags]
+    try:
+        set_attention_backend("flash")
+        assert [getattr(torch.backends.cuda, f)() for f in flags] == [True, False, False, True]
+        set_attention_backend("auto")  # leaves the current choice alone
+        assert [getattr(torch.backends.cuda, f)() for f in flags] == [True, False, False, True]
+    finally:
+        for flag, value in zip(("enable_flash_sdp", "enable_cudnn_sdp", "enable_mem_efficient_sdp",
+                                "enable_math_sdp"), before):
+            getattr(torch.backends.cuda, flag)(value)
+
+
+def test_speed_keys_are_validated():
+    assert TrainConfig(compile_mode="reduce-overhead", attention="cudnn").compile_mode == "reduce-overhead"
+    with pytest.raises(ConfigError, match="compile_mode"):
+        TrainConfig(compile_mode="fast")
+    with pytest.raises(ConfigError, match="attention"):
+        TrainConfig(attention="flash3")
