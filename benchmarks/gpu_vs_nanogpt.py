@@ -88,27 +88,34 @@ def shakespeare(args, env) -> list[str]:
         "raygpt": ([sys.executable, "-m", "raygpt.launch", "configs/train_shakespeare_char.py",
                     f"--data_dir={args.work_dir / 'data'}", f"--out_dir={args.work_dir / 'out-r'}",
                     f"--storage_path={args.work_dir / 'ray'}", "--num_workers=1", *extra], REPO),
+        # The same loop in Ray Train's local mode: no Ray processes to start.
+        "raygpt local_mode": ([sys.executable, "-m", "raygpt.launch", "configs/train_shakespeare_char.py",
+                               f"--data_dir={args.work_dir / 'data'}", f"--out_dir={args.work_dir / 'out-l'}",
+                               "--local_mode=True", *extra], REPO),
     }
     results = []
     for name, (command, cwd) in commands.items():
+        if name != "nanoGPT train.py" and name not in args.tools:
+            continue
         # Each tool gets its own, initially empty, compile caches: the first run compiles from scratch,
         # a --warm rerun finds what it compiled itself (as a user's second run would), never the other's.
-        cache = args.work_dir / f"cache-{name.split()[0]}"
+        slug = name.split()[0] + ("-local" if "local" in name else "")
+        cache = args.work_dir / f"cache-{slug}"
         shutil.rmtree(cache, ignore_errors=True)
         tool_env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
         for attempt in ("cold", "warm")[: 2 if args.warm else 1]:
             shutil.rmtree(args.work_dir / "ray", ignore_errors=True)  # a rerun must not resume the last one
-            for out in ("out-n", "out-r"):
+            for out in ("out-n", "out-r", "out-l"):
                 shutil.rmtree(args.work_dir / out, ignore_errors=True)
             result = run_and_parse(f"{name} ({attempt} compile cache)", command, cwd,
-                                   args.work_dir / f"{name.split()[0]}-shakespeare-{attempt}.log", tool_env)
+                                   args.work_dir / f"{slug}-shakespeare-{attempt}.log", tool_env)
             results.append(result)
     rows = ["| shakespeare_char config | best val loss (iter) | median ms/iter | wall s (command to exit) "
             "| wall vs nanoGPT (same cache state) |", "| --- | --- | --- | --- | --- |"]
-    per_tool = len(results) // 2
+    attempts = 2 if args.warm else 1
     for i, r in enumerate(results):
         it, best = min(r["evals"], key=lambda e: e[1])
-        baseline = results[i % per_tool]["wall_s"]
+        baseline = results[i % attempts]["wall_s"]  # nanoGPT's run with the same cache state
         rows.append(f"| {r['name']} | {best:.4f} ({it}) | {r['median_ms']:.2f} | {r['wall_s']:.1f} | "
                     f"{r['wall_s'] / baseline:.3f}x |")
     return rows
@@ -128,6 +135,8 @@ def main() -> None:
     sh.add_argument("--corpus", type=Path, required=True)
     sh.add_argument("--extra", nargs="*", help="extra raygpt overrides")
     sh.add_argument("--warm", action="store_true", help="run each twice: cold, then warm compile cache")
+    sh.add_argument("--tools", nargs="+", default=["raygpt", "raygpt local_mode"],
+                    help="raygpt runs beside nanoGPT: 'raygpt' (one Ray worker), 'raygpt local_mode'")
     args = parser.parse_args()
     args.nanogpt = args.nanogpt.resolve()
     args.work_dir.mkdir(parents=True, exist_ok=True)

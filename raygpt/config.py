@@ -84,6 +84,8 @@ class TrainConfig:
     checkpoints_to_keep: int = key(2, "Ray checkpoints kept: the best by val loss (the latest is kept too)")
     seed: int = key(1337, "seed for the initial weights, the batches and dropout")
     max_nonfinite_steps: int = key(10, "stop after this many consecutive non-finite steps (0 = never)")
+    local_mode: bool = key(False, "run the loop in this process with Ray Train's local mode (one process, no "
+                                  "cluster, no restarts): for debugging and small CPU machines")
 
     def __post_init__(self):
         self.validate()
@@ -118,6 +120,8 @@ class TrainConfig:
                               f"({self.lr_decay_iters})")
         if self.decay_lr and self.min_lr > self.learning_rate:
             raise ConfigError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        if self.local_mode and self.num_workers > 1:
+            raise ConfigError(f"local_mode runs one process; num_workers={self.num_workers} needs a Ray cluster")
         if self.max_failures < -1:
             raise ConfigError(f"max_failures must be -1 (always) or more, got {self.max_failures}")
         if self.checkpoints_to_keep < 1:

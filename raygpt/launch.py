@@ -59,17 +59,27 @@ def connect(address: str | None) -> None:
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
 
 
+def this_machine() -> dict:
+    """What local mode can use: this process's CPUs and the GPUs torch sees."""
+    import torch
+
+    return {"CPU": float(len(os.sched_getaffinity(0))), "GPU": torch.cuda.device_count()}
+
+
 def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> TrainConfig:
     """Decide use_gpu, num_workers and cpus_per_worker from what the cluster has; refuse what it can't hold."""
-    import ray
+    if cfg.local_mode:
+        resources, wait_for_resources = this_machine(), False
+    else:
+        import ray
 
-    resources = ray.cluster_resources()
+        resources = ray.cluster_resources()
     cluster_cpus, cluster_gpus = resources.get("CPU", 0.0), int(resources.get("GPU", 0))
-    have = f"the cluster has {cluster_cpus:g} CPUs and {cluster_gpus} GPUs"
+    have = f"{'this machine' if cfg.local_mode else 'the cluster'} has {cluster_cpus:g} CPUs and {cluster_gpus} GPUs"
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else (cfg.device != "cpu" and cluster_gpus > 0)
     if use_gpu and cfg.device == "cpu":
         raise LaunchError("use_gpu=True conflicts with device=cpu")
-    num_workers = cfg.num_workers or (max(cluster_gpus, 1) if use_gpu else 1)
+    num_workers = 1 if cfg.local_mode else cfg.num_workers or (max(cluster_gpus, 1) if use_gpu else 1)
     if not wait_for_resources:
         if use_gpu and num_workers > cluster_gpus:
             raise LaunchError(f"{num_workers} GPU workers need {num_workers} GPUs but {have}"
@@ -93,8 +103,8 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> TrainC
 def ray_checkpoint_dirs(cfg: TrainConfig) -> list[Path]:
     """Checkpoints a rerun of this Ray run (same run_name and storage_path) would resume from."""
     storage = Path(cfg.storage_path or Path("~/ray_results").expanduser())
-    if "://" in str(cfg.storage_path):
-        return []  # cloud storage: Ray itself finds them
+    if cfg.local_mode or "://" in str(cfg.storage_path):
+        return []  # local mode keeps no Ray checkpoints; on cloud storage Ray itself finds them
     return sorted(p for p in (storage / cfg.run_name).glob("checkpoint_*") if p.is_dir())
 
 
@@ -140,7 +150,8 @@ def build_trainer(cfg: TrainConfig, explicit_keys=(), callbacks=None):
 
     from raygpt.train import train_loop_per_worker
 
-    scaling = ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+    # num_workers=0 is Ray Train's local mode: train_loop_per_worker runs in this process.
+    scaling = ScalingConfig(num_workers=0 if cfg.local_mode else cfg.num_workers, use_gpu=cfg.use_gpu,
                             resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})})
     run_config = RunConfig(
         name=cfg.run_name,
@@ -163,7 +174,8 @@ def prepare_run(cfg: TrainConfig, address: str | None = None, wait_for_resources
                 prepare_input: str | None = None) -> TrainConfig:
     """Everything before fit(): absolute paths, a Ray connection, resources planned, inputs checked."""
     cfg = absolute_paths(cfg)
-    connect(address)
+    if not cfg.local_mode:
+        connect(address)
     cfg = plan_resources(cfg, wait_for_resources)
     check_inputs(cfg, prepare_input)
     return cfg
@@ -173,8 +185,13 @@ def run(cfg: TrainConfig, explicit_keys=(), address: str | None = None, wait_for
         prepare_input: str | None = None):
     """Train `cfg` on Ray and return the ray.train.Result."""
     cfg = prepare_run(cfg, address, wait_for_resources, prepare_input)
-    print(f"raygpt: run '{cfg.run_name}' with {cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} worker(s),"
-          f" {cfg.cpus_per_worker:g} CPUs each", flush=True)
+    if cfg.local_mode:
+        logging.getLogger("ray.train").setLevel(logging.WARNING)  # it logs every report at INFO
+        print(f"raygpt: run '{cfg.run_name}' in this process (Ray Train local mode) on "
+              f"{'a GPU' if cfg.use_gpu else f'{cfg.cpus_per_worker:g} CPUs'}", flush=True)
+    else:
+        print(f"raygpt: run '{cfg.run_name}' with {cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} worker(s),"
+              f" {cfg.cpus_per_worker:g} CPUs each", flush=True)
     result = build_trainer(cfg, explicit_keys).fit()
     summarize(result, cfg)
     return result
@@ -196,6 +213,11 @@ def summarize(result, cfg: TrainConfig) -> None:
         evaluated = json.loads((Path(cfg.out_dir) / "eval.json").read_text())
         print(f"eval at iter {evaluated['iter']}: train loss {evaluated['train_loss']:.4f}, "
               f"val loss {evaluated['val_loss']:.4f} (written to {Path(cfg.out_dir) / 'eval.json'})")
+        return
+    if cfg.local_mode:  # no Ray storage: the checkpoint lives in out_dir only
+        metrics = result.metrics or {}
+        if "best_val_loss" in metrics:
+            print(f"best val loss {metrics['best_val_loss']:.4f}: {Path(cfg.out_dir) / checkpoint.CKPT_NAME}")
         return
     best = result.best_checkpoints
     if best:

@@ -122,12 +122,13 @@ def forward_backward(model, raw_model, optimizer, scaler, autocast, batches: Bat
     return loss_sum, grad_norm, X, Y
 
 
-def worker_cpu_count() -> int:
-    """The CPUs Ray gave this worker; Ray sets OMP_NUM_THREADS=1, which would leave torch on one thread."""
+def worker_cpu_count(cfg: TrainConfig) -> int:
+    """The CPUs this worker may use; Ray sets OMP_NUM_THREADS=1, which would leave torch on one thread."""
+    if cfg.cpus_per_worker:  # what the launcher reserved (in local mode: this machine's CPUs)
+        return max(1, int(cfg.cpus_per_worker))
     import ray
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    return max(1, int(cpus))
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
 def save_checkpoint(state: dict, out_dir: Path):
@@ -170,7 +171,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     else:
         device = torch.device("cpu")
     device_type = device.type
-    torch.set_num_threads(worker_cpu_count())
+    torch.set_num_threads(worker_cpu_count(cfg))
     torch.backends.cuda.matmul.allow_tf32 = True  # tf32 matmuls on Ampere and newer
     torch.backends.cudnn.allow_tf32 = True
     if device_type == "cuda":

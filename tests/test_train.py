@@ -140,3 +140,15 @@ def test_wandb_offline_logs_the_keys(ray_local, tmp_path, char_data, monkeypatch
     logged = history_keys(next(runs[0].glob("run-*.wandb")))
     assert {"train/loss", "val/loss", "lr", "tokens/s"} <= logged
     assert final_state(cfg)["wandb_run_id"]
+
+
+def test_local_mode_trains_in_process_like_one_ray_worker(ray_local, tmp_path, char_data):
+    """Ray Train's local mode (num_workers=0 underneath) runs the same loop in this process: same weights."""
+    # The same CPU count gives the same torch thread count, hence the same float summation order.
+    on_ray = tiny_config(tmp_path, char_data, "on-ray", cpus_per_worker=2)
+    launch.run(on_ray)
+    local = tiny_config(tmp_path, char_data, "local", local_mode=True, cpus_per_worker=2)
+    result = launch.run(local)
+    assert result.path is None  # nothing went through Ray storage
+    assert result.metrics["val_loss"] == final_state(on_ray)["best_val_loss"]
+    assert_same_weights(final_state(local)["model"], final_state(on_ray)["model"])
