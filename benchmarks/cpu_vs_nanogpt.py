@@ -1,6 +1,6 @@
 """nanoGPT's README CPU run, through nanoGPT's train.py and through raygpt (1 worker), side by side.
 
-    python benchmarks/cpu_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT [--max-iters 2000] [--out benchmarks/cpu_results.md]
+    python benchmarks/cpu_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT [--max-iters 2000] [--out TABLE.md]
 
 PATH/TO/nanoGPT is a checkout of karpathy/nanoGPT kept outside this repo. Both runs train on the same
 shakespeare_char .bin files (prepared by raygpt; nanoGPT is given a meta.pkl with the same vocabulary),
@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--nanogpt", required=True, type=Path, help="a karpathy/nanoGPT checkout (not in this repo)")
     parser.add_argument("--max-iters", type=int, default=2000)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/raygpt-bench-cpu"))
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "cpu_results.md")
+    # benchmarks/cpu_results.md is curated (tables of several runs plus their reading): not overwritten.
+    parser.add_argument("--out", type=Path, default=Path("/tmp/raygpt-bench-cpu-results.md"))
     args = parser.parse_args()
     work = args.work_dir
     shutil.rmtree(work, ignore_errors=True)

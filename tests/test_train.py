@@ -7,7 +7,7 @@ import torch
 
 from raygpt import checkpoint, launch
 from raygpt.config import TrainConfig
-from raygpt.train import get_lr
+from raygpt.train import get_lr, resolve_dtype
 
 TINY = dict(dataset="shakespeare_char", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
             gradient_accumulation_steps=2, dropout=0.0, bias=False, learning_rate=1e-2, min_lr=1e-3,
@@ -46,6 +46,17 @@ def test_get_lr_matches_nanogpt_at_the_edges():
         assert get_lr(it, cfg) == pytest.approx(nanogpt(it), rel=1e-12, abs=1e-15), it
     assert get_lr(0, cfg.replace(decay_lr=False)) == 6e-4
     assert get_lr(10**6, cfg.replace(decay_lr=False)) == 6e-4
+
+
+def test_bfloat16_on_a_gpu_without_it_is_one_clear_error(monkeypatch):
+    """Checked on the worker (the driver may have no GPU); the launcher prints the message as one line."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: "Tesla T4")
+    gpu = torch.device("cuda", 0)
+    with pytest.raises(RuntimeError, match=r"^dtype bfloat16 is not supported by Tesla T4; use --dtype=float16$"):
+        resolve_dtype("bfloat16", gpu)
+    assert resolve_dtype("auto", gpu) == "float16"  # auto falls back instead of failing
+    assert resolve_dtype("auto", torch.device("cpu")) == "float32"
 
 
 def test_one_worker_learns_and_checkpoints(ray_local, tmp_path, char_data):
@@ -152,3 +163,36 @@ def test_local_mode_trains_in_process_like_one_ray_worker(ray_local, tmp_path, c
     assert result.path is None  # nothing went through Ray storage
     assert result.metrics["val_loss"] == final_state(on_ray)["best_val_loss"]
     assert_same_weights(final_state(local)["model"], final_state(on_ray)["model"])
+
+
+LOCAL_RUN = """
+import sys
+from raygpt import launch
+sys.exit(launch.main(sys.argv[1:]))
+"""
+
+
+def test_local_mode_starts_no_ray_and_listens_on_nothing(tmp_path, char_data):
+    """A real CLI run in local mode: no Ray process is spawned and no socket is put in LISTEN state."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    args = [f"--{k}={v}" for k, v in {**TINY, "data_dir": char_data, "out_dir": tmp_path / "out-solo",
+                                      "local_mode": True, "max_iters": 30}.items()]
+    process = subprocess.Popen([sys.executable, "-c", LOCAL_RUN, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    watched, listening, children = psutil.Process(process.pid), set(), set()
+    while process.poll() is None:
+        try:
+            listening |= {c.laddr for c in watched.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+            children |= {child.name() for child in watched.children(recursive=True)}
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.02)
+    output = process.stdout.read()
+    assert process.returncode == 0, output[-3000:]
+    assert "Ray Train local mode" in output and "best val loss" in output
+    assert not listening and not children
