@@ -27,6 +27,7 @@ CPU_ARGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interva
             "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0"]
 ITER_LINE = re.compile(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms")
 EVAL_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
+PEAK_MEMORY = re.compile(r"peak memory ([\d.]+) GiB")  # raygpt's eval lines; peak_memory.py for nanoGPT
 
 
 def run_and_parse(name: str, command: list[str], cwd: Path, log_path: Path, env: dict) -> dict:
@@ -34,11 +35,12 @@ def run_and_parse(name: str, command: list[str], cwd: Path, log_path: Path, env:
     start = time.time()
     first_iter_s = None
     step_ms, evals = [], []
+    peak_gib = None
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, bufsize=1)
         for line in process.stdout:
-            log.write(line)
+            log.write(f"{time.time() - start:8.2f} {line}")  # seconds since the command: a timeline
             if (match := ITER_LINE.search(line)):
                 if first_iter_s is None:
                     first_iter_s = time.time() - start
@@ -46,10 +48,12 @@ def run_and_parse(name: str, command: list[str], cwd: Path, log_path: Path, env:
                     step_ms.append(float(match.group(2)))
             elif (match := EVAL_LINE.search(line)):
                 evals.append((int(match.group(1)), float(match.group(3))))
+            if (match := PEAK_MEMORY.search(line)):
+                peak_gib = max(peak_gib or 0.0, float(match.group(1)))
         if process.wait() != 0:
             sys.exit(f"{name} failed, see {log_path}")
     return {"name": name, "wall_s": time.time() - start, "first_iter_s": first_iter_s,
-            "median_ms": statistics.median(step_ms), "evals": evals}
+            "median_ms": statistics.median(step_ms), "evals": evals, "peak_gib": peak_gib}
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cpu_vs_nanogpt import run_and_parse  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+PEAK_MEMORY = str(Path(__file__).resolve().parent / "peak_memory.py")  # prints nanoGPT's peak GPU memory
 
 
 def gpt2_flops_per_iter(tokens_per_iter: int) -> float:
@@ -47,7 +48,8 @@ def throughput(args, env) -> list[str]:
     for batch_size in args.batch_sizes:
         results = [
             run_and_parse(f"nanoGPT train.py, micro-batch {batch_size}",
-                          [sys.executable, "train.py", "config/train_gpt2.py", *common, f"--batch_size={batch_size}",
+                          [sys.executable, PEAK_MEMORY, "train.py", "config/train_gpt2.py", *common,
+                           f"--batch_size={batch_size}",
                            f"--out_dir={args.work_dir / 'out-n'}"], args.nanogpt,
                           args.work_dir / f"nanogpt-{batch_size}.log", env),
             run_and_parse(f"raygpt, micro-batch {batch_size}",
@@ -62,9 +64,13 @@ def throughput(args, env) -> list[str]:
             dt = r["median_ms"] / 1000
             mfu = gpt2_flops_per_iter(tokens) / dt / 989e12
             rows.append(f"| {r['name']} | {r['median_ms']:.1f} | {tokens / dt:,.0f} | {mfu * 100:.1f}% | "
-                        f"{r['median_ms'] / results[0]['median_ms']:.3f}x |")
-    return ["| GPT-2 124M, bf16, compile | ms/iter | tokens/s | MFU | time vs nanoGPT |",
-            "| --- | --- | --- | --- | --- |", *rows]
+                        f"{gib(r)} | {r['median_ms'] / results[0]['median_ms']:.3f}x |")
+    return ["| GPT-2 124M, bf16, compile | ms/iter | tokens/s | MFU | peak memory | time vs nanoGPT |",
+            "| --- | --- | --- | --- | --- | --- |", *rows]
+
+
+def gib(result: dict) -> str:
+    return f"{result['peak_gib']:.2f} GiB" if result.get("peak_gib") is not None else "n/a"
 
 
 def shakespeare(args, env) -> list[str]:
@@ -83,7 +89,7 @@ def shakespeare(args, env) -> list[str]:
                      "stoi": {c: i for i, c in enumerate(chars)}}, f)
     extra = args.extra or []
     commands = {
-        "nanoGPT train.py": ([sys.executable, "train.py", "config/train_shakespeare_char.py",
+        "nanoGPT train.py": ([sys.executable, PEAK_MEMORY, "train.py", "config/train_shakespeare_char.py",
                               f"--out_dir={args.work_dir / 'out-n'}"], args.nanogpt),
         "raygpt": ([sys.executable, "-m", "raygpt.launch", "configs/train_shakespeare_char.py",
                     f"--data_dir={args.work_dir / 'data'}", f"--out_dir={args.work_dir / 'out-r'}",
@@ -110,13 +116,13 @@ def shakespeare(args, env) -> list[str]:
             result = run_and_parse(f"{name} ({attempt} compile cache)", command, cwd,
                                    args.work_dir / f"{slug}-shakespeare-{attempt}.log", tool_env)
             results.append(result)
-    rows = ["| shakespeare_char config | best val loss (iter) | median ms/iter | wall s (command to exit) "
-            "| wall vs nanoGPT (same cache state) |", "| --- | --- | --- | --- | --- |"]
+    rows = ["| shakespeare_char config | best val loss (iter) | median ms/iter | peak memory | wall s (command to exit) "
+            "| wall vs nanoGPT (same cache state) |", "| --- | --- | --- | --- | --- | --- |"]
     attempts = 2 if args.warm else 1
     for i, r in enumerate(results):
         it, best = min(r["evals"], key=lambda e: e[1])
         baseline = results[i % attempts]["wall_s"]  # nanoGPT's run with the same cache state
-        rows.append(f"| {r['name']} | {best:.4f} ({it}) | {r['median_ms']:.2f} | {r['wall_s']:.1f} | "
+        rows.append(f"| {r['name']} | {best:.4f} ({it}) | {r['median_ms']:.2f} | {gib(r)} | {r['wall_s']:.1f} | "
                     f"{r['wall_s'] / baseline:.3f}x |")
     return rows
 

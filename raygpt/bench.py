@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
                                            device.type, verbose=False)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
-    step_model = compile_model(model, cfg.compile_mode) if cfg.compile else model
+    step_model = compile_model(model, cfg.compile_mode, cfg.compile_regions) if cfg.compile else model
     cuda_graphs = cfg.compile and uses_cuda_graphs(cfg.compile_mode, device.type)
 
     with tempfile.TemporaryDirectory() as data_dir:

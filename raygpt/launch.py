@@ -57,6 +57,24 @@ def connect(address: str | None) -> None:
         return
     quiet_ray()
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
+    start_autoscaling_coordinator()
+
+
+def start_autoscaling_coordinator() -> None:
+    """Start the actor Train V2's controller registers its resource request with, so that it is up by then.
+
+    The controller creates it on first use and waits at most 5 s for it; a fresh process that must import
+    ray.data takes about that long on a busy machine, and then each run starts with a warning and a
+    traceback ("Failed to send resource request") after a 5 s stall (measured on a 16-core GPU machine).
+    Creating it here, while the driver goes on preparing the run, is the same call with get_if_exists,
+    so a cluster that already has one keeps it. A private Ray API: if it moves, Ray creates the actor as before."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator)
+
+        get_or_create_autoscaling_coordinator()
+    except Exception:  # noqa: BLE001 - an optimization only
+        pass
 
 
 def this_machine() -> dict:

@@ -32,7 +32,8 @@ MODEL_ARG_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_si
 DEFAULT_VOCAB_SIZE = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
 # Reported metric -> WandB key (nanoGPT's names where it has them).
 WANDB_KEYS = {"loss": "train/loss", "val_loss": "val/loss", "train_loss": "eval/train_loss", "lr": "lr",
-              "mfu": "mfu", "tokens_per_sec": "tokens/s", "tokens_seen": "tokens_seen"}
+              "mfu": "mfu", "tokens_per_sec": "tokens/s", "tokens_seen": "tokens_seen",
+              "peak_memory_gib": "peak_memory_gib"}
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -224,9 +225,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.compile:
         if master_process:
             print("compiling the model... (takes a ~minute)", flush=True)
-        model = compile_model(model, cfg.compile_mode if device_type == "cuda" else "default")
-    eval_model = model
+        model = compile_model(model, cfg.compile_mode if device_type == "cuda" else "default", cfg.compile_regions)
     cuda_graphs = cfg.compile and uses_cuda_graphs(cfg.compile_mode, device_type)
+    # The eval forward (no grad, no dropout) is a graph of its own: compiling it costs a second compile.
+    eval_model = model
+    def eval_stance():
+        return torch.compiler.set_stance("force_eager") if cfg.compile and not cfg.compile_eval else nullcontext()
+    eval_graphs = cuda_graphs and cfg.compile_eval
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device_type == "cuda" else None)
 
@@ -254,9 +259,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             for i in range(0, len(my_batches), group):
                 ks = my_batches[i:i + group]
                 X, Y = batches.eval_batch(split, ks)
-                if cuda_graphs:
+                if eval_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
-                with autocast:
+                with autocast, eval_stance():
                     _, loss = eval_model(X, Y)
                 # Equal-sized batches: their summed mean losses are the group's mean times its size.
                 loss_sum += loss.float() * len(ks)
@@ -337,12 +342,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
             eval_seconds = time.time() - eval_start
             improved = last_eval["val"] < best_val_loss
             best_val_loss = min(best_val_loss, last_eval["val"])
+            # The allocator's high-water mark so far: what decides whether a micro-batch fits.
+            peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
             if master_process:
+                memory_text = f", peak memory {peak_memory_gib:.2f} GiB" if peak_memory_gib is not None else ""
                 print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f} "
-                      f"(eval {eval_seconds:.2f}s)", flush=True)
+                      f"(eval {eval_seconds:.2f}s{memory_text})", flush=True)
             metrics = {"iter": iter_num, "train_loss": last_eval["train"], "val_loss": last_eval["val"],
                        "best_val_loss": best_val_loss, "lr": lr, "tokens_seen": iter_num * tokens_per_iter,
-                       "weights_in_sync": weights_in_sync()}
+                       "peak_memory_gib": peak_memory_gib, "weights_in_sync": weights_in_sync()}
             upload_dir = None
             ray_ckpt = None
             if master_process and iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):

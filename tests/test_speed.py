@@ -80,3 +80,37 @@ def test_speed_keys_are_validated():
         TrainConfig(compile_mode="fast")
     with pytest.raises(ConfigError, match="attention"):
         TrainConfig(attention="flash3")
+
+
+def test_eager_eval_of_a_compiled_model_compiles_nothing_and_matches_the_model():
+    """compile_eval=False: eval runs the compiled model under torch.compiler's force_eager stance."""
+    from torch._dynamo.utils import counters
+
+    from raygpt.speed import compile_model
+
+    for regions in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, vocab_size=65, dropout=0.1))
+        X, Y = torch.randint(0, 65, (3, 16)), torch.randint(0, 65, (3, 16))
+        model.eval()
+        with torch.no_grad():
+            expected = model(X, Y)[1]
+        compiled = compile_model(model, "default", regions=regions)
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            got = compiled(X, Y)[1]
+        assert torch.equal(got, expected)
+        assert counters["stats"]["unique_graphs"] == 0  # nothing was traced or compiled
+
+
+def test_regional_compile_compiles_each_block_in_place_and_keeps_nanogpt_keys():
+    from raygpt.speed import compile_model
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=16, vocab_size=65))
+    keys = list(model.state_dict())
+    compiled = compile_model(model, "default", regions=True)
+    assert compiled is model and list(compiled.state_dict()) == keys  # no _orig_mod. prefixes
+    assert all(block._compiled_call_impl is not None for block in model.transformer.h)
+    assert getattr(model, "_compiled_call_impl", None) is None  # embeddings, head and loss stay eager
