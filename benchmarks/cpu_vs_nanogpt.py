@@ -5,7 +5,8 @@
 PATH/TO/nanoGPT is a checkout of karpathy/nanoGPT kept outside this repo. Both runs train on the same
 shakespeare_char .bin files (prepared by raygpt; nanoGPT is given a meta.pkl with the same vocabulary),
 one after the other on the same machine (nanoGPT, raygpt with one Ray worker, raygpt's same loop in
-Ray Train's local mode), and the table reports, for each: val loss at the last eval,
+Ray Train's local mode, and one Ray worker replaying nanoGPT's random stream with --data_order=nanogpt),
+and the table reports, for each: val loss at the last eval,
 median ms/iter over the iterations after warm-up, and the seconds from the command to the first iteration.
 """
 from __future__ import annotations
@@ -97,10 +98,16 @@ def main() -> None:
                           [sys.executable, "-m", "raygpt.launch", "configs/train_shakespeare_char.py", *CPU_ARGS,
                            *iters, f"--data_dir={work / 'data'}", f"--out_dir={work / 'out-local'}",
                            "--local_mode=True"], REPO, work / "raygpt-local.log", env)
+    # nanoGPT's own random stream (batches, eval batches): the val loss can be compared number for number.
+    replay = run_and_parse("raygpt --data_order=nanogpt (1 Ray worker)",
+                           [sys.executable, "-m", "raygpt.launch", "configs/train_shakespeare_char.py", *CPU_ARGS,
+                            *iters, f"--data_dir={work / 'data'}", f"--out_dir={work / 'out-replay'}",
+                            f"--storage_path={work / 'ray'}", "--num_workers=1", "--data_order=nanogpt"],
+                           REPO, work / "raygpt-replay.log", env)
 
     rows = ["| run | val loss at last eval | median ms/iter | vs nanoGPT | command to first iter (s) | wall (s) |",
             "| --- | --- | --- | --- | --- | --- |"]
-    for r in (nanogpt, raygpt, local):
+    for r in (nanogpt, raygpt, local, replay):
         last_iter, last_val = r["evals"][-1]
         rows.append(f"| {r['name']} | {last_val:.4f} (iter {last_iter}) | {r['median_ms']:.2f} | "
                     f"{r['median_ms'] / nanogpt['median_ms']:.3f}x | {r['first_iter_s']:.1f} | {r['wall_s']:.0f} |")

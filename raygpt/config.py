@@ -87,6 +87,9 @@ class TrainConfig:
     max_failures: int = key(0, "times Ray restarts the workers after a failure (-1 = always)")
     checkpoints_to_keep: int = key(2, "Ray checkpoints kept: the best by val loss (the latest is kept too)")
     seed: int = key(1337, "seed for the initial weights, the batches and dropout")
+    data_order: str = key("seeded", "seeded: batches are a function of (seed, iteration, rank), so resumes are "
+                                    "exact and evals do not depend on the worker count; nanogpt: one worker "
+                                    "replays nanoGPT's train.py random stream, to compare number for number")
     max_nonfinite_steps: int = key(10, "stop after this many consecutive non-finite steps (0 = never)")
     local_mode: bool = key(False, "run the loop in this process with Ray Train's local mode (one process, no "
                                   "cluster, no restarts): for debugging and small CPU machines")
@@ -102,6 +105,7 @@ class TrainConfig:
         choose("backend", self.backend, ("nccl", "gloo"))
         choose("compile_mode", self.compile_mode, COMPILE_MODES)
         choose("attention", self.attention, ATTENTION_BACKENDS)
+        choose("data_order", self.data_order, ("seeded", "nanogpt"))
         if self.init_from not in INIT_CHOICES and not Path(self.init_from).expanduser().is_dir():
             raise ConfigError(f"init_from must be one of {', '.join(INIT_CHOICES)} or a local GPT-2 folder, "
                               f"got {self.init_from!r}")

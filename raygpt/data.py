@@ -124,3 +124,21 @@ class Batches:
         starts = np.concatenate([window_starts(self.seed, stream, (one,), self.batch_size, token_file.n_starts)
                                  for one in ks])
         return self._to_device(token_file.windows(starts))
+
+
+class NanoGPTOrderBatches(Batches):
+    """nanoGPT's own sampling, for one worker: every batch (training and eval alike) is torch.randint
+    on torch's global generator, drawn in the order nanoGPT's train.py draws them. With the same seed the
+    run replays train.py's batches, so its losses can be compared number for number. It gives up what
+    the default order guarantees: eval batches differ at each eval, and a resumed run continues the
+    random stream from its checkpoint instead of replaying an uninterrupted run's batches."""
+
+    def _draw(self, token_file: TokenFile, n_batches: int) -> torch.Tensor:
+        starts = torch.cat([torch.randint(token_file.n_starts, (self.batch_size,)) for _ in range(n_batches)])
+        return token_file.windows(starts.numpy())
+
+    def train_batch(self, iter_num: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._to_device(self._draw(self.train, 1))
+
+    def eval_batch(self, split: str, k: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._to_device(self._draw(self.eval_files[split], 1 if isinstance(k, int) else len(k)))

@@ -112,6 +112,9 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> TrainC
                           f" CPUs but {have} (lower --num-workers or --cpus_per_worker)")
     if not use_gpu and cfg.dtype == "float16":
         raise LaunchError("dtype float16 needs a GPU; on CPU use --dtype=float32 (or bfloat16)")
+    if cfg.data_order == "nanogpt" and num_workers > 1:
+        raise LaunchError(f"data_order=nanogpt replays one process's random stream; it needs num_workers=1, "
+                          f"not {num_workers}")
     if cfg.gradient_accumulation_steps % num_workers and not cfg.eval_only:
         raise LaunchError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by"
                           f" the number of workers ({num_workers})")

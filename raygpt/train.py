@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raygpt import checkpoint
 from raygpt.config import TrainConfig
-from raygpt.data import Batches
+from raygpt.data import Batches, NanoGPTOrderBatches
 from raygpt.model import GPT, GPTConfig, clean_state_dict
 from raygpt.speed import (compile_model, eval_group_size, set_attention_backend, skip_nonfinite_on_device,
                           uses_cuda_graphs)
@@ -216,6 +216,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         best_val_loss = state.get("best_val_loss", float("inf"))
         wandb_run_id = state.get("wandb_run_id")
         last_eval = state.get("last_eval", last_eval)
+        if cfg.data_order == "nanogpt" and state.get("torch_rng_state") is not None:
+            torch.set_rng_state(state["torch_rng_state"])
         if master_process:
             print(f"resuming from {resumed_from} at iter {iter_num} (best val loss {best_val_loss:.4f})", flush=True)
     start_iter = iter_num
@@ -235,7 +237,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device_type == "cuda" else None)
 
-    batches = Batches(dataset_dir, block_size, cfg.batch_size, cfg.seed, rank, world_size, device)
+    nanogpt_order = cfg.data_order == "nanogpt"
+    batches = (NanoGPTOrderBatches if nanogpt_order else Batches)(dataset_dir, block_size, cfg.batch_size, cfg.seed,
+                                                                  rank, world_size, device)
 
     wandb_run = None
     if cfg.wandb_log and master_process:
@@ -284,6 +288,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "wandb_run_id": wandb_run_id,
             "last_eval": last_eval,
             "resumed_from": str(resumed_from) if resumed_from else None,  # lineage, for debugging
+            # data_order=nanogpt: where the running random stream was, for a resume to continue it.
+            "torch_rng_state": torch.get_rng_state(),
         }
 
     def weights_in_sync() -> bool:
@@ -366,7 +372,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if cfg.eval_only or iter_num >= cfg.max_iters:
             break
 
-        torch.manual_seed(hash((cfg.seed, iter_num, rank)) & 0x7FFF_FFFF)  # dropout is a function of the step
+        if not nanogpt_order:  # (nanoGPT's order keeps one running stream for batches and dropout)
+            torch.manual_seed(hash((cfg.seed, iter_num, rank)) & 0x7FFF_FFFF)  # dropout is a function of the step
         loss_sum, grad_norm, X, Y = forward_backward(model, raw_model, optimizer, scaler, autocast, batches, X, Y,
                                                      iter_num, accum_steps, cfg.grad_clip, ddp=world_size > 1,
                                                      cuda_graphs=cuda_graphs)
