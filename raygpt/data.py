@@ -129,9 +129,9 @@ class Batches:
 class NanoGPTOrderBatches(Batches):
     """nanoGPT's own sampling, for one worker: every batch (training and eval alike) is torch.randint
     on torch's global generator, drawn in the order nanoGPT's train.py draws them. With the same seed the
-    run replays train.py's batches, so its losses can be compared number for number. It gives up what
-    the default order guarantees: eval batches differ at each eval, and a resumed run continues the
-    random stream from its checkpoint instead of replaying an uninterrupted run's batches."""
+    run replays train.py's batches, so its losses can be compared number for number. It gives up some of
+    what the default order guarantees: eval batches differ at each eval, it needs a single worker, and a
+    resume is exact only because the checkpoint carries the stream's state (train.py's own resume is not)."""
 
     def _draw(self, token_file: TokenFile, n_batches: int) -> torch.Tensor:
         starts = torch.cat([torch.randint(token_file.n_starts, (self.batch_size,)) for _ in range(n_batches)])

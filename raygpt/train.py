@@ -193,7 +193,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     meta = load_meta(dataset_dir)
 
     # ---- model: a Ray checkpoint (restart or rerun) wins, then init_from -------------------------
-    state, resumed_from = None, None
+    state, resumed_from, resumed_batch = None, None, None
     ray_checkpoint = ray.train.get_checkpoint()
     if ray_checkpoint is not None or cfg.init_from == "resume":
         state, resumed_from = checkpoint.load_resume_state(
@@ -218,6 +218,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         last_eval = state.get("last_eval", last_eval)
         if cfg.data_order == "nanogpt" and state.get("torch_rng_state") is not None:
             torch.set_rng_state(state["torch_rng_state"])
+            resumed_batch = state.get("next_batch")
         if master_process:
             print(f"resuming from {resumed_from} at iter {iter_num} (best val loss {best_val_loss:.4f})", flush=True)
     start_iter = iter_num
@@ -288,8 +289,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "wandb_run_id": wandb_run_id,
             "last_eval": last_eval,
             "resumed_from": str(resumed_from) if resumed_from else None,  # lineage, for debugging
-            # data_order=nanogpt: where the running random stream was, for a resume to continue it.
+            # data_order=nanogpt: where the running random stream is and the batch already drawn from it
+            # for the next step; a resume restores both and continues exactly as the run would have.
             "torch_rng_state": torch.get_rng_state(),
+            "next_batch": (X.cpu(), Y.cpu()) if nanogpt_order else None,
         }
 
     def weights_in_sync() -> bool:
@@ -312,7 +315,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log_to_wandb(metrics)
 
     # ---- the loop ---------------------------------------------------------------------------
-    X, Y = batches.train_batch(iter_num, 0)
+    X, Y = (batches.train_batch(iter_num, 0) if resumed_batch is None
+            else tuple(t.to(device) for t in resumed_batch))
     t0 = time.time()
     local_iter_num = 0
     running_mfu = -1.0

@@ -266,3 +266,16 @@ def test_nanogpt_data_order_needs_one_worker(ray_local, tmp_path, char_data):
     cfg = tiny_config(tmp_path, char_data, "two", data_order="nanogpt", num_workers=2, cpus_per_worker=1)
     with pytest.raises(launch.LaunchError, match="data_order=nanogpt .* needs num_workers=1, not 2"):
         launch.plan_resources(cfg)
+
+
+def test_nanogpt_data_order_resume_equals_uninterrupted(tmp_path, char_data):
+    """The checkpoint keeps the random stream and the batch already drawn: a resume continues exactly."""
+    options = dict(local_mode=True, cpus_per_worker=2, data_order="nanogpt", dropout=0.1)
+    straight = tiny_config(tmp_path, char_data, "replay-straight", **options)
+    launch.run(straight)
+    stopped = tiny_config(tmp_path, char_data, "replay-stopped", max_iters=10, **options)
+    launch.run(stopped)
+    launch.run(stopped.replace(max_iters=20, init_from="resume"))
+    a, b = final_state(straight), final_state(stopped)
+    assert a["iter_num"] == b["iter_num"] == 20
+    assert_same_weights(a["model"], b["model"])
