@@ -1,12 +1,18 @@
 """nanoGPT's train.py and raygpt (1 Ray worker) side by side on one GPU, in one command.
 
+    python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT all --corpus tinyshakespeare.txt
     python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT throughput [--batch-sizes 12 32] [--iters 30]
     python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT shakespeare --corpus tinyshakespeare.txt [--warm]
+    python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT memory [--sizes-124m 32 64 96 120] [--sizes-xl 8 16 18 20]
+
+all: the three scenarios below, one after the other (about 25 minutes on an H100).
 
 throughput: GPT-2 124M (12 layers, 768, block 1024, bias False, vocab 50304, bf16, compile) on random
 tokens; median ms/iter after warm-up, tokens/s, MFU (nanoGPT's FLOPs per token over 989 TFLOP/s on
 H100 SXM / H200) and peak memory is not reported by train.py, so the table gives what both print.
 shakespeare: configs/train_shakespeare_char.py as is; best val loss and wall time from command to exit.
+memory: the largest micro-batch that fits for GPT-2 124M and gpt2-xl (raygpt.bench, accumulation 1),
+trying the given sizes in increasing order until one runs out of memory, with the peak memory of each.
 Each scenario appends a table to --out.
 """
 from __future__ import annotations
@@ -127,6 +133,37 @@ def shakespeare(args, env) -> list[str]:
     return rows
 
 
+def bench_row(command: list[str], env: dict) -> list[str] | None:
+    """raygpt.bench's result row as fields, or None when the GPU ran out of memory."""
+    import subprocess
+
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        if "OutOfMemoryError" in done.stdout + done.stderr:
+            return None
+        sys.exit(f"{' '.join(command)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    row = [line for line in done.stdout.splitlines()
+           if line.startswith("| ") and not line.startswith(("| device", "| ---"))][-1]
+    return [field.strip() for field in row.strip("|").split("|")]
+
+
+def memory(args, env) -> list[str]:
+    rows = ["| model | micro-batch | ms/step | tokens/s | MFU | peak memory |", "| --- | --- | --- | --- | --- | --- |"]
+    xl = ["--n_layer=48", "--n_head=25", "--n_embd=1600"]
+    for label, extra, sizes in (("GPT-2 124M", [], args.sizes_124m), ("gpt2-xl", xl, args.sizes_xl)):
+        for batch_size in sorted(sizes):
+            fields = bench_row([sys.executable, "-m", "raygpt.bench", "configs/train_gpt2.py", "--wandb_log=False",
+                                "--compile=True", "--gradient_accumulation_steps=1", f"--batch_size={batch_size}",
+                                *extra, "--steps", "3", "--warmup", "2"], env)
+            if fields is None:
+                rows.append(f"| {label} | {batch_size} | out of memory | | | |")
+                break
+            # raygpt.bench's columns: device, params, micro-batch x accum, block, dtype, compile, attention,
+            # ms/step, tokens/s, MFU, peak mem
+            rows.append(f"| {label} | {batch_size} | {fields[7]} | {fields[8]} | {fields[9]} | {fields[10]} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nanogpt", required=True, type=Path)
@@ -138,24 +175,34 @@ def main() -> None:
     tp.add_argument("--accum", type=int, default=4)
     tp.add_argument("--iters", type=int, default=30)
     sh = sub.add_parser("shakespeare")
-    sh.add_argument("--corpus", type=Path, required=True)
-    sh.add_argument("--extra", nargs="*", help="extra raygpt overrides")
-    sh.add_argument("--warm", action="store_true", help="run each twice: cold, then warm compile cache")
-    sh.add_argument("--tools", nargs="+", default=["raygpt", "raygpt local_mode"],
-                    help="raygpt runs beside nanoGPT: 'raygpt' (one Ray worker), 'raygpt local_mode'")
+    mem = sub.add_parser("memory")
+    everything = sub.add_parser("all", help="throughput, shakespeare and memory with their defaults")
+    for p in (sh, everything):
+        p.add_argument("--corpus", type=Path, required=True)
+        p.add_argument("--extra", nargs="*", help="extra raygpt overrides")
+        p.add_argument("--warm", action="store_true", help="run each twice: cold, then warm compile cache")
+        p.add_argument("--tools", nargs="+", default=["raygpt", "raygpt local_mode"],
+                       help="raygpt runs beside nanoGPT: 'raygpt' (one Ray worker), 'raygpt local_mode'")
+    for p in (mem, everything):
+        p.add_argument("--sizes-124m", type=int, nargs="+", default=[32, 64, 96, 120])
+        p.add_argument("--sizes-xl", type=int, nargs="+", default=[8, 16, 18, 20])
+    everything.set_defaults(batch_sizes=[12, 32], accum=4, iters=30)
     args = parser.parse_args()
     args.nanogpt = args.nanogpt.resolve()
     args.work_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    rows = throughput(args, env) if args.scenario == "throughput" else shakespeare(args, env)
+    scenarios = {"throughput": throughput, "shakespeare": shakespeare, "memory": memory}
     import torch
 
-    header = (f"\n## {args.scenario} ({time.strftime('%Y-%m-%d')}, {torch.cuda.get_device_name()}, "
-              f"torch {torch.__version__})\n\nCommand: `python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH "
-              f"{' '.join(sys.argv[sys.argv.index(args.scenario):])}`\n\n")
-    with open(args.out, "a") as f:
-        f.write(header + "\n".join(rows) + "\n")
-    print("\n".join(rows))
+    command = f"python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH {' '.join(sys.argv[sys.argv.index(args.scenario):])}"
+    for name in (scenarios if args.scenario == "all" else [args.scenario]):
+        rows = scenarios[name](args, env)
+        # Each table goes to --out as soon as it is done: a long `all` run loses nothing if stopped.
+        header = (f"\n## {name} ({time.strftime('%Y-%m-%d')}, {torch.cuda.get_device_name()}, "
+                  f"torch {torch.__version__})\n\nCommand: `{command}`\n\n")
+        with open(args.out, "a") as f:
+            f.write(header + "\n".join(rows) + "\n")
+        print("\n".join(rows), flush=True)
 
 
 if __name__ == "__main__":
