@@ -232,13 +232,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cuda_graphs = cfg.compile and uses_cuda_graphs(cfg.compile_mode, device_type)
     # The eval forward (no grad, no dropout) is a graph of its own: compiling it costs a second compile.
     eval_model = model
+    eval_graphs = cuda_graphs and cfg.compile_eval
+
     def eval_stance():
         return torch.compiler.set_stance("force_eager") if cfg.compile and not cfg.compile_eval else nullcontext()
-    eval_graphs = cuda_graphs and cfg.compile_eval
+
     if world_size > 1:
         model = DDP(model, device_ids=[device.index] if device_type == "cuda" else None)
 
     nanogpt_order = cfg.data_order == "nanogpt"
+    if nanogpt_order and world_size > 1:  # the launcher refuses this; Tune or a custom trainer might not
+        raise ValueError(f"data_order=nanogpt needs one worker, not {world_size}")
     batches = (NanoGPTOrderBatches if nanogpt_order else Batches)(dataset_dir, block_size, cfg.batch_size, cfg.seed,
                                                                   rank, world_size, device)
 
@@ -291,7 +295,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "resumed_from": str(resumed_from) if resumed_from else None,  # lineage, for debugging
             # data_order=nanogpt: where the running random stream is and the batch already drawn from it
             # for the next step; a resume restores both and continues exactly as the run would have.
-            "torch_rng_state": torch.get_rng_state(),
+            "torch_rng_state": torch.get_rng_state() if nanogpt_order else None,
             "next_batch": (X.cpu(), Y.cpu()) if nanogpt_order else None,
         }
 
