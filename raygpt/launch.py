@@ -297,5 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def program() -> None:
+    """`python -m raygpt.launch` and `raygpt-launch`: main(), then a fast exit (see exit_without_teardown)."""
+    code = main()
+    from raygpt.speed import exit_without_teardown
+
+    exit_without_teardown(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

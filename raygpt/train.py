@@ -25,7 +25,7 @@ from raygpt.config import TrainConfig
 from raygpt.data import Batches, NanoGPTOrderBatches
 from raygpt.model import GPT, GPTConfig, clean_state_dict
 from raygpt.speed import (compile_model, eval_group_size, set_attention_backend, skip_nonfinite_on_device,
-                          uses_cuda_graphs)
+                          start_compile_workers, stop_compile_workers, uses_cuda_graphs)
 from raygpt.tokenizer import load_meta
 
 MODEL_ARG_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
@@ -177,6 +177,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.backends.cudnn.allow_tf32 = True
     if device_type == "cuda":
         set_attention_backend(cfg.attention)
+        if cfg.compile:
+            start_compile_workers()  # they boot while the model, optimizer and data are set up
     dtype = resolve_dtype(cfg.dtype, device)
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     autocast = nullcontext() if dtype == "float32" else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
@@ -411,6 +413,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         dt, t0 = t1 - t0, t1
         iter_num += 1
         local_iter_num += 1
+        if cfg.compile and device_type == "cuda" and local_iter_num == 3:
+            stop_compile_workers()  # forward and backward are compiled (and CUDA graphs recorded) by now
         if iter_num % cfg.log_interval == 0:
             check_nonfinite(iter_num - 1)
             lossf = loss_sum.item()

@@ -114,3 +114,45 @@ def test_regional_compile_compiles_each_block_in_place_and_keeps_nanogpt_keys():
     assert compiled is model and list(compiled.state_dict()) == keys  # no _orig_mod. prefixes
     assert all(block._compiled_call_impl is not None for block in model.transformer.h)
     assert getattr(model, "_compiled_call_impl", None) is None  # embeddings, head and loss stay eager
+
+
+def test_fast_exit_keeps_what_a_normal_exit_does(tmp_path):
+    """exit_without_teardown skips only the interpreter's teardown: a non-daemon thread still finishes,
+    atexit handlers run (after it, as in Python's own exit), buffered output is flushed, the code is kept."""
+    import subprocess
+    import sys
+    import textwrap
+
+    program = textwrap.dedent(f"""
+        import atexit, pathlib, sys, threading, time
+        from raygpt.speed import exit_without_teardown
+        out = pathlib.Path({str(tmp_path)!r})
+        def late_writer():
+            time.sleep(0.5)
+            (out / "thread").write_text("done")
+        threading.Thread(target=late_writer).start()
+        atexit.register(lambda: (out / "atexit").write_text(str((out / "thread").exists())))
+        sys.stdout.write("unflushed line")
+        exit_without_teardown(3)
+        (out / "after").write_text("not reached")
+    """)
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "unflushed line"
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "True"  # the handler ran after the thread was joined
+    assert not (tmp_path / "after").exists()
+
+
+def test_compile_workers_start_and_stop_are_safe_without_a_pool():
+    """On a torch without Triton (this CPU build) there is no pool: both calls must be harmless no-ops,
+    and a compile afterwards still works."""
+    from raygpt.speed import start_compile_workers, stop_compile_workers
+
+    start_compile_workers()
+    thread = stop_compile_workers()
+    if thread is not None:
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+    compiled = torch.compile(lambda x: x * 2 + 1)
+    assert torch.equal(compiled(torch.arange(4.0)), torch.arange(4.0) * 2 + 1)
