@@ -66,12 +66,14 @@ def stop_compile_workers() -> threading.Thread | None:
 
     Otherwise torch does it at interpreter exit, after the run's last line, and the process takes
     seconds longer to end. A later compile (a recompile, an eval graph first used after a resume) starts
-    a new pool as the first one did."""
+    a new pool as the first one did; join the returned thread before one, so it does not pick up the
+    pool that is being shut down."""
     try:
         from torch._inductor.async_compile import shutdown_compile_workers
     except Exception:  # noqa: BLE001
         return None
-    thread = threading.Thread(target=shutdown_compile_workers, name="stop-compile-workers", daemon=True)
+    # Not a daemon: exit waits for a clean shutdown rather than killing the thread halfway through it.
+    thread = threading.Thread(target=shutdown_compile_workers, name="stop-compile-workers")
     thread.start()
     return thread
 

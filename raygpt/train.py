@@ -256,10 +256,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, id=wandb_run_id,
                                resume="allow", config=cfg.to_dict(), dir=str(out_dir))
 
+    compile_workers_stopping = None  # the thread stopping Inductor's compile workers, once started
+
     @torch.no_grad()
     def estimate_loss() -> dict[str, float]:
         """Mean loss over the fixed eval windows; each rank takes every world_size-th window and the
         per-window losses are summed into one vector, so the result does not depend on world_size."""
+        if compile_workers_stopping is not None:
+            compile_workers_stopping.join()  # an eval graph compiled now needs a pool of its own
         eval_model.eval()
         out = {}
         my_batches = list(range(rank, cfg.eval_iters, world_size))
@@ -414,7 +418,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         iter_num += 1
         local_iter_num += 1
         if cfg.compile and device_type == "cuda" and local_iter_num == 3:
-            stop_compile_workers()  # forward and backward are compiled (and CUDA graphs recorded) by now
+            # Forward and backward are compiled (and CUDA graphs recorded) by now.
+            compile_workers_stopping = stop_compile_workers()
         if iter_num % cfg.log_interval == 0:
             check_nonfinite(iter_num - 1)
             lossf = loss_sum.item()
