@@ -1,4 +1,9 @@
 """Speed options (raygpt.speed): they must not change what is computed."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -119,10 +124,6 @@ def test_regional_compile_compiles_each_block_in_place_and_keeps_nanogpt_keys():
 def test_fast_exit_keeps_what_a_normal_exit_does(tmp_path):
     """exit_without_teardown skips only the interpreter's teardown: a non-daemon thread still finishes,
     atexit handlers run (after it, as in Python's own exit), buffered output is flushed, the code is kept."""
-    import subprocess
-    import sys
-    import textwrap
-
     program = textwrap.dedent(f"""
         import atexit, pathlib, sys, threading, time
         from raygpt.speed import exit_without_teardown
@@ -136,7 +137,8 @@ def test_fast_exit_keeps_what_a_normal_exit_does(tmp_path):
         exit_without_teardown(3)
         (out / "after").write_text("not reached")
     """)
-    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # so the flush is needed
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120, env=buffered)
     assert done.returncode == 3, done.stderr
     assert done.stdout == "unflushed line"
     assert (tmp_path / "thread").read_text() == "done"
