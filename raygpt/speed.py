@@ -116,7 +116,7 @@ def exit_without_teardown(code: int) -> NoReturn:
     """End the process as interpreter exit would, minus the teardown of every module and object.
 
     After a GPU run that teardown (CUDA graphs, the CUDA context, then torch's and Ray's modules) takes
-    ~2 s of a 80 s shakespeare_char run (H100, local mode) and does nothing a finished run needs: the
+    ~2 s of an 80 s shakespeare_char run (H100, local mode) and does nothing a finished run needs: the
     checkpoint is written and closed, the results printed. What a normal exit does for the program
     still happens, in the same order: other non-daemon threads are joined, then the atexit handlers run
     (Ray's shutdown, logging's flush, Inductor's compile-worker shutdown, WandB's)."""
