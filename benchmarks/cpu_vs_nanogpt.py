@@ -9,6 +9,7 @@ Ray Train's local mode, and one Ray worker replaying nanoGPT's random stream wit
 and the table reports, for each: val loss at the last eval,
 median ms/iter over the iterations after warm-up, and the seconds from the command to the first iteration.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # nanoGPT's README "I only have a macbook" settings, with the eval_iters/log_interval the issue names.
-CPU_ARGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=1", "--block_size=64",
-            "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0"]
+CPU_ARGS = [
+    "--device=cpu",
+    "--compile=False",
+    "--eval_iters=20",
+    "--log_interval=1",
+    "--block_size=64",
+    "--batch_size=12",
+    "--n_layer=4",
+    "--n_head=4",
+    "--n_embd=128",
+    "--dropout=0.0",
+]
 ITER_LINE = re.compile(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms")
 EVAL_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 PEAK_MEMORY = re.compile(r"peak memory ([\d.]+) GiB")  # raygpt's eval lines; peak_memory.py for nanoGPT
@@ -38,23 +49,30 @@ def run_and_parse(name: str, command: list[str], cwd: Path, log_path: Path, env:
     step_ms, evals = [], []
     peak_gib = None
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, bufsize=1)
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
         for line in process.stdout:
             log.write(f"{time.time() - start:8.2f} {line}")  # seconds since the command: a timeline
-            if (match := ITER_LINE.search(line)):
+            if match := ITER_LINE.search(line):
                 if first_iter_s is None:
                     first_iter_s = time.time() - start
                 if int(match.group(1)) >= 10:  # skip warm-up iterations
                     step_ms.append(float(match.group(2)))
-            elif (match := EVAL_LINE.search(line)):
+            elif match := EVAL_LINE.search(line):
                 evals.append((int(match.group(1)), float(match.group(3))))
-            if (match := PEAK_MEMORY.search(line)):
+            if match := PEAK_MEMORY.search(line):
                 peak_gib = max(peak_gib or 0.0, float(match.group(1)))
         if process.wait() != 0:
             sys.exit(f"{name} failed, see {log_path}")
-    return {"name": name, "wall_s": time.time() - start, "first_iter_s": first_iter_s,
-            "median_ms": statistics.median(step_ms), "evals": evals, "peak_gib": peak_gib}
+    return {
+        "name": name,
+        "wall_s": time.time() - start,
+        "first_iter_s": first_iter_s,
+        "median_ms": statistics.median(step_ms),
+        "evals": evals,
+        "peak_gib": peak_gib,
+    }
 
 
 def main() -> None:
@@ -82,41 +100,100 @@ def main() -> None:
         shutil.copy(dataset_dir / name, nanogpt_data / name)
     chars = load_meta(dataset_dir)["chars"]
     with open(nanogpt_data / "meta.pkl", "wb") as f:  # nanoGPT's own format, written only into its checkout
-        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
-                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+        pickle.dump(
+            {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}, f
+        )
 
     iters = [f"--max_iters={args.max_iters}", f"--lr_decay_iters={args.max_iters}"]
-    nanogpt = run_and_parse("nanoGPT train.py",
-                            [sys.executable, "train.py", "config/train_shakespeare_char.py", *CPU_ARGS, *iters,
-                             f"--out_dir={work / 'out-nanogpt'}"], args.nanogpt, work / "nanogpt.log", env)
-    raygpt = run_and_parse("raygpt (1 Ray worker)",
-                           [sys.executable, "-m", "raygpt.launch", "configs/train_shakespeare_char.py", *CPU_ARGS,
-                            *iters, f"--data_dir={work / 'data'}", f"--out_dir={work / 'out-raygpt'}",
-                            f"--storage_path={work / 'ray'}", "--num_workers=1"], REPO, work / "raygpt.log", env)
+    nanogpt = run_and_parse(
+        "nanoGPT train.py",
+        [
+            sys.executable,
+            "train.py",
+            "config/train_shakespeare_char.py",
+            *CPU_ARGS,
+            *iters,
+            f"--out_dir={work / 'out-nanogpt'}",
+        ],
+        args.nanogpt,
+        work / "nanogpt.log",
+        env,
+    )
+    raygpt = run_and_parse(
+        "raygpt (1 Ray worker)",
+        [
+            sys.executable,
+            "-m",
+            "raygpt.launch",
+            "configs/train_shakespeare_char.py",
+            *CPU_ARGS,
+            *iters,
+            f"--data_dir={work / 'data'}",
+            f"--out_dir={work / 'out-raygpt'}",
+            f"--storage_path={work / 'ray'}",
+            "--num_workers=1",
+        ],
+        REPO,
+        work / "raygpt.log",
+        env,
+    )
     # The same loop in this process (Ray Train's local mode): separates raygpt's loop from Ray's runtime.
-    local = run_and_parse("raygpt --local_mode=True (no Ray processes)",
-                          [sys.executable, "-m", "raygpt.launch", "configs/train_shakespeare_char.py", *CPU_ARGS,
-                           *iters, f"--data_dir={work / 'data'}", f"--out_dir={work / 'out-local'}",
-                           "--local_mode=True"], REPO, work / "raygpt-local.log", env)
+    local = run_and_parse(
+        "raygpt --local_mode=True (no Ray processes)",
+        [
+            sys.executable,
+            "-m",
+            "raygpt.launch",
+            "configs/train_shakespeare_char.py",
+            *CPU_ARGS,
+            *iters,
+            f"--data_dir={work / 'data'}",
+            f"--out_dir={work / 'out-local'}",
+            "--local_mode=True",
+        ],
+        REPO,
+        work / "raygpt-local.log",
+        env,
+    )
     # nanoGPT's own random stream (batches, eval batches): the val loss can be compared number for number.
-    replay = run_and_parse("raygpt --data_order=nanogpt (1 Ray worker)",
-                           [sys.executable, "-m", "raygpt.launch", "configs/train_shakespeare_char.py", *CPU_ARGS,
-                            *iters, f"--data_dir={work / 'data'}", f"--out_dir={work / 'out-replay'}",
-                            f"--storage_path={work / 'ray'}", "--num_workers=1", "--data_order=nanogpt"],
-                           REPO, work / "raygpt-replay.log", env)
+    replay = run_and_parse(
+        "raygpt --data_order=nanogpt (1 Ray worker)",
+        [
+            sys.executable,
+            "-m",
+            "raygpt.launch",
+            "configs/train_shakespeare_char.py",
+            *CPU_ARGS,
+            *iters,
+            f"--data_dir={work / 'data'}",
+            f"--out_dir={work / 'out-replay'}",
+            f"--storage_path={work / 'ray'}",
+            "--num_workers=1",
+            "--data_order=nanogpt",
+        ],
+        REPO,
+        work / "raygpt-replay.log",
+        env,
+    )
 
-    rows = ["| run | val loss at last eval | median ms/iter | vs nanoGPT | command to first iter (s) | wall (s) |",
-            "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| run | val loss at last eval | median ms/iter | vs nanoGPT | command to first iter (s) | wall (s) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in (nanogpt, raygpt, local, replay):
         last_iter, last_val = r["evals"][-1]
-        rows.append(f"| {r['name']} | {last_val:.4f} (iter {last_iter}) | {r['median_ms']:.2f} | "
-                    f"{r['median_ms'] / nanogpt['median_ms']:.3f}x | {r['first_iter_s']:.1f} | {r['wall_s']:.0f} |")
+        rows.append(
+            f"| {r['name']} | {last_val:.4f} (iter {last_iter}) | {r['median_ms']:.2f} | "
+            f"{r['median_ms'] / nanogpt['median_ms']:.3f}x | {r['first_iter_s']:.1f} | {r['wall_s']:.0f} |"
+        )
     import torch
 
     table = "\n".join(rows)
-    header = (f"Command: `python benchmarks/cpu_vs_nanogpt.py --nanogpt PATH --max-iters {args.max_iters}`\n\n"
-              f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, Python {sys.version.split()[0]}; "
-              f"run {time.strftime('%Y-%m-%d')}.\n\n")
+    header = (
+        f"Command: `python benchmarks/cpu_vs_nanogpt.py --nanogpt PATH --max-iters {args.max_iters}`\n\n"
+        f"Machine: {os.cpu_count()} CPUs, torch {torch.__version__}, Python {sys.version.split()[0]}; "
+        f"run {time.strftime('%Y-%m-%d')}.\n\n"
+    )
     args.out.write_text("# CPU: nanoGPT's README CPU run, nanoGPT vs raygpt\n\n" + header + table + "\n")
     print(table)
 

@@ -3,7 +3,8 @@
     python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT all --corpus tinyshakespeare.txt
     python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT throughput [--batch-sizes 12 32] [--iters 30]
     python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT shakespeare --corpus tinyshakespeare.txt [--warm]
-    python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT memory [--sizes-124m 32 64 96 120] [--sizes-xl 8 16 18 20]
+    python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT memory \
+        [--sizes-124m 32 64 96 120] [--sizes-xl 8 16 18 20]
 
 all: the three scenarios below, one after the other (about 25 minutes on an H100).
 
@@ -15,6 +16,7 @@ memory: the largest micro-batch that fits for GPT-2 124M and gpt2-xl (raygpt.ben
 trying the given sizes in increasing order until one runs out of memory, with the peak memory of each.
 Each scenario appends a table to --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,31 +50,68 @@ def throughput(args, env) -> list[str]:
     shutil.rmtree(nanogpt_data, ignore_errors=True)
     shutil.copytree(data, nanogpt_data)
     rows = []
-    common = ["--dataset=owt_random", "--wandb_log=False", f"--gradient_accumulation_steps={args.accum}",
-              f"--max_iters={args.iters}", f"--lr_decay_iters={args.iters * 10}", "--warmup_iters=5",
-              "--eval_interval=100000", "--eval_iters=1", "--log_interval=1", "--compile=True"]
+    common = [
+        "--dataset=owt_random",
+        "--wandb_log=False",
+        f"--gradient_accumulation_steps={args.accum}",
+        f"--max_iters={args.iters}",
+        f"--lr_decay_iters={args.iters * 10}",
+        "--warmup_iters=5",
+        "--eval_interval=100000",
+        "--eval_iters=1",
+        "--log_interval=1",
+        "--compile=True",
+    ]
     for batch_size in args.batch_sizes:
         results = [
-            run_and_parse(f"nanoGPT train.py, micro-batch {batch_size}",
-                          [sys.executable, PEAK_MEMORY, "train.py", "config/train_gpt2.py", *common,
-                           f"--batch_size={batch_size}",
-                           f"--out_dir={args.work_dir / 'out-n'}"], args.nanogpt,
-                          args.work_dir / f"nanogpt-{batch_size}.log", env),
-            run_and_parse(f"raygpt, micro-batch {batch_size}",
-                          [sys.executable, "-m", "raygpt.launch", "configs/train_gpt2.py", *common,
-                           f"--batch_size={batch_size}", f"--data_dir={args.work_dir / 'data'}",
-                           f"--out_dir={args.work_dir / f'out-r{batch_size}'}", f"--storage_path={args.work_dir / 'ray'}",
-                           "--num_workers=1", "--always_save_checkpoint=False"], REPO,
-                          args.work_dir / f"raygpt-{batch_size}.log", env),
+            run_and_parse(
+                f"nanoGPT train.py, micro-batch {batch_size}",
+                [
+                    sys.executable,
+                    PEAK_MEMORY,
+                    "train.py",
+                    "config/train_gpt2.py",
+                    *common,
+                    f"--batch_size={batch_size}",
+                    f"--out_dir={args.work_dir / 'out-n'}",
+                ],
+                args.nanogpt,
+                args.work_dir / f"nanogpt-{batch_size}.log",
+                env,
+            ),
+            run_and_parse(
+                f"raygpt, micro-batch {batch_size}",
+                [
+                    sys.executable,
+                    "-m",
+                    "raygpt.launch",
+                    "configs/train_gpt2.py",
+                    *common,
+                    f"--batch_size={batch_size}",
+                    f"--data_dir={args.work_dir / 'data'}",
+                    f"--out_dir={args.work_dir / f'out-r{batch_size}'}",
+                    f"--storage_path={args.work_dir / 'ray'}",
+                    "--num_workers=1",
+                    "--always_save_checkpoint=False",
+                ],
+                REPO,
+                args.work_dir / f"raygpt-{batch_size}.log",
+                env,
+            ),
         ]
         tokens = batch_size * 1024 * args.accum
         for r in results:
             dt = r["median_ms"] / 1000
             mfu = gpt2_flops_per_iter(tokens) / dt / 989e12
-            rows.append(f"| {r['name']} | {r['median_ms']:.1f} | {tokens / dt:,.0f} | {mfu * 100:.1f}% | "
-                        f"{gib(r)} | {r['median_ms'] / results[0]['median_ms']:.3f}x |")
-    return ["| GPT-2 124M, bf16, compile | ms/iter | tokens/s | MFU | peak memory | time vs nanoGPT |",
-            "| --- | --- | --- | --- | --- | --- |", *rows]
+            rows.append(
+                f"| {r['name']} | {r['median_ms']:.1f} | {tokens / dt:,.0f} | {mfu * 100:.1f}% | "
+                f"{gib(r)} | {r['median_ms'] / results[0]['median_ms']:.3f}x |"
+            )
+    return [
+        "| GPT-2 124M, bf16, compile | ms/iter | tokens/s | MFU | peak memory | time vs nanoGPT |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *rows,
+    ]
 
 
 def gib(result: dict) -> str:
@@ -81,9 +120,10 @@ def gib(result: dict) -> str:
 
 def shakespeare(args, env) -> list[str]:
     sys.path.insert(0, str(REPO))
+    import pickle
+
     from raygpt.prepare import prepare_shakespeare_char
     from raygpt.tokenizer import load_meta
-    import pickle
 
     dataset_dir = prepare_shakespeare_char(args.work_dir / "data", args.corpus)
     nanogpt_data = args.nanogpt / "data" / "shakespeare_char"
@@ -91,19 +131,49 @@ def shakespeare(args, env) -> list[str]:
         shutil.copy(dataset_dir / name, nanogpt_data / name)
     chars = load_meta(dataset_dir)["chars"]
     with open(nanogpt_data / "meta.pkl", "wb") as f:  # nanoGPT's own format, only in its checkout
-        pickle.dump({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
-                     "stoi": {c: i for i, c in enumerate(chars)}}, f)
+        pickle.dump(
+            {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}, f
+        )
     extra = args.extra or []
     commands = {
-        "nanoGPT train.py": ([sys.executable, PEAK_MEMORY, "train.py", "config/train_shakespeare_char.py",
-                              f"--out_dir={args.work_dir / 'out-n'}"], args.nanogpt),
-        "raygpt": ([sys.executable, "-m", "raygpt.launch", "configs/train_shakespeare_char.py",
-                    f"--data_dir={args.work_dir / 'data'}", f"--out_dir={args.work_dir / 'out-r'}",
-                    f"--storage_path={args.work_dir / 'ray'}", "--num_workers=1", *extra], REPO),
+        "nanoGPT train.py": (
+            [
+                sys.executable,
+                PEAK_MEMORY,
+                "train.py",
+                "config/train_shakespeare_char.py",
+                f"--out_dir={args.work_dir / 'out-n'}",
+            ],
+            args.nanogpt,
+        ),
+        "raygpt": (
+            [
+                sys.executable,
+                "-m",
+                "raygpt.launch",
+                "configs/train_shakespeare_char.py",
+                f"--data_dir={args.work_dir / 'data'}",
+                f"--out_dir={args.work_dir / 'out-r'}",
+                f"--storage_path={args.work_dir / 'ray'}",
+                "--num_workers=1",
+                *extra,
+            ],
+            REPO,
+        ),
         # The same loop in Ray Train's local mode: no Ray processes to start.
-        "raygpt local_mode": ([sys.executable, "-m", "raygpt.launch", "configs/train_shakespeare_char.py",
-                               f"--data_dir={args.work_dir / 'data'}", f"--out_dir={args.work_dir / 'out-l'}",
-                               "--local_mode=True", *extra], REPO),
+        "raygpt local_mode": (
+            [
+                sys.executable,
+                "-m",
+                "raygpt.launch",
+                "configs/train_shakespeare_char.py",
+                f"--data_dir={args.work_dir / 'data'}",
+                f"--out_dir={args.work_dir / 'out-l'}",
+                "--local_mode=True",
+                *extra,
+            ],
+            REPO,
+        ),
     }
     results = []
     for name, (command, cwd) in commands.items():
@@ -114,22 +184,36 @@ def shakespeare(args, env) -> list[str]:
         slug = name.split()[0] + ("-local" if "local" in name else "")
         cache = args.work_dir / f"cache-{slug}"
         shutil.rmtree(cache, ignore_errors=True)
-        tool_env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"), "TRITON_CACHE_DIR": str(cache / "triton")}
+        tool_env = {
+            **env,
+            "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+            "TRITON_CACHE_DIR": str(cache / "triton"),
+        }
         for attempt in ("cold", "warm")[: 2 if args.warm else 1]:
             shutil.rmtree(args.work_dir / "ray", ignore_errors=True)  # a rerun must not resume the last one
             for out in ("out-n", "out-r", "out-l"):
                 shutil.rmtree(args.work_dir / out, ignore_errors=True)
-            result = run_and_parse(f"{name} ({attempt} compile cache)", command, cwd,
-                                   args.work_dir / f"{slug}-shakespeare-{attempt}.log", tool_env)
+            result = run_and_parse(
+                f"{name} ({attempt} compile cache)",
+                command,
+                cwd,
+                args.work_dir / f"{slug}-shakespeare-{attempt}.log",
+                tool_env,
+            )
             results.append(result)
-    rows = ["| shakespeare_char config | best val loss (iter) | median ms/iter | peak memory | wall s (command to exit) "
-            "| wall vs nanoGPT (same cache state) |", "| --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| shakespeare_char config | best val loss (iter) | median ms/iter | peak memory | wall s (command to exit) "
+        "| wall vs nanoGPT (same cache state) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     attempts = 2 if args.warm else 1
     for i, r in enumerate(results):
         it, best = min(r["evals"], key=lambda e: e[1])
         baseline = results[i % attempts]["wall_s"]  # nanoGPT's run with the same cache state
-        rows.append(f"| {r['name']} | {best:.4f} ({it}) | {r['median_ms']:.2f} | {gib(r)} | {r['wall_s']:.1f} | "
-                    f"{r['wall_s'] / baseline:.3f}x |")
+        rows.append(
+            f"| {r['name']} | {best:.4f} ({it}) | {r['median_ms']:.2f} | {gib(r)} | {r['wall_s']:.1f} | "
+            f"{r['wall_s'] / baseline:.3f}x |"
+        )
     return rows
 
 
@@ -142,8 +226,11 @@ def bench_row(command: list[str], env: dict) -> list[str] | None:
         if "OutOfMemoryError" in done.stdout + done.stderr:
             return None
         sys.exit(f"{' '.join(command)} failed:\n{(done.stdout + done.stderr)[-3000:]}")
-    row = [line for line in done.stdout.splitlines()
-           if line.startswith("| ") and not line.startswith(("| device", "| ---"))][-1]
+    row = [
+        line
+        for line in done.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith(("| device", "| ---"))
+    ][-1]
     return [field.strip() for field in row.strip("|").split("|")]
 
 
@@ -152,9 +239,24 @@ def memory(args, env) -> list[str]:
     xl = ["--n_layer=48", "--n_head=25", "--n_embd=1600"]
     for label, extra, sizes in (("GPT-2 124M", [], args.sizes_124m), ("gpt2-xl", xl, args.sizes_xl)):
         for batch_size in sorted(sizes):
-            fields = bench_row([sys.executable, "-m", "raygpt.bench", "configs/train_gpt2.py", "--wandb_log=False",
-                                "--compile=True", "--gradient_accumulation_steps=1", f"--batch_size={batch_size}",
-                                *extra, "--steps", "3", "--warmup", "2"], env)
+            fields = bench_row(
+                [
+                    sys.executable,
+                    "-m",
+                    "raygpt.bench",
+                    "configs/train_gpt2.py",
+                    "--wandb_log=False",
+                    "--compile=True",
+                    "--gradient_accumulation_steps=1",
+                    f"--batch_size={batch_size}",
+                    *extra,
+                    "--steps",
+                    "3",
+                    "--warmup",
+                    "2",
+                ],
+                env,
+            )
             if fields is None:
                 rows.append(f"| {label} | {batch_size} | out of memory | | | |")
                 break
@@ -181,8 +283,12 @@ def main() -> None:
         p.add_argument("--corpus", type=Path, required=True)
         p.add_argument("--extra", nargs="*", help="extra raygpt overrides")
         p.add_argument("--warm", action="store_true", help="run each twice: cold, then warm compile cache")
-        p.add_argument("--tools", nargs="+", default=["raygpt", "raygpt local_mode"],
-                       help="raygpt runs beside nanoGPT: 'raygpt' (one Ray worker), 'raygpt local_mode'")
+        p.add_argument(
+            "--tools",
+            nargs="+",
+            default=["raygpt", "raygpt local_mode"],
+            help="raygpt runs beside nanoGPT: 'raygpt' (one Ray worker), 'raygpt local_mode'",
+        )
     for p in (mem, everything):
         p.add_argument("--sizes-124m", type=int, nargs="+", default=[32, 64, 96, 120])
         p.add_argument("--sizes-xl", type=int, nargs="+", default=[8, 16, 18, 20])
@@ -194,12 +300,16 @@ def main() -> None:
     scenarios = {"throughput": throughput, "shakespeare": shakespeare, "memory": memory}
     import torch
 
-    command = f"python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH {' '.join(sys.argv[sys.argv.index(args.scenario):])}"
-    for name in (scenarios if args.scenario == "all" else [args.scenario]):
+    command = (
+        f"python benchmarks/gpu_vs_nanogpt.py --nanogpt PATH {' '.join(sys.argv[sys.argv.index(args.scenario) :])}"
+    )
+    for name in scenarios if args.scenario == "all" else [args.scenario]:
         rows = scenarios[name](args, env)
         # Each table goes to --out as soon as it is done: a long `all` run loses nothing if stopped.
-        header = (f"\n## {name} ({time.strftime('%Y-%m-%d')}, {torch.cuda.get_device_name()}, "
-                  f"torch {torch.__version__})\n\nCommand: `{command}`\n\n")
+        header = (
+            f"\n## {name} ({time.strftime('%Y-%m-%d')}, {torch.cuda.get_device_name()}, "
+            f"torch {torch.__version__})\n\nCommand: `{command}`\n\n"
+        )
         with open(args.out, "a") as f:
             f.write(header + "\n".join(rows) + "\n")
         print("\n".join(rows), flush=True)

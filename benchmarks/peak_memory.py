@@ -4,6 +4,7 @@
 
 nanoGPT's train.py does not report memory; raygpt prints the same figure (torch's allocator high-water
 mark, torch.cuda.max_memory_allocated) on its eval lines, so the two are read the same way."""
+
 import atexit
 import runpy
 import sys

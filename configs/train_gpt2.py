@@ -2,8 +2,8 @@
 # micro-steps over all workers), 300B tokens in all; val loss near 2.85 at the end.
 # Prepare the data first: python -m raygpt.prepare openwebtext --input 'owt/*.parquet'
 wandb_log = True
-wandb_project = 'owt'
-wandb_run_name = 'gpt2-124M'
+wandb_project = "owt"
+wandb_run_name = "gpt2-124M"
 
 batch_size = 12
 block_size = 1024

@@ -1,16 +1,16 @@
 # A small character-level GPT on tiny Shakespeare: the nanoGPT "baby GPT" (about 10.7M parameters).
 # On one modern GPU it reaches a val loss near 1.47 in a few minutes.
-out_dir = 'out-shakespeare-char'
+out_dir = "out-shakespeare-char"
 eval_interval = 250  # evaluate often: this model overfits the small corpus
 eval_iters = 200
 log_interval = 10
 always_save_checkpoint = False  # only keep checkpoints that improve val loss
 
 wandb_log = False
-wandb_project = 'shakespeare-char'
-wandb_run_name = 'mini-gpt'
+wandb_project = "shakespeare-char"
+wandb_run_name = "mini-gpt"
 
-dataset = 'shakespeare_char'
+dataset = "shakespeare_char"
 gradient_accumulation_steps = 1
 batch_size = 64
 block_size = 256  # characters of context
@@ -29,7 +29,7 @@ warmup_iters = 100
 
 # raygpt only: a 10M-parameter model is launch-bound; CUDA graphs replay each step in a few launches.
 # Same numerics as the default mode. Ignored on CPU.
-compile_mode = 'reduce-overhead'
+compile_mode = "reduce-overhead"
 # raygpt only: evaluate without compiling a second (eval) graph. Each eval costs ~0.25 s more on an
 # H100 (21 evals: ~5 s) against ~14 s to compile the eval graph in a run this short.
 compile_eval = False

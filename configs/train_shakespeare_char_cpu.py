@@ -1,16 +1,16 @@
 # The character-level Shakespeare model shrunk to train on a laptop CPU in a few minutes
 # (nanoGPT's README CPU settings). Val loss reaches about 1.88 after 2000 iterations.
-out_dir = 'out-shakespeare-char'
+out_dir = "out-shakespeare-char"
 eval_interval = 250
 eval_iters = 20
 log_interval = 10
 always_save_checkpoint = False
 
 wandb_log = False
-wandb_project = 'shakespeare-char'
-wandb_run_name = 'mini-gpt-cpu'
+wandb_project = "shakespeare-char"
+wandb_run_name = "mini-gpt-cpu"
 
-dataset = 'shakespeare_char'
+dataset = "shakespeare_char"
 gradient_accumulation_steps = 1
 batch_size = 12
 block_size = 64
@@ -27,5 +27,5 @@ min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100
 
-device = 'cpu'
+device = "cpu"
 compile = False

@@ -6,6 +6,7 @@ torch profiler trace of a few steps (open it in Perfetto or chrome://tracing).
 
     python -m raygpt.bench configs/train_gpt2.py --batch_size=16 --gradient_accumulation_steps=1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,10 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     autocast = nullcontext() if dtype == "float32" else torch.amp.autocast(device_type=device.type, dtype=ptdtype)
 
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          bias=cfg.bias, vocab_size=args.vocab_size, dropout=cfg.dropout)).to(device)
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           device.type, verbose=False)
+    model = GPT(
+        GPTConfig(
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            block_size=cfg.block_size,
+            bias=cfg.bias,
+            vocab_size=args.vocab_size,
+            dropout=cfg.dropout,
+        )
+    ).to(device)
+    optimizer = model.configure_optimizers(
+        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, verbose=False
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
     step_model = compile_model(model, cfg.compile_mode, cfg.compile_regions) if cfg.compile else model
     cuda_graphs = cfg.compile and uses_cuda_graphs(cfg.compile_mode, device.type)
@@ -61,15 +72,29 @@ def main(argv: list[str] | None = None) -> int:
         # Random tokens: the step's speed does not depend on what the tokens say.
         rng = np.random.default_rng(0)
         for split in ("train", "val"):
-            rng.integers(0, min(args.vocab_size, 50257), 2_000_000, dtype=np.uint16).tofile(Path(data_dir) / f"{split}.bin")
+            rng.integers(0, min(args.vocab_size, 50257), 2_000_000, dtype=np.uint16).tofile(
+                Path(data_dir) / f"{split}.bin"
+            )
         batches = Batches(data_dir, cfg.block_size, cfg.batch_size, cfg.seed, device=device)
         X, Y = batches.train_batch(0, 0)
 
         def step(it):
             nonlocal X, Y
-            _, grad_norm, X, Y = forward_backward(step_model, model, optimizer, scaler, autocast, batches, X, Y, it,
-                                          cfg.gradient_accumulation_steps, cfg.grad_clip, ddp=False,
-                                          cuda_graphs=cuda_graphs)
+            _, grad_norm, X, Y = forward_backward(
+                step_model,
+                model,
+                optimizer,
+                scaler,
+                autocast,
+                batches,
+                X,
+                Y,
+                it,
+                cfg.gradient_accumulation_steps,
+                cfg.grad_clip,
+                ddp=False,
+                cuda_graphs=cuda_graphs,
+            )
             # The same step as training: the non-finite check stays on the GPU when it can.
             if scaler.is_enabled() or skip_nonfinite_on_device(optimizer, grad_norm) is None:
                 scaler.step(optimizer)
@@ -102,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             trace = Path(args.profile) / "trace.json"
             prof.export_chrome_trace(str(trace))
-            print(prof.key_averages().table(sort_by="cuda_time_total" if use_cuda else "cpu_time_total",
-                                            row_limit=15))
+            print(prof.key_averages().table(sort_by="cuda_time_total" if use_cuda else "cpu_time_total", row_limit=15))
             print(f"trace: {trace}")
 
     dt = statistics.median(times)
@@ -112,11 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if use_cuda else "cpu"
     peak_mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if use_cuda else "n/a"
     compiled = f"{cfg.compile_mode}" if cfg.compile else "off"
-    print(f"| device | params | micro-batch x accum | block | dtype | compile | attention | ms/step | tokens/s | MFU | peak mem |")
-    print(f"| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| {name} | {model.get_num_params() / 1e6:.2f}M | {cfg.batch_size} x {cfg.gradient_accumulation_steps} | "
-          f"{cfg.block_size} | {dtype} | {compiled} | {cfg.attention} | {dt * 1000:.2f} | {tokens / dt:,.0f} | "
-          f"{'n/a' if mfu is None else f'{mfu * 100:.1f}%'} | {peak_mem} |")
+    print(
+        "| device | params | micro-batch x accum | block | dtype | compile | attention | ms/step | tokens/s | MFU |"
+        " peak mem |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        f"| {name} | {model.get_num_params() / 1e6:.2f}M | {cfg.batch_size} x {cfg.gradient_accumulation_steps} | "
+        f"{cfg.block_size} | {dtype} | {compiled} | {cfg.attention} | {dt * 1000:.2f} | {tokens / dt:,.0f} | "
+        f"{'n/a' if mfu is None else f'{mfu * 100:.1f}%'} | {peak_mem} |"
+    )
     return 0
 
 

@@ -4,6 +4,7 @@ A checkpoint is one `ckpt.pt` with nanoGPT's layout (model, optimizer, model_arg
 best_val_loss, config) plus raygpt's additions (scaler, seed, wandb_run_id). It holds only tensors
 and plain Python values, so `torch.load(weights_only=True)` reads it and no user file is unpickled.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,10 @@ def load(path: str | Path) -> dict:
         # weights_only refuses anything that would import or call code; say what it was.
         refused = re.search(r"GLOBAL (\S+)", str(e), re.IGNORECASE)
         if refused:
-            raise CheckpointError(f"{path} was refused: it holds Python objects ({refused.group(1)}), not only "
-                                  "tensors and plain values; raygpt never unpickles code") from None
+            raise CheckpointError(
+                f"{path} was refused: it holds Python objects ({refused.group(1)}), not only "
+                "tensors and plain values; raygpt never unpickles code"
+            ) from None
         raise CheckpointError(f"{path} is damaged or truncated and cannot be read (not a torch checkpoint)") from None
     except Exception as e:  # a damaged file fails anywhere in the unpickler, with any exception type
         raise CheckpointError(f"{path} is damaged or truncated and cannot be read ({type(e).__name__})") from None
@@ -80,8 +83,9 @@ def load_resume_state(ray_checkpoint=None, fallback: str | Path | None = None, w
     if ray_checkpoint is not None:
         latest = Path(ray_checkpoint.path)
         if getattr(ray_checkpoint.filesystem, "type_name", "") == "local" and latest.parent.is_dir():
-            older = sorted((p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name),
-                           reverse=True)
+            older = sorted(
+                (p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name), reverse=True
+            )
             candidates += [latest / CKPT_NAME, *(p / CKPT_NAME for p in older)]
         else:
             candidates.append(ray_checkpoint)
@@ -94,5 +98,6 @@ def load_resume_state(ray_checkpoint=None, fallback: str | Path | None = None, w
             return from_ray(candidate), candidate.path
         except CheckpointError as e:
             warn(f"warning: skipping checkpoint: {e}")
-    raise CheckpointError("no usable checkpoint to resume from (" +
-                          ", ".join(str(getattr(c, "path", c)) for c in candidates) + ")")
+    raise CheckpointError(
+        "no usable checkpoint to resume from (" + ", ".join(str(getattr(c, "path", c)) for c in candidates) + ")"
+    )

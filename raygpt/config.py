@@ -4,6 +4,7 @@ Config files keep nanoGPT's format (`key = value` lines, comments, literals, sim
 nanoGPT's own files load unchanged, but they are read with `ast`, never exec'd: a config file cannot
 run code.
 """
+
 from __future__ import annotations
 
 import ast
@@ -14,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -66,33 +67,50 @@ class TrainConfig:
     # system
     backend: str = key("nccl", "torch.distributed backend for GPU workers (CPU workers use gloo)")
     device: str = key("cuda", "'cuda' uses the cluster's GPUs when it has some; 'cpu' forces CPU workers")
-    dtype: str = key("auto", "'auto' (bfloat16 if supported, else float16 on CUDA, float32 on CPU), float32, "
-                             "bfloat16, float16")
+    dtype: str = key(
+        "auto", "'auto' (bfloat16 if supported, else float16 on CUDA, float32 on CPU), float32, bfloat16, float16"
+    )
     compile: bool = key(True, "torch.compile the model (PyTorch 2)")
-    compile_mode: str = key("default", "torch.compile mode: default, reduce-overhead (CUDA graphs; for small "
-                                       "models), max-autotune, max-autotune-no-cudagraphs")
-    compile_regions: bool = key(False, "compile each transformer block (one shared graph) instead of the whole "
-                                       "model: compile time stops growing with n_layer; head and loss run eagerly")
-    compile_eval: bool = key(True, "also compile the eval forward; False evaluates eagerly, which skips a second "
-                                   "compile (~14 s for shakespeare_char on an H100) and suits short runs")
-    attention: str = key("auto", "scaled_dot_product_attention backend: auto (PyTorch picks), flash, cudnn, "
-                                 "efficient, math")
+    compile_mode: str = key(
+        "default",
+        "torch.compile mode: default, reduce-overhead (CUDA graphs; for small "
+        "models), max-autotune, max-autotune-no-cudagraphs",
+    )
+    compile_regions: bool = key(
+        False,
+        "compile each transformer block (one shared graph) instead of the whole "
+        "model: compile time stops growing with n_layer; head and loss run eagerly",
+    )
+    compile_eval: bool = key(
+        True,
+        "also compile the eval forward; False evaluates eagerly, which skips a second "
+        "compile (~14 s for shakespeare_char on an H100) and suits short runs",
+    )
+    attention: str = key(
+        "auto", "scaled_dot_product_attention backend: auto (PyTorch picks), flash, cudnn, efficient, math"
+    )
     # Ray
     data_dir: str = key("data", "folder holding <dataset>/train.bin, val.bin, meta.json")
     num_workers: int = key(0, "training workers; 0 = one per GPU in the cluster, or 1 on CPU")
-    use_gpu: Optional[bool] = key(None, "None = use GPUs when the cluster has them; True requires them")
+    use_gpu: bool | None = key(None, "None = use GPUs when the cluster has them; True requires them")
     cpus_per_worker: float = key(0.0, "CPUs reserved per worker; 0 = share the cluster's CPUs")
     storage_path: str = key("", "Ray storage for checkpoints (a shared path or s3://...); '' = ~/ray_results")
     run_name: str = key("", "Ray run name; '' = out_dir's folder name, so rerunning a command resumes it")
     max_failures: int = key(0, "times Ray restarts the workers after a failure (-1 = always)")
     checkpoints_to_keep: int = key(2, "Ray checkpoints kept: the best by val loss (the latest is kept too)")
     seed: int = key(1337, "seed for the initial weights, the batches and dropout")
-    data_order: str = key("seeded", "seeded: batches are a function of (seed, iteration, rank), so resumes are "
-                                    "exact and evals do not depend on the worker count; nanogpt: one worker "
-                                    "replays nanoGPT's train.py random stream, to compare number for number")
+    data_order: str = key(
+        "seeded",
+        "seeded: batches are a function of (seed, iteration, rank), so resumes are "
+        "exact and evals do not depend on the worker count; nanogpt: one worker "
+        "replays nanoGPT's train.py random stream, to compare number for number",
+    )
     max_nonfinite_steps: int = key(10, "stop after this many consecutive non-finite steps (0 = never)")
-    local_mode: bool = key(False, "run the loop in this process with Ray Train's local mode (one process, no "
-                                  "cluster, no restarts): for debugging and small CPU machines")
+    local_mode: bool = key(
+        False,
+        "run the loop in this process with Ray Train's local mode (one process, no "
+        "cluster, no restarts): for debugging and small CPU machines",
+    )
 
     def __post_init__(self):
         self.validate()
@@ -107,14 +125,33 @@ class TrainConfig:
         choose("attention", self.attention, ATTENTION_BACKENDS)
         choose("data_order", self.data_order, ("seeded", "nanogpt"))
         if self.init_from not in INIT_CHOICES and not Path(self.init_from).expanduser().is_dir():
-            raise ConfigError(f"init_from must be one of {', '.join(INIT_CHOICES)} or a local GPT-2 folder, "
-                              f"got {self.init_from!r}")
-        for name in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
-                     "eval_iters", "log_interval", "eval_interval"):
+            raise ConfigError(
+                f"init_from must be one of {', '.join(INIT_CHOICES)} or a local GPT-2 folder, got {self.init_from!r}"
+            )
+        for name in (
+            "batch_size",
+            "block_size",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "gradient_accumulation_steps",
+            "eval_iters",
+            "log_interval",
+            "eval_interval",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "num_workers", "max_nonfinite_steps",
-                     "weight_decay", "grad_clip", "min_lr", "cpus_per_worker"):
+        for name in (
+            "max_iters",
+            "warmup_iters",
+            "lr_decay_iters",
+            "num_workers",
+            "max_nonfinite_steps",
+            "weight_decay",
+            "grad_clip",
+            "min_lr",
+            "cpus_per_worker",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
@@ -124,8 +161,9 @@ class TrainConfig:
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
-            raise ConfigError(f"warmup_iters ({self.warmup_iters}) must not exceed lr_decay_iters "
-                              f"({self.lr_decay_iters})")
+            raise ConfigError(
+                f"warmup_iters ({self.warmup_iters}) must not exceed lr_decay_iters ({self.lr_decay_iters})"
+            )
         if self.decay_lr and self.min_lr > self.learning_rate:
             raise ConfigError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
         if self.local_mode and self.num_workers > 1:
@@ -141,12 +179,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         for name in values:
             check_known(name)
         return cls(**values)
 
-    def replace(self, **changes) -> "TrainConfig":
+    def replace(self, **changes) -> TrainConfig:
         for name in changes:
             check_known(name)
         return dataclasses.replace(self, **changes)
@@ -202,8 +240,15 @@ def coerce(name: str, value: Any, typ) -> Any:
 
 # ---- nanoGPT-format config files, evaluated with a whitelist of AST nodes --------------------------
 
-BINARY_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-              ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+BINARY_OPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
 UNARY_OPS = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_}
 # Imports nanoGPT's own config files use for harmless things like a timestamped run name.
 ALLOWED_IMPORTS = {"time"}
@@ -241,8 +286,14 @@ class _Evaluator:
         args = [self.eval(arg) for arg in node.args]
         if isinstance(func, ast.Name) and func.id in ("str", "int", "float") and len(args) == 1:
             return {"str": str, "int": int, "float": float}[func.id](args[0])
-        if (isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id == "time"
-                and "time" in self.names.get("__imports__", ()) and func.attr == "time" and not args):
+        if (
+            isinstance(func, ast.Attribute)
+            and isinstance(func.value, ast.Name)
+            and func.value.id == "time"
+            and "time" in self.names.get("__imports__", ())
+            and func.attr == "time"
+            and not args
+        ):
             import time
 
             return time.time()
@@ -263,15 +314,18 @@ def parse_config_file(path: str | Path) -> dict:
     values: dict = {}
     imports: set[str] = set()
     for stmt in tree.body:
-        if isinstance(stmt, ast.Import) and all(alias.name in ALLOWED_IMPORTS and not alias.asname
-                                                 for alias in stmt.names):
+        if isinstance(stmt, ast.Import) and all(
+            alias.name in ALLOWED_IMPORTS and not alias.asname for alias in stmt.names
+        ):
             imports |= {alias.name for alias in stmt.names}
             continue
         if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str):
             continue  # a docstring
         if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
-            raise ConfigError(f"{path}:{stmt.lineno}: only `key = value` lines are allowed in a config file, "
-                              f"got: {ast.unparse(stmt).splitlines()[0]}")
+            raise ConfigError(
+                f"{path}:{stmt.lineno}: only `key = value` lines are allowed in a config file, "
+                f"got: {ast.unparse(stmt).splitlines()[0]}"
+            )
         name = stmt.targets[0].id
         check_known(name)
         # Later lines may refer to keys set earlier in the file, or to defaults.

@@ -3,6 +3,7 @@
 Batch positions are a pure function of (seed, split, iteration, rank, micro-step), never of a
 running RNG: a resumed or restarted run draws exactly the batches an uninterrupted run would.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,8 +23,10 @@ def validate_dataset(dataset_dir: str | Path, block_size: int, world_size: int, 
     """Refuse, before any worker starts, data that would crash or silently corrupt training."""
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
-        raise DataError(f"dataset folder {dataset_dir} not found; create it with "
-                        f"`python -m raygpt.prepare {dataset_dir.name} --data-dir {dataset_dir.parent}`")
+        raise DataError(
+            f"dataset folder {dataset_dir} not found; create it with "
+            f"`python -m raygpt.prepare {dataset_dir.name} --data-dir {dataset_dir.parent}`"
+        )
     for split in ("train", "val"):
         path = dataset_dir / f"{split}.bin"
         if not path.is_file():
@@ -36,16 +39,19 @@ def validate_dataset(dataset_dir: str | Path, block_size: int, world_size: int, 
         needed = (block_size + 1) * (world_size if split == "train" else 1)
         if n_tokens < needed:
             what = f"{world_size} rank shards of " if split == "train" and world_size > 1 else ""
-            raise DataError(f"{path} has {n_tokens} tokens, too few for {what}block_size {block_size} "
-                            f"(needs at least {needed})")
+            raise DataError(
+                f"{path} has {n_tokens} tokens, too few for {what}block_size {block_size} (needs at least {needed})"
+            )
         data = np.memmap(path, dtype=np.uint16, mode="r")
         # Checking every token of a multi-GB file would take minutes: check its head and 16 spread chunks.
         chunk = 1 << 16
         starts = np.linspace(0, max(0, n_tokens - chunk), 16, dtype=np.int64)
-        sample_max = max(int(data[: 1 << 20].max()), *(int(data[s:s + chunk].max()) for s in starts))
+        sample_max = max(int(data[: 1 << 20].max()), *(int(data[s : s + chunk].max()) for s in starts))
         if sample_max >= vocab_size:
-            raise DataError(f"{path} holds token id {sample_max} but the model's vocab_size is {vocab_size}; "
-                            "was the data prepared with another tokenizer than meta.json says?")
+            raise DataError(
+                f"{path} holds token id {sample_max} but the model's vocab_size is {vocab_size}; "
+                "was the data prepared with another tokenizer than meta.json says?"
+            )
 
 
 def rank_shard(n_tokens: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -89,8 +95,16 @@ class TokenFile:
 class Batches:
     """The batches one rank trains and evaluates on, moved to `device` (pinned + non_blocking on CUDA)."""
 
-    def __init__(self, data_dir: str | Path, block_size: int, batch_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        data_dir: str | Path,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+    ):
         data_dir = Path(data_dir)
         n_train = len(np.memmap(data_dir / "train.bin", dtype=np.uint16, mode="r"))
         self.train = TokenFile(data_dir / "train.bin", block_size, *rank_shard(n_train, rank, world_size))
@@ -111,8 +125,9 @@ class Batches:
         return x.to(self.device), y.to(self.device)
 
     def train_batch(self, iter_num: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = window_starts(self.seed, TRAIN_STREAM, (iter_num, self.rank, micro_step),
-                               self.batch_size, self.train.n_starts)
+        starts = window_starts(
+            self.seed, TRAIN_STREAM, (iter_num, self.rank, micro_step), self.batch_size, self.train.n_starts
+        )
         return self._to_device(self.train.windows(starts))
 
     def eval_batch(self, split: str, k: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,8 +136,9 @@ class Batches:
         stream = EVAL_TRAIN_STREAM if split == "train" else EVAL_VAL_STREAM
         token_file = self.eval_files[split]
         ks = [k] if isinstance(k, int) else k
-        starts = np.concatenate([window_starts(self.seed, stream, (one,), self.batch_size, token_file.n_starts)
-                                 for one in ks])
+        starts = np.concatenate(
+            [window_starts(self.seed, stream, (one,), self.batch_size, token_file.n_starts) for one in ks]
+        )
         return self._to_device(token_file.windows(starts))
 
 

@@ -3,6 +3,7 @@
 The only module that builds Ray configs. Everything that can be checked before a worker starts is
 checked here (config, data, cluster resources, the checkpoint to resume), each failure one line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,7 @@ class LaunchError(RuntimeError):
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray workers chdir into a session folder, so every path must be absolute in the driver."""
+
     def resolve(path: str) -> str:
         return path if "://" in path else str(Path(path).expanduser().resolve())
 
@@ -40,12 +42,15 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 def quiet_ray() -> None:
     """Keep the console to raygpt's lines: no usage-stats notice, no duplicated worker prints
     (Train V2 copies print() into its own logger), no preemption-watcher noise on a local run."""
-    for name, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING", "0"),
-                        ("RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING", "0"),
-                        ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
-                        # The controller collects reports at this interval; a report waits for the
-                        # previous one to be collected, and fit() for the workers' end (default 2 s).
-                        ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")):
+    for name, value in (
+        ("RAY_USAGE_STATS_ENABLED", "0"),
+        ("RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING", "0"),
+        ("RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING", "0"),
+        ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
+        # The controller collects reports at this interval; a report waits for the
+        # previous one to be collected, and fit() for the workers' end (default 2 s).
+        ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
+    ):
         os.environ.setdefault(name, value)
 
 
@@ -70,7 +75,8 @@ def start_autoscaling_coordinator() -> None:
     so a cluster that already has one keeps it. A private Ray API: if it moves, Ray creates the actor as before."""
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator)
+            get_or_create_autoscaling_coordinator,
+        )
 
         get_or_create_autoscaling_coordinator()
     except Exception:  # noqa: BLE001 - an optimization only
@@ -100,24 +106,31 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> TrainC
     num_workers = 1 if cfg.local_mode else cfg.num_workers or (max(cluster_gpus, 1) if use_gpu else 1)
     if not wait_for_resources:
         if use_gpu and num_workers > cluster_gpus:
-            raise LaunchError(f"{num_workers} GPU workers need {num_workers} GPUs but {have}"
-                              " (pass --use_gpu=False to train on CPUs, or --wait-for-resources on an autoscaling cluster)")
+            raise LaunchError(
+                f"{num_workers} GPU workers need {num_workers} GPUs but {have}"
+                " (pass --use_gpu=False to train on CPUs, or --wait-for-resources on an autoscaling cluster)"
+            )
     cpus_per_worker = cfg.cpus_per_worker
     if not cpus_per_worker:
         # CPU workers share the node's cores; GPU workers need a few for data and kernel launches.
         share = cluster_cpus / num_workers if num_workers else 1
         cpus_per_worker = max(1.0, float(int(share))) if not use_gpu else max(1.0, min(4.0, float(int(share))))
     if not wait_for_resources and num_workers * cpus_per_worker > cluster_cpus:
-        raise LaunchError(f"{num_workers} workers x {cpus_per_worker:g} CPUs need {num_workers * cpus_per_worker:g}"
-                          f" CPUs but {have} (lower --num-workers or --cpus_per_worker)")
+        raise LaunchError(
+            f"{num_workers} workers x {cpus_per_worker:g} CPUs need {num_workers * cpus_per_worker:g}"
+            f" CPUs but {have} (lower --num-workers or --cpus_per_worker)"
+        )
     if not use_gpu and cfg.dtype == "float16":
         raise LaunchError("dtype float16 needs a GPU; on CPU use --dtype=float32 (or bfloat16)")
     if cfg.data_order == "nanogpt" and num_workers > 1:
-        raise LaunchError(f"data_order=nanogpt replays one process's random stream; it needs num_workers=1, "
-                          f"not {num_workers}")
+        raise LaunchError(
+            f"data_order=nanogpt replays one process's random stream; it needs num_workers=1, not {num_workers}"
+        )
     if cfg.gradient_accumulation_steps % num_workers and not cfg.eval_only:
-        raise LaunchError(f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by"
-                          f" the number of workers ({num_workers})")
+        raise LaunchError(
+            f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by"
+            f" the number of workers ({num_workers})"
+        )
     return cfg.replace(use_gpu=use_gpu, num_workers=num_workers, cpus_per_worker=cpus_per_worker)
 
 
@@ -145,8 +158,10 @@ def check_inputs(cfg: TrainConfig, prepare_input: str | None = None) -> None:
     if cfg.init_from == "resume" and not ray_checkpoint_dirs(cfg):
         ckpt_path = Path(cfg.out_dir) / checkpoint.CKPT_NAME
         if not ckpt_path.exists():
-            raise LaunchError(f"init_from=resume but there is no checkpoint: neither {ckpt_path} nor Ray run "
-                              f"'{cfg.run_name}' in {cfg.storage_path or '~/ray_results'}")
+            raise LaunchError(
+                f"init_from=resume but there is no checkpoint: neither {ckpt_path} nor Ray run "
+                f"'{cfg.run_name}' in {cfg.storage_path or '~/ray_results'}"
+            )
         resume_state = checkpoint.load(ckpt_path)
     if resume_state is not None:
         vocab_size = resume_state["model_args"]["vocab_size"]
@@ -172,14 +187,18 @@ def build_trainer(cfg: TrainConfig, explicit_keys=(), callbacks=None):
     from raygpt.train import train_loop_per_worker
 
     # num_workers=0 is Ray Train's local mode: train_loop_per_worker runs in this process.
-    scaling = ScalingConfig(num_workers=0 if cfg.local_mode else cfg.num_workers, use_gpu=cfg.use_gpu,
-                            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})})
+    scaling = ScalingConfig(
+        num_workers=0 if cfg.local_mode else cfg.num_workers,
+        use_gpu=cfg.use_gpu,
+        resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+    )
     run_config = RunConfig(
         name=cfg.run_name,
         storage_path=cfg.storage_path or None,
         failure_config=FailureConfig(max_failures=cfg.max_failures),
-        checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep,
-                                           checkpoint_score_attribute="val_loss", checkpoint_score_order="min"),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=cfg.checkpoints_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+        ),
         callbacks=callbacks,
     )
     return TorchTrainer(
@@ -191,8 +210,9 @@ def build_trainer(cfg: TrainConfig, explicit_keys=(), callbacks=None):
     )
 
 
-def prepare_run(cfg: TrainConfig, address: str | None = None, wait_for_resources: bool = False,
-                prepare_input: str | None = None) -> TrainConfig:
+def prepare_run(
+    cfg: TrainConfig, address: str | None = None, wait_for_resources: bool = False, prepare_input: str | None = None
+) -> TrainConfig:
     """Everything before fit(): absolute paths, a Ray connection, resources planned, inputs checked."""
     cfg = absolute_paths(cfg)
     if not cfg.local_mode:
@@ -202,17 +222,28 @@ def prepare_run(cfg: TrainConfig, address: str | None = None, wait_for_resources
     return cfg
 
 
-def run(cfg: TrainConfig, explicit_keys=(), address: str | None = None, wait_for_resources: bool = False,
-        prepare_input: str | None = None):
+def run(
+    cfg: TrainConfig,
+    explicit_keys=(),
+    address: str | None = None,
+    wait_for_resources: bool = False,
+    prepare_input: str | None = None,
+):
     """Train `cfg` on Ray and return the ray.train.Result."""
     cfg = prepare_run(cfg, address, wait_for_resources, prepare_input)
     if cfg.local_mode:
         logging.getLogger("ray.train").setLevel(logging.WARNING)  # it logs every report at INFO
-        print(f"raygpt: run '{cfg.run_name}' in this process (Ray Train local mode) on "
-              f"{'a GPU' if cfg.use_gpu else f'{cfg.cpus_per_worker:g} CPUs'}", flush=True)
+        print(
+            f"raygpt: run '{cfg.run_name}' in this process (Ray Train local mode) on "
+            f"{'a GPU' if cfg.use_gpu else f'{cfg.cpus_per_worker:g} CPUs'}",
+            flush=True,
+        )
     else:
-        print(f"raygpt: run '{cfg.run_name}' with {cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} worker(s),"
-              f" {cfg.cpus_per_worker:g} CPUs each", flush=True)
+        print(
+            f"raygpt: run '{cfg.run_name}' with {cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} worker(s),"
+            f" {cfg.cpus_per_worker:g} CPUs each",
+            flush=True,
+        )
     result = build_trainer(cfg, explicit_keys).fit()
     summarize(result, cfg)
     return result
@@ -232,8 +263,10 @@ def root_cause(error: BaseException) -> str:
 def summarize(result, cfg: TrainConfig) -> None:
     if cfg.eval_only:
         evaluated = json.loads((Path(cfg.out_dir) / "eval.json").read_text())
-        print(f"eval at iter {evaluated['iter']}: train loss {evaluated['train_loss']:.4f}, "
-              f"val loss {evaluated['val_loss']:.4f} (written to {Path(cfg.out_dir) / 'eval.json'})")
+        print(
+            f"eval at iter {evaluated['iter']}: train loss {evaluated['train_loss']:.4f}, "
+            f"val loss {evaluated['val_loss']:.4f} (written to {Path(cfg.out_dir) / 'eval.json'})"
+        )
         return
     if cfg.local_mode:  # no Ray storage: the checkpoint lives in out_dir only
         metrics = result.metrics or {}
@@ -250,14 +283,23 @@ def summarize(result, cfg: TrainConfig) -> None:
 
 
 def parse_args(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="python -m raygpt.launch", add_help=False,
-                                     description="Train a GPT with Ray Train. Any config key can be given as --key=value.")
+    parser = argparse.ArgumentParser(
+        prog="python -m raygpt.launch",
+        add_help=False,
+        description="Train a GPT with Ray Train. Any config key can be given as --key=value.",
+    )
     parser.add_argument("-h", "--help", action="store_true")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
-    parser.add_argument("--wait-for-resources", action="store_true",
-                        help="do not refuse a run the cluster cannot hold now (autoscaling clusters)")
-    parser.add_argument("--prepare-input", metavar="FILE",
-                        help="local text file to prepare a missing shakespeare dataset from (default: download)")
+    parser.add_argument(
+        "--wait-for-resources",
+        action="store_true",
+        help="do not refuse a run the cluster cannot hold now (autoscaling clusters)",
+    )
+    parser.add_argument(
+        "--prepare-input",
+        metavar="FILE",
+        help="local text file to prepare a missing shakespeare dataset from (default: download)",
+    )
     return parser.parse_known_args(argv)
 
 
@@ -280,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(config_argv)
         explicit_keys = explicit_keys_of(config_argv)
-        result = run(cfg, explicit_keys, args.address, args.wait_for_resources, args.prepare_input)
+        run(cfg, explicit_keys, args.address, args.wait_for_resources, args.prepare_input)
     except (ConfigError, LaunchError, DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 Layout: token + position embeddings -> n_layer pre-LayerNorm blocks (causal self-attention, MLP)
 -> final LayerNorm -> lm_head, whose weight is the token embedding's (weight tying).
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,11 +52,12 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.flash = hasattr(F, "scaled_dot_product_attention")
         if not self.flash:
-            mask = torch.tril(torch.ones(config.block_size, config.block_size)).view(1, 1, config.block_size,
-                                                                                    config.block_size)
+            mask = torch.tril(torch.ones(config.block_size, config.block_size)).view(
+                1, 1, config.block_size, config.block_size
+            )
             self.register_buffer("bias", mask, persistent=False)
 
-    def forward(self, x, kv_cache: "KVCache | None" = None, layer: int = 0):
+    def forward(self, x, kv_cache: KVCache | None = None, layer: int = 0):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size)
@@ -68,13 +70,14 @@ class CausalSelfAttention(nn.Module):
             # A single new token attends to everything cached; a prompt (prefill) is causal as usual.
             causal = T > 1
         if self.flash:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None, is_causal=causal,
-                                               dropout_p=self.dropout if self.training else 0.0)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+            )
         else:
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
             if causal:
                 S = k.size(-2)
-                att = att.masked_fill(self.bias[:, :, S - T:S, :S] == 0, float("-inf"))
+                att = att.masked_fill(self.bias[:, :, S - T : S, :S] == 0, float("-inf"))
             att = self.attn_dropout(F.softmax(att, dim=-1))
             y = att @ v
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -130,13 +133,15 @@ class GPT(nn.Module):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: the output projection reuses the token embedding.
         self.transformer.wte.weight = self.lm_head.weight
@@ -164,7 +169,9 @@ class GPT(nn.Module):
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0
-        assert start + T <= self.config.block_size, f"sequence of {start + T} exceeds block_size {self.config.block_size}"
+        assert start + T <= self.config.block_size, (
+            f"sequence of {start + T} exceeds block_size {self.config.block_size}"
+        )
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for layer, block in enumerate(self.transformer.h):
@@ -189,7 +196,7 @@ class GPT(nn.Module):
                 block.attn.bias = block.attn.bias[:, :, :block_size, :block_size]
 
     @classmethod
-    def from_pretrained(cls, model_type: str, override_args: dict | None = None) -> "GPT":
+    def from_pretrained(cls, model_type: str, override_args: dict | None = None) -> GPT:
         """GPT-2 weights from the Hugging Face hub ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl') or a
         local directory with config.json and model.safetensors / pytorch_model.bin. No transformers needed."""
         override_args = override_args or {}
@@ -198,9 +205,15 @@ class GPT(nn.Module):
         if not directory.is_dir():
             directory = download_gpt2(model_type)
         hf_config = json.loads((directory / "config.json").read_text())
-        config = GPTConfig(n_layer=hf_config["n_layer"], n_head=hf_config["n_head"], n_embd=hf_config["n_embd"],
-                           block_size=hf_config.get("n_positions", 1024), vocab_size=hf_config["vocab_size"],
-                           bias=True, dropout=override_args.get("dropout", 0.0))
+        config = GPTConfig(
+            n_layer=hf_config["n_layer"],
+            n_head=hf_config["n_head"],
+            n_embd=hf_config["n_embd"],
+            block_size=hf_config.get("n_positions", 1024),
+            vocab_size=hf_config["vocab_size"],
+            bias=True,
+            dropout=override_args.get("dropout", 0.0),
+        )
         model = cls(config)
         hf_state = read_hf_weights(directory)
         # HF GPT-2 uses Conv1D modules, whose weights are the transpose of nn.Linear's.
@@ -215,7 +228,9 @@ class GPT(nn.Module):
             if key.endswith(transposed):
                 value = value.t()
             if value.shape != state[key].shape:
-                raise ValueError(f"{key}: shape {tuple(value.shape)} in {directory}, expected {tuple(state[key].shape)}")
+                raise ValueError(
+                    f"{key}: shape {tuple(value.shape)} in {directory}, expected {tuple(state[key].shape)}"
+                )
             with torch.no_grad():
                 state[key].copy_(value)
         if "lm_head.weight" not in hf_state:  # tied: lm_head is wte
@@ -230,8 +245,10 @@ class GPT(nn.Module):
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         if verbose:
             print(f"num decayed parameter tensors: {len(decay)}, with {sum(p.numel() for p in decay):,} parameters")
-            print(f"num non-decayed parameter tensors: {len(no_decay)}, with "
-                  f"{sum(p.numel() for p in no_decay):,} parameters")
+            print(
+                f"num non-decayed parameter tensors: {len(no_decay)}, with "
+                f"{sum(p.numel() for p in no_decay):,} parameters"
+            )
         use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
         if verbose:
@@ -253,8 +270,9 @@ class GPT(nn.Module):
         return flops_per_iter / dt / peak
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 use_cache: bool = True):
+    def generate(
+        self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, use_cache: bool = True
+    ):
         """Sample max_new_tokens tokens after idx (B, T). With use_cache the keys and values of earlier
         tokens are kept instead of recomputed, while the sequence fits in block_size; past that, every
         step recomputes the last block_size tokens (their positions shift), as the cache-free path does."""
@@ -267,7 +285,7 @@ class GPT(nn.Module):
                 else:
                     logits, _ = self(idx[:, -1:], kv_cache=kv_cache)
             else:
-                logits, _ = self(idx[:, -self.config.block_size:])
+                logits, _ = self(idx[:, -self.config.block_size :])
             logits = logits[:, -1, :] / temperature
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
@@ -288,7 +306,7 @@ PEAK_BF16_FLOPS = (
     ("A100", 312e12),
     ("L40S", 362e12),
     ("L4", 121e12),
-    ("A10G", 70e12),   # AWS's A10G: 70 TFLOPS dense bf16 per NVIDIA's A10G figures
+    ("A10G", 70e12),  # AWS's A10G: 70 TFLOPS dense bf16 per NVIDIA's A10G figures
     ("A10", 125e12),
     ("RTX 4090", 165.2e12),
     ("RTX 3090", 71e12),
@@ -296,7 +314,7 @@ PEAK_BF16_FLOPS = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _peak_for_name(name: str) -> float | None:
     for key, peak in PEAK_BF16_FLOPS:
         if key in name:
@@ -323,8 +341,12 @@ def clean_state_dict(state: dict) -> dict:
     return cleaned
 
 
-HF_REPOS = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
-            "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+HF_REPOS = {
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+    "gpt2-xl": "openai-community/gpt2-xl",
+}
 
 
 def download_gpt2(model_type: str) -> Path:
@@ -338,9 +360,11 @@ def download_gpt2(model_type: str) -> Path:
     try:
         return Path(snapshot_download(HF_REPOS[model_type], allow_patterns=["config.json", "model.safetensors"]))
     except Exception as e:  # noqa: BLE001 - offline, hub down, no cache: all get the same advice
-        raise RuntimeError(f"cannot get {model_type} weights ({type(e).__name__}): they are not cached and the hub "
-                           f"is unreachable; pass a local directory with config.json and model.safetensors "
-                           f"(init_from=/path/to/{model_type})") from None
+        raise RuntimeError(
+            f"cannot get {model_type} weights ({type(e).__name__}): they are not cached and the hub "
+            f"is unreachable; pass a local directory with config.json and model.safetensors "
+            f"(init_from=/path/to/{model_type})"
+        ) from None
 
 
 def read_hf_weights(directory: Path) -> dict:

@@ -8,6 +8,7 @@
 Tokens are uint16 (GPT-2's 50257 fit). Outputs are written to temporary files and renamed at the end,
 so an interrupted run never leaves a train.bin that looks complete. No pickle is written.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ import os
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -47,7 +48,9 @@ def read_shakespeare(dataset_dir: Path, input_path: str | Path | None) -> str:
                 with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as response:
                     write_atomic(input_path, response.read())
             except OSError as e:
-                raise PrepareError(f"cannot download tiny Shakespeare ({e}); pass a local copy with --input FILE") from None
+                raise PrepareError(
+                    f"cannot download tiny Shakespeare ({e}); pass a local copy with --input FILE"
+                ) from None
     input_path = Path(input_path)
     if not input_path.is_file():
         raise PrepareError(f"input file {input_path} not found")
@@ -57,8 +60,9 @@ def read_shakespeare(dataset_dir: Path, input_path: str | Path | None) -> str:
     return text
 
 
-def prepare_shakespeare_char(data_dir: str | Path, input_path: str | Path | None = None,
-                             name: str = "shakespeare_char") -> Path:
+def prepare_shakespeare_char(
+    data_dir: str | Path, input_path: str | Path | None = None, name: str = "shakespeare_char"
+) -> Path:
     """Character-level tiny Shakespeare: the first 90% of characters train, the rest val."""
     dataset_dir = Path(data_dir) / name
     dataset_dir.mkdir(parents=True, exist_ok=True)
@@ -69,14 +73,17 @@ def prepare_shakespeare_char(data_dir: str | Path, input_path: str | Path | None
     split = int(len(text) * 0.9)
     write_atomic(dataset_dir / "train.bin", ids[:split].tobytes())
     write_atomic(dataset_dir / "val.bin", ids[split:].tobytes())
-    write_atomic(dataset_dir / "meta.json", json.dumps({"vocab_size": len(chars), "tokenizer": "char",
-                                                        "chars": chars}, ensure_ascii=False))
+    write_atomic(
+        dataset_dir / "meta.json",
+        json.dumps({"vocab_size": len(chars), "tokenizer": "char", "chars": chars}, ensure_ascii=False),
+    )
     print(f"{name}: vocab {len(chars)}, train {split:,} tokens, val {len(text) - split:,} tokens -> {dataset_dir}")
     return dataset_dir
 
 
-def prepare_shakespeare_bpe(data_dir: str | Path, input_path: str | Path | None = None,
-                            name: str = "shakespeare") -> Path:
+def prepare_shakespeare_bpe(
+    data_dir: str | Path, input_path: str | Path | None = None, name: str = "shakespeare"
+) -> Path:
     """GPT-2 BPE tiny Shakespeare: the 90/10 character split, each part encoded on its own."""
     dataset_dir = Path(data_dir) / name
     dataset_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +101,7 @@ def prepare_shakespeare_bpe(data_dir: str | Path, input_path: str | Path | None 
 
 # ---- large corpora: streamed, tokenized in parallel, bounded memory ----------------------------------
 
+
 def expand_inputs(pattern: str | Path | None) -> list[Path]:
     if pattern is None:
         raise PrepareError("no --input given: point it at your text or parquet files, e.g. --input 'owt/*.parquet'")
@@ -103,8 +111,9 @@ def expand_inputs(pattern: str | Path | None) -> list[Path]:
     return paths
 
 
-def iter_documents(paths: list[Path], text_column: str, one_doc_per_line: bool,
-                   batch_rows: int = 1024) -> Iterator[tuple[list[str], int]]:
+def iter_documents(
+    paths: list[Path], text_column: str, one_doc_per_line: bool, batch_rows: int = 1024
+) -> Iterator[tuple[list[str], int]]:
     """Batches of documents with the input bytes (text) or rows (parquet) they used, for progress."""
     for path in paths:
         if path.suffix == ".parquet":
@@ -112,8 +121,10 @@ def iter_documents(paths: list[Path], text_column: str, one_doc_per_line: bool,
 
             parquet = pq.ParquetFile(path)
             if text_column not in parquet.schema_arrow.names:
-                raise PrepareError(f"{path} has no column {text_column!r} (columns: "
-                                   f"{', '.join(parquet.schema_arrow.names)}); choose one with --text-column")
+                raise PrepareError(
+                    f"{path} has no column {text_column!r} (columns: "
+                    f"{', '.join(parquet.schema_arrow.names)}); choose one with --text-column"
+                )
             for batch in parquet.iter_batches(batch_size=batch_rows, columns=[text_column]):
                 docs = [doc for doc in batch.column(0).to_pylist() if doc]
                 yield docs, batch.num_rows
@@ -148,9 +159,16 @@ def total_work(paths: list[Path]) -> int:
     return total
 
 
-def prepare_corpus(name: str, data_dir: str | Path, input_path: str | Path | None, text_column: str = "text",
-                   one_doc_per_line: bool = False, val_fraction: float = 0.0005, seed: int = 2357,
-                   num_threads: int | None = None) -> Path:
+def prepare_corpus(
+    name: str,
+    data_dir: str | Path,
+    input_path: str | Path | None,
+    text_column: str = "text",
+    one_doc_per_line: bool = False,
+    val_fraction: float = 0.0005,
+    seed: int = 2357,
+    num_threads: int | None = None,
+) -> Path:
     """GPT-2 BPE over many documents, EOT after each, each document to val with probability val_fraction."""
     paths = expand_inputs(input_path)
     if not 0.0 < val_fraction < 1.0:
@@ -181,9 +199,13 @@ def prepare_corpus(name: str, data_dir: str | Path, input_path: str | Path | Non
                 last_print = now
                 elapsed = now - start
                 eta = (work - work_done) * elapsed / max(work_done, 1)
-                print(f"{name}: {docs_done:,} docs ({docs_done / elapsed:,.0f}/s), "
-                      f"{(counts['train'] + counts['val']) / elapsed:,.0f} tokens/s, "
-                      f"{100 * work_done / max(work, 1):.1f}%, eta {eta:,.0f}s", file=sys.stderr, flush=True)
+                print(
+                    f"{name}: {docs_done:,} docs ({docs_done / elapsed:,.0f}/s), "
+                    f"{(counts['train'] + counts['val']) / elapsed:,.0f} tokens/s, "
+                    f"{100 * work_done / max(work, 1):.1f}%, eta {eta:,.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         for f in outputs.values():
             f.close()
@@ -194,13 +216,16 @@ def prepare_corpus(name: str, data_dir: str | Path, input_path: str | Path | Non
     for split in ("train", "val"):
         os.replace(dataset_dir / f"{split}.bin.tmp", dataset_dir / f"{split}.bin")
     write_atomic(dataset_dir / "meta.json", json.dumps({"vocab_size": encoding.n_vocab, "tokenizer": "gpt2"}))
-    print(f"{name}: {docs_done:,} docs, train {counts['train']:,} tokens, val {counts['val']:,} tokens "
-          f"in {time.time() - start:.1f}s -> {dataset_dir}")
+    print(
+        f"{name}: {docs_done:,} docs, train {counts['train']:,} tokens, val {counts['val']:,} tokens "
+        f"in {time.time() - start:.1f}s -> {dataset_dir}"
+    )
     return dataset_dir
 
 
-def prepare_dataset(name: str, data_dir: str | Path = "data", input_path: str | Path | None = None,
-                    **corpus_options) -> Path:
+def prepare_dataset(
+    name: str, data_dir: str | Path = "data", input_path: str | Path | None = None, **corpus_options
+) -> Path:
     """Prepare a dataset by name: the two Shakespeare sets, or a corpus of text/parquet files."""
     if name == "shakespeare_char":
         return prepare_shakespeare_char(data_dir, input_path)
@@ -210,8 +235,12 @@ def prepare_dataset(name: str, data_dir: str | Path = "data", input_path: str | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raygpt.prepare", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m raygpt.prepare",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("dataset", help="shakespeare_char, shakespeare, openwebtext, or a corpus name")
     parser.add_argument("--input", help="input file, or a glob of text/parquet files for a corpus")
     parser.add_argument("--data-dir", default="data", help="outputs go to DATA_DIR/NAME (default: data)")
@@ -229,8 +258,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.dataset == "shakespeare":
             prepare_shakespeare_bpe(args.data_dir, args.input, name)
         else:
-            prepare_corpus(name, args.data_dir, args.input, args.text_column, args.one_doc_per_line,
-                           args.val_fraction, args.seed, args.num_threads)
+            prepare_corpus(
+                name,
+                args.data_dir,
+                args.input,
+                args.text_column,
+                args.one_doc_per_line,
+                args.val_fraction,
+                args.seed,
+                args.num_threads,
+            )
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,9 +1,10 @@
 """`python -m raygpt.sample`: text from a trained model, as nanoGPT's sample.py.
 
-    python -m raygpt.sample --out-dir out-shakespeare-char --start "ROMEO:" --num-samples 3
-    python -m raygpt.sample --checkpoint ~/ray_results/run/checkpoint_2026-... --start FILE:prompt.txt
-    python -m raygpt.sample --init-from gpt2 --start "Hello, I'm a language model,"
+python -m raygpt.sample --out-dir out-shakespeare-char --start "ROMEO:" --num-samples 3
+python -m raygpt.sample --checkpoint ~/ray_results/run/checkpoint_2026-... --start FILE:prompt.txt
+python -m raygpt.sample --init-from gpt2 --start "Hello, I'm a language model,"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,11 @@ def load_model(args) -> tuple[GPT, Tokenizer]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raygpt.sample", description="Sample text from a GPT.")
-    parser.add_argument("--init-from", default="resume",
-                        help="'resume' (from --out-dir / --checkpoint) or gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    parser.add_argument(
+        "--init-from",
+        default="resume",
+        help="'resume' (from --out-dir / --checkpoint) or gpt2, gpt2-medium, gpt2-large, gpt2-xl",
+    )
     parser.add_argument("--out-dir", default="out", help="folder holding ckpt.pt")
     parser.add_argument("--checkpoint", help="a Ray checkpoint folder or a ckpt.pt file (wins over --out-dir)")
     parser.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")

@@ -2,6 +2,7 @@
 
 Shared by the training loop and raygpt.bench so that what is benchmarked is what trains.
 """
+
 from __future__ import annotations
 
 import atexit

@@ -1,4 +1,5 @@
 """A dataset's tokenizer: its meta.json (or, read safely, nanoGPT's meta.pkl) and encode/decode."""
+
 from __future__ import annotations
 
 import functools
@@ -9,7 +10,7 @@ from pathlib import Path
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpt2_encoding():
     import tiktoken
 
@@ -28,11 +29,19 @@ def _meta_from_pkl(path: Path) -> dict:
         with open(path, "rb") as f:
             raw = _PlainDataUnpickler(f).load()
     except Exception as e:  # noqa: BLE001 - any failure of an untrusted file gets the same one-line answer
-        raise ValueError(f"{path}: not a plain nanoGPT meta.pkl ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    itos, vocab_size = raw.get("itos") if isinstance(raw, dict) else None, raw.get("vocab_size") if isinstance(raw, dict) else None
-    if not (isinstance(vocab_size, int) and isinstance(itos, dict)
-            and all(isinstance(i, int) and isinstance(s, str) for i, s in itos.items())
-            and sorted(itos) == list(range(vocab_size))):
+        raise ValueError(
+            f"{path}: not a plain nanoGPT meta.pkl ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
+    itos, vocab_size = (
+        raw.get("itos") if isinstance(raw, dict) else None,
+        raw.get("vocab_size") if isinstance(raw, dict) else None,
+    )
+    if not (
+        isinstance(vocab_size, int)
+        and isinstance(itos, dict)
+        and all(isinstance(i, int) and isinstance(s, str) for i, s in itos.items())
+        and sorted(itos) == list(range(vocab_size))
+    ):
         raise ValueError(f"{path}: expected a dict with vocab_size and an itos table of {vocab_size} characters")
     return {"vocab_size": vocab_size, "tokenizer": "char", "chars": [itos[i] for i in range(vocab_size)]}
 
@@ -53,8 +62,11 @@ def load_meta(dataset_dir: str | Path) -> dict | None:
         raise ValueError(f"{path}: tokenizer must be 'char' or 'gpt2', got {meta.get('tokenizer')!r}")
     if meta["tokenizer"] == "char":
         chars = meta.get("chars")
-        if not (isinstance(chars, list) and len(chars) == meta["vocab_size"]
-                and all(isinstance(c, str) and len(c) == 1 for c in chars)):
+        if not (
+            isinstance(chars, list)
+            and len(chars) == meta["vocab_size"]
+            and all(isinstance(c, str) and len(c) == 1 for c in chars)
+        ):
             raise ValueError(f"{path}: 'chars' must list the {meta['vocab_size']} characters of the vocabulary")
     return meta
 
@@ -71,7 +83,7 @@ class Tokenizer:
             self.name, self.vocab_size = "gpt2", gpt2_encoding().n_vocab
 
     @classmethod
-    def from_meta(cls, meta: dict | None) -> "Tokenizer":
+    def from_meta(cls, meta: dict | None) -> Tokenizer:
         return cls(meta["chars"]) if meta and meta.get("tokenizer") == "char" else cls(None)
 
     def encode(self, text: str) -> list[int]:

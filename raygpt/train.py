@@ -4,12 +4,13 @@ The only module that calls ray.train inside the workers. Read top to bottom it i
 set up the device and precision, build or restore the model, then loop over eval -> checkpoint ->
 accumulate gradients -> clip -> step -> log, with Ray taking the place of torchrun.
 """
+
 from __future__ import annotations
 
 import json
 import math
-import secrets
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -24,16 +25,30 @@ from raygpt import checkpoint
 from raygpt.config import TrainConfig
 from raygpt.data import Batches, NanoGPTOrderBatches
 from raygpt.model import GPT, GPTConfig, clean_state_dict
-from raygpt.speed import (compile_model, eval_group_size, set_attention_backend, skip_nonfinite_on_device,
-                          start_compile_workers, stop_compile_workers, uses_cuda_graphs)
+from raygpt.speed import (
+    compile_model,
+    eval_group_size,
+    set_attention_backend,
+    skip_nonfinite_on_device,
+    start_compile_workers,
+    stop_compile_workers,
+    uses_cuda_graphs,
+)
 from raygpt.tokenizer import load_meta
 
 MODEL_ARG_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 DEFAULT_VOCAB_SIZE = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
 # Reported metric -> WandB key (nanoGPT's names where it has them).
-WANDB_KEYS = {"loss": "train/loss", "val_loss": "val/loss", "train_loss": "eval/train_loss", "lr": "lr",
-              "mfu": "mfu", "tokens_per_sec": "tokens/s", "tokens_seen": "tokens_seen",
-              "peak_memory_gib": "peak_memory_gib"}
+WANDB_KEYS = {
+    "loss": "train/loss",
+    "val_loss": "val/loss",
+    "train_loss": "eval/train_loss",
+    "lr": "lr",
+    "mfu": "mfu",
+    "tokens_per_sec": "tokens/s",
+    "tokens_seen": "tokens_seen",
+    "peak_memory_gib": "peak_memory_gib",
+}
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -61,8 +76,9 @@ def resolve_dtype(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bfloat16" if bf16_ok else "float16"
     if name == "bfloat16" and not bf16_ok:
-        raise RuntimeError(f"dtype bfloat16 is not supported by {torch.cuda.get_device_name(device)}; "
-                           "use --dtype=float16")
+        raise RuntimeError(
+            f"dtype bfloat16 is not supported by {torch.cuda.get_device_name(device)}; use --dtype=float16"
+        )
     return name
 
 
@@ -70,9 +86,14 @@ def build_model(cfg: TrainConfig, meta: dict | None, state: dict | None, explici
     """The GPT to train, from a checkpoint's weights, GPT-2's, or scratch; and its model_args."""
     if state is not None:
         model_args = dict(state["model_args"])
-        conflicts = [f"{key}={getattr(cfg, key)} (checkpoint has {model_args[key]})"
-                     for key in MODEL_ARG_KEYS if key in explicit_keys and key in model_args
-                     and key != "block_size" and getattr(cfg, key) != model_args[key]]
+        conflicts = [
+            f"{key}={getattr(cfg, key)} (checkpoint has {model_args[key]})"
+            for key in MODEL_ARG_KEYS
+            if key in explicit_keys
+            and key in model_args
+            and key != "block_size"
+            and getattr(cfg, key) != model_args[key]
+        ]
         if conflicts:
             raise ValueError("the checkpoint's architecture conflicts with the config: " + ", ".join(conflicts))
         model_args["dropout"] = cfg.dropout
@@ -80,8 +101,15 @@ def build_model(cfg: TrainConfig, meta: dict | None, state: dict | None, explici
         model.load_state_dict(clean_state_dict(state["model"]))
     elif cfg.init_from == "scratch":
         vocab_size = meta["vocab_size"] if meta else DEFAULT_VOCAB_SIZE
-        model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)
+        model_args = dict(
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            block_size=cfg.block_size,
+            bias=cfg.bias,
+            vocab_size=vocab_size,
+            dropout=cfg.dropout,
+        )
         model = GPT(GPTConfig(**model_args))
     else:
         model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
@@ -93,8 +121,21 @@ def build_model(cfg: TrainConfig, meta: dict | None, state: dict | None, explici
     return model, model_args
 
 
-def forward_backward(model, raw_model, optimizer, scaler, autocast, batches: Batches, X, Y, iter_num: int,
-                     accum_steps: int, grad_clip: float, ddp: bool, cuda_graphs: bool = False):
+def forward_backward(
+    model,
+    raw_model,
+    optimizer,
+    scaler,
+    autocast,
+    batches: Batches,
+    X,
+    Y,
+    iter_num: int,
+    accum_steps: int,
+    grad_clip: float,
+    ddp: bool,
+    cuda_graphs: bool = False,
+):
     """Gradients of one iteration over accum_steps micro-batches, unscaled and clipped.
 
     Returns the summed (already 1/accum_steps-scaled) loss, the gradient norm, and the first batch of
@@ -111,8 +152,11 @@ def forward_backward(model, raw_model, optimizer, scaler, autocast, batches: Bat
             loss = loss / accum_steps
         loss_sum += loss.detach()
         # Fetch the next batch while the GPU is still busy with this one.
-        X, Y = (batches.train_batch(iter_num, micro_step + 1) if micro_step + 1 < accum_steps
-                else batches.train_batch(iter_num + 1, 0))
+        X, Y = (
+            batches.train_batch(iter_num, micro_step + 1)
+            if micro_step + 1 < accum_steps
+            else batches.train_batch(iter_num + 1, 0)
+        )
         scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     params = [p for p in raw_model.parameters() if p.grad is not None]
@@ -199,15 +243,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ray_checkpoint = ray.train.get_checkpoint()
     if ray_checkpoint is not None or cfg.init_from == "resume":
         state, resumed_from = checkpoint.load_resume_state(
-            ray_checkpoint, out_dir / checkpoint.CKPT_NAME, warn=lambda text: master_process and print(text, flush=True))
+            ray_checkpoint, out_dir / checkpoint.CKPT_NAME, warn=lambda text: master_process and print(text, flush=True)
+        )
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, model_args = build_model(cfg, meta, state, explicit_keys)
     model.to(device)
     block_size = model_args["block_size"]
 
     scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2),
-                                           device_type, verbose=master_process)
+    optimizer = model.configure_optimizers(
+        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type, verbose=master_process
+    )
     iter_num, best_val_loss, wandb_run_id = 0, float("inf"), None
     last_eval = {"train": float("nan"), "val": float("nan")}
     if state is not None:
@@ -245,16 +291,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
     nanogpt_order = cfg.data_order == "nanogpt"
     if nanogpt_order and world_size > 1:  # the launcher refuses this; Tune or a custom trainer might not
         raise ValueError(f"data_order=nanogpt needs one worker, not {world_size}")
-    batches = (NanoGPTOrderBatches if nanogpt_order else Batches)(dataset_dir, block_size, cfg.batch_size, cfg.seed,
-                                                                  rank, world_size, device)
+    batches = (NanoGPTOrderBatches if nanogpt_order else Batches)(
+        dataset_dir, block_size, cfg.batch_size, cfg.seed, rank, world_size, device
+    )
 
     wandb_run = None
     if cfg.wandb_log and master_process:
         import wandb
 
         wandb_run_id = wandb_run_id or secrets.token_hex(4)
-        wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, id=wandb_run_id,
-                               resume="allow", config=cfg.to_dict(), dir=str(out_dir))
+        wandb_run = wandb.init(
+            project=cfg.wandb_project,
+            name=cfg.wandb_run_name,
+            id=wandb_run_id,
+            resume="allow",
+            config=cfg.to_dict(),
+            dir=str(out_dir),
+        )
 
     compile_workers_stopping = None  # the thread stopping Inductor's compile workers, once started
 
@@ -267,12 +320,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         eval_model.eval()
         out = {}
         my_batches = list(range(rank, cfg.eval_iters, world_size))
-        group = eval_group_size(len(my_batches), cfg.batch_size, block_size, model_args["vocab_size"],
-                                model_args["n_embd"])
+        group = eval_group_size(
+            len(my_batches), cfg.batch_size, block_size, model_args["vocab_size"], model_args["n_embd"]
+        )
         for split in ("train", "val"):
             loss_sum = torch.zeros((), device=device)
             for i in range(0, len(my_batches), group):
-                ks = my_batches[i:i + group]
+                ks = my_batches[i : i + group]
                 X, Y = batches.eval_batch(split, ks)
                 if eval_graphs:
                     torch.compiler.cudagraph_mark_step_begin()
@@ -316,8 +370,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return all(torch.equal(f, fingerprints[0]) for f in fingerprints)
 
     def log_to_wandb(metrics: dict) -> None:
-        wandb_run.log({WANDB_KEYS[k]: v for k, v in metrics.items() if k in WANDB_KEYS and v is not None},
-                      step=metrics["iter"])
+        wandb_run.log(
+            {WANDB_KEYS[k]: v for k, v in metrics.items() if k in WANDB_KEYS and v is not None}, step=metrics["iter"]
+        )
 
     def report(metrics: dict, ray_checkpoint=None) -> None:
         ray.train.report(metrics, checkpoint=ray_checkpoint)
@@ -325,8 +380,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             log_to_wandb(metrics)
 
     # ---- the loop ---------------------------------------------------------------------------
-    X, Y = (batches.train_batch(iter_num, 0) if resumed_batch is None
-            else tuple(t.to(device) for t in resumed_batch))
+    X, Y = batches.train_batch(iter_num, 0) if resumed_batch is None else tuple(t.to(device) for t in resumed_batch)
     t0 = time.time()
     local_iter_num = 0
     running_mfu = -1.0
@@ -339,13 +393,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def check_nonfinite(it: int) -> None:
         run, since = (int(v) for v in torch.stack([nonfinite_run, nonfinite_since_check]).tolist())
         if since and master_process:
-            print(f"warning: iter {it}: {since} step(s) skipped for a non-finite loss or gradient norm "
-                  f"({run} in a row)", flush=True)
+            print(
+                f"warning: iter {it}: {since} step(s) skipped for a non-finite loss or gradient norm ({run} in a row)",
+                flush=True,
+            )
         nonfinite_since_check.zero_()
         if cfg.max_nonfinite_steps and run >= cfg.max_nonfinite_steps:
             raise FloatingPointError(
                 f"{run} consecutive steps with a non-finite loss or gradient at iter {it};"
-                f" stopping (the last good checkpoint is in {out_dir}); lower learning_rate or use bfloat16")
+                f" stopping (the last good checkpoint is in {out_dir}); lower learning_rate or use bfloat16"
+            )
 
     while True:
         lr = get_lr(iter_num, cfg)
@@ -366,11 +423,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
             peak_memory_gib = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None
             if master_process:
                 memory_text = f", peak memory {peak_memory_gib:.2f} GiB" if peak_memory_gib is not None else ""
-                print(f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f} "
-                      f"(eval {eval_seconds:.2f}s{memory_text})", flush=True)
-            metrics = {"iter": iter_num, "train_loss": last_eval["train"], "val_loss": last_eval["val"],
-                       "best_val_loss": best_val_loss, "lr": lr, "tokens_seen": iter_num * tokens_per_iter,
-                       "peak_memory_gib": peak_memory_gib, "weights_in_sync": weights_in_sync()}
+                print(
+                    f"step {iter_num}: train loss {last_eval['train']:.4f}, val loss {last_eval['val']:.4f} "
+                    f"(eval {eval_seconds:.2f}s{memory_text})",
+                    flush=True,
+                )
+            metrics = {
+                "iter": iter_num,
+                "train_loss": last_eval["train"],
+                "val_loss": last_eval["val"],
+                "best_val_loss": best_val_loss,
+                "lr": lr,
+                "tokens_seen": iter_num * tokens_per_iter,
+                "peak_memory_gib": peak_memory_gib,
+                "weights_in_sync": weights_in_sync(),
+            }
             upload_dir = None
             ray_ckpt = None
             if master_process and iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
@@ -388,9 +455,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
         if not nanogpt_order:  # (nanoGPT's order keeps one running stream for batches and dropout)
             torch.manual_seed(hash((cfg.seed, iter_num, rank)) & 0x7FFF_FFFF)  # dropout is a function of the step
-        loss_sum, grad_norm, X, Y = forward_backward(model, raw_model, optimizer, scaler, autocast, batches, X, Y,
-                                                     iter_num, accum_steps, cfg.grad_clip, ddp=world_size > 1,
-                                                     cuda_graphs=cuda_graphs)
+        loss_sum, grad_norm, X, Y = forward_backward(
+            model,
+            raw_model,
+            optimizer,
+            scaler,
+            autocast,
+            batches,
+            X,
+            Y,
+            iter_num,
+            accum_steps,
+            cfg.grad_clip,
+            ddp=world_size > 1,
+            cuda_graphs=cuda_graphs,
+        )
         # The gradient norm is all-reduced, so every rank takes the same decision here.
         skipped = None if scaler.is_enabled() else skip_nonfinite_on_device(optimizer, grad_norm)
         if skipped is not None:
@@ -404,12 +483,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:
             nonfinite_in_a_row += 1
             if master_process:
-                print(f"warning: iter {iter_num}: non-finite gradient norm, step skipped "
-                      f"({nonfinite_in_a_row} in a row)", flush=True)
+                print(
+                    f"warning: iter {iter_num}: non-finite gradient norm, step skipped ({nonfinite_in_a_row} in a row)",
+                    flush=True,
+                )
             if cfg.max_nonfinite_steps and nonfinite_in_a_row >= cfg.max_nonfinite_steps:
                 raise FloatingPointError(
                     f"{nonfinite_in_a_row} consecutive steps with a non-finite loss or gradient at iter {iter_num};"
-                    f" stopping (the last good checkpoint is in {out_dir}); lower learning_rate or use bfloat16")
+                    f" stopping (the last good checkpoint is in {out_dir}); lower learning_rate or use bfloat16"
+                )
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
@@ -432,14 +514,25 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if master_process:
                 typical_dt = sorted(step_times)[len(step_times) // 2] if step_times else dt
                 mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else "n/a"
-                print(f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}, "
-                      f"{tokens_per_sec:,.0f} tok/s, lr {lr:.2e}, "
-                      f"eta {format_eta((cfg.max_iters - iter_num) * typical_dt)}", flush=True)
+                print(
+                    f"iter {iter_num - 1}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}, "
+                    f"{tokens_per_sec:,.0f} tok/s, lr {lr:.2e}, "
+                    f"eta {format_eta((cfg.max_iters - iter_num) * typical_dt)}",
+                    flush=True,
+                )
             # Only evals go to ray.train.report: a report made within Ray's 2 s controller poll of the
             # previous one blocks until it is consumed (measured: ~2 s a call), far over 1% of a step.
             if wandb_run is not None:
-                log_to_wandb({"iter": iter_num - 1, "loss": lossf, "val_loss": last_eval["val"], "lr": lr,
-                              "mfu": running_mfu if running_mfu >= 0 else None, "tokens_per_sec": tokens_per_sec,
-                              "tokens_seen": iter_num * tokens_per_iter})
+                log_to_wandb(
+                    {
+                        "iter": iter_num - 1,
+                        "loss": lossf,
+                        "val_loss": last_eval["val"],
+                        "lr": lr,
+                        "mfu": running_mfu if running_mfu >= 0 else None,
+                        "tokens_per_sec": tokens_per_sec,
+                        "tokens_seen": iter_num * tokens_per_iter,
+                    }
+                )
     if wandb_run is not None:
         wandb_run.finish()

@@ -1,4 +1,4 @@
-"""`python -m raygpt.tune [CONFIG_FILE] --key=SPEC ... [--num-samples N] [--max-concurrent K] [--asha]`: a Ray Tune sweep.
+"""`python -m raygpt.tune [CONFIG_FILE] --key=SPEC ... [--num-samples N] [--max-concurrent K] [--asha]`: a sweep.
 
 A SPEC is `loguniform:LOW:HIGH`, `uniform:LOW:HIGH`, `choice:A,B,C` or `grid:A,B,C`; every other
 `--key=value` and the config file are read as by raygpt.launch. Each trial is a Ray Train V2 run
@@ -6,6 +6,7 @@ A SPEC is `loguniform:LOW:HIGH`, `uniform:LOW:HIGH`, `choice:A,B,C` or `grid:A,B
 (`<run_name>-<trial_id>`) and out_dir (`<out_dir>/<trial_id>`); its eval metrics reach Tune through
 TuneReportCallback. Tune minimizes val_loss; --asha stops poor trials early (time_attr 'iter').
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,16 @@ from raygpt.launch import LaunchError
 KINDS = ("loguniform", "uniform", "choice", "grid")
 SPEC_RE = re.compile(rf"^({'|'.join(KINDS)}):(.*)$", re.DOTALL)
 # Keys every trial must share: paths and names are set per trial, resources are planned once for the sweep.
-NOT_SAMPLED = ("out_dir", "run_name", "storage_path", "data_dir", "num_workers", "use_gpu", "cpus_per_worker",
-               "eval_only")
+NOT_SAMPLED = (
+    "out_dir",
+    "run_name",
+    "storage_path",
+    "data_dir",
+    "num_workers",
+    "use_gpu",
+    "cpus_per_worker",
+    "eval_only",
+)
 
 
 @dataclass(frozen=True)
@@ -48,15 +57,17 @@ def parse_spec(name: str, text: str) -> Spec:
         raise ConfigError(f"bad search space for {name}: every trial of a sweep shares {name}, it cannot be sampled")
     match = SPEC_RE.match(text)
     if not match:
-        raise ConfigError(f"bad search space for {name}: expected one of {', '.join(k + ':' for k in KINDS)},"
-                          f" got {text!r}")
+        raise ConfigError(
+            f"bad search space for {name}: expected one of {', '.join(k + ':' for k in KINDS)}, got {text!r}"
+        )
     kind, body = match.groups()
     typ = FIELD_TYPES[name]
     if kind in ("loguniform", "uniform"):
         parts = body.split(":")
         values = tuple(parse_value(p.strip()) for p in parts)
-        if len(parts) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                                      for v in values):
+        if len(parts) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        ):
             raise ConfigError(f"bad search space for {name}: {kind} needs two numbers LOW:HIGH, got {text!r}")
         if typ not in (int, float):
             raise ConfigError(f"bad search space for {name}: {kind} needs a numeric key, '{name}' is {typ.__name__}")
@@ -66,8 +77,9 @@ def parse_spec(name: str, text: str) -> Spec:
         if kind == "loguniform" and low <= 0:
             raise ConfigError(f"bad search space for {name}: loguniform needs LOW > 0, got {text!r}")
         if typ is int and not all(float(v).is_integer() for v in values):
-            raise ConfigError(f"bad search space for {name}: '{name}' is an int key, {kind} bounds must be integers,"
-                              f" got {text!r}")
+            raise ConfigError(
+                f"bad search space for {name}: '{name}' is an int key, {kind} bounds must be integers, got {text!r}"
+            )
         return Spec(kind, (int(low), int(high)) if typ is int else (float(low), float(high)))
     parts = [p.strip() for p in body.split(",")]
     if not body.strip() or any(not p for p in parts):
@@ -127,7 +139,9 @@ def search_space(specs: dict[str, Spec]) -> dict:
     for name, spec in specs.items():
         is_int = FIELD_TYPES[name] is int
         if spec.kind == "loguniform":
-            space[name] = tune.lograndint(spec.values[0], spec.values[1] + 1) if is_int else tune.loguniform(*spec.values)
+            space[name] = (
+                tune.lograndint(spec.values[0], spec.values[1] + 1) if is_int else tune.loguniform(*spec.values)
+            )
         elif spec.kind == "uniform":
             space[name] = tune.randint(spec.values[0], spec.values[1] + 1) if is_int else tune.uniform(*spec.values)
         elif spec.kind == "choice":
@@ -172,10 +186,20 @@ def make_trainable(base: TrainConfig, explicit_keys):
     return train_trial
 
 
-def run_sweep(base: TrainConfig, specs: dict[str, Spec], explicit_keys=(), num_samples: int = 1,
-              max_concurrent: int | None = None, asha: bool = False, grace_period: int | None = None,
-              address: str | None = None, wait_for_resources: bool = False, prepare_input: str | None = None,
-              name: str | None = None, verbose: int = 1):
+def run_sweep(
+    base: TrainConfig,
+    specs: dict[str, Spec],
+    explicit_keys=(),
+    num_samples: int = 1,
+    max_concurrent: int | None = None,
+    asha: bool = False,
+    grace_period: int | None = None,
+    address: str | None = None,
+    wait_for_resources: bool = False,
+    prepare_input: str | None = None,
+    name: str | None = None,
+    verbose: int = 1,
+):
     """Run the sweep and return Tune's ResultGrid. `specs`: {key: Spec} from split_argv, or a Tune param_space.
 
     Trials run `concurrent` at a time: --max-concurrent, capped (unless wait_for_resources) by how many the
@@ -185,8 +209,10 @@ def run_sweep(base: TrainConfig, specs: dict[str, Spec], explicit_keys=(), num_s
     from ray.tune.schedulers import ASHAScheduler
 
     if not specs:
-        raise ConfigError("nothing to tune: give at least one --key=SPEC (loguniform:LOW:HIGH, uniform:LOW:HIGH, "
-                          "choice:A,B or grid:A,B)")
+        raise ConfigError(
+            "nothing to tune: give at least one --key=SPEC (loguniform:LOW:HIGH, uniform:LOW:HIGH, "
+            "choice:A,B or grid:A,B)"
+        )
     if num_samples < 1:
         raise ConfigError(f"--num-samples must be at least 1, got {num_samples}")
     if max_concurrent is not None and max_concurrent < 1:
@@ -216,8 +242,11 @@ def run_sweep(base: TrainConfig, specs: dict[str, Spec], explicit_keys=(), num_s
         concurrent = max(1, min(concurrent, fits))
     if concurrent > 1:
         cfg = plan_concurrency(cfg, explicit_keys, concurrent)
-    print(f"raygpt.tune: {trials} trial(s) of {cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} worker(s),"
-          f" {cfg.cpus_per_worker:g} CPUs each, up to {concurrent} at a time", flush=True)
+    print(
+        f"raygpt.tune: {trials} trial(s) of {cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} worker(s),"
+        f" {cfg.cpus_per_worker:g} CPUs each, up to {concurrent} at a time",
+        flush=True,
+    )
     scheduler = None
     if asha:
         grace = grace_period or min(cfg.max_iters, 2 * cfg.eval_interval)
@@ -229,10 +258,16 @@ def run_sweep(base: TrainConfig, specs: dict[str, Spec], explicit_keys=(), num_s
     tuner = tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=num_samples,
-                                    max_concurrent_trials=concurrent, scheduler=scheduler),
-        run_config=tune.RunConfig(name=name or f"{cfg.run_name}-tune", storage_path=cfg.storage_path or None,
-                                  verbose=verbose),
+        tune_config=tune.TuneConfig(
+            metric="val_loss",
+            mode="min",
+            num_samples=num_samples,
+            max_concurrent_trials=concurrent,
+            scheduler=scheduler,
+        ),
+        run_config=tune.RunConfig(
+            name=name or f"{cfg.run_name}-tune", storage_path=cfg.storage_path or None, verbose=verbose
+        ),
     )
     return tuner.fit()
 
@@ -271,17 +306,25 @@ def summarize(grid, specs: dict[str, Spec], max_iters: int) -> int:
     rows = []
     for result in grid:
         metrics = result.metrics or {}
-        rows.append([metrics.get("trial_id") or Path(result.path).name,
-                     *(fmt(result.config.get(n)) for n in names),
-                     fmt(metrics.get("val_loss")), fmt(metrics.get("best_val_loss")), fmt(metrics.get("iter")),
-                     status_of(result, max_iters)])
+        rows.append(
+            [
+                metrics.get("trial_id") or Path(result.path).name,
+                *(fmt(result.config.get(n)) for n in names),
+                fmt(metrics.get("val_loss")),
+                fmt(metrics.get("best_val_loss")),
+                fmt(metrics.get("iter")),
+                status_of(result, max_iters),
+            ]
+        )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
     for result in grid:
         if result.error is not None:
-            print(f"trial {(result.metrics or {}).get('trial_id') or Path(result.path).name} failed:"
-                  f" {launch.root_cause(result.error)}")
+            print(
+                f"trial {(result.metrics or {}).get('trial_id') or Path(result.path).name} failed:"
+                f" {launch.root_cause(result.error)}"
+            )
     scored = [r for r in grid if r.metrics and r.metrics.get("best_val_loss") is not None]
     if not scored:
         print("no trial reported a val loss", file=sys.stderr)
@@ -299,12 +342,20 @@ def summarize(grid, specs: dict[str, Spec], max_iters: int) -> int:
 def parse_args(argv: list[str]):
     parser = argparse.ArgumentParser(prog="python -m raygpt.tune", add_help=False)
     parser.add_argument("-h", "--help", action="store_true")
-    parser.add_argument("--num-samples", type=int, default=1,
-                        help="samples of the search space (each grid: value is tried num-samples times)")
+    parser.add_argument(
+        "--num-samples",
+        type=int,
+        default=1,
+        help="samples of the search space (each grid: value is tried num-samples times)",
+    )
     parser.add_argument("--max-concurrent", type=int, default=None, help="trials at a time (default: as many as fit)")
     parser.add_argument("--asha", action="store_true", help="stop poor trials early (ASHA on val_loss by iter)")
-    parser.add_argument("--grace-period", type=int, default=None,
-                        help="iterations before ASHA may stop a trial (default: 2 eval intervals)")
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        default=None,
+        help="iterations before ASHA may stop a trial (default: 2 eval intervals)",
+    )
     parser.add_argument("--name", default=None, help="Tune experiment name (default: <run_name>-tune)")
     parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
     parser.add_argument("--wait-for-resources", action="store_true")
@@ -320,16 +371,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.help:
         print("usage: " + __doc__.split("`")[1])
         print("\n" + "\n".join(__doc__.splitlines()[2:]))
-        print("tune options: --num-samples N, --max-concurrent K, --asha, --grace-period ITERS, --name NAME,"
-              " --address ADDR, --wait-for-resources, --prepare-input FILE\n")
+        print(
+            "tune options: --num-samples N, --max-concurrent K, --asha, --grace-period ITERS, --name NAME,"
+            " --address ADDR, --wait-for-resources, --prepare-input FILE\n"
+        )
         print(config_help())
         return 0
     try:
         config_argv, specs = split_argv(config_argv)
         base = load_config(config_argv)
         explicit_keys = launch.explicit_keys_of(config_argv)
-        grid = run_sweep(base, specs, explicit_keys, args.num_samples, args.max_concurrent, args.asha,
-                         args.grace_period, args.address, args.wait_for_resources, args.prepare_input, args.name)
+        grid = run_sweep(
+            base,
+            specs,
+            explicit_keys,
+            args.num_samples,
+            args.max_concurrent,
+            args.asha,
+            args.grace_period,
+            args.address,
+            args.wait_for_resources,
+            args.prepare_input,
+            args.name,
+        )
     except (ConfigError, LaunchError, DataError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

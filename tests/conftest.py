@@ -1,4 +1,5 @@
 """Shared test fixtures: offline tiktoken, the tiny Shakespeare corpus, one Ray local cluster per session."""
+
 import os
 import subprocess
 import sys

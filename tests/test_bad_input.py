@@ -1,4 +1,5 @@
 """Every bad input is one clear line and a non-zero exit, before any worker starts where it can be."""
+
 import shutil
 
 import numpy as np
@@ -6,12 +7,24 @@ import pytest
 import torch
 
 from raygpt import checkpoint, launch
-from raygpt.config import TrainConfig
 
-QUICK = ["--dataset=shakespeare_char", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
-         "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=4", "--eval_interval=2",
-         "--eval_iters=2", "--device=cpu", "--compile=False", "--dtype=float32", "--warmup_iters=1",
-         "--lr_decay_iters=10"]
+QUICK = [
+    "--dataset=shakespeare_char",
+    "--n_layer=1",
+    "--n_head=2",
+    "--n_embd=16",
+    "--block_size=16",
+    "--batch_size=4",
+    "--gradient_accumulation_steps=2",
+    "--max_iters=4",
+    "--eval_interval=2",
+    "--eval_iters=2",
+    "--device=cpu",
+    "--compile=False",
+    "--dtype=float32",
+    "--warmup_iters=1",
+    "--lr_decay_iters=10",
+]
 
 
 @pytest.fixture
@@ -34,14 +47,17 @@ def assert_one_line_error(code, err, *needles):
         assert needle in err, err
 
 
-@pytest.mark.parametrize("damage, needles", [
-    ("no_folder", ["not found; create it with `python -m raygpt.prepare"]),
-    ("no_train", ["train.bin is missing"]),
-    ("empty_val", ["val.bin has 0 tokens"]),
-    ("short_val", ["val.bin has 10 tokens, too few for block_size 16"]),
-    ("big_token", ["holds token id 999 but the model's vocab_size is 65"]),
-    ("bad_meta", ["meta.json is not valid JSON"]),
-])
+@pytest.mark.parametrize(
+    "damage, needles",
+    [
+        ("no_folder", ["not found; create it with `python -m raygpt.prepare"]),
+        ("no_train", ["train.bin is missing"]),
+        ("empty_val", ["val.bin has 0 tokens"]),
+        ("short_val", ["val.bin has 10 tokens, too few for block_size 16"]),
+        ("big_token", ["holds token id 999 but the model's vocab_size is 65"]),
+        ("bad_meta", ["meta.json is not valid JSON"]),
+    ],
+)
 def test_bad_data(ray_local, paths, capsys, damage, needles):
     argv, data = paths
     dataset = data / "shakespeare_char"
@@ -62,14 +78,17 @@ def test_bad_data(ray_local, paths, capsys, damage, needles):
     assert_one_line_error(*run_cli([*QUICK, *argv], capsys), *needles)
 
 
-@pytest.mark.parametrize("extra, needles", [
-    (["--learning_rat=1"], ["did you mean 'learning_rate'"]),
-    (["--num_workers=3"], ["gradient_accumulation_steps (2) must be divisible by the number of workers (3)"]),
-    (["--use_gpu=True", "--device=cuda"], ["need 1 GPUs but the cluster has", "0 GPUs"]),
-    (["--num_workers=64"], ["64 workers x 1 CPUs need 64 CPUs but the cluster has 4 CPUs"]),
-    (["--dtype=float16"], ["float16 needs a GPU"]),
-    (["--init_from=resume"], ["init_from=resume but there is no checkpoint"]),
-])
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--learning_rat=1"], ["did you mean 'learning_rate'"]),
+        (["--num_workers=3"], ["gradient_accumulation_steps (2) must be divisible by the number of workers (3)"]),
+        (["--use_gpu=True", "--device=cuda"], ["need 1 GPUs but the cluster has", "0 GPUs"]),
+        (["--num_workers=64"], ["64 workers x 1 CPUs need 64 CPUs but the cluster has 4 CPUs"]),
+        (["--dtype=float16"], ["float16 needs a GPU"]),
+        (["--init_from=resume"], ["init_from=resume but there is no checkpoint"]),
+    ],
+)
 def test_bad_config_and_resources(ray_local, paths, capsys, extra, needles):
     argv, _ = paths
     if extra == ["--num_workers=64"]:
@@ -119,8 +138,19 @@ def test_nonfinite_steps_stop_the_run_and_keep_the_last_good_checkpoint(ray_loca
     assert launch.main([*QUICK, *argv, "--run_name=nan"]) == 0
     good = checkpoint.load(tmp_path / "out" / "ckpt.pt")
     # An absurd learning rate drives the weights to inf/nan within a few steps.
-    code = launch.main([*QUICK, *argv, "--run_name=nan", "--max_iters=40", "--learning_rate=1e30",
-                        "--min_lr=1e29", "--grad_clip=0", "--max_nonfinite_steps=3", "--eval_interval=100"])
+    code = launch.main(
+        [
+            *QUICK,
+            *argv,
+            "--run_name=nan",
+            "--max_iters=40",
+            "--learning_rate=1e30",
+            "--min_lr=1e29",
+            "--grad_clip=0",
+            "--max_nonfinite_steps=3",
+            "--eval_interval=100",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "consecutive steps with a non-finite loss or gradient" in err
     after = checkpoint.load(tmp_path / "out" / "ckpt.pt")

@@ -1,4 +1,5 @@
 """cluster.yaml passes Ray's own cluster-config schema (no cloud calls)."""
+
 from pathlib import Path
 
 import pytest

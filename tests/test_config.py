@@ -1,4 +1,5 @@
 """TrainConfig: nanoGPT's defaults, config files read without exec, overrides, one-line errors."""
+
 from pathlib import Path
 
 import pytest
@@ -74,7 +75,13 @@ def test_defaults_are_nanogpts():
     assert (cfg.gradient_accumulation_steps, cfg.batch_size, cfg.block_size) == (40, 12, 1024)
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.bias) == (12, 12, 768, 0.0, False)
     assert (cfg.learning_rate, cfg.max_iters, cfg.weight_decay, cfg.beta1, cfg.beta2) == (6e-4, 600000, 0.1, 0.9, 0.95)
-    assert (cfg.grad_clip, cfg.decay_lr, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) == (1.0, True, 2000, 600000, 6e-5)
+    assert (cfg.grad_clip, cfg.decay_lr, cfg.warmup_iters, cfg.lr_decay_iters, cfg.min_lr) == (
+        1.0,
+        True,
+        2000,
+        600000,
+        6e-5,
+    )
     assert (cfg.backend, cfg.device, cfg.dtype, cfg.compile) == ("nccl", "cuda", "auto", True)
 
 
@@ -100,46 +107,76 @@ def test_shakespeare_char_config_has_nanogpts_values():
 
 
 def test_arithmetic_and_references(tmp_path):
-    cfg = load_config([write(tmp_path, "max_iters = 10 * (3 + 2)\nlr_decay_iters = max_iters\nwarmup_iters = -(-5)\n"
-                                       "learning_rate = 1e-3 / 2\nmin_lr = learning_rate / 10\n")])
+    cfg = load_config(
+        [
+            write(
+                tmp_path,
+                "max_iters = 10 * (3 + 2)\nlr_decay_iters = max_iters\nwarmup_iters = -(-5)\n"
+                "learning_rate = 1e-3 / 2\nmin_lr = learning_rate / 10\n",
+            )
+        ]
+    )
     assert (cfg.max_iters, cfg.lr_decay_iters, cfg.warmup_iters) == (50, 50, 5)
     assert cfg.learning_rate == 5e-4 and cfg.min_lr == pytest.approx(5e-5)
 
 
 def test_overrides_in_both_forms(tmp_path):
-    cfg = load_config([write(tmp_path, "batch_size = 4\n"), "--batch_size=8", "--num-workers", "2",
-                       "--dataset=shakespeare_char", "--compile", "False", "--use_gpu=None", "--learning_rate=1"])
-    assert (cfg.batch_size, cfg.num_workers, cfg.dataset, cfg.compile, cfg.use_gpu) == (8, 2, "shakespeare_char", False, None)
+    cfg = load_config(
+        [
+            write(tmp_path, "batch_size = 4\n"),
+            "--batch_size=8",
+            "--num-workers",
+            "2",
+            "--dataset=shakespeare_char",
+            "--compile",
+            "False",
+            "--use_gpu=None",
+            "--learning_rate=1",
+        ]
+    )
+    assert (cfg.batch_size, cfg.num_workers, cfg.dataset, cfg.compile, cfg.use_gpu) == (
+        8,
+        2,
+        "shakespeare_char",
+        False,
+        None,
+    )
     assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)  # an int is fine for a float
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--learning_rat=1e-3"], "unknown config key 'learning_rat' (did you mean 'learning_rate'?)"),
-    (["--batch_size=12.5"], "config key 'batch_size' must be an int, got 12.5"),
-    (["--compile=maybe"], "config key 'compile' must be a bool, got 'maybe'"),
-    (["--dtype=fp8"], "dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"),
-    (["--device=tpu"], "device must be one of cuda, cpu, got 'tpu'"),
-    (["--init_from=gpt3"], "init_from must be one of scratch, resume, gpt2"),
-    (["--n_embd=100"], "n_embd (100) must be divisible by n_head (12)"),
-    (["--warmup_iters=10", "--lr_decay_iters=5"], "warmup_iters (10) must not exceed lr_decay_iters (5)"),
-    (["--min_lr=1"], "min_lr (1.0) must not exceed learning_rate"),
-    (["--batch_size=0"], "batch_size must be at least 1"),
-    (["--dropout=1.5"], "dropout must be in [0, 1)"),
-    (["--batch_size"], "--batch_size needs a value"),
-    (["--init_from=gpt2", "--block_size=2048"], "1024-token context"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--learning_rat=1e-3"], "unknown config key 'learning_rat' (did you mean 'learning_rate'?)"),
+        (["--batch_size=12.5"], "config key 'batch_size' must be an int, got 12.5"),
+        (["--compile=maybe"], "config key 'compile' must be a bool, got 'maybe'"),
+        (["--dtype=fp8"], "dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"),
+        (["--device=tpu"], "device must be one of cuda, cpu, got 'tpu'"),
+        (["--init_from=gpt3"], "init_from must be one of scratch, resume, gpt2"),
+        (["--n_embd=100"], "n_embd (100) must be divisible by n_head (12)"),
+        (["--warmup_iters=10", "--lr_decay_iters=5"], "warmup_iters (10) must not exceed lr_decay_iters (5)"),
+        (["--min_lr=1"], "min_lr (1.0) must not exceed learning_rate"),
+        (["--batch_size=0"], "batch_size must be at least 1"),
+        (["--dropout=1.5"], "dropout must be in [0, 1)"),
+        (["--batch_size"], "--batch_size needs a value"),
+        (["--init_from=gpt2", "--block_size=2048"], "1024-token context"),
+    ],
+)
 def test_bad_values_are_one_line_errors(argv, expected):
     assert expected in one_line_error(load_config, argv)
 
 
-@pytest.mark.parametrize("line", [
-    "__import__('os').system('touch PWNED')",
-    "batch_size = __import__('os').system('touch PWNED')",
-    "batch_size = open('PWNED', 'w')",
-    "import os",
-    "batch_size = [x for x in ().__class__.__base__.__subclasses__()]",
-    "exec('open(\"PWNED\", \"w\")')",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "__import__('os').system('touch PWNED')",
+        "batch_size = __import__('os').system('touch PWNED')",
+        "batch_size = open('PWNED', 'w')",
+        "import os",
+        "batch_size = [x for x in ().__class__.__base__.__subclasses__()]",
+        'exec(\'open("PWNED", "w")\')',
+    ],
+)
 def test_config_files_cannot_run_code(tmp_path, monkeypatch, line):
     monkeypatch.chdir(tmp_path)
     message = one_line_error(parse_config_file, write(tmp_path, f"max_iters = 5\n{line}\n"))

@@ -1,4 +1,5 @@
 """Batch sampling, dataset checks and checkpoint files: plain numpy/torch, no Ray."""
+
 import subprocess
 import sys
 
@@ -51,14 +52,17 @@ def test_eval_windows_do_not_depend_on_rank(tmp_path):
     assert torch.equal(one.eval_batch("val", 3)[0], other.eval_batch("val", 3)[0])
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("missing_dir", "not found; create it with"),
-    ("missing_val", "val.bin is missing"),
-    ("empty_train", "has 0 tokens, too few"),
-    ("short_val", "too few for block_size"),
-    ("odd_bytes", "odd number of bytes"),
-    ("big_token", "holds token id 65535"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("missing_dir", "not found; create it with"),
+        ("missing_val", "val.bin is missing"),
+        ("empty_train", "has 0 tokens, too few"),
+        ("short_val", "too few for block_size"),
+        ("odd_bytes", "odd number of bytes"),
+        ("big_token", "holds token id 65535"),
+    ],
+)
 def test_bad_datasets_are_refused_in_one_line(tmp_path, damage, message):
     data = write_dataset(tmp_path / "d")
     if damage == "missing_dir":
@@ -151,6 +155,7 @@ def test_damaged_and_foreign_checkpoints_are_refused(tmp_path):
 class Payload:
     def __reduce__(self):
         import os
+
         return (os.system, ("touch PWNED",))
 
 

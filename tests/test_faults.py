@@ -3,6 +3,7 @@
 Each faulted run is the `python -m raygpt.launch` CLI in a subprocess joined to the session's Ray
 cluster; its final weights must be bit-identical to those of an uninterrupted run of the same config.
 """
+
 import os
 import re
 import signal
@@ -16,10 +17,29 @@ import torch
 from raygpt import checkpoint, launch
 from raygpt.config import TrainConfig
 
-FAULT_RUN = dict(dataset="shakespeare_char", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
-                 gradient_accumulation_steps=2, learning_rate=1e-2, min_lr=1e-3, warmup_iters=5,
-                 lr_decay_iters=200, max_iters=150, eval_interval=50, eval_iters=4, log_interval=1,
-                 device="cpu", dtype="float32", compile=False, seed=11, num_workers=2, cpus_per_worker=1)
+FAULT_RUN = dict(
+    dataset="shakespeare_char",
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    block_size=32,
+    batch_size=8,
+    gradient_accumulation_steps=2,
+    learning_rate=1e-2,
+    min_lr=1e-3,
+    warmup_iters=5,
+    lr_decay_iters=200,
+    max_iters=150,
+    eval_interval=50,
+    eval_iters=4,
+    log_interval=1,
+    device="cpu",
+    dtype="float32",
+    compile=False,
+    seed=11,
+    num_workers=2,
+    cpus_per_worker=1,
+)
 
 
 def cli_args(values: dict) -> list[str]:
@@ -27,25 +47,40 @@ def cli_args(values: dict) -> list[str]:
 
 
 def reference_weights(tmp_path, char_data) -> dict:
-    cfg = TrainConfig(**FAULT_RUN, data_dir=str(char_data), out_dir=str(tmp_path / "out-reference"),
-                      storage_path=str(tmp_path / "ray"))
+    cfg = TrainConfig(
+        **FAULT_RUN,
+        data_dir=str(char_data),
+        out_dir=str(tmp_path / "out-reference"),
+        storage_path=str(tmp_path / "ray"),
+    )
     launch.run(cfg)
     return checkpoint.load(tmp_path / "out-reference" / "ckpt.pt")
 
 
 def start_cli(tmp_path, char_data, address, name, **extra):
-    values = {**FAULT_RUN, "data_dir": char_data, "out_dir": tmp_path / f"out-{name}",
-              "storage_path": tmp_path / "ray", **extra}
+    values = {
+        **FAULT_RUN,
+        "data_dir": char_data,
+        "out_dir": tmp_path / f"out-{name}",
+        "storage_path": tmp_path / "ray",
+        **extra,
+    }
     env = {**os.environ, "RAY_ADDRESS": address, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "raygpt.launch", *cli_args(values)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "raygpt.launch", *cli_args(values)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def wait_for(process, pattern: str, timeout: float = 180) -> re.Match:
     """Read the process's output until a line matches `pattern`."""
     deadline = time.time() + timeout
     for line in process.stdout:
-        if (match := re.search(pattern, line)):
+        if match := re.search(pattern, line):
             return match
         if time.time() > deadline:
             break

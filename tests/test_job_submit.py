@@ -3,6 +3,7 @@
 The test starts its own head (`ray start --head`, own ports and temp dir), submits with the job SDK
 (what `ray job submit` uses), and stops only the processes of the cluster it started.
 """
+
 import json
 import os
 import shutil
@@ -47,11 +48,27 @@ def ray_head():
     gcs, dashboard, client, agent = (free_port() for _ in range(4))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     head = subprocess.Popen(
-        [ray_cli, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dashboard}",
-         "--dashboard-host=127.0.0.1", f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-         "--min-worker-port=31000", "--max-worker-port=31999", f"--temp-dir={temp_dir}", "--num-cpus=2",
-         "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            ray_cli,
+            "start",
+            "--head",
+            "--block",
+            f"--port={gcs}",
+            f"--dashboard-port={dashboard}",
+            "--dashboard-host=127.0.0.1",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}",
+            "--min-worker-port=31000",
+            "--max-worker-port=31999",
+            f"--temp-dir={temp_dir}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while not dashboard_up(dashboard):
@@ -76,14 +93,46 @@ def test_job_submit_trains_and_checkpoints(ray_head, tmp_path, char_data):
     # `ray start --head` turns token authentication on; the CLI reads ~/.ray/auth_token in token mode.
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token"}
     submit = subprocess.run(
-        [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO),
-         "--runtime-env-json", runtime_env, "--",
-         sys.executable, "-m", "raygpt.launch", "--dataset=shakespeare_char", f"--data_dir={char_data}",
-         f"--out_dir={tmp_path / 'out-job'}", f"--storage_path={storage}", "--num-workers", "1", "--n_layer=1",
-         "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=4", "--gradient_accumulation_steps=1",
-         "--max_iters=4", "--eval_interval=2", "--eval_iters=2", "--device=cpu", "--compile=False",
-         "--warmup_iters=1", "--lr_decay_iters=10", "--wandb_log=True"],
-        env=env, capture_output=True, text=True, timeout=300)
+        [
+            ray_cli,
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            runtime_env,
+            "--",
+            sys.executable,
+            "-m",
+            "raygpt.launch",
+            "--dataset=shakespeare_char",
+            f"--data_dir={char_data}",
+            f"--out_dir={tmp_path / 'out-job'}",
+            f"--storage_path={storage}",
+            "--num-workers",
+            "1",
+            "--n_layer=1",
+            "--n_head=2",
+            "--n_embd=16",
+            "--block_size=16",
+            "--batch_size=4",
+            "--gradient_accumulation_steps=1",
+            "--max_iters=4",
+            "--eval_interval=2",
+            "--eval_iters=2",
+            "--device=cpu",
+            "--compile=False",
+            "--warmup_iters=1",
+            "--lr_decay_iters=10",
+            "--wandb_log=True",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = submit.stdout + submit.stderr
     assert submit.returncode == 0, output[-3000:]
     assert "succeeded" in output and "best val loss" in output, output[-3000:]

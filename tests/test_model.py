@@ -1,4 +1,5 @@
 """The GPT against Hugging Face's GPT-2, nanoGPT's parameter count, and its own invariants."""
+
 import pytest
 import torch
 
@@ -10,8 +11,17 @@ TINY = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, dropou
 def hf_tiny_model(tmp_path, safe=True):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=100,
-                                     activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        n_positions=64,
+        vocab_size=100,
+        activation_function="gelu",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     hf = transformers.GPT2LMHeadModel(config).eval()
     # Random biases and norms too, so a transpose or mapping mistake cannot hide behind zeros and ones.
     with torch.no_grad():

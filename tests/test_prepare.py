@@ -1,5 +1,5 @@
 """Data preparation on the real corpus and on real parquet/text files; tokenizer metadata loading."""
-import json
+
 import pickle
 import subprocess
 import sys
@@ -64,8 +64,9 @@ def test_text_files_one_doc_per_line(tmp_path):
     (tmp_path / "in").mkdir()
     lines = [f"line number {i}" for i in range(500)]
     (tmp_path / "in" / "a.txt").write_text("\n".join(lines) + "\n")
-    dataset = prepare_corpus("lines", tmp_path / "out", str(tmp_path / "in" / "*.txt"), one_doc_per_line=True,
-                             val_fraction=0.1)
+    dataset = prepare_corpus(
+        "lines", tmp_path / "out", str(tmp_path / "in" / "*.txt"), one_doc_per_line=True, val_fraction=0.1
+    )
     tokens = np.concatenate([np.fromfile(dataset / s, dtype=np.uint16) for s in ("train.bin", "val.bin")])
     assert int((tokens == EOT_TOKEN).sum()) == 500
 
@@ -77,23 +78,53 @@ def test_missing_column_lists_the_columns(tmp_path):
 
 
 def test_cli_exit_codes(tmp_path, shakespeare_path):
-    ok = subprocess.run([sys.executable, "-m", "raygpt.prepare", "shakespeare_char", "--input", str(shakespeare_path),
-                         "--data-dir", str(tmp_path)], capture_output=True, text=True)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raygpt.prepare",
+            "shakespeare_char",
+            "--input",
+            str(shakespeare_path),
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "vocab 65" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "raygpt.prepare", "shakespeare_char", "--input",
-                          str(tmp_path / "missing.txt"), "--data-dir", str(tmp_path)], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "raygpt.prepare",
+            "shakespeare_char",
+            "--input",
+            str(tmp_path / "missing.txt"),
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "not found" in bad.stderr
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    bad = subprocess.run([sys.executable, "-m", "raygpt.prepare", "corpus", "--input", str(empty),
-                          "--data-dir", str(tmp_path)], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "raygpt.prepare", "corpus", "--input", str(empty), "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "error:" in bad.stderr
 
 
 def test_benign_meta_pkl_loads(tmp_path):
     chars = sorted(set("hello world"))
-    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": len(chars), "itos": dict(enumerate(chars)),
-                                                      "stoi": {c: i for i, c in enumerate(chars)}}))
+    (tmp_path / "meta.pkl").write_bytes(
+        pickle.dumps(
+            {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
+        )
+    )
     meta = load_meta(tmp_path)
     assert meta["chars"] == chars and Tokenizer.from_meta(meta).decode([0, 1]) == "".join(chars[:2])
 
@@ -101,6 +132,7 @@ def test_benign_meta_pkl_loads(tmp_path):
 class Evil:
     def __reduce__(self):
         import os
+
         return (os.system, ("touch PWNED",))
 
 
@@ -113,12 +145,15 @@ def test_malicious_meta_pkl_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED").exists()
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{not json", "is not valid JSON"),
-    ('{"tokenizer": "char"}', "positive integer vocab_size"),
-    ('{"vocab_size": 3, "tokenizer": "char", "chars": ["a", "b"]}', "'chars' must list the 3 characters"),
-    ('{"vocab_size": 3, "tokenizer": "bytes"}', "tokenizer must be 'char' or 'gpt2'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"tokenizer": "char"}', "positive integer vocab_size"),
+        ('{"vocab_size": 3, "tokenizer": "char", "chars": ["a", "b"]}', "'chars' must list the 3 characters"),
+        ('{"vocab_size": 3, "tokenizer": "bytes"}', "tokenizer must be 'char' or 'gpt2'"),
+    ],
+)
 def test_malformed_meta_json(tmp_path, content, message):
     (tmp_path / "meta.json").write_text(content)
     with pytest.raises(ValueError, match=message):

@@ -1,4 +1,5 @@
 """Speed options (raygpt.speed): they must not change what is computed."""
+
 import os
 import subprocess
 import sys
@@ -74,8 +75,9 @@ def test_attention_backend_switches():
         set_attention_backend("auto")  # leaves the current choice alone
         assert [getattr(torch.backends.cuda, f)() for f in flags] == [True, False, False, True]
     finally:
-        for flag, value in zip(("enable_flash_sdp", "enable_cudnn_sdp", "enable_mem_efficient_sdp",
-                                "enable_math_sdp"), before):
+        for flag, value in zip(
+            ("enable_flash_sdp", "enable_cudnn_sdp", "enable_mem_efficient_sdp", "enable_math_sdp"), before
+        ):
             getattr(torch.backends.cuda, flag)(value)
 
 

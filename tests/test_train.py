@@ -1,4 +1,5 @@
 """Training on a real Ray local cluster: CPU workers, gloo, a tiny GPT on the real shakespeare_char data."""
+
 import json
 import math
 
@@ -9,15 +10,41 @@ from raygpt import checkpoint, launch
 from raygpt.config import TrainConfig
 from raygpt.train import get_lr, resolve_dtype
 
-TINY = dict(dataset="shakespeare_char", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
-            gradient_accumulation_steps=2, dropout=0.0, bias=False, learning_rate=1e-2, min_lr=1e-3,
-            warmup_iters=5, lr_decay_iters=40, max_iters=20, eval_interval=10, eval_iters=4, log_interval=5,
-            device="cpu", dtype="float32", compile=False, always_save_checkpoint=True, seed=7)
+TINY = dict(
+    dataset="shakespeare_char",
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    block_size=32,
+    batch_size=8,
+    gradient_accumulation_steps=2,
+    dropout=0.0,
+    bias=False,
+    learning_rate=1e-2,
+    min_lr=1e-3,
+    warmup_iters=5,
+    lr_decay_iters=40,
+    max_iters=20,
+    eval_interval=10,
+    eval_iters=4,
+    log_interval=5,
+    device="cpu",
+    dtype="float32",
+    compile=False,
+    always_save_checkpoint=True,
+    seed=7,
+)
 
 
 def tiny_config(tmp_path, char_data, name="run", **overrides) -> TrainConfig:
-    values = {**TINY, "data_dir": str(char_data), "out_dir": str(tmp_path / f"out-{name}"),
-              "storage_path": str(tmp_path / "ray"), "run_name": name, **overrides}
+    values = {
+        **TINY,
+        "data_dir": str(char_data),
+        "out_dir": str(tmp_path / f"out-{name}"),
+        "storage_path": str(tmp_path / "ray"),
+        "run_name": name,
+        **overrides,
+    }
     return TrainConfig(**values)
 
 
@@ -101,8 +128,11 @@ def test_val_loss_does_not_depend_on_worker_count(ray_local, tmp_path, char_data
     launch.run(cfg)
     losses = []
     for workers in (1, 2):
-        evaluated = launch.run(cfg.replace(init_from="resume", eval_only=True, num_workers=workers,
-                                           run_name=f"eval{workers}", eval_iters=5))
+        evaluated = launch.run(
+            cfg.replace(
+                init_from="resume", eval_only=True, num_workers=workers, run_name=f"eval{workers}", eval_iters=5
+            )
+        )
         assert evaluated.checkpoint is None  # eval_only never writes a checkpoint
         numbers = json.loads((tmp_path / "out-trained" / "eval.json").read_text())
         assert numbers["iter"] == 10 and numbers["eval_iters"] == 5
@@ -131,8 +161,8 @@ def history_keys(path) -> set:
         if block - pos % block < 7:  # block trailer padding
             pos += block - pos % block
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         record = chunk if kind in (1, 2) else record + chunk  # FULL / FIRST start a record
         if kind in (1, 4):  # FULL / LAST end one
             parsed = wandb_internal_pb2.Record()
@@ -180,10 +210,19 @@ def test_local_mode_starts_no_ray_and_listens_on_nothing(tmp_path, char_data):
 
     import psutil
 
-    args = [f"--{k}={v}" for k, v in {**TINY, "data_dir": char_data, "out_dir": tmp_path / "out-solo",
-                                      "local_mode": True, "max_iters": 30}.items()]
-    process = subprocess.Popen([sys.executable, "-c", LOCAL_RUN, *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    args = [
+        f"--{k}={v}"
+        for k, v in {
+            **TINY,
+            "data_dir": char_data,
+            "out_dir": tmp_path / "out-solo",
+            "local_mode": True,
+            "max_iters": 30,
+        }.items()
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-c", LOCAL_RUN, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     watched, listening, children = psutil.Process(process.pid), set(), set()
     while process.poll() is None:
         try:
@@ -211,15 +250,25 @@ def nanogpt_reference_run(cfg: TrainConfig, dataset_dir) -> tuple[list, dict]:
     def get_batch(split):
         data = splits[split]
         ix = torch.randint(len(data) - cfg.block_size, (cfg.batch_size,))
-        x = torch.stack([torch.from_numpy(data[i:i + cfg.block_size].astype(np.int64)) for i in ix])
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + cfg.block_size].astype(np.int64)) for i in ix])
+        x = torch.stack([torch.from_numpy(data[i : i + cfg.block_size].astype(np.int64)) for i in ix])
+        y = torch.stack([torch.from_numpy(data[i + 1 : i + 1 + cfg.block_size].astype(np.int64)) for i in ix])
         return x, y
 
     torch.manual_seed(cfg.seed)
-    model = GPT(GPTConfig(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
-                          bias=cfg.bias, vocab_size=65, dropout=cfg.dropout))
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu",
-                                           verbose=False)
+    model = GPT(
+        GPTConfig(
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_embd=cfg.n_embd,
+            block_size=cfg.block_size,
+            bias=cfg.bias,
+            vocab_size=65,
+            dropout=cfg.dropout,
+        )
+    )
+    optimizer = model.configure_optimizers(
+        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), "cpu", verbose=False
+    )
     evals = []
     X, Y = get_batch("train")
     for it in range(cfg.max_iters + 1):
@@ -228,8 +277,10 @@ def nanogpt_reference_run(cfg: TrainConfig, dataset_dir) -> tuple[list, dict]:
         if it % cfg.eval_interval == 0:
             model.eval()
             with torch.no_grad():
-                means = [torch.stack([model(*get_batch(s))[1] for _ in range(cfg.eval_iters)]).mean().item()
-                         for s in ("train", "val")]
+                means = [
+                    torch.stack([model(*get_batch(s))[1] for _ in range(cfg.eval_iters)]).mean().item()
+                    for s in ("train", "val")
+                ]
             model.train()
             evals.append((it, *means))
         if it == cfg.max_iters:
@@ -246,8 +297,9 @@ def nanogpt_reference_run(cfg: TrainConfig, dataset_dir) -> tuple[list, dict]:
 
 def test_nanogpt_data_order_replays_nanogpt_numbers(tmp_path, char_data):
     """data_order=nanogpt: the same weights, step for step, as nanoGPT's loop on the same seed."""
-    cfg = tiny_config(tmp_path, char_data, "nanogpt-order", local_mode=True, cpus_per_worker=2,
-                      data_order="nanogpt", dropout=0.1)
+    cfg = tiny_config(
+        tmp_path, char_data, "nanogpt-order", local_mode=True, cpus_per_worker=2, data_order="nanogpt", dropout=0.1
+    )
     result = launch.run(cfg)
     expected_evals, expected_weights = nanogpt_reference_run(cfg, char_data / "shakespeare_char")
     assert_same_weights(final_state(cfg)["model"], expected_weights)

@@ -1,4 +1,5 @@
 """raygpt.tune: search-space parsing, one-line refusals, and a real 2-trial Ray Tune sweep of Train V2 runs on CPU."""
+
 import math
 import os
 
@@ -7,21 +8,53 @@ import pytest
 from raygpt import tune as rtune
 from raygpt.config import ConfigError, TrainConfig
 
-TINY = dict(dataset="shakespeare_char", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8,
-            gradient_accumulation_steps=2, dropout=0.0, bias=False, learning_rate=1e-2, min_lr=1e-6,
-            warmup_iters=5, lr_decay_iters=40, max_iters=20, eval_interval=10, eval_iters=4, log_interval=5,
-            device="cpu", dtype="float32", compile=False, always_save_checkpoint=True, seed=7)
+TINY = dict(
+    dataset="shakespeare_char",
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    block_size=32,
+    batch_size=8,
+    gradient_accumulation_steps=2,
+    dropout=0.0,
+    bias=False,
+    learning_rate=1e-2,
+    min_lr=1e-6,
+    warmup_iters=5,
+    lr_decay_iters=40,
+    max_iters=20,
+    eval_interval=10,
+    eval_iters=4,
+    log_interval=5,
+    device="cpu",
+    dtype="float32",
+    compile=False,
+    always_save_checkpoint=True,
+    seed=7,
+)
 
 
 def test_search_space_parsing():
-    rest, specs = rtune.split_argv(["cfg.py", "--learning_rate=loguniform:1e-4:3e-3", "--batch_size", "grid:4,8",
-                                    "--dropout=choice:0.0,0.1", "--max_iters=5", "--n-layer=uniform:2:6",
-                                    "--dataset", "shakespeare_char"])
+    rest, specs = rtune.split_argv(
+        [
+            "cfg.py",
+            "--learning_rate=loguniform:1e-4:3e-3",
+            "--batch_size",
+            "grid:4,8",
+            "--dropout=choice:0.0,0.1",
+            "--max_iters=5",
+            "--n-layer=uniform:2:6",
+            "--dataset",
+            "shakespeare_char",
+        ]
+    )
     assert rest == ["cfg.py", "--max_iters=5", "--dataset", "shakespeare_char"]
-    assert specs == {"learning_rate": rtune.Spec("loguniform", (1e-4, 3e-3)),
-                     "batch_size": rtune.Spec("grid", (4, 8)),
-                     "dropout": rtune.Spec("choice", (0.0, 0.1)),
-                     "n_layer": rtune.Spec("uniform", (2, 6))}
+    assert specs == {
+        "learning_rate": rtune.Spec("loguniform", (1e-4, 3e-3)),
+        "batch_size": rtune.Spec("grid", (4, 8)),
+        "dropout": rtune.Spec("choice", (0.0, 0.1)),
+        "n_layer": rtune.Spec("uniform", (2, 6)),
+    }
     space = rtune.search_space(specs)
     assert space["batch_size"] == {"grid_search": [4, 8]}
     assert (space["learning_rate"].lower, space["learning_rate"].upper) == (1e-4, 3e-3)
@@ -34,17 +67,20 @@ def test_search_space_parsing():
     assert direct == {"learning_rate": {"grid_search": [1e-3, 1e-2]}}
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("--learning_rate=loguniform:abc", "bad search space for learning_rate: loguniform needs two numbers"),
-    ("--learning_rate=loguniform:0:1", "loguniform needs LOW > 0"),
-    ("--learning_rate=uniform:3e-3:1e-4", "needs LOW < HIGH"),
-    ("--batch_size=grid:", "grid needs comma-separated values"),
-    ("--dropout=choice:0.1,,0.2", "choice needs comma-separated values"),
-    ("--n_layer=uniform:1.5:4", "bound"),
-    ("--dataset=uniform:1:2", "needs a numeric key"),
-    ("--out_dir=grid:a,b", "cannot be sampled"),
-    ("--learning_rat=uniform:1:2", "did you mean 'learning_rate'"),
-])
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--learning_rate=loguniform:abc", "bad search space for learning_rate: loguniform needs two numbers"),
+        ("--learning_rate=loguniform:0:1", "loguniform needs LOW > 0"),
+        ("--learning_rate=uniform:3e-3:1e-4", "needs LOW < HIGH"),
+        ("--batch_size=grid:", "grid needs comma-separated values"),
+        ("--dropout=choice:0.1,,0.2", "choice needs comma-separated values"),
+        ("--n_layer=uniform:1.5:4", "bound"),
+        ("--dataset=uniform:1:2", "needs a numeric key"),
+        ("--out_dir=grid:a,b", "cannot be sampled"),
+        ("--learning_rat=uniform:1:2", "did you mean 'learning_rate'"),
+    ],
+)
 def test_bad_spec_is_refused(arg, message):
     with pytest.raises(ConfigError, match=message):
         rtune.split_argv([arg])
@@ -63,8 +99,16 @@ def test_bad_spec_is_one_line_exit_2(capsys):
 
 
 def test_two_trial_sweep_picks_the_better_learning_rate(ray_local, tmp_path, char_data, capsys):
-    base = TrainConfig(**{**TINY, "data_dir": str(char_data), "out_dir": str(tmp_path / "out-sweep"),
-                          "storage_path": str(tmp_path / "ray"), "run_name": "sweep", "num_workers": 1})
+    base = TrainConfig(
+        **{
+            **TINY,
+            "data_dir": str(char_data),
+            "out_dir": str(tmp_path / "out-sweep"),
+            "storage_path": str(tmp_path / "ray"),
+            "run_name": "sweep",
+            "num_workers": 1,
+        }
+    )
     _, specs = rtune.split_argv(["--learning_rate=grid:1e-5,1e-2"])
     grid = rtune.run_sweep(base, specs, explicit_keys={"num_workers"}, max_concurrent=2, verbose=0)
     assert len(grid) == 2 and not grid.errors
