@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
+from raygpt.errors import RaygptError
+
 CKPT_NAME = "ckpt.pt"
 REQUIRED_KEYS = ("model", "model_args", "iter_num")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RaygptError, RuntimeError):
     """A checkpoint that is missing, damaged, or not a checkpoint; the message is one line."""
 
 

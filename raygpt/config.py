@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from raygpt.errors import RaygptError
 
-class ConfigError(ValueError):
+
+class ConfigError(RaygptError, ValueError):
     """A bad key, value or combination; the message is one line."""
 
 

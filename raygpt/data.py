@@ -11,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raygpt.errors import RaygptError
+
 # Stream ids keep the training draws, the eval draws of each split, and anything added later apart.
 TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2
 
 
-class DataError(ValueError):
+class DataError(RaygptError, ValueError):
     """A dataset that cannot be trained on; the message is one line and says how to fix it."""
 
 

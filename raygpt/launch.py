@@ -16,12 +16,13 @@ from pathlib import Path
 from raygpt import checkpoint
 from raygpt.config import ConfigError, TrainConfig, config_help, load_config, parse_config_file, parse_overrides
 from raygpt.data import DataError, validate_dataset
+from raygpt.errors import RaygptError
 from raygpt.tokenizer import load_meta
 
 PREPARABLE = ("shakespeare_char", "shakespeare")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(RaygptError, RuntimeError):
     """Something the launcher found wrong before training started; the message is one line."""
 
 

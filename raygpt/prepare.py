@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from raygpt.errors import RaygptError
 from raygpt.tokenizer import EOT_TOKEN, gpt2_encoding
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
-class PrepareError(Exception):
+class PrepareError(RaygptError):
     """Bad input to data preparation; the message is one line."""
 
 

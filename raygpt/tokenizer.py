@@ -8,6 +8,10 @@ import pickle
 from pathlib import Path
 
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
+GPT2_VOCAB_SIZE = 50257
+# GPT-2's vocabulary padded up to a multiple of 64, nanoGPT's default for a model trained from scratch:
+# the embedding and head matmuls are faster, and the extra rows are never a target.
+PADDED_GPT2_VOCAB_SIZE = 50304
 
 
 @functools.cache

@@ -1,0 +1,39 @@
+"""One error base class for what raygpt refuses, and the one way every CLI reports it.
+
+A refusal is one line on stderr (`error: ...`) and exit status 2; nothing is written or lost. Each
+module raises its own subclass (ConfigError, DataError, CheckpointError, ...), so a caller can still
+tell them apart.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class RaygptError(Exception):
+    """Bad input or state found by raygpt; the message is one line that says how to fix it."""
+
+
+EXIT_REFUSED = 2  # argparse's status for bad usage; every refusal uses it
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
+def one_line(text: str) -> str:
+    """The first non-empty line of an error message (some libraries' messages run to many lines)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def refuse(error: BaseException) -> int:
+    """Print `error: <message>` and return the refusal exit status."""
+    print(f"error: {one_line(str(error)) or type(error).__name__}", file=sys.stderr, flush=True)
+    return EXIT_REFUSED
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    """Run a CLI's body: a RaygptError becomes one line and exit 2, Ctrl-C exit 130 without a traceback."""
+    try:
+        return main()
+    except RaygptError as e:
+        return refuse(e)

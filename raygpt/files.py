@@ -1,0 +1,81 @@
+"""The one way raygpt writes a file: to a temporary name beside it, fsync'd, then renamed over it.
+
+A crash, a kill or a full disk at any moment leaves either the old file or the new one, never a
+half-written file under the real name. The temporary names are `.<name>.<random>.tmp`, so
+`remove_orphaned_temporaries` can clean what a killed process left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+TEMP_SUFFIX = ".tmp"
+
+
+class DiskFullError(OSError):
+    """The device ran out of space (or the file grew past a size limit) while writing."""
+
+
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call `write(file)` on a temporary file beside `path`, fsync it, and rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_directory(path.parent)  # the rename itself survives a power cut only once the folder is synced
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            reason = {
+                errno.ENOSPC: "no space left on the device",
+                errno.EFBIG: "file too large for the file system",
+                errno.EDQUOT: "disk quota exceeded",
+            }[e.errno]
+            raise DiskFullError(e.errno, f"cannot write {path}: {reason}") from None
+        raise
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    write_atomic(path, lambda f: f.write(data))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # not every platform opens folders
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_orphaned_temporaries(directory: str | Path, name: str) -> list[Path]:
+    """Delete `.<name>.*.tmp` files in `directory`: what write_atomic leaves when its process is killed.
+
+    Call it only where no other process may be writing `name` at the same time (under the run lock)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for tmp in directory.glob(f".{name}.*{TEMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
