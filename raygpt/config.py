@@ -365,14 +365,20 @@ def parse_overrides(argv: list[str]) -> dict:
     return values
 
 
-def load_config(argv: list[str]) -> TrainConfig:
-    """[CONFIG_FILE] [--key=value ...] -> a validated TrainConfig (file over defaults, flags over file)."""
+def read_config(argv: list[str]) -> tuple[TrainConfig, frozenset[str]]:
+    """[CONFIG_FILE] [--key=value ...] -> a validated TrainConfig (file over defaults, flags over file),
+    and the keys the user set (in the file or as flags), read once."""
     values: dict = {}
     if argv and not argv[0].startswith("-"):
         values.update(parse_config_file(argv[0]))
         argv = argv[1:]
     values.update(parse_overrides(argv))
-    return TrainConfig.from_dict(values)
+    return TrainConfig.from_dict(values), frozenset(values)
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """read_config without the explicit keys."""
+    return read_config(argv)[0]
 
 
 def config_help() -> str:
