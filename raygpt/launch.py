@@ -7,17 +7,19 @@ checked here (config, data, cluster resources, the checkpoint to resume), each f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from raygpt import checkpoint
-from raygpt.config import ConfigError, TrainConfig, config_help, load_config, parse_config_file, parse_overrides
-from raygpt.data import DataError, validate_dataset
-from raygpt.errors import RaygptError
-from raygpt.tokenizer import load_meta
+from raygpt.config import DEFAULTS, TrainConfig, config_help, read_config
+from raygpt.data import validate_dataset
+from raygpt.errors import EXIT_INTERRUPTED, RaygptError, refuse
+from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta
 
 PREPARABLE = ("shakespeare_char", "shakespeare")
 
@@ -35,8 +37,6 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     changes = dict(out_dir=resolve(cfg.out_dir), data_dir=resolve(cfg.data_dir))
     if cfg.storage_path:
         changes["storage_path"] = resolve(cfg.storage_path)
-    if not cfg.run_name:
-        changes["run_name"] = Path(changes["out_dir"]).name
     return cfg.replace(**changes)
 
 
@@ -91,7 +91,18 @@ def this_machine() -> dict:
     return {"CPU": float(len(os.sched_getaffinity(0))), "GPU": torch.cuda.device_count()}
 
 
-def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> TrainConfig:
+@dataclass(frozen=True)
+class RunPlan:
+    """What the launcher decided for a run, kept apart from what the user asked (the TrainConfig)."""
+
+    num_workers: int
+    use_gpu: bool
+    cpus_per_worker: float
+    run_name: str
+    resume_from: str | None = None  # out_dir/ckpt.pt to continue from when Ray holds no checkpoint of the run
+
+
+def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPlan:
     """Decide use_gpu, num_workers and cpus_per_worker from what the cluster has; refuse what it can't hold."""
     if cfg.local_mode:
         resources, wait_for_resources = this_machine(), False
@@ -105,12 +116,11 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> TrainC
     if use_gpu and cfg.device == "cpu":
         raise LaunchError("use_gpu=True conflicts with device=cpu")
     num_workers = 1 if cfg.local_mode else cfg.num_workers or (max(cluster_gpus, 1) if use_gpu else 1)
-    if not wait_for_resources:
-        if use_gpu and num_workers > cluster_gpus:
-            raise LaunchError(
-                f"{num_workers} GPU workers need {num_workers} GPUs but {have}"
-                " (pass --use_gpu=False to train on CPUs, or --wait-for-resources on an autoscaling cluster)"
-            )
+    if not wait_for_resources and use_gpu and num_workers > cluster_gpus:
+        raise LaunchError(
+            f"{num_workers} GPU workers need {num_workers} GPUs but {have}"
+            " (pass --use_gpu=False to train on CPUs, or --wait-for-resources on an autoscaling cluster)"
+        )
     cpus_per_worker = cfg.cpus_per_worker
     if not cpus_per_worker:
         # CPU workers share the node's cores; GPU workers need a few for data and kernel launches.
@@ -127,50 +137,159 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> TrainC
         raise LaunchError(
             f"data_order=nanogpt replays one process's random stream; it needs num_workers=1, not {num_workers}"
         )
-    if cfg.gradient_accumulation_steps % num_workers and not cfg.eval_only:
-        raise LaunchError(
-            f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps}) must be divisible by"
-            f" the number of workers ({num_workers})"
-        )
-    return cfg.replace(use_gpu=use_gpu, num_workers=num_workers, cpus_per_worker=cpus_per_worker)
+    check_divisible(cfg, num_workers)
+    return RunPlan(num_workers, use_gpu, float(cpus_per_worker), cfg.run_name or Path(cfg.out_dir).name)
 
 
-def ray_checkpoint_dirs(cfg: TrainConfig) -> list[Path]:
-    """Checkpoints a rerun of this Ray run (same run_name and storage_path) would resume from."""
+def check_divisible(cfg: TrainConfig, num_workers: int) -> None:
+    """gradient_accumulation_steps is global (nanoGPT's meaning under torchrun): each worker takes its share."""
+    steps = cfg.gradient_accumulation_steps
+    if steps % num_workers == 0 or cfg.eval_only:
+        return
+    lower, higher = steps - steps % num_workers, steps + num_workers - steps % num_workers
+    nearest = " or ".join(f"--gradient_accumulation_steps={n}" for n in (lower, higher) if n > 0)
+    raise LaunchError(
+        f"gradient_accumulation_steps ({steps}) must be divisible by the number of workers ({num_workers}): "
+        f"use {nearest}"
+    )
+
+
+def ray_checkpoint_dirs(cfg: TrainConfig, run_name: str) -> list[Path]:
+    """Checkpoints of Ray run `run_name` in cfg.storage_path (oldest first), which a rerun resumes from."""
     storage = Path(cfg.storage_path or Path("~/ray_results").expanduser())
     if cfg.local_mode or "://" in str(cfg.storage_path):
         return []  # local mode keeps no Ray checkpoints; on cloud storage Ray itself finds them
-    return sorted(p for p in (storage / cfg.run_name).glob("checkpoint_*") if p.is_dir())
+    return sorted(p for p in (storage / run_name).glob("checkpoint_*") if p.is_dir())
 
 
-def check_inputs(cfg: TrainConfig, prepare_input: str | None = None) -> None:
-    """Data present and sane, output writable, resume source present: before any worker starts."""
+# Keys a rerun may change and still continue the same run; a change to any other is named when it resumes.
+FREE_TO_CHANGE = {
+    "num_workers",
+    "use_gpu",
+    "cpus_per_worker",
+    "max_iters",
+    "lr_decay_iters",
+    "warmup_iters",
+    "min_lr",
+    "decay_lr",
+    "eval_interval",
+    "log_interval",
+    "eval_iters",
+    "eval_only",
+    "always_save_checkpoint",
+    "wandb_log",
+    "wandb_project",
+    "wandb_run_name",
+    "max_failures",
+    "checkpoints_to_keep",
+    "compile",
+    "compile_mode",
+    "compile_regions",
+    "compile_eval",
+    "attention",
+    "local_mode",
+    "storage_path",
+    "run_name",
+    "out_dir",
+    "data_dir",
+    "init_from",
+    "backend",
+}
+
+
+def plan_resume(cfg: TrainConfig, plan: RunPlan, explicit_keys, meta: dict | None) -> RunPlan:
+    """Decide, before any worker starts, whether this run continues an earlier one, and refuse the
+    reruns that would silently train the wrong thing. Rerunning a command continues its run."""
+    ray_dirs = ray_checkpoint_dirs(cfg, plan.run_name)
+    out_ckpt = Path(cfg.out_dir) / checkpoint.CKPT_NAME
+    where = f"run '{plan.run_name}'"
+    if ray_dirs:
+        source, where = ray_dirs[-1] / checkpoint.CKPT_NAME, f"{where} (Ray checkpoints in {ray_dirs[-1].parent})"
+    elif out_ckpt.is_file() or out_ckpt.is_dir():
+        source, where = out_ckpt, f"{where} ({out_ckpt})"
+    elif cfg.init_from == "resume":
+        raise LaunchError(
+            f"init_from=resume but there is no checkpoint: neither {out_ckpt} nor Ray run "
+            f"'{plan.run_name}' in {cfg.storage_path or '~/ray_results'}"
+        )
+    else:
+        return plan
+    ways_out = (
+        "rerun without the change to continue it, pass --run_name=NEW (or another --out_dir) for a new run, "
+        "or --fresh to start a new run beside it (nothing is deleted)"
+    )
+    if cfg.init_from == "scratch" and "init_from" in explicit_keys:
+        raise LaunchError(f"init_from=scratch, but {where} has checkpoints: {ways_out}")
+    summary = checkpoint.read_summary(source)
+    saved_args, saved_config = summary["model_args"], summary["config"]
+    conflicts = [
+        f"{key}={getattr(cfg, key)} (checkpoint: {saved_args[key]})"
+        for key in checkpoint.ARCHITECTURE_KEYS
+        if key in explicit_keys and key != "vocab_size" and getattr(cfg, key) != saved_args[key]
+    ]
+    if saved_config.get("dataset") not in (None, cfg.dataset):
+        conflicts.append(f"dataset={cfg.dataset} (checkpoint: {saved_config['dataset']})")
+    elif meta and meta.get("tokenizer") == "char" and meta["vocab_size"] != saved_args["vocab_size"]:
+        conflicts.append(f"the dataset's vocab_size {meta['vocab_size']} (checkpoint: {saved_args['vocab_size']})")
+    if conflicts:
+        raise LaunchError(f"{where} was trained with another model or data: {', '.join(conflicts)}; {ways_out}")
+    if summary["iter_num"] >= cfg.max_iters and not cfg.eval_only:
+        raise LaunchError(
+            f"{where} is already at iter {summary['iter_num']} (max_iters {cfg.max_iters}): pass a larger "
+            "--max_iters (and --lr_decay_iters) to train further, --eval_only=True to evaluate it, or --fresh"
+        )
+    changed = [
+        f"{key} {saved_config[key]!r} -> {getattr(cfg, key)!r}"
+        for key in sorted(saved_config)
+        if key in DEFAULTS and key not in FREE_TO_CHANGE and saved_config[key] != getattr(cfg, key)
+    ]
+    print(
+        f"raygpt: continuing {where} from iter {summary['iter_num']}"
+        + (f"; changed since: {', '.join(changed)}" if changed else ""),
+        flush=True,
+    )
+    return dataclasses.replace(plan, resume_from=None if ray_dirs else str(source))
+
+
+def fresh_out_dir(cfg: TrainConfig) -> TrainConfig:
+    """--fresh: the first `<out_dir>-N` whose folder and Ray run are both unused; the old run is kept."""
+    base = Path(cfg.out_dir)
+    for n in range(2, 10_000):
+        candidate = base.with_name(f"{base.name}-{n}")
+        run_name = f"{cfg.run_name}-{n}" if cfg.run_name else candidate.name
+        if not candidate.exists() and not ray_checkpoint_dirs(cfg, run_name):
+            print(f"raygpt: --fresh: a new run '{run_name}' in {candidate}; {base} is kept as it was", flush=True)
+            return cfg.replace(out_dir=str(candidate), run_name=cfg.run_name and run_name)
+    raise LaunchError(f"--fresh found no free name beside {base}")
+
+
+def is_prepared(dataset_dir: Path) -> bool:
+    """All of a dataset's files are there (a failed preparation may have left a partial folder)."""
+    has_meta = (dataset_dir / "meta.json").is_file() or (dataset_dir / "meta.pkl").is_file()
+    return has_meta and all((dataset_dir / f"{split}.bin").is_file() for split in ("train", "val"))
+
+
+def check_inputs(cfg: TrainConfig, plan: RunPlan, explicit_keys=(), prepare_input: str | None = None) -> RunPlan:
+    """Data present and sane, output writable, what to resume from: before any worker starts."""
     dataset_dir = Path(cfg.data_dir) / cfg.dataset
-    if not dataset_dir.is_dir() and cfg.dataset in PREPARABLE:
+    if cfg.dataset in PREPARABLE and not is_prepared(dataset_dir):
         from raygpt.prepare import prepare_dataset
 
         print(f"dataset {cfg.dataset} not found in {cfg.data_dir}: preparing it", flush=True)
-        prepare_dataset(cfg.dataset, cfg.data_dir, input_path=prepare_input)
+        prepare_dataset(cfg.dataset, cfg.data_dir, input_path=prepare_input, input_flag="--prepare-input")
     try:
         meta = load_meta(dataset_dir) if dataset_dir.is_dir() else None
     except ValueError as e:
         raise LaunchError(str(e)) from None
-    resume_state = None
-    if cfg.init_from == "resume" and not ray_checkpoint_dirs(cfg):
-        ckpt_path = Path(cfg.out_dir) / checkpoint.CKPT_NAME
-        if not ckpt_path.exists():
-            raise LaunchError(
-                f"init_from=resume but there is no checkpoint: neither {ckpt_path} nor Ray run "
-                f"'{cfg.run_name}' in {cfg.storage_path or '~/ray_results'}"
-            )
-        resume_state = checkpoint.load(ckpt_path)
-    if resume_state is not None:
-        vocab_size = resume_state["model_args"]["vocab_size"]
+    plan = plan_resume(cfg, plan, explicit_keys, meta)
+    if plan.resume_from or ray_checkpoint_dirs(cfg, plan.run_name):
+        source = plan.resume_from or ray_checkpoint_dirs(cfg, plan.run_name)[-1] / checkpoint.CKPT_NAME
+        vocab_size = checkpoint.read_summary(source)["model_args"]["vocab_size"]
     elif cfg.init_from.startswith("gpt2") or Path(cfg.init_from).is_dir():
-        vocab_size = 50257
+        vocab_size = GPT2_VOCAB_SIZE
     else:
-        vocab_size = meta["vocab_size"] if meta else 50304
-    validate_dataset(dataset_dir, cfg.block_size, cfg.num_workers, vocab_size)
+        vocab_size = meta["vocab_size"] if meta else PADDED_GPT2_VOCAB_SIZE
+    validate_dataset(dataset_dir, cfg.block_size, plan.num_workers, vocab_size)
     for path in (cfg.out_dir, cfg.storage_path):
         if path and "://" not in path:
             try:
@@ -179,9 +298,10 @@ def check_inputs(cfg: TrainConfig, prepare_input: str | None = None) -> None:
                 raise LaunchError(f"cannot create {path}: {e.strerror}") from None
             if not os.access(path, os.W_OK):
                 raise LaunchError(f"{path} is not writable")
+    return plan
 
 
-def build_trainer(cfg: TrainConfig, explicit_keys=(), callbacks=None):
+def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -189,12 +309,12 @@ def build_trainer(cfg: TrainConfig, explicit_keys=(), callbacks=None):
 
     # num_workers=0 is Ray Train's local mode: train_loop_per_worker runs in this process.
     scaling = ScalingConfig(
-        num_workers=0 if cfg.local_mode else cfg.num_workers,
-        use_gpu=cfg.use_gpu,
-        resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+        num_workers=0 if cfg.local_mode else plan.num_workers,
+        use_gpu=plan.use_gpu,
+        resources_per_worker={"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})},
     )
     run_config = RunConfig(
-        name=cfg.run_name,
+        name=plan.run_name,
         storage_path=cfg.storage_path or None,
         failure_config=FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=CheckpointConfig(
@@ -204,23 +324,26 @@ def build_trainer(cfg: TrainConfig, explicit_keys=(), callbacks=None):
     )
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "explicit_keys": sorted(explicit_keys)},
-        torch_config=TorchConfig(backend=cfg.backend if cfg.use_gpu else "gloo"),
+        train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)},
+        torch_config=TorchConfig(backend=cfg.backend if plan.use_gpu else "gloo"),
         scaling_config=scaling,
         run_config=run_config,
     )
 
 
 def prepare_run(
-    cfg: TrainConfig, address: str | None = None, wait_for_resources: bool = False, prepare_input: str | None = None
-) -> TrainConfig:
+    cfg: TrainConfig,
+    explicit_keys=(),
+    address: str | None = None,
+    wait_for_resources: bool = False,
+    prepare_input: str | None = None,
+) -> tuple[TrainConfig, RunPlan]:
     """Everything before fit(): absolute paths, a Ray connection, resources planned, inputs checked."""
     cfg = absolute_paths(cfg)
     if not cfg.local_mode:
         connect(address)
-    cfg = plan_resources(cfg, wait_for_resources)
-    check_inputs(cfg, prepare_input)
-    return cfg
+    plan = plan_resources(cfg, wait_for_resources)
+    return cfg, check_inputs(cfg, plan, explicit_keys, prepare_input)
 
 
 def run(
@@ -231,21 +354,21 @@ def run(
     prepare_input: str | None = None,
 ):
     """Train `cfg` on Ray and return the ray.train.Result."""
-    cfg = prepare_run(cfg, address, wait_for_resources, prepare_input)
+    cfg, plan = prepare_run(cfg, explicit_keys, address, wait_for_resources, prepare_input)
     if cfg.local_mode:
         logging.getLogger("ray.train").setLevel(logging.WARNING)  # it logs every report at INFO
         print(
-            f"raygpt: run '{cfg.run_name}' in this process (Ray Train local mode) on "
-            f"{'a GPU' if cfg.use_gpu else f'{cfg.cpus_per_worker:g} CPUs'}",
+            f"raygpt: run '{plan.run_name}' in this process (Ray Train local mode) on "
+            f"{'a GPU' if plan.use_gpu else f'{plan.cpus_per_worker:g} CPUs'}",
             flush=True,
         )
     else:
         print(
-            f"raygpt: run '{cfg.run_name}' with {cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} worker(s),"
-            f" {cfg.cpus_per_worker:g} CPUs each",
+            f"raygpt: run '{plan.run_name}' with {plan.num_workers} {'GPU' if plan.use_gpu else 'CPU'} worker(s),"
+            f" {plan.cpus_per_worker:g} CPUs each",
             flush=True,
         )
-    result = build_trainer(cfg, explicit_keys).fit()
+    result = build_trainer(cfg, plan).fit()
     summarize(result, cfg)
     return result
 
@@ -286,11 +409,15 @@ def summarize(result, cfg: TrainConfig) -> None:
 def parse_args(argv: list[str]):
     parser = argparse.ArgumentParser(
         prog="python -m raygpt.launch",
+        usage="%(prog)s [CONFIG_FILE] [--num-workers N] [--key=value ...] [launcher options]",
         add_help=False,
-        description="Train a GPT with Ray Train. Any config key can be given as --key=value.",
+        description="Train a GPT with Ray Train. CONFIG_FILE is a nanoGPT-format config (key = value lines); "
+        "any config key can also be given as --key=value. Rerunning a command continues its run.",
     )
-    parser.add_argument("-h", "--help", action="store_true")
-    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and every config key")
+    parser.add_argument(
+        "--address", metavar="ADDR", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)"
+    )
     parser.add_argument(
         "--wait-for-resources",
         action="store_true",
@@ -299,37 +426,32 @@ def parse_args(argv: list[str]):
     parser.add_argument(
         "--prepare-input",
         metavar="FILE",
-        help="local text file to prepare a missing shakespeare dataset from (default: download)",
+        help="local text file to prepare a missing shakespeare dataset from (default: download it)",
     )
-    return parser.parse_known_args(argv)
-
-
-def explicit_keys_of(config_argv: list[str]) -> set[str]:
-    """Keys the user set in the config file or on the command line (vs. defaults)."""
-    keys = set()
-    if config_argv and not config_argv[0].startswith("-"):
-        keys |= set(parse_config_file(config_argv[0]))
-        config_argv = config_argv[1:]
-    return keys | set(parse_overrides(config_argv))
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new run beside an earlier one of this out_dir (<out_dir>-2, ...); nothing is deleted",
+    )
+    return parser, *parser.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, config_argv = parse_args(sys.argv[1:] if argv is None else argv)
+    parser, args, config_argv = parse_args(sys.argv[1:] if argv is None else argv)
     if args.help:
-        print(__doc__.splitlines()[0].strip("`"))
-        print("\nlauncher options: --address ADDR, --wait-for-resources, --prepare-input FILE\n")
+        print(parser.format_help())
         print(config_help())
         return 0
     try:
-        cfg = load_config(config_argv)
-        explicit_keys = explicit_keys_of(config_argv)
+        cfg, explicit_keys = read_config(config_argv)
+        if args.fresh:
+            cfg = fresh_out_dir(absolute_paths(cfg))
         run(cfg, explicit_keys, args.address, args.wait_for_resources, args.prepare_input)
-    except (ConfigError, LaunchError, DataError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except RaygptError as e:
+        return refuse(e)
     except KeyboardInterrupt:
         print("interrupted: run the same command again to continue from the latest checkpoint", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as e:  # noqa: BLE001 - a failed fit() is reported as one line, the traceback is in Ray's log
         from ray.train import TrainingFailedError
 
@@ -343,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
 def program() -> None:
     """`python -m raygpt.launch` and `raygpt-launch`: main(), then a fast exit (see exit_without_teardown)."""
     code = main()
-    from raygpt.speed import exit_without_teardown
+    from raygpt.processes import exit_without_teardown
 
     exit_without_teardown(code)
 

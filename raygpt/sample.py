@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 from raygpt import checkpoint
+from raygpt.errors import refuse
 from raygpt.model import GPT, GPTConfig, clean_state_dict
+from raygpt.step import Precision, PrecisionError
 from raygpt.tokenizer import Tokenizer, load_meta
 
 
@@ -70,18 +71,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     torch.manual_seed(args.seed)
-    device_type = "cuda" if "cuda" in args.device else "cpu"
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    autocast = nullcontext() if dtype == "float32" else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+    try:
+        precision = Precision(args.dtype, args.device)
+    except (PrecisionError, RuntimeError) as e:
+        return refuse(e)
     model.eval().to(args.device)
     if args.compile:
         model = torch.compile(model)
 
     x = torch.tensor(start_ids, dtype=torch.long, device=args.device)[None, ...]
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), precision.autocast():
         for _ in range(args.num_samples):
             y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
             print(tokenizer.decode(y[0].tolist()))

@@ -1,15 +1,10 @@
 """Speed options that leave the numerics alone: attention backend, torch.compile mode, batched eval.
 
-Shared by the training loop and raygpt.bench so that what is benchmarked is what trains.
+Shared by the training loop and raygpt.bench so that what is benchmarked is what trains. Process
+management (compile workers, a fast exit) is in raygpt.processes.
 """
 
 from __future__ import annotations
-
-import atexit
-import os
-import sys
-import threading
-from typing import NoReturn
 
 import torch
 
@@ -37,7 +32,7 @@ def compile_model(model: torch.nn.Module, mode: str, regions: bool = False) -> t
 
     regions=True compiles each transformer block in place instead of the whole model: the blocks are
     identical, so one block's graph is compiled once and reused by all of them, and compile time no longer
-    grows with n_layer (a 6-layer model's first step: 18 s instead of 42 s on 2 CPU cores). The
+    grows with n_layer (benchmarks/RESULTS.md has the measurement). The
     embeddings, final LayerNorm, head and loss then run eagerly."""
     options = dict(mode=None if mode == "default" else mode, dynamic=False)
     if not regions:
@@ -45,38 +40,6 @@ def compile_model(model: torch.nn.Module, mode: str, regions: bool = False) -> t
     for block in model.transformer.h:
         block.compile(**options)
     return model
-
-
-def start_compile_workers() -> None:
-    """Start Inductor's pool of compile-worker processes now instead of at the first compiled call.
-
-    Each worker imports torch and Triton, which takes seconds; started before the model is built, they
-    boot while the optimizer, the data and the first eval are set up, and the compile finds them ready
-    (Inductor compiles a kernel in the main process, one at a time, while its pool is not ready yet).
-    A private torch API, so any failure just leaves torch to start the pool itself."""
-    try:
-        from torch._inductor.async_compile import maybe_warm_pool
-
-        maybe_warm_pool()
-    except Exception:  # noqa: BLE001 - an optimization only
-        pass
-
-
-def stop_compile_workers() -> threading.Thread | None:
-    """Shut the compile workers down in the background once the graphs are compiled.
-
-    Otherwise torch does it at interpreter exit, after the run's last line, and the process takes
-    seconds longer to end. A later compile (a recompile, an eval graph first used after a resume) starts
-    a new pool as the first one did; join the returned thread before one, so it does not pick up the
-    pool that is being shut down."""
-    try:
-        from torch._inductor.async_compile import shutdown_compile_workers
-    except Exception:  # noqa: BLE001
-        return None
-    # Not a daemon: exit waits for a clean shutdown rather than killing the thread halfway through it.
-    thread = threading.Thread(target=shutdown_compile_workers, name="stop-compile-workers")
-    thread.start()
-    return thread
 
 
 def uses_cuda_graphs(mode: str, device_type: str) -> bool:
@@ -93,41 +56,3 @@ def eval_group_size(n_batches: int, batch_size: int, block_size: int, vocab_size
     largest_row = batch_size * block_size * max(vocab_size, 4 * n_embd)
     limit = max(1, min(n_batches, (1 << 28) // largest_row))
     return max(g for g in range(1, limit + 1) if n_batches % g == 0)
-
-
-def skip_nonfinite_on_device(optimizer: torch.optim.Optimizer, grad_norm: torch.Tensor) -> torch.Tensor | None:
-    """Step `optimizer` unless grad_norm is not finite, deciding on the GPU instead of the host.
-
-    Fused AdamW takes a `found_inf` flag (the mechanism GradScaler uses) and skips the update, step
-    count included, when it is set, so the CPU never waits for the GPU here and keeps queueing work.
-    Returns the on-device "skipped" flag, or None when the optimizer cannot do this (the caller then
-    checks on the host)."""
-    if not getattr(optimizer, "_step_supports_amp_scaling", False):
-        return None
-    skipped = (~torch.isfinite(grad_norm)).float()
-    optimizer.found_inf = skipped
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.found_inf
-    return skipped
-
-
-def exit_without_teardown(code: int) -> NoReturn:
-    """End the process as interpreter exit would, minus the teardown of every module and object.
-
-    After a GPU run that teardown (CUDA graphs, the CUDA context, then torch's and Ray's modules) takes
-    ~2 s of an 80 s shakespeare_char run (H100, local mode) and does nothing a finished run needs: the
-    checkpoint is written and closed, the results printed. What a normal exit does for the program
-    still happens, in the same order: other non-daemon threads are joined, then the atexit handlers run
-    (Ray's shutdown, logging's flush, Inductor's compile-worker shutdown, WandB's)."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # CPython's own exit path; errors in handlers are printed, as at exit
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)

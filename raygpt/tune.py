@@ -10,16 +10,16 @@ TuneReportCallback. Tune minimizes val_loss; --asha stops poor trials early (tim
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from raygpt import checkpoint, launch
-from raygpt.config import FIELD_TYPES, ConfigError, TrainConfig, check_known, config_help, load_config, parse_value
-from raygpt.data import DataError
-from raygpt.launch import LaunchError
+from raygpt import launch
+from raygpt.config import FIELD_TYPES, ConfigError, TrainConfig, check_known, config_help, parse_value, read_config
+from raygpt.errors import EXIT_INTERRUPTED, RaygptError, refuse
 
 KINDS = ("loguniform", "uniform", "choice", "grid")
 SPEC_RE = re.compile(rf"^({'|'.join(KINDS)}):(.*)$", re.DOTALL)
@@ -156,32 +156,33 @@ def trial_count(space: dict, num_samples: int) -> int:
     return num_samples * grid
 
 
-def plan_concurrency(cfg: TrainConfig, explicit_keys, concurrent: int) -> TrainConfig:
+def plan_concurrency(cfg: TrainConfig, plan: launch.RunPlan, explicit_keys, concurrent: int) -> launch.RunPlan:
     """Share the cluster between `concurrent` trials where the user left workers/CPUs to the planner."""
     import ray
 
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), int(resources.get("GPU", 0))
     changes = {}
-    if cfg.use_gpu and "num_workers" not in explicit_keys:
+    if plan.use_gpu and "num_workers" not in explicit_keys:
         changes["num_workers"] = max(1, gpus // concurrent)
-    workers = changes.get("num_workers", cfg.num_workers)
+    workers = changes.get("num_workers", plan.num_workers)
     if "cpus_per_worker" not in explicit_keys:
         share = int(cpus / (workers * concurrent)) if workers else 1
-        changes["cpus_per_worker"] = float(max(1, min(4, share)) if cfg.use_gpu else max(1, share))
-    return launch.plan_resources(cfg.replace(**changes)) if changes else cfg
+        changes["cpus_per_worker"] = float(max(1, min(4, share)) if plan.use_gpu else max(1, share))
+    if not changes:
+        return plan
+    return launch.plan_resources(cfg.replace(use_gpu=plan.use_gpu, **changes))
 
 
-def make_trainable(base: TrainConfig, explicit_keys):
-    explicit_keys = sorted(set(explicit_keys))
-
+def make_trainable(base: TrainConfig, plan: launch.RunPlan):
     def train_trial(config: dict) -> None:
         from ray import tune
         from ray.tune.integration.ray_train import TuneReportCallback
 
         trial_id = tune.get_context().get_trial_id()
-        cfg = base.replace(**config, run_name=f"{base.run_name}-{trial_id}", out_dir=f"{base.out_dir}/{trial_id}")
-        launch.build_trainer(cfg, explicit_keys, callbacks=[TuneReportCallback()]).fit()
+        cfg = base.replace(**config, out_dir=f"{base.out_dir}/{trial_id}")
+        trial_plan = dataclasses.replace(plan, run_name=f"{plan.run_name}-{trial_id}")
+        launch.build_trainer(cfg, trial_plan, callbacks=[TuneReportCallback()]).fit()
 
     return train_trial
 
@@ -226,7 +227,7 @@ def run_sweep(
     # Specs (from split_argv) are checked against the base config; a ready param_space is used as given.
     space = search_space(check_specs(base, specs)) if all(isinstance(s, Spec) for s in specs.values()) else specs
     explicit_keys = set(explicit_keys) | set(specs)
-    cfg = launch.prepare_run(base, address, wait_for_resources, prepare_input)
+    cfg, plan = launch.prepare_run(base, explicit_keys, address, wait_for_resources, prepare_input)
     trials = trial_count(space, num_samples)
     concurrent = min(max_concurrent or trials, trials)
     if not wait_for_resources:
@@ -234,17 +235,17 @@ def run_sweep(
 
         resources = ray.cluster_resources()
         # Trials whose Train workers fit side by side (workers shrink to that share where not set explicitly).
-        if cfg.use_gpu:
-            fits = int(resources.get("GPU", 0)) // (cfg.num_workers if "num_workers" in explicit_keys else 1)
+        if plan.use_gpu:
+            fits = int(resources.get("GPU", 0)) // (plan.num_workers if "num_workers" in explicit_keys else 1)
         else:
-            per_worker = cfg.cpus_per_worker if "cpus_per_worker" in explicit_keys else 1.0
-            fits = int(resources.get("CPU", 0) // (cfg.num_workers * per_worker))
+            per_worker = plan.cpus_per_worker if "cpus_per_worker" in explicit_keys else 1.0
+            fits = int(resources.get("CPU", 0) // (plan.num_workers * per_worker))
         concurrent = max(1, min(concurrent, fits))
     if concurrent > 1:
-        cfg = plan_concurrency(cfg, explicit_keys, concurrent)
+        plan = plan_concurrency(cfg, plan, explicit_keys, concurrent)
     print(
-        f"raygpt.tune: {trials} trial(s) of {cfg.num_workers} {'GPU' if cfg.use_gpu else 'CPU'} worker(s),"
-        f" {cfg.cpus_per_worker:g} CPUs each, up to {concurrent} at a time",
+        f"raygpt.tune: {trials} trial(s) of {plan.num_workers} {'GPU' if plan.use_gpu else 'CPU'} worker(s),"
+        f" {plan.cpus_per_worker:g} CPUs each, up to {concurrent} at a time",
         flush=True,
     )
     scheduler = None
@@ -254,7 +255,7 @@ def run_sweep(
     # The trial function only drives the Train run (whose controller takes 0 CPUs); its workers hold the
     # resources. Tune refuses an all-zero request, and a CPU fraction would leave the workers' planned CPUs
     # short of the cluster's, so the trial asks for one byte of Ray's memory resource.
-    trainable = tune.with_resources(make_trainable(cfg, explicit_keys), {"memory": 1})
+    trainable = tune.with_resources(make_trainable(cfg, plan), {"memory": 1})
     tuner = tune.Tuner(
         trainable,
         param_space=space,
@@ -266,7 +267,7 @@ def run_sweep(
             scheduler=scheduler,
         ),
         run_config=tune.RunConfig(
-            name=name or f"{cfg.run_name}-tune", storage_path=cfg.storage_path or None, verbose=verbose
+            name=name or f"{plan.run_name}-tune", storage_path=cfg.storage_path or None, verbose=verbose
         ),
     )
     return tuner.fit()
@@ -379,8 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config_argv, specs = split_argv(config_argv)
-        base = load_config(config_argv)
-        explicit_keys = launch.explicit_keys_of(config_argv)
+        base, explicit_keys = read_config(config_argv)
         grid = run_sweep(
             base,
             specs,
@@ -394,12 +394,11 @@ def main(argv: list[str] | None = None) -> int:
             args.prepare_input,
             args.name,
         )
-    except (ConfigError, LaunchError, DataError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except RaygptError as e:
+        return refuse(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     return summarize(grid, specs, base.max_iters)
 
 

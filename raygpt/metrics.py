@@ -1,0 +1,128 @@
+"""One reporter for what a run tells the world: the console line, WandB, and ray.train.report.
+
+Cadence: every log_interval a console line (rank 0) and a WandB point; every eval a console line,
+a WandB point and ray.train.report (every rank, with rank 0's checkpoint). Steps never go to
+ray.train.report: a report made within Ray's controller poll of the previous one blocks until it is
+consumed, which would cost far more than a step.
+"""
+
+from __future__ import annotations
+
+import secrets
+import statistics
+from collections.abc import Callable
+
+# Reported metric -> WandB key (nanoGPT's names where it has them).
+WANDB_KEYS = {
+    "loss": "train/loss",
+    "val_loss": "val/loss",
+    "train_loss": "eval/train_loss",
+    "lr": "lr",
+    "mfu": "mfu",
+    "tokens_per_sec": "tokens/s",
+    "tokens_seen": "tokens_seen",
+    "peak_memory_gib": "peak_memory_gib",
+}
+WARMUP_STEPS = 5  # the first steps of a process (compile, allocator warm-up) are left out of MFU and the ETA
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def start_wandb(cfg, out_dir, run_id: str | None):
+    """A WandB run that a restart or rerun continues (same id); returns (run, id)."""
+    import wandb
+
+    run_id = run_id or secrets.token_hex(4)
+    run = wandb.init(
+        project=cfg.wandb_project,
+        name=cfg.wandb_run_name,
+        id=run_id,
+        resume="allow",
+        config=cfg.to_dict(),
+        dir=str(out_dir),
+    )
+    return run, run_id
+
+
+class Reporter:
+    """Console lines on rank 0, WandB on rank 0, ray.train.report on every rank at evals."""
+
+    def __init__(
+        self,
+        cfg,
+        is_rank_zero: bool,
+        tokens_per_iter: int,
+        estimate_mfu: Callable[[float], float | None],
+        wandb_run=None,
+        report_to_ray: Callable | None = None,
+    ):
+        self.cfg, self.is_rank_zero, self.tokens_per_iter = cfg, is_rank_zero, tokens_per_iter
+        self.estimate_mfu, self.wandb_run, self.report_to_ray = estimate_mfu, wandb_run, report_to_ray
+        self.running_mfu = -1.0
+        self.step_times: list[float] = []
+        self.eval_seconds = 0.0
+        self.steps_seen = 0
+
+    def say(self, text: str) -> None:
+        if self.is_rank_zero:
+            print(text, flush=True)
+
+    def _wandb(self, metrics: dict) -> None:
+        if self.wandb_run is not None:
+            values = {WANDB_KEYS[k]: v for k, v in metrics.items() if k in WANDB_KEYS and v is not None}
+            self.wandb_run.log(values, step=metrics["iter"])
+
+    def eta(self, iter_num: int, dt: float) -> str:
+        """Steps and evals still to come from iter_num, at the typical step time and the last eval's time."""
+        cfg = self.cfg
+        typical_dt = statistics.median(self.step_times) if self.step_times else dt
+        evals_left = cfg.max_iters // cfg.eval_interval - iter_num // cfg.eval_interval
+        return format_eta((cfg.max_iters - iter_num) * typical_dt + max(0, evals_left) * self.eval_seconds)
+
+    def step(self, iter_num: int, loss: float, lr: float, dt: float, last_val_loss: float) -> None:
+        """A finished step (iter_num), every log_interval; `loss` is its loss, already on the host."""
+        self.steps_seen += 1
+        if self.steps_seen >= WARMUP_STEPS:
+            self.step_times.append(dt)
+            mfu = self.estimate_mfu(dt)
+            if mfu is not None:
+                self.running_mfu = mfu if self.running_mfu < 0 else 0.9 * self.running_mfu + 0.1 * mfu
+        tokens_per_sec = self.tokens_per_iter / dt
+        mfu_text = f"{self.running_mfu * 100:.2f}%" if self.running_mfu >= 0 else "n/a"
+        self.say(
+            f"iter {iter_num}: loss {loss:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}, {tokens_per_sec:,.0f} tok/s, "
+            f"lr {lr:.2e}, eta {self.eta(iter_num + 1, dt)}"
+        )
+        self._wandb(
+            {
+                "iter": iter_num,
+                "loss": loss,
+                "val_loss": last_val_loss,
+                "lr": lr,
+                "mfu": self.running_mfu if self.running_mfu >= 0 else None,
+                "tokens_per_sec": tokens_per_sec,
+                "tokens_seen": (iter_num + 1) * self.tokens_per_iter,
+            }
+        )
+
+    def eval(self, metrics: dict, seconds: float, checkpoint=None) -> None:
+        """An eval's losses (metrics: iter, train_loss, val_loss, ...), and the checkpoint taken with them."""
+        self.eval_seconds = seconds
+        memory = metrics.get("peak_memory_gib")
+        memory_text = f", peak memory {memory:.2f} GiB" if memory is not None else ""
+        self.say(
+            f"step {metrics['iter']}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f} "
+            f"(eval {seconds:.2f}s{memory_text})"
+        )
+        if self.report_to_ray is not None:
+            self.report_to_ray(metrics, checkpoint=checkpoint)
+        self._wandb(metrics)
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()

@@ -1,0 +1,73 @@
+"""Process management that makes runs start and end sooner: Inductor's compile workers, a fast exit.
+
+Nothing here changes what is computed; each function falls back to torch's or Python's own behaviour.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+from typing import NoReturn
+
+
+class CompileWorkers:
+    """Inductor's pool of compile-worker processes, started early and stopped as soon as it is done.
+
+    start(): each worker imports torch and Triton, which takes seconds; started before the model is
+    built, they boot while the optimizer, the data and the first eval are set up, and the compile finds
+    them ready (Inductor compiles kernels in the main process, one at a time, while its pool is not
+    ready). stop_in_background(): once the graphs are compiled, shut the pool down in a thread, instead
+    of at interpreter exit after the run's last line. ready_for_compile(): a later compile (a recompile,
+    an eval graph first used after a resume) starts a new pool; it must not pick up the one being shut
+    down. Private torch APIs: on any failure torch manages its pool itself, as without this class."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.stopping: threading.Thread | None = None
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        try:
+            from torch._inductor.async_compile import maybe_warm_pool
+
+            maybe_warm_pool()
+        except Exception:  # noqa: BLE001 - an optimization only
+            pass
+
+    def stop_in_background(self) -> None:
+        if not self.enabled or self.stopping is not None:
+            return
+        try:
+            from torch._inductor.async_compile import shutdown_compile_workers
+        except Exception:  # noqa: BLE001
+            return
+        # Not a daemon: exit waits for a clean shutdown rather than killing the thread halfway through it.
+        self.stopping = threading.Thread(target=shutdown_compile_workers, name="stop-compile-workers")
+        self.stopping.start()
+
+    def ready_for_compile(self) -> None:
+        if self.stopping is not None:
+            self.stopping.join()
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End the process as interpreter exit would, minus the teardown of every module and object.
+
+    After a GPU run that teardown (CUDA graphs, the CUDA context, then torch's and Ray's modules) takes
+    seconds (benchmarks/RESULTS.md) and does nothing a finished run needs: the
+    checkpoint is written and closed, the results printed. What a normal exit does for the program
+    still happens, in the same order: other non-daemon threads are joined, then the atexit handlers run
+    (Ray's shutdown, logging's flush, Inductor's compile-worker shutdown, WandB's)."""
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()  # CPython's own exit path; errors in handlers are printed, as at exit
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

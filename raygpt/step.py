@@ -1,0 +1,226 @@
+"""One training step, shared by the training loop, raygpt.bench and raygpt.sample.
+
+Device and precision set up once (`Precision`), gradients of one iteration over its micro-batches
+(`forward_backward`), and the optimizer step guarded against non-finite gradients (`NonFiniteGuard`).
+No Ray here.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from raygpt.errors import RaygptError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PrecisionError(RaygptError, ValueError):
+    """A dtype this device cannot train in; the message is one line."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> str:
+    """'auto' -> bfloat16 where the GPU supports it, else float16 on CUDA, float32 on CPU."""
+    if device.type != "cuda":
+        return "float32" if name == "auto" else name
+    bf16_ok = torch.cuda.is_bf16_supported()
+    if name == "auto":
+        return "bfloat16" if bf16_ok else "float16"
+    if name == "bfloat16" and not bf16_ok:
+        raise PrecisionError(
+            f"dtype bfloat16 is not supported by {torch.cuda.get_device_name(device)}; use --dtype=float16"
+        )
+    return name
+
+
+class Precision:
+    """The dtype a device computes in: the autocast context for forward passes, and (float16 only) the
+    gradient scaler that keeps small gradients from flushing to zero."""
+
+    def __init__(self, dtype: str, device: torch.device | str):
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
+        # One context object, entered at every forward (entering it again is how nanoGPT uses it too).
+        self._autocast = (
+            nullcontext()
+            if self.dtype == "float32"
+            else torch.amp.autocast(device_type=self.device.type, dtype=DTYPES[self.dtype])
+        )
+
+    def autocast(self):
+        return self._autocast
+
+
+def enable_tf32() -> None:
+    """TF32 matmuls and convolutions on Ampere and newer GPUs, as nanoGPT."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+class NonFiniteGuard:
+    """Skips optimizer steps whose loss or gradients are not finite, and stops a run stuck on them.
+
+    Both ways of detecting one live here. Fused AdamW (CUDA) takes the decision on the device, so the
+    host never waits for the GPU; other optimizers check on the host. Either way the counts are read only
+    at `check()` (log and eval steps), which prints the one warning and raises after `max_in_a_row`."""
+
+    def __init__(self, max_in_a_row: int, device: torch.device, out_dir: str = "", announce: bool = True):
+        self.max_in_a_row, self.out_dir, self.announce = max_in_a_row, out_dir, announce
+        self.in_a_row = torch.zeros((), device=device)  # skipped steps since the last good one
+        self.since_check = torch.zeros((), device=device)  # skipped steps since the last check()
+
+    def step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_norm: torch.Tensor) -> None:
+        if scaler.is_enabled():
+            scaler.step(optimizer)  # it skips a step with inf/nan gradients itself and lowers its scale
+            # An overflow at a healthy scale is float16 working as designed; at a scale below 1 the
+            # gradients are non-finite however small the scale gets: that is divergence.
+            skipped = float(not torch.isfinite(grad_norm) and scaler.get_scale() < 1.0)
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
+            # Fused AdamW skips its update (step count included) when found_inf is set, as under GradScaler.
+            skipped = (~torch.isfinite(grad_norm)).float()
+            optimizer.found_inf = skipped
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+        else:
+            skipped = float(not torch.isfinite(grad_norm))
+            if not skipped:
+                optimizer.step()
+        if isinstance(skipped, torch.Tensor):  # decided on the device: keep it there
+            self.in_a_row.copy_(torch.where(skipped > 0, self.in_a_row + 1, 0.0))
+            self.since_check.add_(skipped)
+        elif skipped:
+            self.in_a_row.add_(1)
+            self.since_check.add_(1)
+        else:
+            self.in_a_row.zero_()
+
+    def check(self, iter_num: int) -> int:
+        """Warn about steps skipped since the last check; raise after too many in a row. Returns the streak."""
+        in_a_row, since = (int(v) for v in torch.stack([self.in_a_row, self.since_check]).tolist())
+        self.since_check.zero_()
+        if since and self.announce:
+            print(
+                f"warning: iter {iter_num}: {since} step(s) skipped for a non-finite loss or gradient norm "
+                f"({in_a_row} in a row)",
+                flush=True,
+            )
+        if self.max_in_a_row and in_a_row >= self.max_in_a_row:
+            raise FloatingPointError(
+                f"{in_a_row} consecutive steps with a non-finite loss or gradient at iter {iter_num}; stopping"
+                f" (the last good checkpoint is in {self.out_dir}); lower learning_rate or use bfloat16"
+            )
+        return in_a_row
+
+
+class TrainStep:
+    """One iteration: forward/backward over the micro-batches, clip, guarded optimizer step, zero grads.
+
+    `model` is what runs forward and backward (compiled, wrapped for data parallelism); `params` are the
+    unwrapped model's parameters, whose gradients are clipped."""
+
+    def __init__(
+        self,
+        model,
+        params,
+        optimizer,
+        precision: Precision,
+        batches,
+        accum_steps: int,
+        grad_clip: float,
+        guard: NonFiniteGuard,
+        no_sync_until_last: bool = False,
+        cuda_graphs: bool = False,
+    ):
+        self.model, self.params, self.optimizer, self.precision = model, list(params), optimizer, precision
+        self.batches, self.accum_steps, self.grad_clip, self.guard = batches, accum_steps, grad_clip, guard
+        self.no_sync_until_last, self.cuda_graphs = no_sync_until_last, cuda_graphs
+
+    def __call__(self, X, Y, iter_num: int):
+        """Train on (X, Y) and the iteration's other micro-batches. Returns the summed (already
+        1/accum_steps-scaled) loss, the gradient norm, and the first batch of the next iteration, which
+        was fetched while the device worked on this one."""
+        scaler = self.precision.scaler
+        loss_sum = torch.zeros((), device=X.device)
+        for micro_step in range(self.accum_steps):
+            if self.no_sync_until_last:
+                # DDP all-reduces gradients only on the last micro-step; earlier ones just accumulate.
+                self.model.require_backward_grad_sync = micro_step == self.accum_steps - 1
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # each micro-step replays the graphs afresh
+            with self.precision.autocast():
+                _, loss = self.model(X, Y)
+                loss = loss / self.accum_steps
+            loss_sum += loss.detach()
+            # Fetch the next batch while the GPU is still busy with this one.
+            if micro_step + 1 < self.accum_steps:
+                X, Y = self.batches.train_batch(iter_num, micro_step + 1)
+            else:
+                X, Y = self.batches.train_batch(iter_num + 1, 0)
+            scaler.scale(loss).backward()
+        scaler.unscale_(self.optimizer)
+        with_grad = [p for p in self.params if p.grad is not None]
+        if self.grad_clip > 0.0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, self.grad_clip)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+        self.guard.step(self.optimizer, scaler, grad_norm)
+        scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm, X, Y
+
+
+class Evaluator:
+    """nanoGPT's estimate_loss: the mean loss over the fixed eval windows of each split.
+
+    Each rank takes every world_size-th window and the per-window losses are summed across ranks, so
+    the result does not depend on the worker count. Small models run several windows as one forward
+    pass (speed.eval_group_size)."""
+
+    def __init__(
+        self,
+        model,
+        batches,
+        precision: Precision,
+        eval_iters: int,
+        rank: int,
+        world_size: int,
+        group: int,
+        eager: bool = False,
+        cuda_graphs: bool = False,
+        before_compile=None,
+    ):
+        self.model, self.batches, self.precision = model, batches, precision
+        self.eval_iters, self.world_size = eval_iters, world_size
+        self.my_windows = list(range(rank, eval_iters, world_size))
+        self.group, self.eager, self.cuda_graphs = group, eager, cuda_graphs
+        self.before_compile = before_compile  # called first: an eval graph compiled now needs compile workers
+
+    def _stance(self):
+        return torch.compiler.set_stance("force_eager") if self.eager else nullcontext()
+
+    @torch.no_grad()
+    def __call__(self) -> dict[str, float]:
+        if self.before_compile is not None:
+            self.before_compile()
+        self.model.eval()
+        losses = {}
+        for split in ("train", "val"):
+            loss_sum = torch.zeros((), device=self.precision.device)
+            for i in range(0, len(self.my_windows), self.group):
+                windows = self.my_windows[i : i + self.group]
+                X, Y = self.batches.eval_batch(split, windows)
+                if self.cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                with self.precision.autocast(), self._stance():
+                    _, loss = self.model(X, Y)
+                # Equal-sized batches: their summed mean losses are the group's mean times its size.
+                loss_sum += loss.float() * len(windows)
+            if self.world_size > 1:
+                torch.distributed.all_reduce(loss_sum)
+            losses[split] = loss_sum.item() / self.eval_iters
+        self.model.train()
+        return losses
