@@ -10,14 +10,20 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import io
+import json
+import math
 import operator
+import os
+import stat
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raygpt.errors import RaygptError
+from raygpt.errors import RaygptError, one_line
 
 
 class ConfigError(RaygptError, ValueError):
@@ -120,6 +126,7 @@ class TrainConfig:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             setattr(self, f.name, coerce(f.name, getattr(self, f.name), FIELD_TYPES[f.name]))
+            check_usable(f.name, getattr(self, f.name))
         choose("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         choose("device", self.device, ("cuda", "cpu"))
         choose("backend", self.backend, ("nccl", "gloo"))
@@ -128,7 +135,8 @@ class TrainConfig:
         choose("data_order", self.data_order, ("seeded", "nanogpt"))
         if self.init_from not in INIT_CHOICES and not Path(self.init_from).expanduser().is_dir():
             raise ConfigError(
-                f"init_from must be one of {', '.join(INIT_CHOICES)} or a local GPT-2 folder, got {self.init_from!r}"
+                f"init_from must be one of {', '.join(INIT_CHOICES)} or a local GPT-2 folder, "
+                f"got {shown(self.init_from)}"
             )
         for name in (
             "batch_size",
@@ -156,8 +164,11 @@ class TrainConfig:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"seed must be in [0, 2**32), got {shown(self.seed)}")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.n_embd % self.n_head:
@@ -174,8 +185,15 @@ class TrainConfig:
             raise ConfigError(f"max_failures must be -1 (always) or more, got {self.max_failures}")
         if self.checkpoints_to_keep < 1:
             raise ConfigError(f"checkpoints_to_keep must be at least 1, got {self.checkpoints_to_keep}")
-        if self.init_from.startswith("gpt2") and self.block_size > 1024:
+        if self.init_from in INIT_CHOICES and self.init_from.startswith("gpt2") and self.block_size > 1024:
             raise ConfigError(f"GPT-2 weights have a 1024-token context; block_size {self.block_size} is larger")
+        if self.init_from not in INIT_CHOICES:
+            context = gpt2_folder_context(Path(self.init_from).expanduser())
+            if self.block_size > context:
+                raise ConfigError(
+                    f"the GPT-2 weights in {self.init_from} have a {context}-token context; "
+                    f"block_size {self.block_size} is larger"
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -192,6 +210,12 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+# Seeds go to numpy.random.default_rng and torch.manual_seed; both take [0, 2**64), numpy's legacy
+# RandomState [0, 2**32). The smaller range leaves room for seeds derived from it (seed + rank) everywhere.
+SEED_LIMIT = 2**32
+INT64_LIMIT = 2**63  # ints end up in numpy and torch int64s
+MAX_STR_LEN = 4096  # a path's length limit on Linux (PATH_MAX); no name or path in a config is longer
+MAX_SMALL_FILE_BYTES = 1 << 20  # a config file or a GPT-2 config.json is a few lines
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -208,7 +232,71 @@ def check_known(name: str) -> None:
 
 def choose(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {shown(value)}")
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    """`text` on one line, cut to about `limit` characters: an error message stays one readable line."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else f"{text[: limit - 20]}... ({len(text):,} characters)"
+
+
+def shown(value: Any) -> str:
+    return shorten(repr(value))
+
+
+def check_usable(name: str, value: Any) -> None:
+    """What a value of each type must be whatever its key means: an int fits int64, a float is finite,
+    a string is a name or a path (no NUL, at most PATH_MAX characters)."""
+    if isinstance(value, bool) or value is None:
+        return
+    if isinstance(value, int) and not -INT64_LIMIT <= value < INT64_LIMIT:
+        raise ConfigError(f"{name} must fit in 64 bits (less than 2**63 in size), got {shown(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
+    if isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"{name} must not contain a NUL character, got {shown(value)}")
+    if isinstance(value, str) and len(value) > MAX_STR_LEN:
+        raise ConfigError(f"{name} is {len(value):,} characters long; at most {MAX_STR_LEN:,}")
+
+
+def read_small_file(path: Path, what: str) -> bytes:
+    """The bytes of a small regular file; missing, a folder, a symlink loop, a device or too big: one line."""
+    try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{what} {path} is {'a folder' if stat.S_ISDIR(mode) else 'not a regular file'}")
+        with open(path, "rb") as f:
+            data = f.read(MAX_SMALL_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+    if len(data) > MAX_SMALL_FILE_BYTES:
+        raise ConfigError(f"{what} {path} is larger than {MAX_SMALL_FILE_BYTES >> 20} MiB: not a {what}")
+    return data
+
+
+def gpt2_folder_context(directory: Path) -> int:
+    """The context length of the GPT-2 checkpoint in `directory`, after checking that it holds what
+    GPT.from_pretrained reads: config.json (n_layer, n_head, n_embd, vocab_size, n_positions) and
+    model.safetensors or pytorch_model.bin."""
+    where = f"init_from {directory} is not a GPT-2 checkpoint folder"
+    try:
+        hf_config = json.loads(read_small_file(directory / "config.json", "config file"))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{where}: config.json is not valid JSON ({one_line(str(e))})") from None
+    if not isinstance(hf_config, dict):
+        raise ConfigError(f"{where}: config.json is not a JSON object")
+    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
+        value = hf_config.get(name, 1024 if name == "n_positions" else None)
+        if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value < INT64_LIMIT):
+            raise ConfigError(f"{where}: config.json needs a positive integer {name}, got {shown(value)}")
+    if hf_config["n_embd"] % hf_config["n_head"]:
+        raise ConfigError(f"{where}: n_embd {hf_config['n_embd']} is not divisible by n_head {hf_config['n_head']}")
+    if not any((directory / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        raise ConfigError(f"{where}: it has neither model.safetensors nor pytorch_model.bin")
+    return hf_config.get("n_positions", 1024)
 
 
 def coerce(name: str, value: Any, typ) -> Any:
@@ -237,7 +325,7 @@ def coerce(name: str, value: Any, typ) -> Any:
         if isinstance(value, str):
             return value
     kind = {bool: "a bool", int: "an int", float: "a float", str: "a string"}[typ]
-    raise ConfigError(f"config key '{name}' must be {kind}{' or None' if optional else ''}, got {value!r}")
+    raise ConfigError(f"config key '{name}' must be {kind}{' or None' if optional else ''}, got {shown(value)}")
 
 
 # ---- nanoGPT-format config files, evaluated with a whitelist of AST nodes --------------------------
@@ -252,67 +340,160 @@ BINARY_OPS = {
     ast.Pow: operator.pow,
 }
 UNARY_OPS = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_}
+CONVERSIONS = {"str": str, "int": int, "float": float}
 # Imports nanoGPT's own config files use for harmless things like a timestamped run name.
 ALLOWED_IMPORTS = {"time"}
+# A config value is a short expression; these bounds refuse, before anything is computed, what would take
+# the parser, the evaluator or the memory a long time: deep nesting, 10**10**10, 'a' * 10**10.
+MAX_STATEMENT_TOKENS = 200  # nesting depth is at most this, far below Python's recursion limit
+MAX_INT_BITS = 1024  # past a float's range (2**1024): no config value needs a larger int
+MAX_NUMBER_CHARS = 400  # int('...') and float('...') of longer strings: a 1024-bit int has 309 digits
 
 
 class _Evaluator:
-    def __init__(self, where: str, names: dict):
-        self.where, self.names = where, names
+    """Evaluates one config value. Every result is at most MAX_INT_BITS or MAX_STR_LEN long, and the
+    sizes of powers and repetitions are checked before they are computed."""
 
-    def fail(self, node, what: str):
-        raise ConfigError(f"{self.where}:{getattr(node, 'lineno', '?')}: {what} is not allowed in a config file")
+    def __init__(self, where: str, source: str, names: dict, imports: set[str]):
+        self.where, self.source, self.names, self.imports = where, source, names, imports
+
+    def refuse(self, node, what: str) -> typing.NoReturn:
+        raise ConfigError(f"{self.where}:{getattr(node, 'lineno', '?')}: {what}")
+
+    def fail(self, node, what: str) -> typing.NoReturn:
+        self.refuse(node, f"{what} is not allowed in a config file")
+
+    def text(self, node) -> str:
+        return shorten(ast.get_source_segment(self.source, node) or type(node).__name__, 60)
 
     def eval(self, node):
         if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool, type(None))):
-            return node.value
+            return self.bounded(node, node.value)
         if isinstance(node, ast.Name):
             if node.id in self.names:
                 return self.names[node.id]
             if node.id in ("True", "False", "None"):
                 return {"True": True, "False": False, "None": None}[node.id]
-            raise ConfigError(f"{self.where}:{node.lineno}: unknown name '{node.id}'")
+            self.refuse(node, f"unknown name '{node.id}'")
         if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPS:
             left, right = self.eval(node.left), self.eval(node.right)
-            if isinstance(left, str) != isinstance(right, str) and type(node.op) is not ast.Mult:
-                raise ConfigError(f"{self.where}:{node.lineno}: cannot combine {left!r} and {right!r}")
-            return BINARY_OPS[type(node.op)](left, right)
+            self.check_binary(node, left, right)
+            return self.bounded(node, self.compute(node, BINARY_OPS[type(node.op)], left, right))
         if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY_OPS:
-            return UNARY_OPS[type(node.op)](self.eval(node.operand))
+            return self.compute(node, UNARY_OPS[type(node.op)], self.eval(node.operand))
         if isinstance(node, ast.Call) and not node.keywords:
             return self.call(node)
         self.fail(node, type(node).__name__)
 
+    def check_binary(self, node: ast.BinOp, left, right) -> None:
+        """Refuse, before computing it, an operation on strings other than + and repetition, and a
+        repetition or an integer power whose result would be too large."""
+        op = type(node.op)
+        if isinstance(left, str) or isinstance(right, str):
+            if op is ast.Mod:
+                self.fail(node, "string formatting with %")
+            if op is ast.Mult and isinstance(left, str) != isinstance(right, str):
+                text, times = (left, right) if isinstance(left, str) else (right, left)
+                if isinstance(times, int) and len(text) * times > MAX_STR_LEN:
+                    self.too_large(node)
+            elif not (op is ast.Add and isinstance(left, str) and isinstance(right, str)):
+                self.refuse(node, f"cannot combine {shown(left)} and {shown(right)}")
+        elif op is ast.Pow and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+            # |left| >= 2**(bit_length - 1), so the result has at least this many bits.
+            if right * (abs(left).bit_length() - 1) > MAX_INT_BITS:
+                self.too_large(node)
+
+    def compute(self, node, function, *args):
+        """function(*args); Python's errors (division by zero, overflow, bad operand types) as one line."""
+        try:
+            return function(*args)
+        except (ArithmeticError, ValueError, TypeError) as e:
+            # OverflowError's args are (errno, message); the others' are (message,).
+            reason = e.args[-1] if e.args and isinstance(e.args[-1], str) else str(e)
+            self.refuse(node, f"cannot evaluate {self.text(node)}: {one_line(reason) or type(e).__name__}")
+
+    def bounded(self, node, value):
+        if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
+            self.too_large(node)
+        if isinstance(value, str) and len(value) > MAX_STR_LEN:
+            self.too_large(node)
+        if isinstance(value, complex):
+            self.refuse(node, f"{self.text(node)} is a complex number")
+        return value
+
+    def too_large(self, node) -> typing.NoReturn:
+        self.refuse(
+            node,
+            f"{self.text(node)} is too large for a config value "
+            f"(ints up to {MAX_INT_BITS} bits, strings up to {MAX_STR_LEN:,} characters)",
+        )
+
     def call(self, node: ast.Call):
         func = node.func
         args = [self.eval(arg) for arg in node.args]
-        if isinstance(func, ast.Name) and func.id in ("str", "int", "float") and len(args) == 1:
-            return {"str": str, "int": int, "float": float}[func.id](args[0])
+        if isinstance(func, ast.Name) and func.id in CONVERSIONS and len(args) == 1:
+            if func.id in ("int", "float") and isinstance(args[0], str) and len(args[0]) > MAX_NUMBER_CHARS:
+                self.refuse(node, f"{self.text(node)}: a {len(args[0]):,}-character string is too long for a number")
+            return self.bounded(node, self.compute(node, CONVERSIONS[func.id], args[0]))
         if (
             isinstance(func, ast.Attribute)
             and isinstance(func.value, ast.Name)
             and func.value.id == "time"
-            and "time" in self.names.get("__imports__", ())
+            and "time" in self.imports
             and func.attr == "time"
             and not args
         ):
             import time
 
             return time.time()
-        self.fail(node, f"calling {ast.unparse(func)}()")
+        self.fail(node, f"calling {self.text(func)}()")
+
+
+def read_source(path: Path) -> str:
+    """A config file's text: a small regular UTF-8 file without NUL bytes."""
+    data = read_small_file(path, "config file")
+    try:
+        source = data.decode("utf-8-sig")  # -sig: some editors start UTF-8 files with a byte-order mark
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a text file (byte {e.start} is not UTF-8); a config file holds `key = value` lines"
+        ) from None
+    if "\0" in source:
+        line = source.count("\n", 0, source.index("\0")) + 1
+        raise ConfigError(f"{path}:{line}: a NUL byte: not a text file; a config file holds `key = value` lines")
+    return source
+
+
+def check_statement_lengths(path: Path, source: str) -> None:
+    """Refuse a statement of more than MAX_STATEMENT_TOKENS tokens before it is parsed: Python's parser
+    and this evaluator recurse once per level of nesting (`-(-(-(...)))`, `not not ...`, `1+1+...`)."""
+    count, start = 0, None
+    skip = (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING)
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+                count, start = 0, None
+            elif token.type not in skip:
+                start = start or token.start[0]
+                count += 1
+                if count > MAX_STATEMENT_TOKENS:
+                    raise ConfigError(
+                        f"{path}:{start}: a statement of more than {MAX_STATEMENT_TOKENS} tokens is too long "
+                        "or nested too deeply for a config file"
+                    )
+    except (tokenize.TokenError, SyntaxError):
+        return  # ast.parse names the syntax error and its line
 
 
 def parse_config_file(path: str | Path) -> dict:
     """The `key = value` assignments of a nanoGPT-format config file, evaluated without exec."""
     path = Path(path)
-    try:
-        source = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    source = read_source(path)
+    check_statement_lengths(path, source)
     try:
         tree = ast.parse(source, filename=str(path))
     except SyntaxError as e:
-        raise ConfigError(f"{path}:{e.lineno}: syntax error: {e.msg}") from None
+        raise ConfigError(f"{path}:{e.lineno or '?'}: syntax error: {e.msg}") from None
     values: dict = {}
     imports: set[str] = set()
     for stmt in tree.body:
@@ -326,13 +507,15 @@ def parse_config_file(path: str | Path) -> dict:
         if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
             raise ConfigError(
                 f"{path}:{stmt.lineno}: only `key = value` lines are allowed in a config file, "
-                f"got: {ast.unparse(stmt).splitlines()[0]}"
+                f"got: {shorten(ast.get_source_segment(source, stmt) or '')}"
             )
         name = stmt.targets[0].id
-        check_known(name)
+        try:
+            check_known(name)
+        except ConfigError as e:
+            raise ConfigError(f"{path}:{stmt.lineno}: {e}") from None
         # Later lines may refer to keys set earlier in the file, or to defaults.
-        evaluator = _Evaluator(str(path), {**DEFAULTS, **values, "__imports__": imports})
-        values[name] = evaluator.eval(stmt.value)
+        values[name] = _Evaluator(str(path), source, {**DEFAULTS, **values}, imports).eval(stmt.value)
     return values
 
 
@@ -340,8 +523,10 @@ def parse_value(text: str) -> Any:
     """A command-line value: a Python literal when it is one, else the string itself (as nanoGPT)."""
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, TypeError, SyntaxError):
         return text
+    except (RecursionError, MemoryError):  # the parser's own limit on nesting: the text is at most ~128 KiB
+        raise ConfigError(f"value {shorten(text)} is nested too deeply to read") from None
 
 
 def parse_overrides(argv: list[str]) -> dict:
