@@ -6,12 +6,15 @@ running RNG: a resumed or restarted run draws exactly the batches an uninterrupt
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from raygpt.errors import RaygptError
+from raygpt.tokenizer import MetaError, declared_token_dtype
 
 # Stream ids keep the training draws, the eval draws of each split, and anything added later apart.
 TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2
@@ -24,19 +27,27 @@ class DataError(RaygptError, ValueError):
 def validate_dataset(dataset_dir: str | Path, block_size: int, world_size: int, vocab_size: int) -> None:
     """Refuse, before any worker starts, data that would crash or silently corrupt training."""
     dataset_dir = Path(dataset_dir)
-    if not dataset_dir.is_dir():
-        raise DataError(
-            f"dataset folder {dataset_dir} not found; create it with "
-            f"`python -m raygpt.prepare {dataset_dir.name} --data-dir {dataset_dir.parent}`"
-        )
+    prepare = f"python -m raygpt.prepare {dataset_dir.name} --data-dir {dataset_dir.parent}"
+    info = _stat(dataset_dir)
+    if info is None:
+        raise DataError(f"dataset folder {dataset_dir} not found; create it with `{prepare}`")
+    if not stat.S_ISDIR(info.st_mode):
+        raise DataError(f"dataset path {dataset_dir} is not a folder; it must hold train.bin, val.bin and meta.json")
+    try:
+        declared_dtype = declared_token_dtype(dataset_dir)  # refuses a meta.json naming another dtype
+    except MetaError as e:
+        raise DataError(str(e)) from None
     for split in ("train", "val"):
         path = dataset_dir / f"{split}.bin"
-        if not path.is_file():
-            raise DataError(f"{path} is missing; re-run `python -m raygpt.prepare {dataset_dir.name}`")
-        size = path.stat().st_size
-        if size % 2:
+        info = _stat(path)
+        if info is None:
+            raise DataError(f"{path} is missing; re-run `{prepare}`")
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a folder" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise DataError(f"{path} is {kind}, not a token file; re-run `{prepare}`")
+        if info.st_size % 2:
             raise DataError(f"{path} has an odd number of bytes: not a uint16 token file")
-        n_tokens = size // 2
+        n_tokens = info.st_size // 2
         # Every rank trains on its own shard of train.bin; each needs one full window.
         needed = (block_size + 1) * (world_size if split == "train" else 1)
         if n_tokens < needed:
@@ -44,16 +55,58 @@ def validate_dataset(dataset_dir: str | Path, block_size: int, world_size: int, 
             raise DataError(
                 f"{path} has {n_tokens} tokens, too few for {what}block_size {block_size} (needs at least {needed})"
             )
-        data = np.memmap(path, dtype=np.uint16, mode="r")
-        # Checking every token of a multi-GB file would take minutes: check its head and 16 spread chunks.
-        chunk = 1 << 16
-        starts = np.linspace(0, max(0, n_tokens - chunk), 16, dtype=np.int64)
-        sample_max = max(int(data[: 1 << 20].max()), *(int(data[s : s + chunk].max()) for s in starts))
+        chunks = _sample_chunks(np.memmap(path, dtype=np.uint16, mode="r"))
+        if declared_dtype is None:  # prepared elsewhere (nanoGPT): the width is not written down
+            bits = _wider_token_bits(chunks)
+            if bits:
+                wide = "uint32" if bits == 32 else "int64"
+                raise DataError(
+                    f"{path} looks like {bits}-bit tokens (every second 16-bit word is 0) but raygpt reads uint16 "
+                    f"token files: prepare it with `{prepare}`, or convert it with "
+                    f"np.fromfile(path, dtype=np.{wide}).astype(np.uint16).tofile(path)"
+                )
+        sample_max = max(int(chunk.max()) for chunk in chunks)
         if sample_max >= vocab_size:
             raise DataError(
                 f"{path} holds token id {sample_max} but the model's vocab_size is {vocab_size}; "
                 "was the data prepared with another tokenizer than meta.json says?"
             )
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    """os.stat(path), None when it does not exist; a symlink loop or an unreadable path is one line."""
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _sample_chunks(data: np.ndarray) -> list[np.ndarray]:
+    """The head of a token file and 16 chunks spread over it: checking every token of a multi-GB file
+    would take minutes. Each chunk starts at a multiple of 4, so a word's position in its chunk has the
+    parity (and the remainder mod 4) its position in the file has."""
+    chunk = 1 << 16
+    starts = np.linspace(0, max(0, len(data) - chunk), 16, dtype=np.int64) // 4 * 4
+    return [data[: 1 << 20], *(data[start : start + chunk] for start in starts)]
+
+
+# Enough sampled words that real uint16 text never has all of its odd-position ones 0 by chance.
+MIN_WORDS_FOR_WIDTH_CHECK = 1024
+
+
+def _wider_token_bits(chunks: list[np.ndarray]) -> int | None:
+    """32 or 64 when the sampled 16-bit words look like little-endian uint32 or int64 token ids (ids
+    below 65536 leave every odd-position word 0, and for 64 bits every word at position 2 mod 4 too),
+    else None. Real uint16 data has non-zero words at both parities."""
+    words = np.concatenate([c[: len(c) // 4 * 4] for c in chunks])
+    if len(words) < MIN_WORDS_FOR_WIDTH_CHECK:
+        return None
+    words = words.reshape(-1, 4)
+    if words[:, 1::2].any() or not words[:, 0::2].any():
+        return None
+    return 32 if words[:, 2].any() else 64
 
 
 def rank_shard(n_tokens: int, rank: int, world_size: int) -> tuple[int, int]:

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
+import os
 import pickle
+import stat
 from pathlib import Path
+
+from raygpt.errors import RaygptError, one_line
 
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
 GPT2_VOCAB_SIZE = 50257
 # GPT-2's vocabulary padded up to a multiple of 64, nanoGPT's default for a model trained from scratch:
 # the embedding and head matmuls are faster, and the extra rows are never a target.
 PADDED_GPT2_VOCAB_SIZE = 50304
+# Token files hold uint16 ids (GPT-2's 50257 fit); meta.json says so, so that other widths are refused.
+TOKEN_DTYPE = "uint16"
+MAX_VOCAB_SIZE = 1 << 16
+MAX_META_BYTES = 16 << 20  # a character vocabulary of 65,536 entries is under 1 MiB of JSON
+
+
+class MetaError(RaygptError, ValueError):
+    """A meta.json or meta.pkl that cannot describe the dataset's tokens; the message is one line."""
 
 
 @functools.cache
@@ -28,51 +41,99 @@ class _PlainDataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused to load {module}.{name}: meta.pkl may hold only plain data")
 
 
-def _meta_from_pkl(path: Path) -> dict:
+def _read_meta_file(path: Path) -> bytes | None:
+    """The bytes of meta.json or meta.pkl, None when there is none; a folder, a symlink loop, a device or
+    an absurdly large file is a MetaError."""
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise MetaError(f"{path} is {'a folder, not a file' if stat.S_ISDIR(mode) else 'not a regular file'}")
         with open(path, "rb") as f:
-            raw = _PlainDataUnpickler(f).load()
+            data = f.read(MAX_META_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise MetaError(f"cannot read {path}: {e.strerror}") from None
+    if len(data) > MAX_META_BYTES:
+        raise MetaError(f"{path} is larger than {MAX_META_BYTES >> 20} MiB: not a tokenizer description")
+    return data
+
+
+def _meta_from_pkl(path: Path, data: bytes) -> dict:
+    try:
+        raw = _PlainDataUnpickler(io.BytesIO(data)).load()
     except Exception as e:  # noqa: BLE001 - any failure of an untrusted file gets the same one-line answer
-        raise ValueError(
-            f"{path}: not a plain nanoGPT meta.pkl ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        ) from None
+        raise MetaError(f"{path}: not a plain nanoGPT meta.pkl ({one_line(str(e)) or type(e).__name__})") from None
     itos, vocab_size = (
         raw.get("itos") if isinstance(raw, dict) else None,
         raw.get("vocab_size") if isinstance(raw, dict) else None,
     )
     if not (
-        isinstance(vocab_size, int)
+        _is_vocab_size(vocab_size)
         and isinstance(itos, dict)
         and all(isinstance(i, int) and isinstance(s, str) for i, s in itos.items())
         and sorted(itos) == list(range(vocab_size))
     ):
-        raise ValueError(f"{path}: expected a dict with vocab_size and an itos table of {vocab_size} characters")
+        raise MetaError(
+            f"{path}: expected a dict with vocab_size (1 to {MAX_VOCAB_SIZE:,}) and an itos table of as many characters"
+        )
     return {"vocab_size": vocab_size, "tokenizer": "char", "chars": [itos[i] for i in range(vocab_size)]}
 
 
-def load_meta(dataset_dir: str | Path) -> dict | None:
-    """The dataset's vocabulary: {'vocab_size', 'tokenizer': 'char'|'gpt2', 'chars' (char only)}, or None."""
-    dataset_dir = Path(dataset_dir)
+def _is_vocab_size(value) -> bool:
+    """Token ids are uint16, so a vocabulary has 1 to 65,536 entries."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_VOCAB_SIZE
+
+
+def _read_meta(dataset_dir: Path) -> dict | None:
+    """meta.json checked whole (or meta.pkl, as meta.json would say it), or None when there is neither."""
     path = dataset_dir / "meta.json"
-    if not path.exists():
-        return _meta_from_pkl(dataset_dir / "meta.pkl") if (dataset_dir / "meta.pkl").exists() else None
+    data = _read_meta_file(path)
+    if data is None:
+        pkl = dataset_dir / "meta.pkl"
+        data = _read_meta_file(pkl)
+        return None if data is None else _meta_from_pkl(pkl, data)
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int) or meta["vocab_size"] < 1:
-        raise ValueError(f"{path} must be a JSON object with a positive integer vocab_size")
+        meta = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, or nested past the parser's depth
+        raise MetaError(f"{path} is not valid JSON: {one_line(str(e)) or type(e).__name__}") from None
+    if not isinstance(meta, dict) or not _is_vocab_size(meta.get("vocab_size")):
+        raise MetaError(
+            f"{path} must be a JSON object with a positive integer vocab_size of at most {MAX_VOCAB_SIZE:,} "
+            f"(token ids are {TOKEN_DTYPE})"
+        )
     if meta.get("tokenizer") not in ("char", "gpt2"):
-        raise ValueError(f"{path}: tokenizer must be 'char' or 'gpt2', got {meta.get('tokenizer')!r}")
+        raise MetaError(f"{path}: tokenizer must be 'char' or 'gpt2', got {str(meta.get('tokenizer'))[:40]!r}")
+    if meta.get("dtype", TOKEN_DTYPE) != TOKEN_DTYPE:
+        raise MetaError(
+            f"{path} says the tokens are {str(meta['dtype'])[:40]!r}, but raygpt reads {TOKEN_DTYPE} token files: "
+            f"prepare the dataset again with `python -m raygpt.prepare {dataset_dir.name}`"
+        )
     if meta["tokenizer"] == "char":
         chars = meta.get("chars")
         if not (
             isinstance(chars, list)
             and len(chars) == meta["vocab_size"]
             and all(isinstance(c, str) and len(c) == 1 for c in chars)
+            and len(set(chars)) == len(chars)
         ):
-            raise ValueError(f"{path}: 'chars' must list the {meta['vocab_size']} characters of the vocabulary")
+            raise MetaError(
+                f"{path}: 'chars' must list the {meta['vocab_size']} characters of the vocabulary, each once"
+            )
     return meta
+
+
+def load_meta(dataset_dir: str | Path) -> dict | None:
+    """The dataset's vocabulary: {'vocab_size', 'tokenizer': 'char'|'gpt2', 'chars' (char only)}, or None."""
+    meta = _read_meta(Path(dataset_dir))
+    return None if meta is None else {key: meta[key] for key in ("vocab_size", "tokenizer", "chars") if key in meta}
+
+
+def declared_token_dtype(dataset_dir: str | Path) -> str | None:
+    """The token dtype meta.json declares (raygpt.prepare writes 'uint16'; any other is refused), or None
+    for data prepared elsewhere (nanoGPT writes no meta.json, or a meta.pkl), whose width is unknown."""
+    meta = _read_meta(Path(dataset_dir))
+    return None if meta is None else meta.get("dtype")
 
 
 class Tokenizer:
