@@ -19,6 +19,7 @@ from raygpt import checkpoint
 from raygpt.config import DEFAULTS, TrainConfig, config_help, read_config
 from raygpt.data import validate_dataset
 from raygpt.errors import EXIT_INTERRUPTED, RaygptError, refuse
+from raygpt.runlock import RunLock, lock_run
 from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta
 
 PREPARABLE = ("shakespeare_char", "shakespeare")
@@ -197,12 +198,13 @@ FREE_TO_CHANGE = {
 }
 
 
-def plan_resume(cfg: TrainConfig, plan: RunPlan, explicit_keys, meta: dict | None) -> RunPlan:
-    """Decide, before any worker starts, whether this run continues an earlier one, and refuse the
-    reruns that would silently train the wrong thing. Rerunning a command continues its run."""
-    ray_dirs = ray_checkpoint_dirs(cfg, plan.run_name)
+def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | None) -> Path | None:
+    """Decide, before Ray starts, whether this run continues an earlier one, and refuse the reruns that
+    would silently train the wrong thing. Rerunning a command continues its run. Returns the checkpoint
+    it continues from (Ray's latest of the run, else out_dir/ckpt.pt), or None for a new run."""
+    ray_dirs = ray_checkpoint_dirs(cfg, run_name)
     out_ckpt = Path(cfg.out_dir) / checkpoint.CKPT_NAME
-    where = f"run '{plan.run_name}'"
+    where = f"run '{run_name}'"
     if ray_dirs:
         source, where = ray_dirs[-1] / checkpoint.CKPT_NAME, f"{where} (Ray checkpoints in {ray_dirs[-1].parent})"
     elif out_ckpt.is_file() or out_ckpt.is_dir():
@@ -210,10 +212,10 @@ def plan_resume(cfg: TrainConfig, plan: RunPlan, explicit_keys, meta: dict | Non
     elif cfg.init_from == "resume":
         raise LaunchError(
             f"init_from=resume but there is no checkpoint: neither {out_ckpt} nor Ray run "
-            f"'{plan.run_name}' in {cfg.storage_path or '~/ray_results'}"
+            f"'{run_name}' in {cfg.storage_path or '~/ray_results'}"
         )
     else:
-        return plan
+        return None
     ways_out = (
         "rerun without the change to continue it, pass --run_name=NEW (or another --out_dir) for a new run, "
         "or --fresh to start a new run beside it (nothing is deleted)"
@@ -248,7 +250,7 @@ def plan_resume(cfg: TrainConfig, plan: RunPlan, explicit_keys, meta: dict | Non
         + (f"; changed since: {', '.join(changed)}" if changed else ""),
         flush=True,
     )
-    return dataclasses.replace(plan, resume_from=None if ray_dirs else str(source))
+    return source
 
 
 def fresh_out_dir(cfg: TrainConfig) -> TrainConfig:
@@ -269,8 +271,38 @@ def is_prepared(dataset_dir: Path) -> bool:
     return has_meta and all((dataset_dir / f"{split}.bin").is_file() for split in ("train", "val"))
 
 
-def check_inputs(cfg: TrainConfig, plan: RunPlan, explicit_keys=(), prepare_input: str | None = None) -> RunPlan:
-    """Data present and sane, output writable, what to resume from: before any worker starts."""
+def check_outputs(cfg: TrainConfig) -> None:
+    for path in (cfg.out_dir, cfg.storage_path):
+        if path and "://" not in path:
+            try:
+                Path(path).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LaunchError(f"cannot create {path}: {e.strerror}") from None
+            if not os.access(path, os.W_OK):
+                raise LaunchError(f"{path} is not writable")
+
+
+def check_wandb(cfg: TrainConfig) -> None:
+    """wandb_log needs the package and, unless WandB runs offline, credentials: find out before Ray starts."""
+    if not cfg.wandb_log:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise LaunchError("wandb_log=True needs the wandb package: pip install wandb") from None
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")):
+        raise LaunchError(
+            "wandb_log=True but WandB has no credentials: run `wandb login`, set WANDB_API_KEY, "
+            "or set WANDB_MODE=offline"
+        )
+
+
+def check_data(cfg: TrainConfig, run_name: str, explicit_keys, prepare_input: str | None) -> tuple[Path | None, int]:
+    """Data present (prepared here when the launcher knows how) and sane, and what to resume from;
+    needs no cluster. Returns the resume checkpoint (or None) and the model's vocab_size."""
     dataset_dir = Path(cfg.data_dir) / cfg.dataset
     if cfg.dataset in PREPARABLE and not is_prepared(dataset_dir):
         from raygpt.prepare import prepare_dataset
@@ -281,24 +313,15 @@ def check_inputs(cfg: TrainConfig, plan: RunPlan, explicit_keys=(), prepare_inpu
         meta = load_meta(dataset_dir) if dataset_dir.is_dir() else None
     except ValueError as e:
         raise LaunchError(str(e)) from None
-    plan = plan_resume(cfg, plan, explicit_keys, meta)
-    if plan.resume_from or ray_checkpoint_dirs(cfg, plan.run_name):
-        source = plan.resume_from or ray_checkpoint_dirs(cfg, plan.run_name)[-1] / checkpoint.CKPT_NAME
-        vocab_size = checkpoint.read_summary(source)["model_args"]["vocab_size"]
+    resume_from = plan_resume(cfg, run_name, explicit_keys, meta)
+    if resume_from is not None:
+        vocab_size = checkpoint.read_summary(resume_from)["model_args"]["vocab_size"]
     elif cfg.init_from.startswith("gpt2") or Path(cfg.init_from).is_dir():
         vocab_size = GPT2_VOCAB_SIZE
     else:
         vocab_size = meta["vocab_size"] if meta else PADDED_GPT2_VOCAB_SIZE
-    validate_dataset(dataset_dir, cfg.block_size, plan.num_workers, vocab_size)
-    for path in (cfg.out_dir, cfg.storage_path):
-        if path and "://" not in path:
-            try:
-                Path(path).mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise LaunchError(f"cannot create {path}: {e.strerror}") from None
-            if not os.access(path, os.W_OK):
-                raise LaunchError(f"{path} is not writable")
-    return plan
+    validate_dataset(dataset_dir, cfg.block_size, cfg.num_workers or 1, vocab_size)
+    return resume_from, vocab_size
 
 
 def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
@@ -338,12 +361,31 @@ def prepare_run(
     wait_for_resources: bool = False,
     prepare_input: str | None = None,
 ) -> tuple[TrainConfig, RunPlan]:
-    """Everything before fit(): absolute paths, a Ray connection, resources planned, inputs checked."""
+    """Everything before fit(). What needs no cluster comes first (paths, the run lock, data, resume,
+    wandb), so a bad input costs no Ray start; then Ray, and the resources planned from what it has."""
+    global _run_lock
     cfg = absolute_paths(cfg)
+    run_name = cfg.run_name or Path(cfg.out_dir).name
+    check_outputs(cfg)
+    if _run_lock is not None:  # a second run from this process (tests, notebooks): the first one has ended
+        _run_lock.release()
+    _run_lock = lock_run(cfg.out_dir, cfg.storage_path, run_name)
+    for leftover in checkpoint.remove_leftovers(cfg.out_dir):
+        print(f"raygpt: removed {leftover.name}, left by a run killed while saving", flush=True)
+    resume_from, vocab_size = check_data(cfg, run_name, explicit_keys, prepare_input)
+    check_wandb(cfg)
     if not cfg.local_mode:
         connect(address)
     plan = plan_resources(cfg, wait_for_resources)
-    return cfg, check_inputs(cfg, plan, explicit_keys, prepare_input)
+    if plan.num_workers > 1:  # each worker trains on its own shard of train.bin: it must hold a window
+        validate_dataset(Path(cfg.data_dir) / cfg.dataset, cfg.block_size, plan.num_workers, vocab_size)
+    if resume_from is not None and not ray_checkpoint_dirs(cfg, run_name):
+        plan = dataclasses.replace(plan, resume_from=str(resume_from))
+    return cfg, plan
+
+
+# The lock of the run this process is launching: held until the process exits (or the next run).
+_run_lock: RunLock | None = None
 
 
 def run(
@@ -368,9 +410,37 @@ def run(
             f" {plan.cpus_per_worker:g} CPUs each",
             flush=True,
         )
-    result = build_trainer(cfg, plan).fit()
+    try:
+        result = build_trainer(cfg, plan).fit()
+    except KeyboardInterrupt:
+        raise RunInterrupted(where_to_continue(cfg, plan)) from None
+    except RaygptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line for the user; Ray's log (or local mode's raise) keeps the rest
+        from ray.train import TrainingFailedError
+
+        if not (isinstance(e, TrainingFailedError) or cfg.local_mode):
+            raise
+        raise RunFailed(f"training failed: {root_cause(e)}; {where_to_continue(cfg, plan)}") from e
     summarize(result, cfg)
     return result
+
+
+class RunFailed(Exception):
+    """A run that started and failed; the message is one line (exit status 1, not a refusal's 2)."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C during a run; the message says where it can continue from."""
+
+
+def where_to_continue(cfg: TrainConfig, plan: RunPlan) -> str:
+    """What was saved and how to go on, for the last line of a failed or interrupted run."""
+    ray_dirs = ray_checkpoint_dirs(cfg, plan.run_name)
+    latest = ray_dirs[-1] if ray_dirs else Path(cfg.out_dir) / checkpoint.CKPT_NAME
+    if not latest.exists():
+        return "no checkpoint was saved yet"
+    return f"the latest checkpoint is {latest}: run the same command again to continue from it"
 
 
 def root_cause(error: BaseException) -> str:
@@ -380,7 +450,11 @@ def root_cause(error: BaseException) -> str:
         cause = getattr(failure, "cause", None) or failure
         text = str(cause).strip().splitlines()
         return f"{type(cause).__name__}: {text[-1] if text else ''}"
+    from ray.train import TrainingFailedError
+
     text = str(error).strip().splitlines()
+    if not isinstance(error, TrainingFailedError):  # local mode raises the loop's own exception
+        return f"{type(error).__name__}: {text[-1] if text else ''}"
     return text[-1] if text else type(error).__name__
 
 
@@ -449,15 +523,14 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, explicit_keys, args.address, args.wait_for_resources, args.prepare_input)
     except RaygptError as e:
         return refuse(e)
-    except KeyboardInterrupt:
-        print("interrupted: run the same command again to continue from the latest checkpoint", file=sys.stderr)
+    except RunInterrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as e:  # noqa: BLE001 - a failed fit() is reported as one line, the traceback is in Ray's log
-        from ray.train import TrainingFailedError
-
-        if not isinstance(e, TrainingFailedError):
-            raise
-        print(f"error: training failed: {root_cause(e)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted before training started", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -16,7 +16,7 @@ from raygpt.errors import RaygptError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class PrecisionError(RaygptError, ValueError):
+class PrecisionError(RaygptError, RuntimeError):
     """A dtype this device cannot train in; the message is one line."""
 
 

@@ -11,7 +11,8 @@ import torch
 from raygpt.config import ConfigError, TrainConfig
 from raygpt.data import Batches
 from raygpt.model import GPT, GPTConfig
-from raygpt.speed import eval_group_size, set_attention_backend, skip_nonfinite_on_device
+from raygpt.speed import eval_group_size, set_attention_backend
+from raygpt.step import NonFiniteGuard
 
 
 def test_eval_group_size_bounds_memory_and_divides():
@@ -45,25 +46,31 @@ def test_grouped_mean_loss_equals_mean_of_batch_losses(char_data):
     assert torch.allclose(separate, grouped, rtol=1e-6, atol=0)
 
 
-def test_nonfinite_step_is_skipped_on_device_and_good_step_applied():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-on-device", "unfused-on-host"])
+def test_nonfinite_guard_skips_bad_steps_applies_good_ones_and_stops_a_streak(fused, capsys):
     weight = torch.nn.Parameter(torch.ones(3))
-    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)  # fused AdamW takes found_inf
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=fused)  # fused AdamW takes found_inf
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    guard = NonFiniteGuard(max_in_a_row=2, device=torch.device("cpu"), out_dir="OUT")
     weight.grad = torch.full((3,), float("nan"))
-    skipped = skip_nonfinite_on_device(optimizer, torch.tensor(float("nan")))
-    assert skipped.item() == 1.0
-    assert torch.equal(weight.detach(), torch.ones(3)) and optimizer.state[weight]["step"].item() == 0
+    guard.step(optimizer, scaler, torch.tensor(float("nan")))
+    assert torch.equal(weight.detach(), torch.ones(3)) and not optimizer.state.get(weight, {}).get("step", 0)
+    assert guard.check(iter_num=0) == 1
+    assert (
+        "warning: iter 0: 1 step(s) skipped for a non-finite loss or gradient norm (1 in a row)"
+        in capsys.readouterr().out
+    )
     weight.grad = torch.ones(3)
-    skipped = skip_nonfinite_on_device(optimizer, torch.tensor(1.0))
-    assert skipped.item() == 0.0
+    guard.step(optimizer, scaler, torch.tensor(1.0))
     assert (weight.detach() < 1).all() and optimizer.state[weight]["step"].item() == 1
+    assert guard.check(iter_num=1) == 0 and capsys.readouterr().out == ""
     assert not hasattr(optimizer, "found_inf")  # GradScaler's protocol attribute is not left behind
-
-
-def test_unfused_optimizer_is_left_to_the_host_check():
-    weight = torch.nn.Parameter(torch.ones(3))
-    weight.grad = torch.ones(3)
-    assert skip_nonfinite_on_device(torch.optim.AdamW([weight], lr=0.1), torch.tensor(1.0)) is None
-    assert torch.equal(weight.detach(), torch.ones(3))  # not stepped: the caller decides
+    for _ in range(2):
+        guard.step(optimizer, scaler, torch.tensor(float("inf")))
+    with pytest.raises(
+        FloatingPointError, match=r"^2 consecutive steps .* at iter 3; stopping \(the last good checkpoint is in OUT\)"
+    ):
+        guard.check(iter_num=3)
 
 
 def test_attention_backend_switches():
@@ -128,7 +135,7 @@ def test_fast_exit_keeps_what_a_normal_exit_does(tmp_path):
     atexit handlers run (after it, as in Python's own exit), buffered output is flushed, the code is kept."""
     program = textwrap.dedent(f"""
         import atexit, pathlib, sys, threading, time
-        from raygpt.speed import exit_without_teardown
+        from raygpt.processes import exit_without_teardown
         out = pathlib.Path({str(tmp_path)!r})
         def late_writer():
             time.sleep(0.5)
@@ -151,12 +158,12 @@ def test_fast_exit_keeps_what_a_normal_exit_does(tmp_path):
 def test_compile_workers_start_and_stop_are_safe_without_a_pool():
     """On a torch without Triton (this CPU build) there is no pool: both calls must be harmless no-ops,
     and a compile afterwards still works."""
-    from raygpt.speed import start_compile_workers, stop_compile_workers
+    from raygpt.processes import CompileWorkers
 
-    start_compile_workers()
-    thread = stop_compile_workers()
-    if thread is not None:
-        thread.join(timeout=60)
-        assert not thread.is_alive()
+    workers = CompileWorkers(enabled=True)
+    workers.start()
+    workers.stop_in_background()
+    workers.ready_for_compile()  # joins the shutdown
+    assert workers.stopping is None or not workers.stopping.is_alive()
     compiled = torch.compile(lambda x: x * 2 + 1)
     assert torch.equal(compiled(torch.arange(4.0)), torch.arange(4.0) * 2 + 1)

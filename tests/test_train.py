@@ -8,7 +8,8 @@ import torch
 
 from raygpt import checkpoint, launch
 from raygpt.config import TrainConfig
-from raygpt.train import get_lr, resolve_dtype
+from raygpt.step import resolve_dtype
+from raygpt.train import get_lr
 
 TINY = dict(
     dataset="shakespeare_char",
@@ -143,8 +144,8 @@ def test_val_loss_does_not_depend_on_worker_count(ray_local, tmp_path, char_data
 def test_float16_uses_the_grad_scaler(ray_local, tmp_path, char_data):
     # float16 autocast runs on CPU in recent torch; the launcher refuses it for users, so build the trainer directly.
     cfg = launch.absolute_paths(tiny_config(tmp_path, char_data, "fp16", dtype="float16", max_iters=10))
-    cfg = cfg.replace(use_gpu=False, num_workers=1, cpus_per_worker=1)
-    launch.build_trainer(cfg).fit()
+    plan = launch.RunPlan(num_workers=1, use_gpu=False, cpus_per_worker=1, run_name="fp16")
+    launch.build_trainer(cfg, plan).fit()
     scaler_state = final_state(cfg)["scaler"]
     assert scaler_state and scaler_state["scale"] > 0
 

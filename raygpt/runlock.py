@@ -1,0 +1,67 @@
+"""One run at a time on an out_dir and a Ray run: an OS file lock held by the launching process.
+
+The lock is `flock` on a file, so it dies with its process: a run killed with SIGKILL leaves a lock
+file but no lock, and rerunning the command at once works. The file's content (the holder's pid and
+host) is only there for the message a second run prints.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from pathlib import Path
+
+from raygpt.errors import RaygptError
+
+LOCK_NAME = ".raygpt.lock"
+
+
+class RunLockedError(RaygptError):
+    """Another process holds the run; the message is one line."""
+
+
+class RunLock:
+    """Held locks on `paths` (lock files); release() or process exit lets them go."""
+
+    def __init__(self):
+        self.files: list = []
+
+    def acquire(self, lock_path: Path, what: str) -> None:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a+")  # noqa: SIM115 - held open for the whole run: closing it releases the lock
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunLockedError(
+                f"{what} is in use by another raygpt run ({holder}); wait for it to end, or use another "
+                "--out_dir / --run_name"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        self.files.append(f)
+
+    def release(self) -> None:
+        for f in self.files:
+            f.close()
+        self.files.clear()
+
+
+def lock_run(out_dir: str, storage_path: str, run_name: str) -> RunLock:
+    """Lock out_dir and, where storage is a local path, the Ray run folder's name in it."""
+    lock = RunLock()
+    try:
+        lock.acquire(Path(out_dir) / LOCK_NAME, f"out_dir {out_dir}")
+        if "://" not in storage_path:
+            storage = Path(storage_path or Path("~/ray_results").expanduser())
+            # Beside the run folder, not in it: the run folder belongs to Ray.
+            lock.acquire(storage / f".{run_name}{LOCK_NAME}", f"Ray run '{run_name}' in {storage}")
+    except BaseException:
+        lock.release()
+        raise
+    return lock
