@@ -1,6 +1,6 @@
 # The character-level Shakespeare model shrunk to train on a laptop CPU in a few minutes
 # (nanoGPT's README CPU settings). Val loss reaches about 1.88 after 2000 iterations.
-out_dir = "out-shakespeare-char"
+out_dir = "out-shakespeare-char-cpu"
 eval_interval = 250
 eval_iters = 20
 log_interval = 10

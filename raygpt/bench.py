@@ -89,17 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens.tofile(Path(data_dir) / f"{split}.bin")
         batches = Batches(data_dir, cfg.block_size, cfg.batch_size, cfg.seed, device=device)
         guard = NonFiniteGuard(cfg.max_nonfinite_steps, device, announce=False)
-        step = TrainStep(
-            wrapped.train,
-            model.parameters(),
-            optimizer,
-            precision,
-            batches,
-            cfg.gradient_accumulation_steps,
-            cfg.grad_clip,
-            guard,
-            cuda_graphs=wrapped.cuda_graphs,
-        )
+        step = TrainStep(wrapped, optimizer, precision, batches, cfg.gradient_accumulation_steps, cfg.grad_clip, guard)
         times = time_steps(step, batches, args.warmup, args.steps, use_cuda)
         if args.profile:
             write_profile(step, batches, Path(args.profile), use_cuda)

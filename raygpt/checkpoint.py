@@ -147,6 +147,13 @@ class TrainState:
         self.wandb_run_id: str | None = None
         self.resumed_from: str | None = None
 
+    def record_eval(self, losses: dict[str, float]) -> bool:
+        """Keep an eval's losses; returns whether val improved on the best so far (never for NaN)."""
+        improved = losses["val"] < self.best_val_loss
+        self.last_eval = losses
+        self.best_val_loss = min(self.best_val_loss, losses["val"])
+        return improved
+
     def state_dict(self, next_batch) -> dict:
         """What to save; `next_batch` is the batch already drawn for the next step (kept with nanoGPT's
         order, whose random stream has moved past it)."""

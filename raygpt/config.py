@@ -119,6 +119,10 @@ class TrainConfig:
         "run the loop in this process with Ray Train's local mode (one process, no "
         "cluster, no restarts): for debugging and small CPU machines",
     )
+    check_memory: bool = key(
+        True,
+        "refuse, before building the model, a run whose estimated memory is over 1.5x the device's",
+    )
 
     def __post_init__(self):
         self.validate()

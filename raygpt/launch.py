@@ -63,7 +63,15 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     quiet_ray()
-    ray.init(address=address or os.environ.get("RAY_ADDRESS"), logging_level=logging.WARNING)
+    # Ray's own rule: an address (or RAY_ADDRESS) joins that cluster; without one, a cluster started on
+    # this machine with `ray start` is joined (Ray records it in its temp folder), else one starts here.
+    address = address or os.environ.get("RAY_ADDRESS")
+    local_cluster = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "ray_current_cluster"
+    joined = bool(address) or local_cluster.is_file()
+    context = ray.init(address=address, logging_level=logging.WARNING)
+    gcs = context.address_info.get("gcs_address") or context.address_info.get("address")
+    how = "joined the Ray cluster" if joined else "started a Ray instance here (it stops with this run)"
+    print(f"raygpt: {how} at {gcs}", flush=True)
     start_autoscaling_coordinator()
 
 
@@ -421,6 +429,9 @@ def run(
 
         if not (isinstance(e, TrainingFailedError) or cfg.local_mode):
             raise
+        refusal = worker_refusal(e)
+        if refusal is not None:  # bad input only a worker could see (its GPU's memory): a refusal all the same
+            raise refusal from None
         raise RunFailed(f"training failed: {root_cause(e)}; {where_to_continue(cfg, plan)}") from e
     summarize(result, cfg)
     return result
@@ -441,6 +452,15 @@ def where_to_continue(cfg: TrainConfig, plan: RunPlan) -> str:
     if not latest.exists():
         return "no checkpoint was saved yet"
     return f"the latest checkpoint is {latest}: run the same command again to continue from it"
+
+
+def worker_refusal(error: BaseException) -> RaygptError | None:
+    """The RaygptError a worker raised, if that is what failed the run."""
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        cause = getattr(failure, "cause", None) or failure
+        if isinstance(cause, RaygptError):
+            return cause
+    return None
 
 
 def root_cause(error: BaseException) -> str:

@@ -8,9 +8,15 @@ consumed, which would cost far more than a step.
 
 from __future__ import annotations
 
+import json
 import secrets
 import statistics
 from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from raygpt.files import write_text_atomic
 
 # Reported metric -> WandB key (nanoGPT's names where it has them).
 WANDB_KEYS = {
@@ -58,10 +64,11 @@ class Reporter:
         is_rank_zero: bool,
         tokens_per_iter: int,
         estimate_mfu: Callable[[float], float | None],
+        device: torch.device,
         wandb_run=None,
         report_to_ray: Callable | None = None,
     ):
-        self.cfg, self.is_rank_zero, self.tokens_per_iter = cfg, is_rank_zero, tokens_per_iter
+        self.cfg, self.is_rank_zero, self.tokens_per_iter, self.device = cfg, is_rank_zero, tokens_per_iter, device
         self.estimate_mfu, self.wandb_run, self.report_to_ray = estimate_mfu, wandb_run, report_to_ray
         self.running_mfu = -1.0
         self.step_times: list[float] = []
@@ -110,15 +117,33 @@ class Reporter:
             }
         )
 
-    def eval(self, metrics: dict, seconds: float, checkpoint=None) -> None:
-        """An eval's losses (metrics: iter, train_loss, val_loss, ...), and the checkpoint taken with them."""
+    def eval(self, state, lr: float, seconds: float, weights_in_sync: bool, checkpoint=None) -> None:
+        """An eval's losses (in `state`) and the checkpoint taken with them: console, Ray, WandB, and
+        for eval_only out_dir/eval.json (Ray's Result carries only checkpointed metrics)."""
+        metrics = {
+            "iter": state.iter_num,
+            "train_loss": state.last_eval["train"],
+            "val_loss": state.last_eval["val"],
+            "best_val_loss": state.best_val_loss,
+            "lr": lr,
+            "tokens_seen": state.iter_num * self.tokens_per_iter,
+            # The allocator's high-water mark so far: what decides whether a micro-batch fits.
+            "peak_memory_gib": torch.cuda.max_memory_allocated(self.device) / 2**30
+            if self.device.type == "cuda"
+            else None,
+            "weights_in_sync": weights_in_sync,
+        }
         self.eval_seconds = seconds
-        memory = metrics.get("peak_memory_gib")
+        memory = metrics["peak_memory_gib"]
         memory_text = f", peak memory {memory:.2f} GiB" if memory is not None else ""
         self.say(
             f"step {metrics['iter']}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f} "
             f"(eval {seconds:.2f}s{memory_text})"
         )
+        if self.cfg.eval_only and self.is_rank_zero:
+            write_text_atomic(
+                Path(self.cfg.out_dir) / "eval.json", json.dumps({**metrics, "eval_iters": self.cfg.eval_iters})
+            )
         if self.report_to_ray is not None:
             self.report_to_ray(metrics, checkpoint=checkpoint)
         self._wandb(metrics)

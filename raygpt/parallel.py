@@ -17,6 +17,7 @@ from raygpt.speed import compile_model, uses_cuda_graphs
 
 @dataclass
 class WrappedModel:
+    module: torch.nn.Module  # the plain model: its parameters and state_dict
     train: torch.nn.Module
     eval: torch.nn.Module
     # DDP syncs gradients at every backward unless told not to: the step turns it off until the last micro-step.
@@ -35,7 +36,9 @@ def wrap_model(model: torch.nn.Module, cfg, world_size: int, device: torch.devic
     train = compiled
     if world_size > 1:
         train = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
-    return WrappedModel(train=train, eval=compiled, no_sync_until_last=world_size > 1, cuda_graphs=cuda_graphs)
+    return WrappedModel(
+        module=model, train=train, eval=compiled, no_sync_until_last=world_size > 1, cuda_graphs=cuda_graphs
+    )
 
 
 def weights_in_sync(model: torch.nn.Module, world_size: int) -> bool:

@@ -1,101 +1,253 @@
-"""`python -m raygpt.prepare DATASET [options]`: text or parquet -> data/<name>/{train,val}.bin + meta.json.
+"""Prepare a dataset: text or parquet files -> DATA_DIR/NAME/{train,val}.bin + meta.json.
 
+examples:
     python -m raygpt.prepare shakespeare_char [--input input.txt]   # characters, vocab 65
     python -m raygpt.prepare shakespeare [--input input.txt]        # GPT-2 BPE
     python -m raygpt.prepare openwebtext --input 'owt/*.parquet' [--text-column text]
     python -m raygpt.prepare corpus --name mycorpus --input 'docs/*.txt' [--one-doc-per-line]
 
-Tokens are uint16 (GPT-2's 50257 fit). Outputs are written to temporary files and renamed at the end,
-so an interrupted run never leaves a train.bin that looks complete. No pickle is written.
+Tokens are uint16 (GPT-2's 50257 fit); meta.json says so. Inputs are checked before anything is
+written; every output goes to a temporary file that is renamed into place (raygpt.files), so a failed
+or interrupted run leaves no partial train.bin and no temporary file, and a dataset folder it created
+but could not fill is removed again. No pickle is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
+import http.client
 import json
 import os
+import stat
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
-from raygpt.errors import RaygptError
-from raygpt.tokenizer import EOT_TOKEN, gpt2_encoding
+from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, RaygptError, one_line, run_cli
+from raygpt.files import DiskFullError, write_atomic, write_bytes_atomic, write_text_atomic
+from raygpt.tokenizer import EOT_TOKEN, MAX_VOCAB_SIZE, TOKEN_DTYPE, gpt2_encoding
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SETS = ("shakespeare_char", "shakespeare")
+# A split needs one (input, target) pair to be trained or evaluated at all; the launcher checks it
+# against the real block_size.
+MIN_SPLIT_TOKENS = 2
+# Below this, val loss is measured on a few dozen distinct windows (39 of nanoGPT's 256-character
+# context for shakespeare_char): noisy, and larger contexts cannot be evaluated at all.
+USEFUL_VAL_TOKENS = 10_000
+MAX_THREADS = 1024  # more tokenizer threads than any machine has cores only costs memory
 
 
 class PrepareError(RaygptError):
     """Bad input to data preparation; the message is one line."""
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
+# ---- where outputs go -------------------------------------------------------------------------------
 
 
-def read_shakespeare(dataset_dir: Path, input_path: str | Path | None) -> str:
-    """The tiny Shakespeare text: from input_path, else downloaded once into the dataset folder."""
-    if input_path is None:
-        input_path = dataset_dir / "input.txt"
-        if not input_path.exists():
-            print(f"downloading tiny Shakespeare from {SHAKESPEARE_URL}", file=sys.stderr)
+def dataset_folder(data_dir: str | Path, name: str) -> Path:
+    """DATA_DIR/NAME, after checking it can be made there (no part of it is a file), before any work."""
+    if name in ("", ".", "..") or "/" in name or os.sep in name or "\0" in name:
+        raise PrepareError(f"dataset name {name!r} must be a plain folder name (no '/', not '.' or '..')")
+    dataset_dir = Path(data_dir).expanduser() / name
+    for path in (dataset_dir, *dataset_dir.parents):
+        try:
+            mode = os.stat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # made later; the first existing folder above it decides
+        except OSError as e:
+            raise PrepareError(f"cannot use {path} for the outputs: {e.strerror}") from None
+        if not stat.S_ISDIR(mode) and path == dataset_dir:
+            raise PrepareError(f"{path} is a file, not a dataset folder; choose another --name or --data-dir")
+        if not stat.S_ISDIR(mode):
+            raise PrepareError(
+                f"{path} is a file, not a folder for the outputs ({dataset_dir}); choose another --data-dir"
+            )
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PrepareError(f"{path} is not writable: the outputs go to {dataset_dir}")
+        break
+    return dataset_dir
+
+
+@contextlib.contextmanager
+def output_folder(dataset_dir: Path) -> Iterator[None]:
+    """Create dataset_dir (and missing parents) for outputs that are ready to be written. If the block
+    fails, the folders made here are removed while still empty: nothing is left that looks prepared."""
+    created = []
+    for path in (dataset_dir, *dataset_dir.parents):
+        if os.path.lexists(path):
+            break
+        created.append(path)
+    try:
+        dataset_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"cannot create {dataset_dir}: {e.strerror}") from None
+    try:
+        yield
+    except BaseException as e:
+        for path in created:  # deepest first; one that is not empty stops the climb
             try:
-                with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as response:
-                    write_atomic(input_path, response.read())
-            except OSError as e:
-                raise PrepareError(
-                    f"cannot download tiny Shakespeare ({e}); pass a local copy with --input FILE"
-                ) from None
-    input_path = Path(input_path)
-    if not input_path.is_file():
-        raise PrepareError(f"input file {input_path} not found")
-    text = input_path.read_text(encoding="utf-8")
+                path.rmdir()
+            except OSError:
+                break
+        if isinstance(e, DiskFullError):
+            raise PrepareError(e.strerror) from None
+        if isinstance(e, OSError):
+            raise PrepareError(f"cannot write to {dataset_dir}: {e.strerror or e}") from None
+        raise
+
+
+def write_dataset(dataset_dir: Path, meta: dict, write_splits: Callable[[BinaryIO, BinaryIO], None]) -> None:
+    """write_splits(train_file, val_file) into temporary files, renamed to train.bin and val.bin once it
+    returns; then meta.json. A meta.json marks a whole dataset: an old one is removed only when both new
+    files are written, just before they are renamed, and the new one comes last."""
+
+    def write_val(train_file: BinaryIO) -> None:
+        def write_both(val_file: BinaryIO) -> None:
+            write_splits(train_file, val_file)
+            (dataset_dir / "meta.json").unlink(missing_ok=True)
+
+        write_atomic(dataset_dir / "val.bin", write_both)
+
+    write_atomic(dataset_dir / "train.bin", write_val)
+    write_text_atomic(dataset_dir / "meta.json", json.dumps({**meta, "dtype": TOKEN_DTYPE}, ensure_ascii=False))
+
+
+def write_arrays(train: np.ndarray, val: np.ndarray) -> Callable[[BinaryIO, BinaryIO], None]:
+    def write_splits(train_file: BinaryIO, val_file: BinaryIO) -> None:
+        train_file.write(train.data)
+        val_file.write(val.data)
+
+    return write_splits
+
+
+def check_splits(name: str, train_tokens: int, val_tokens: int, hint: str) -> None:
+    """Refuse a split too small to train or evaluate at all; warn when val is too small to be useful."""
+    for split, tokens, use in (("train", train_tokens, "train on"), ("val", val_tokens, "evaluate")):
+        if tokens < MIN_SPLIT_TOKENS:
+            raise PrepareError(
+                f"{name}: the {split} split has {tokens} tokens, too few to {use} at all "
+                f"(needs at least {MIN_SPLIT_TOKENS}); {hint}"
+            )
+    if val_tokens < USEFUL_VAL_TOKENS:
+        print(
+            f"warning: {name}: the val split has only {val_tokens:,} tokens (under {USEFUL_VAL_TOKENS:,}): its "
+            f"loss will be noisy, and no block_size of {val_tokens} or more can be evaluated; {hint}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+# ---- inputs -----------------------------------------------------------------------------------------
+
+
+def check_input_file(path: Path, input_flag: str, glob_ok: bool = False) -> int:
+    """The size of an input file; missing, a folder, a symlink loop or not a regular file: one line."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise PrepareError(f"input file {path} not found") from None
+    except OSError as e:
+        raise PrepareError(f"cannot read input {path}: {e.strerror}") from None
+    if stat.S_ISDIR(info.st_mode):
+        pattern = f", or a glob such as '{path}/*.txt'" if glob_ok else ""
+        raise PrepareError(f"{input_flag} {path} is a folder; pass a file{pattern}")
+    if not stat.S_ISREG(info.st_mode):
+        raise PrepareError(f"{input_flag} {path} is not a regular file")
+    return info.st_size
+
+
+def read_text_file(path: Path, input_flag: str) -> str:
+    check_input_file(path, input_flag)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise PrepareError(f"cannot read input {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path} is not UTF-8 text (byte {e.start:,}); convert it, e.g. iconv -t utf-8") from None
     if not text:
-        raise PrepareError(f"input file {input_path} is empty")
+        raise PrepareError(f"input file {path} is empty")
     return text
 
 
+def read_shakespeare(dataset_dir: Path, input_path: str | Path | None, input_flag: str) -> tuple[Path, str]:
+    """The tiny Shakespeare text and its path: input_path, else downloaded once into the dataset folder."""
+    if input_path is None:
+        input_path = dataset_dir / "input.txt"
+        if not os.path.lexists(input_path):
+            download_shakespeare(dataset_dir, input_flag)
+    input_path = Path(input_path)
+    return input_path, read_text_file(input_path, input_flag)
+
+
+def download_shakespeare(dataset_dir: Path, input_flag: str) -> None:
+    print(f"downloading tiny Shakespeare from {SHAKESPEARE_URL}", file=sys.stderr)
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as response:
+            data = response.read()
+    except (OSError, http.client.HTTPException) as e:
+        raise PrepareError(
+            f"cannot download tiny Shakespeare ({one_line(str(e)) or type(e).__name__}); "
+            f"pass a local copy with {input_flag} FILE"
+        ) from None
+    with output_folder(dataset_dir):
+        write_bytes_atomic(dataset_dir / "input.txt", data)
+
+
+# ---- the two Shakespeare sets -----------------------------------------------------------------------
+
+
 def prepare_shakespeare_char(
-    data_dir: str | Path, input_path: str | Path | None = None, name: str = "shakespeare_char"
+    data_dir: str | Path,
+    input_path: str | Path | None = None,
+    name: str = "shakespeare_char",
+    input_flag: str = "--input",
 ) -> Path:
     """Character-level tiny Shakespeare: the first 90% of characters train, the rest val."""
-    dataset_dir = Path(data_dir) / name
-    dataset_dir.mkdir(parents=True, exist_ok=True)
-    text = read_shakespeare(dataset_dir, input_path)
+    dataset_dir = dataset_folder(data_dir, name)
+    path, text = read_shakespeare(dataset_dir, input_path, input_flag)
     chars = sorted(set(text))
+    if len(chars) > MAX_VOCAB_SIZE:
+        raise PrepareError(
+            f"{path} has {len(chars):,} distinct characters, but character token ids are {TOKEN_DTYPE} (at most "
+            f"{MAX_VOCAB_SIZE:,}); prepare it with GPT-2 BPE instead: python -m raygpt.prepare shakespeare"
+        )
     stoi = {c: i for i, c in enumerate(chars)}
     ids = np.array([stoi[c] for c in text], dtype=np.uint16)
     split = int(len(text) * 0.9)
-    write_atomic(dataset_dir / "train.bin", ids[:split].tobytes())
-    write_atomic(dataset_dir / "val.bin", ids[split:].tobytes())
-    write_atomic(
-        dataset_dir / "meta.json",
-        json.dumps({"vocab_size": len(chars), "tokenizer": "char", "chars": chars}, ensure_ascii=False),
-    )
+    check_splits(name, split, len(text) - split, f"use a longer text than {path}")
+    with output_folder(dataset_dir):
+        meta = {"vocab_size": len(chars), "tokenizer": "char", "chars": chars}
+        write_dataset(dataset_dir, meta, write_arrays(ids[:split], ids[split:]))
     print(f"{name}: vocab {len(chars)}, train {split:,} tokens, val {len(text) - split:,} tokens -> {dataset_dir}")
     return dataset_dir
 
 
 def prepare_shakespeare_bpe(
-    data_dir: str | Path, input_path: str | Path | None = None, name: str = "shakespeare"
+    data_dir: str | Path,
+    input_path: str | Path | None = None,
+    name: str = "shakespeare",
+    input_flag: str = "--input",
 ) -> Path:
     """GPT-2 BPE tiny Shakespeare: the 90/10 character split, each part encoded on its own."""
-    dataset_dir = Path(data_dir) / name
-    dataset_dir.mkdir(parents=True, exist_ok=True)
-    text = read_shakespeare(dataset_dir, input_path)
+    dataset_dir = dataset_folder(data_dir, name)
+    path, text = read_shakespeare(dataset_dir, input_path, input_flag)
     split = int(len(text) * 0.9)
     encoding = gpt2_encoding()
     train_ids = np.array(encoding.encode_ordinary(text[:split]), dtype=np.uint16)
     val_ids = np.array(encoding.encode_ordinary(text[split:]), dtype=np.uint16)
-    write_atomic(dataset_dir / "train.bin", train_ids.tobytes())
-    write_atomic(dataset_dir / "val.bin", val_ids.tobytes())
-    write_atomic(dataset_dir / "meta.json", json.dumps({"vocab_size": encoding.n_vocab, "tokenizer": "gpt2"}))
+    check_splits(name, len(train_ids), len(val_ids), f"use a longer text than {path}")
+    with output_folder(dataset_dir):
+        write_dataset(
+            dataset_dir, {"vocab_size": encoding.n_vocab, "tokenizer": "gpt2"}, write_arrays(train_ids, val_ids)
+        )
     print(f"{name}: GPT-2 BPE, train {len(train_ids):,} tokens, val {len(val_ids):,} tokens -> {dataset_dir}")
     return dataset_dir
 
@@ -103,13 +255,57 @@ def prepare_shakespeare_bpe(
 # ---- large corpora: streamed, tokenized in parallel, bounded memory ----------------------------------
 
 
-def expand_inputs(pattern: str | Path | None) -> list[Path]:
+def expand_inputs(pattern: str | Path | None, input_flag: str = "--input") -> list[Path]:
     if pattern is None:
-        raise PrepareError("no --input given: point it at your text or parquet files, e.g. --input 'owt/*.parquet'")
+        raise PrepareError(
+            f"no {input_flag} given: point it at your text or parquet files, e.g. {input_flag} 'owt/*.parquet'"
+        )
     paths = sorted(Path(p) for p in glob.glob(os.path.expanduser(str(pattern))))
     if not paths:
-        raise PrepareError(f"no files match --input {pattern}")
+        raise PrepareError(f"no files match {input_flag} {pattern}")
     return paths
+
+
+def is_text_type(arrow_type) -> bool:
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(arrow_type):
+        return is_text_type(arrow_type.value_type)
+    string_view = getattr(pa.types, "is_string_view", lambda _: False)
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or string_view(arrow_type)
+
+
+def check_inputs(paths: list[Path], text_column: str, input_flag: str) -> int:
+    """Refuse, before anything is written, inputs that cannot be read: each must be a regular file, and a
+    parquet file must open and hold `text_column` as text. Returns the rows of all parquet files plus the
+    bytes of all text files: what the ETA counts down."""
+    total = 0
+    for path in paths:
+        size = check_input_file(path, input_flag, glob_ok=True)
+        if path.suffix != ".parquet":
+            total += size
+            continue
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            with pq.ParquetFile(path) as parquet:
+                schema, rows = parquet.schema_arrow, parquet.metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise PrepareError(f"{path} is not a readable parquet file ({one_line(str(e))})") from None
+        columns = ", ".join(schema.names)
+        if text_column not in schema.names:
+            raise PrepareError(
+                f"{path} has no column {text_column!r} (columns: {columns}); choose one with --text-column"
+            )
+        column_type = schema.field(text_column).type
+        if not is_text_type(column_type):
+            raise PrepareError(
+                f"{path}: column {text_column!r} holds {column_type}, not text (columns: {columns}); "
+                "choose a text column with --text-column"
+            )
+        total += rows
+    return total
 
 
 def iter_documents(
@@ -118,18 +314,17 @@ def iter_documents(
     """Batches of documents with the input bytes (text) or rows (parquet) they used, for progress."""
     for path in paths:
         if path.suffix == ".parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
-            parquet = pq.ParquetFile(path)
-            if text_column not in parquet.schema_arrow.names:
-                raise PrepareError(
-                    f"{path} has no column {text_column!r} (columns: "
-                    f"{', '.join(parquet.schema_arrow.names)}); choose one with --text-column"
-                )
-            for batch in parquet.iter_batches(batch_size=batch_rows, columns=[text_column]):
-                docs = [doc for doc in batch.column(0).to_pylist() if doc]
-                yield docs, batch.num_rows
-        else:
+            try:
+                with pq.ParquetFile(path) as parquet:
+                    for batch in parquet.iter_batches(batch_size=batch_rows, columns=[text_column]):
+                        yield [doc for doc in batch.column(0).to_pylist() if doc], batch.num_rows
+            except (pa.ArrowException, OSError) as e:
+                raise PrepareError(f"cannot read {path}: {one_line(str(e))}") from None
+            continue
+        try:
             with open(path, encoding="utf-8") as f:
                 if not one_doc_per_line:
                     text = f.read()
@@ -145,19 +340,53 @@ def iter_documents(
                         docs, size = [], 0
                 if docs or size:
                     yield docs, size
+        except UnicodeDecodeError:
+            raise PrepareError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8) or leave it out") from None
+        except OSError as e:
+            raise PrepareError(f"cannot read {path}: {e.strerror}") from None
 
 
-def total_work(paths: list[Path]) -> int:
-    """Rows of all parquet files plus bytes of all text files: what the ETA counts down."""
-    total = 0
-    for path in paths:
-        if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            total += pq.ParquetFile(path).metadata.num_rows
-        else:
-            total += path.stat().st_size
-    return total
+def tokenize_documents(
+    name: str,
+    paths: list[Path],
+    outputs: dict[str, BinaryIO],
+    work: int,
+    text_column: str,
+    one_doc_per_line: bool,
+    val_fraction: float,
+    seed: int,
+    num_threads: int,
+) -> tuple[int, dict[str, int]]:
+    """Write each document's GPT-2 tokens and an EOT to outputs['val'] with probability val_fraction,
+    else to outputs['train']; returns the documents and the tokens of each split."""
+    encoding = gpt2_encoding()
+    rng = np.random.default_rng(seed)
+    counts = {"train": 0, "val": 0}
+    docs_done = work_done = 0
+    start = last_print = time.time()
+    for docs, work_in_batch in iter_documents(paths, text_column, one_doc_per_line):
+        to_val = rng.random(len(docs)) < val_fraction
+        # tiktoken's batch encoder runs its Rust core on several threads at once.
+        for doc_ids, is_val in zip(encoding.encode_ordinary_batch(docs, num_threads=num_threads), to_val):
+            split = "val" if is_val else "train"
+            ids = np.array(doc_ids + [EOT_TOKEN], dtype=np.uint16)
+            outputs[split].write(ids.tobytes())
+            counts[split] += len(ids)
+        docs_done += len(docs)
+        work_done += work_in_batch
+        now = time.time()
+        if now - last_print >= 2.0:
+            last_print = now
+            elapsed = now - start
+            eta = (work - work_done) * elapsed / max(work_done, 1)
+            print(
+                f"{name}: {docs_done:,} docs ({docs_done / elapsed:,.0f}/s), "
+                f"{(counts['train'] + counts['val']) / elapsed:,.0f} tokens/s, "
+                f"{100 * work_done / max(work, 1):.1f}%, eta {eta:,.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+    return docs_done, counts
 
 
 def prepare_corpus(
@@ -169,110 +398,146 @@ def prepare_corpus(
     val_fraction: float = 0.0005,
     seed: int = 2357,
     num_threads: int | None = None,
+    input_flag: str = "--input",
 ) -> Path:
     """GPT-2 BPE over many documents, EOT after each, each document to val with probability val_fraction."""
-    paths = expand_inputs(input_path)
     if not 0.0 < val_fraction < 1.0:
         raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
-    dataset_dir = Path(data_dir) / name
-    dataset_dir.mkdir(parents=True, exist_ok=True)
-    encoding = gpt2_encoding()
-    num_threads = num_threads or os.cpu_count() or 1
-    rng = np.random.default_rng(seed)
-    work = total_work(paths)
-    outputs = {split: open(dataset_dir / f"{split}.bin.tmp", "wb") for split in ("train", "val")}
-    counts = {"train": 0, "val": 0}
-    docs_done = work_done = 0
-    start = last_print = time.time()
-    try:
-        for docs, work_in_batch in iter_documents(paths, text_column, one_doc_per_line):
-            to_val = rng.random(len(docs)) < val_fraction
-            # tiktoken's batch encoder runs its Rust core on several threads at once.
-            for doc_ids, is_val in zip(encoding.encode_ordinary_batch(docs, num_threads=num_threads), to_val):
-                split = "val" if is_val else "train"
-                ids = np.array(doc_ids + [EOT_TOKEN], dtype=np.uint16)
-                outputs[split].write(ids.tobytes())
-                counts[split] += len(ids)
-            docs_done += len(docs)
-            work_done += work_in_batch
-            now = time.time()
-            if now - last_print >= 2.0:
-                last_print = now
-                elapsed = now - start
-                eta = (work - work_done) * elapsed / max(work_done, 1)
-                print(
-                    f"{name}: {docs_done:,} docs ({docs_done / elapsed:,.0f}/s), "
-                    f"{(counts['train'] + counts['val']) / elapsed:,.0f} tokens/s, "
-                    f"{100 * work_done / max(work, 1):.1f}%, eta {eta:,.0f}s",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    finally:
-        for f in outputs.values():
-            f.close()
-    if counts["train"] == 0:
-        raise PrepareError(f"no documents found in --input {input_path}")
-    if counts["val"] == 0:
-        raise PrepareError(f"no document was drawn for val from {docs_done} documents; raise --val-fraction")
-    for split in ("train", "val"):
-        os.replace(dataset_dir / f"{split}.bin.tmp", dataset_dir / f"{split}.bin")
-    write_atomic(dataset_dir / "meta.json", json.dumps({"vocab_size": encoding.n_vocab, "tokenizer": "gpt2"}))
+    if seed < 0:
+        raise PrepareError(f"--seed must not be negative, got {seed}")
+    if num_threads is not None and not 1 <= num_threads <= MAX_THREADS:
+        raise PrepareError(f"--num-threads must be from 1 to {MAX_THREADS}, got {num_threads}")
+    paths = expand_inputs(input_path, input_flag)
+    work = check_inputs(paths, text_column, input_flag)
+    dataset_dir = dataset_folder(data_dir, name)
+    start = time.time()
+    summary: dict = {}
+
+    def write_splits(train_file: BinaryIO, val_file: BinaryIO) -> None:
+        # Runs inside write_dataset's two write_atomic calls: a refusal here leaves neither file nor a temporary.
+        docs, counts = tokenize_documents(
+            name,
+            paths,
+            {"train": train_file, "val": val_file},
+            work,
+            text_column,
+            one_doc_per_line,
+            val_fraction,
+            seed,
+            num_threads or os.cpu_count() or 1,
+        )
+        if docs == 0:
+            raise PrepareError(f"no documents found in {input_flag} {input_path}")
+        if counts["val"] == 0:
+            raise PrepareError(f"no document was drawn for val from {docs} documents; raise --val-fraction")
+        if counts["train"] == 0:
+            raise PrepareError(f"every one of the {docs} documents was drawn for val; lower --val-fraction")
+        check_splits(name, counts["train"], counts["val"], "raise --val-fraction or add documents")
+        summary.update(docs=docs, **counts)
+
+    with output_folder(dataset_dir):
+        write_dataset(dataset_dir, {"vocab_size": gpt2_encoding().n_vocab, "tokenizer": "gpt2"}, write_splits)
     print(
-        f"{name}: {docs_done:,} docs, train {counts['train']:,} tokens, val {counts['val']:,} tokens "
+        f"{name}: {summary['docs']:,} docs, train {summary['train']:,} tokens, val {summary['val']:,} tokens "
         f"in {time.time() - start:.1f}s -> {dataset_dir}"
     )
     return dataset_dir
 
 
 def prepare_dataset(
-    name: str, data_dir: str | Path = "data", input_path: str | Path | None = None, **corpus_options
+    name: str,
+    data_dir: str | Path = "data",
+    input_path: str | Path | None = None,
+    input_flag: str = "--input",
+    output_name: str | None = None,
+    **corpus_options,
 ) -> Path:
-    """Prepare a dataset by name: the two Shakespeare sets, or a corpus of text/parquet files."""
+    """Prepare a dataset by name into DATA_DIR/(output_name or name): the two Shakespeare sets, or a
+    corpus of text/parquet files. `input_flag` is how the caller's users pass input_path, for hints."""
     if name == "shakespeare_char":
-        return prepare_shakespeare_char(data_dir, input_path)
+        return prepare_shakespeare_char(data_dir, input_path, output_name or name, input_flag)
     if name == "shakespeare":
-        return prepare_shakespeare_bpe(data_dir, input_path)
-    return prepare_corpus(name, data_dir, input_path, **corpus_options)
+        return prepare_shakespeare_bpe(data_dir, input_path, output_name or name, input_flag)
+    return prepare_corpus(output_name or name, data_dir, input_path, input_flag=input_flag, **corpus_options)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A bad option is one line, as every refusal is (argparse would print the usage first)."""
+        self.exit(EXIT_REFUSED, f"error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    description, _, details = __doc__.partition("\n\n")
+    parser = _Parser(
+        prog="python -m raygpt.prepare",
+        description=description,
+        epilog=details,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "dataset",
+        help="shakespeare_char (characters), shakespeare (GPT-2 BPE), or a name of your own for a "
+        "corpus of --input files (GPT-2 BPE)",
+    )
+    parser.add_argument(
+        "--input",
+        metavar="FILE_OR_GLOB",
+        help="a text file for the Shakespeare sets (default: download tiny Shakespeare), or a glob "
+        "of .txt/.parquet files for a corpus (required)",
+    )
+    parser.add_argument(
+        "--data-dir", default="data", metavar="DIR", help="outputs go to DIR/NAME (default: %(default)s)"
+    )
+    parser.add_argument("--name", help="output folder name (default: the dataset name)")
+    parser.add_argument(
+        "--text-column", default="text", metavar="COLUMN", help="parquet column of the documents (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--one-doc-per-line",
+        action="store_true",
+        help="each line of a corpus text file is a document (default: each file is one)",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0005,
+        metavar="F",
+        help="share of a corpus's documents drawn for val (default: %(default)s, nanoGPT's for OpenWebText)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=2357, help="seed of a corpus's train/val draw (default: %(default)s, nanoGPT's)"
+    )
+    parser.add_argument(
+        "--num-threads",
+        type=int,
+        metavar="N",
+        help=f"tokenizer threads, 1 to {MAX_THREADS} (default: one per CPU, {os.cpu_count()} here)",
+    )
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m raygpt.prepare",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
-    parser.add_argument("dataset", help="shakespeare_char, shakespeare, openwebtext, or a corpus name")
-    parser.add_argument("--input", help="input file, or a glob of text/parquet files for a corpus")
-    parser.add_argument("--data-dir", default="data", help="outputs go to DATA_DIR/NAME (default: data)")
-    parser.add_argument("--name", help="output folder name (default: the dataset name)")
-    parser.add_argument("--text-column", default="text", help="parquet column holding the documents")
-    parser.add_argument("--one-doc-per-line", action="store_true", help="text files hold one document per line")
-    parser.add_argument("--val-fraction", type=float, default=0.0005, help="share of documents that go to val")
-    parser.add_argument("--seed", type=int, default=2357, help="seed of the train/val draw")
-    parser.add_argument("--num-threads", type=int, default=None, help="tokenizer threads (default: all CPUs)")
-    args = parser.parse_args(argv)
-    name = args.name or args.dataset
+    args = build_parser().parse_args(argv)
+    corpus_options = {}
+    if args.dataset not in SHAKESPEARE_SETS:
+        corpus_options = dict(
+            text_column=args.text_column,
+            one_doc_per_line=args.one_doc_per_line,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            num_threads=args.num_threads,
+        )
+
+    def prepare() -> int:
+        prepare_dataset(args.dataset, args.data_dir, args.input, output_name=args.name, **corpus_options)
+        return 0
+
     try:
-        if args.dataset == "shakespeare_char":
-            prepare_shakespeare_char(args.data_dir, args.input, name)
-        elif args.dataset == "shakespeare":
-            prepare_shakespeare_bpe(args.data_dir, args.input, name)
-        else:
-            prepare_corpus(
-                name,
-                args.data_dir,
-                args.input,
-                args.text_column,
-                args.one_doc_per_line,
-                args.val_fraction,
-                args.seed,
-                args.num_threads,
-            )
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return run_cli(prepare)
+    except KeyboardInterrupt:
+        print("interrupted: no partial output was left; run the same command again", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

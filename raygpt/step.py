@@ -7,11 +7,14 @@ No Ray here.
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 
 import torch
 
 from raygpt.errors import RaygptError
+from raygpt.parallel import WrappedModel
+from raygpt.speed import eval_group_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -119,25 +122,14 @@ class NonFiniteGuard:
 class TrainStep:
     """One iteration: forward/backward over the micro-batches, clip, guarded optimizer step, zero grads.
 
-    `model` is what runs forward and backward (compiled, wrapped for data parallelism); `params` are the
-    unwrapped model's parameters, whose gradients are clipped."""
+    Forward and backward run on `wrapped.train` (compiled, wrapped for data parallelism); gradients are
+    clipped over the plain model's parameters."""
 
-    def __init__(
-        self,
-        model,
-        params,
-        optimizer,
-        precision: Precision,
-        batches,
-        accum_steps: int,
-        grad_clip: float,
-        guard: NonFiniteGuard,
-        no_sync_until_last: bool = False,
-        cuda_graphs: bool = False,
-    ):
-        self.model, self.params, self.optimizer, self.precision = model, list(params), optimizer, precision
-        self.batches, self.accum_steps, self.grad_clip, self.guard = batches, accum_steps, grad_clip, guard
-        self.no_sync_until_last, self.cuda_graphs = no_sync_until_last, cuda_graphs
+    def __init__(self, wrapped: WrappedModel, optimizer, precision: Precision, batches, accum_steps: int,
+                 grad_clip: float, guard: NonFiniteGuard):  # fmt: skip
+        self.wrapped, self.optimizer, self.precision, self.batches = wrapped, optimizer, precision, batches
+        self.accum_steps, self.grad_clip, self.guard = accum_steps, grad_clip, guard
+        self.params = list(wrapped.module.parameters())
 
     def __call__(self, X, Y, iter_num: int):
         """Train on (X, Y) and the iteration's other micro-batches. Returns the summed (already
@@ -145,14 +137,15 @@ class TrainStep:
         was fetched while the device worked on this one."""
         scaler = self.precision.scaler
         loss_sum = torch.zeros((), device=X.device)
+        model = self.wrapped.train
         for micro_step in range(self.accum_steps):
-            if self.no_sync_until_last:
+            if self.wrapped.no_sync_until_last:
                 # DDP all-reduces gradients only on the last micro-step; earlier ones just accumulate.
-                self.model.require_backward_grad_sync = micro_step == self.accum_steps - 1
-            if self.cuda_graphs:
+                model.require_backward_grad_sync = micro_step == self.accum_steps - 1
+            if self.wrapped.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # each micro-step replays the graphs afresh
             with self.precision.autocast():
-                _, loss = self.model(X, Y)
+                _, loss = model(X, Y)
                 loss = loss / self.accum_steps
             loss_sum += loss.detach()
             # Fetch the next batch while the GPU is still busy with this one.
@@ -180,30 +173,24 @@ class Evaluator:
     the result does not depend on the worker count. Small models run several windows as one forward
     pass (speed.eval_group_size)."""
 
-    def __init__(
-        self,
-        model,
-        batches,
-        precision: Precision,
-        eval_iters: int,
-        rank: int,
-        world_size: int,
-        group: int,
-        eager: bool = False,
-        cuda_graphs: bool = False,
-        before_compile=None,
-    ):
-        self.model, self.batches, self.precision = model, batches, precision
+    def __init__(self, wrapped: WrappedModel, batches, precision: Precision, eval_iters: int, model_args: dict,
+                 rank: int, world_size: int, eager: bool = False, before_compile=None):  # fmt: skip
+        self.model, self.batches, self.precision = wrapped.eval, batches, precision
         self.eval_iters, self.world_size = eval_iters, world_size
         self.my_windows = list(range(rank, eval_iters, world_size))
-        self.group, self.eager, self.cuda_graphs = group, eager, cuda_graphs
+        self.group = eval_group_size(len(self.my_windows), batches.batch_size, model_args["block_size"],
+                                     model_args["vocab_size"], model_args["n_embd"])  # fmt: skip
+        # eager: compiled for training, but evaluated without compiling a second graph (compile_eval=False).
+        self.eager, self.cuda_graphs = eager, wrapped.cuda_graphs and not eager
         self.before_compile = before_compile  # called first: an eval graph compiled now needs compile workers
+        self.seconds = 0.0  # how long the last evaluation took
 
     def _stance(self):
         return torch.compiler.set_stance("force_eager") if self.eager else nullcontext()
 
     @torch.no_grad()
     def __call__(self) -> dict[str, float]:
+        start = time.time()
         if self.before_compile is not None:
             self.before_compile()
         self.model.eval()
@@ -223,4 +210,5 @@ class Evaluator:
                 torch.distributed.all_reduce(loss_sum)
             losses[split] = loss_sum.item() / self.eval_iters
         self.model.train()
+        self.seconds = time.time() - start
         return losses

@@ -8,7 +8,6 @@ checkpoint.py (TrainState, Checkpointer), metrics.py (console, WandB, ray.train.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -19,12 +18,12 @@ from raygpt import checkpoint
 from raygpt.checkpoint import Checkpointer, TrainState
 from raygpt.config import TrainConfig
 from raygpt.data import Batches, NanoGPTOrderBatches
-from raygpt.files import write_text_atomic
+from raygpt.memory import check_fits
 from raygpt.metrics import Reporter, start_wandb
 from raygpt.model import GPT, GPTConfig
 from raygpt.parallel import weights_in_sync, wrap_model
 from raygpt.processes import CompileWorkers
-from raygpt.speed import eval_group_size, set_attention_backend
+from raygpt.speed import set_attention_backend
 from raygpt.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32
 from raygpt.tokenizer import PADDED_GPT2_VOCAB_SIZE, load_meta
 
@@ -44,28 +43,25 @@ def get_lr(it: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
-def build_model(cfg: TrainConfig, meta: dict | None, saved: dict | None) -> tuple[GPT, dict]:
+def build_model(cfg: TrainConfig, meta: dict | None, saved: dict | None, precision: Precision) -> tuple[GPT, dict]:
     """The GPT to train, shaped as the checkpoint's, GPT-2's, or the config's; and its model_args.
 
     A checkpoint's weights are loaded by TrainState; the launcher has already refused a config whose
-    architecture conflicts with the checkpoint's."""
+    architecture conflicts with the checkpoint's. A run that cannot fit is refused before any allocation."""
     if saved is not None:
         model_args = checkpoint.architecture(saved, "checkpoint")
-        model = GPT(GPTConfig(**model_args, dropout=cfg.dropout))
     elif cfg.init_from == "scratch":
         vocab_size = meta["vocab_size"] if meta else PADDED_GPT2_VOCAB_SIZE
-        model_args = dict(
-            n_layer=cfg.n_layer,
-            n_head=cfg.n_head,
-            n_embd=cfg.n_embd,
-            block_size=cfg.block_size,
-            bias=cfg.bias,
-            vocab_size=vocab_size,
-        )
-        model = GPT(GPTConfig(**model_args, dropout=cfg.dropout))
+        model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
+                          bias=cfg.bias, vocab_size=vocab_size)  # fmt: skip
     else:
         model = GPT.from_pretrained(cfg.init_from, dict(dropout=cfg.dropout))
         model_args = {key: getattr(model.config, key) for key in checkpoint.ARCHITECTURE_KEYS}
+    if cfg.check_memory:
+        check_fits({**model_args, "block_size": min(cfg.block_size, model_args["block_size"])}, cfg.batch_size,
+                   precision.dtype, precision.device)  # fmt: skip
+    if saved is not None or cfg.init_from == "scratch":
+        model = GPT(GPTConfig(**model_args, dropout=cfg.dropout))
     model_args["dropout"] = cfg.dropout
     if cfg.block_size < model.config.block_size and saved is None:
         model.crop_block_size(cfg.block_size)
@@ -124,15 +120,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     say(f"tokens per iteration will be: {tokens_per_iter:,}", flush=True)
 
     # ---- model and train state: from a checkpoint, GPT-2's weights or scratch --------------------
-    saved, source = find_resume(
-        cfg, plan["resume_from"], ray.train.get_checkpoint(), lambda text: say(text, flush=True)
-    )
+    saved, source = find_resume(cfg, plan["resume_from"], ray.train.get_checkpoint(), say)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model, model_args = build_model(cfg, load_meta(dataset_dir), saved)
+    model, model_args = build_model(cfg, load_meta(dataset_dir), saved, precision)
     model.to(device)
-    optimizer = model.configure_optimizers(
-        cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, verbose=is_rank_zero
-    )
+    betas = (cfg.beta1, cfg.beta2)
+    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device.type, is_rank_zero)
     nanogpt_order = cfg.data_order == "nanogpt"
     state = TrainState(model, optimizer, precision.scaler, model_args, cfg.to_dict(), keeps_random_stream=nanogpt_order)
     resumed_batch = state.load_state_dict(saved, source) if saved is not None else None
@@ -145,52 +138,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     if nanogpt_order and world_size > 1:  # the launcher refuses this; Tune or a custom trainer might not
         raise ValueError(f"data_order=nanogpt needs one worker, not {world_size}")
-    batches = (NanoGPTOrderBatches if nanogpt_order else Batches)(
-        dataset_dir, model_args["block_size"], cfg.batch_size, cfg.seed, rank, world_size, device
-    )
+    batch_source = NanoGPTOrderBatches if nanogpt_order else Batches
+    batches = batch_source(dataset_dir, model_args["block_size"], cfg.batch_size, cfg.seed, rank, world_size, device)
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, device, str(out_dir), announce=is_rank_zero)
-    train_step = TrainStep(
-        wrapped.train,
-        model.parameters(),
-        optimizer,
-        precision,
-        batches,
-        accum_steps,
-        cfg.grad_clip,
-        guard,
-        wrapped.no_sync_until_last,
-        wrapped.cuda_graphs,
-    )
-    group = eval_group_size(
-        len(range(rank, cfg.eval_iters, world_size)),
-        cfg.batch_size,
-        model_args["block_size"],
-        model_args["vocab_size"],
-        model_args["n_embd"],
-    )
-    estimate_loss = Evaluator(
-        wrapped.eval,
-        batches,
-        precision,
-        cfg.eval_iters,
-        rank,
-        world_size,
-        group,
-        eager=cfg.compile and not cfg.compile_eval,
-        cuda_graphs=wrapped.cuda_graphs and cfg.compile_eval,
-        before_compile=compile_workers.ready_for_compile,
-    )
+    train_step = TrainStep(wrapped, optimizer, precision, batches, accum_steps, cfg.grad_clip, guard)
+    estimate_loss = Evaluator(wrapped, batches, precision, cfg.eval_iters, model_args, rank, world_size,
+                              eager=cfg.compile and not cfg.compile_eval,
+                              before_compile=compile_workers.ready_for_compile)  # fmt: skip
     wandb_run = None
     if cfg.wandb_log and is_rank_zero:
         wandb_run, state.wandb_run_id = start_wandb(cfg, out_dir, state.wandb_run_id)
-    reporter = Reporter(
-        cfg,
-        is_rank_zero,
-        tokens_per_iter,
-        lambda dt: model.estimate_mfu(cfg.batch_size * accum_steps, dt, device),
-        wandb_run,
-        report_to_ray=ray.train.report,
-    )
+    mfu = lambda dt: model.estimate_mfu(cfg.batch_size * accum_steps, dt, device)  # noqa: E731
+    reporter = Reporter(cfg, is_rank_zero, tokens_per_iter, mfu, device, wandb_run, report_to_ray=ray.train.report)
     checkpointer = Checkpointer(out_dir, writes=is_rank_zero)
 
     # ---- the loop ---------------------------------------------------------------------------------
@@ -206,20 +165,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
             nonfinite_streak = guard.check(state.iter_num - 1) if local_iter_num > 0 else 0
             # A resumed run starts at its checkpoint's iteration, whose eval was already reported.
             if state.iter_num != start_iter or source is None or cfg.eval_only:
-                evaluate_and_checkpoint(
-                    cfg,
-                    state,
-                    estimate_loss,
-                    reporter,
-                    checkpointer,
-                    (X, Y),
-                    lr,
-                    tokens_per_iter,
-                    nonfinite_streak,
-                    device,
-                    world_size,
-                    model,
-                )
+                losses = estimate_loss()
+                in_sync = weights_in_sync(model, world_size)
+                keep = nonfinite_streak == 0 and all(math.isfinite(v) for v in losses.values())
+                save_checkpoint = state.record_eval(losses) or cfg.always_save_checkpoint
+                ray_checkpoint = None
+                if save_checkpoint and state.iter_num > 0 and not cfg.eval_only:
+                    if keep:
+                        ray_checkpoint = checkpointer.save(state, (X, Y))
+                    else:
+                        reporter.say(f"warning: iter {state.iter_num}: no checkpoint: the losses are not finite "
+                                     f"(the last good checkpoint stays in {out_dir})")  # fmt: skip
+                reporter.eval(state, lr, estimate_loss.seconds, in_sync, ray_checkpoint)
+                checkpointer.reported()
         if cfg.eval_only or state.iter_num >= cfg.max_iters:
             break
 
@@ -237,52 +195,3 @@ def train_loop_per_worker(loop_config: dict) -> None:
             guard.check(state.iter_num - 1)
             reporter.step(state.iter_num - 1, loss_sum.item(), lr, dt, state.last_eval["val"])
     reporter.finish()
-
-
-def evaluate_and_checkpoint(
-    cfg,
-    state: TrainState,
-    estimate_loss,
-    reporter: Reporter,
-    checkpointer: Checkpointer,
-    next_batch,
-    lr: float,
-    tokens_per_iter: int,
-    nonfinite_streak: int,
-    device,
-    world_size,
-    model,
-) -> None:
-    """nanoGPT's eval step: losses, then a checkpoint when they are good to keep, then the report."""
-    eval_start = time.time()
-    losses = estimate_loss()
-    seconds = time.time() - eval_start
-    improved = losses["val"] < state.best_val_loss
-    state.last_eval = losses
-    state.best_val_loss = min(state.best_val_loss, losses["val"])
-    metrics = {
-        "iter": state.iter_num,
-        "train_loss": losses["train"],
-        "val_loss": losses["val"],
-        "best_val_loss": state.best_val_loss,
-        "lr": lr,
-        "tokens_seen": state.iter_num * tokens_per_iter,
-        # The allocator's high-water mark so far: what decides whether a micro-batch fits.
-        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "weights_in_sync": weights_in_sync(model, world_size),
-    }
-    healthy = nonfinite_streak == 0 and all(math.isfinite(v) for v in losses.values())
-    ray_checkpoint = None
-    if state.iter_num > 0 and not cfg.eval_only and (improved or cfg.always_save_checkpoint):
-        if healthy:
-            ray_checkpoint = checkpointer.save(state, next_batch)
-        else:
-            reporter.say(
-                f"warning: iter {state.iter_num}: not saving a checkpoint: the losses are not finite "
-                f"(the last good checkpoint stays in {cfg.out_dir})"
-            )
-    if cfg.eval_only and reporter.is_rank_zero:
-        # Ray's Result carries only checkpointed metrics: leave the numbers where people look.
-        write_text_atomic(Path(cfg.out_dir) / "eval.json", json.dumps({**metrics, "eval_iters": cfg.eval_iters}))
-    reporter.eval(metrics, seconds, ray_checkpoint)
-    checkpointer.reported()
