@@ -124,6 +124,16 @@ def read_summary(path: str | Path) -> dict:
     }
 
 
+def newest_readable(paths: list[Path], warn=print) -> tuple[Path, dict]:
+    """The first of `paths` (newest first) whose summary reads, skipping damaged ones with a warning."""
+    for path in paths:
+        try:
+            return path, read_summary(path)
+        except CheckpointError as e:
+            warn(f"warning: skipping checkpoint: {e}")
+    raise CheckpointError("no usable checkpoint to resume from (" + ", ".join(str(p) for p in paths) + ")")
+
+
 def from_ray(checkpoint) -> dict:
     """Load the ckpt.pt inside a ray.train.Checkpoint."""
     with checkpoint.as_directory() as directory:

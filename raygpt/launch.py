@@ -56,19 +56,33 @@ def quiet_ray() -> None:
         os.environ.setdefault(name, value)
 
 
-def connect(address: str | None) -> None:
-    """Join the cluster at `address` / RAY_ADDRESS, or start an embedded local Ray."""
+def connect(address: str | None, verbose: bool = False) -> None:
+    """Join the cluster at `address` / RAY_ADDRESS, or start an embedded local Ray.
+
+    What Ray prints is set through Ray's own settings: unless `verbose`, Ray's actors and workers log at
+    WARNING (the controller's INFO lines about worker groups go), and a job logging config makes Ray
+    forward worker output without its "(RayTrainWorker pid=...)" prefix, so rank 0's lines read as
+    nanoGPT's do. Without a terminal, Ray adds no colour codes."""
     import ray
 
     if ray.is_initialized():
         return
     quiet_ray()
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if not verbose:
+        # Ray announces at start that token authentication is on (the default): nothing to act on.
+        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     # Ray's own rule: an address (or RAY_ADDRESS) joins that cluster; without one, a cluster started on
     # this machine with `ray start` is joined (Ray records it in its temp folder), else one starts here.
     address = address or os.environ.get("RAY_ADDRESS")
     local_cluster = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "ray_current_cluster"
     joined = bool(address) or local_cluster.is_file()
-    context = ray.init(address=address, logging_level=logging.WARNING)
+    context = ray.init(
+        address=address,
+        logging_level=logging.WARNING,
+        logging_config=None if verbose else ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
+    )
     gcs = context.address_info.get("gcs_address") or context.address_info.get("address")
     how = "joined the Ray cluster" if joined else "started a Ray instance here (it stops with this run)"
     print(f"raygpt: {how} at {gcs}", flush=True)
@@ -91,6 +105,15 @@ def start_autoscaling_coordinator() -> None:
         get_or_create_autoscaling_coordinator()
     except Exception:  # noqa: BLE001 - an optimization only
         pass
+
+
+def count(n: float, noun: str) -> str:
+    """'1 CPU', '2 CPUs', '1.5 CPUs'."""
+    return f"{n:g} {noun}{'' if n == 1 else 's'}"
+
+
+def describe_worker(plan: RunPlan) -> str:
+    return "GPU worker" if plan.use_gpu else "CPU worker"
 
 
 def this_machine() -> dict:
@@ -120,14 +143,16 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPla
 
         resources = ray.cluster_resources()
     cluster_cpus, cluster_gpus = resources.get("CPU", 0.0), int(resources.get("GPU", 0))
-    have = f"{'this machine' if cfg.local_mode else 'the cluster'} has {cluster_cpus:g} CPUs and {cluster_gpus} GPUs"
+    where = "this machine" if cfg.local_mode else "the cluster"
+    have = f"{where} has {count(cluster_cpus, 'CPU')} and {count(cluster_gpus, 'GPU')}"
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else (cfg.device != "cpu" and cluster_gpus > 0)
     if use_gpu and cfg.device == "cpu":
         raise LaunchError("use_gpu=True conflicts with device=cpu")
     num_workers = 1 if cfg.local_mode else cfg.num_workers or (max(cluster_gpus, 1) if use_gpu else 1)
     if not wait_for_resources and use_gpu and num_workers > cluster_gpus:
         raise LaunchError(
-            f"{num_workers} GPU workers need {num_workers} GPUs but {have}"
+            f"{count(num_workers, 'GPU worker')} need{'s' if num_workers == 1 else ''} {count(num_workers, 'GPU')}"
+            f" but {have}"
             " (pass --use_gpu=False to train on CPUs, or --wait-for-resources on an autoscaling cluster)"
         )
     cpus_per_worker = cfg.cpus_per_worker
@@ -137,8 +162,8 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPla
         cpus_per_worker = max(1.0, float(int(share))) if not use_gpu else max(1.0, min(4.0, float(int(share))))
     if not wait_for_resources and num_workers * cpus_per_worker > cluster_cpus:
         raise LaunchError(
-            f"{num_workers} workers x {cpus_per_worker:g} CPUs need {num_workers * cpus_per_worker:g}"
-            f" CPUs but {have} (lower --num-workers or --cpus_per_worker)"
+            f"{count(num_workers, 'worker')} x {count(cpus_per_worker, 'CPU')} need "
+            f"{count(num_workers * cpus_per_worker, 'CPU')} but {have} (lower --num-workers or --cpus_per_worker)"
         )
     if not use_gpu and cfg.dtype == "float16":
         raise LaunchError("dtype float16 needs a GPU; on CPU use --dtype=float32 (or bfloat16)")
@@ -214,9 +239,9 @@ def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | Non
     out_ckpt = Path(cfg.out_dir) / checkpoint.CKPT_NAME
     where = f"run '{run_name}'"
     if ray_dirs:
-        source, where = ray_dirs[-1] / checkpoint.CKPT_NAME, f"{where} (Ray checkpoints in {ray_dirs[-1].parent})"
+        where = f"{where} (Ray checkpoints in {ray_dirs[-1].parent})"
     elif out_ckpt.is_file() or out_ckpt.is_dir():
-        source, where = out_ckpt, f"{where} ({out_ckpt})"
+        where = f"{where} ({out_ckpt})"
     elif cfg.init_from == "resume":
         raise LaunchError(
             f"init_from=resume but there is no checkpoint: neither {out_ckpt} nor Ray run "
@@ -230,7 +255,9 @@ def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | Non
     )
     if cfg.init_from == "scratch" and "init_from" in explicit_keys:
         raise LaunchError(f"init_from=scratch, but {where} has checkpoints: {ways_out}")
-    summary = checkpoint.read_summary(source)
+    # The newest that reads, as the workers will choose (Ray's checkpoints newest first, then out_dir's).
+    candidates = [d / checkpoint.CKPT_NAME for d in reversed(ray_dirs)] + ([] if ray_dirs else [out_ckpt])
+    source, summary = checkpoint.newest_readable(candidates, warn=lambda text: print(text, flush=True))
     saved_args, saved_config = summary["model_args"], summary["config"]
     conflicts = [
         f"{key}={getattr(cfg, key)} (checkpoint: {saved_args[key]})"
@@ -368,6 +395,7 @@ def prepare_run(
     address: str | None = None,
     wait_for_resources: bool = False,
     prepare_input: str | None = None,
+    verbose: bool = False,
 ) -> tuple[TrainConfig, RunPlan]:
     """Everything before fit(). What needs no cluster comes first (paths, the run lock, data, resume,
     wandb), so a bad input costs no Ray start; then Ray, and the resources planned from what it has."""
@@ -383,7 +411,7 @@ def prepare_run(
     resume_from, vocab_size = check_data(cfg, run_name, explicit_keys, prepare_input)
     check_wandb(cfg)
     if not cfg.local_mode:
-        connect(address)
+        connect(address, verbose)
     plan = plan_resources(cfg, wait_for_resources)
     if plan.num_workers > 1:  # each worker trains on its own shard of train.bin: it must hold a window
         validate_dataset(Path(cfg.data_dir) / cfg.dataset, cfg.block_size, plan.num_workers, vocab_size)
@@ -402,20 +430,21 @@ def run(
     address: str | None = None,
     wait_for_resources: bool = False,
     prepare_input: str | None = None,
+    verbose: bool = False,
 ):
     """Train `cfg` on Ray and return the ray.train.Result."""
-    cfg, plan = prepare_run(cfg, explicit_keys, address, wait_for_resources, prepare_input)
+    cfg, plan = prepare_run(cfg, explicit_keys, address, wait_for_resources, prepare_input, verbose)
     if cfg.local_mode:
         logging.getLogger("ray.train").setLevel(logging.WARNING)  # it logs every report at INFO
         print(
             f"raygpt: run '{plan.run_name}' in this process (Ray Train local mode) on "
-            f"{'a GPU' if plan.use_gpu else f'{plan.cpus_per_worker:g} CPUs'}",
+            f"{'a GPU' if plan.use_gpu else count(plan.cpus_per_worker, 'CPU')}",
             flush=True,
         )
     else:
         print(
-            f"raygpt: run '{plan.run_name}' with {plan.num_workers} {'GPU' if plan.use_gpu else 'CPU'} worker(s),"
-            f" {plan.cpus_per_worker:g} CPUs each",
+            f"raygpt: run '{plan.run_name}' with {count(plan.num_workers, describe_worker(plan))},"
+            f" {count(plan.cpus_per_worker, 'CPU')} each",
             flush=True,
         )
     try:
@@ -527,6 +556,7 @@ def parse_args(argv: list[str]):
         action="store_true",
         help="start a new run beside an earlier one of this out_dir (<out_dir>-2, ...); nothing is deleted",
     )
+    parser.add_argument("--verbose", action="store_true", help="also show Ray's own log lines, with their prefixes")
     return parser, *parser.parse_known_args(argv)
 
 
@@ -540,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, explicit_keys = read_config(config_argv)
         if args.fresh:
             cfg = fresh_out_dir(absolute_paths(cfg))
-        run(cfg, explicit_keys, args.address, args.wait_for_resources, args.prepare_input)
+        run(cfg, explicit_keys, args.address, args.wait_for_resources, args.prepare_input, args.verbose)
     except RaygptError as e:
         return refuse(e)
     except RunInterrupted as e:

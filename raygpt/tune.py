@@ -243,9 +243,10 @@ def run_sweep(
         concurrent = max(1, min(concurrent, fits))
     if concurrent > 1:
         plan = plan_concurrency(cfg, plan, explicit_keys, concurrent)
+    workers = launch.count(plan.num_workers, launch.describe_worker(plan))
     print(
-        f"raygpt.tune: {trials} trial(s) of {plan.num_workers} {'GPU' if plan.use_gpu else 'CPU'} worker(s),"
-        f" {plan.cpus_per_worker:g} CPUs each, up to {concurrent} at a time",
+        f"raygpt.tune: {launch.count(trials, 'trial')} of {workers},"
+        f" {launch.count(plan.cpus_per_worker, 'CPU')} each, up to {concurrent} at a time",
         flush=True,
     )
     scheduler = None
