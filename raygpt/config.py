@@ -572,7 +572,9 @@ def load_config(argv: list[str]) -> TrainConfig:
 
 def config_help() -> str:
     """Every key with its default and description, for --help."""
-    lines = ["config keys (set in a config file as `key = value`, or as --key=value):"]
+    flags = {f.name: f"--{f.name}={f.default!r}" for f in dataclasses.fields(TrainConfig)}
+    width = max(len(flag) for flag in flags.values())
+    lines = ["config keys (in a config file as key = value, or on the command line as --key=value):"]
     for f in dataclasses.fields(TrainConfig):
-        lines.append(f"  --{f.name}={f.default!r:<14} {f.metadata['help']}")
+        lines.append(f"  {flags[f.name]:<{width}}  {f.metadata['help']}")
     return "\n".join(lines)

@@ -1,0 +1,249 @@
+"""The launcher's decisions before any worker starts: reruns, fresh starts, the run lock, leftovers,
+first-run data preparation, wandb credentials, memory, and the one-line endings of failed runs.
+
+Every run here is the real CLI in local mode (no Ray processes), in-process through launch.main or as a
+subprocess where the user's process boundary matters (locks, signals, the network).
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from raygpt import checkpoint, launch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--dataset=shakespeare_char",
+    "--n_layer=1",
+    "--n_head=2",
+    "--n_embd=16",
+    "--block_size=16",
+    "--batch_size=4",
+    "--gradient_accumulation_steps=1",
+    "--max_iters=4",
+    "--eval_interval=2",
+    "--eval_iters=2",
+    "--log_interval=2",
+    "--device=cpu",
+    "--compile=False",
+    "--warmup_iters=1",
+    "--lr_decay_iters=10",
+    "--local_mode=True",
+]
+
+
+@pytest.fixture
+def run_args(tmp_path, char_data):
+    data = tmp_path / "data"
+    shutil.copytree(char_data / "shakespeare_char", data / "shakespeare_char")
+    out = tmp_path / "out-run"
+    return [*TINY, f"--data_dir={data}", f"--out_dir={out}", f"--storage_path={tmp_path / 'ray'}"], out
+
+
+def cli(argv, capsys) -> tuple[int, str, str]:
+    code = launch.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def assert_refused(code, err, *needles):
+    assert code == 2, err
+    assert err.startswith("error: ") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_rerun_at_max_iters_says_so_and_how_to_go_on(run_args, capsys):
+    argv, out = run_args
+    assert cli(argv, capsys)[0] == 0
+    before = (out / "ckpt.pt").stat().st_mtime_ns
+    code, _, err = cli(argv, capsys)
+    assert_refused(code, err, "already at iter 4 (max_iters 4)", "--max_iters", "--fresh")
+    assert (out / "ckpt.pt").stat().st_mtime_ns == before
+
+
+def test_rerun_with_more_iters_continues_and_names_what_changed(run_args, capsys):
+    argv, out = run_args
+    assert cli(argv, capsys)[0] == 0
+    code, stdout, err = cli([*argv, "--max_iters=6", "--learning_rate=1e-3"], capsys)
+    assert code == 0, err
+    # max_iters may change silently (it is how a run is continued); learning_rate is named.
+    assert (
+        "continuing run 'out-run'" in stdout and "from iter 4; changed since: learning_rate 0.0006 -> 0.001" in stdout
+    )
+    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 6
+
+
+def test_explicit_scratch_and_a_different_model_are_refused_with_the_ways_out(run_args, capsys):
+    argv, out = run_args
+    assert cli(argv, capsys)[0] == 0
+    saved = checkpoint.load(out / "ckpt.pt")
+    code, _, err = cli([*argv, "--max_iters=8", "--init_from=scratch"], capsys)
+    assert_refused(code, err, "init_from=scratch, but run 'out-run'", "--run_name=NEW", "--fresh")
+    code, _, err = cli([*argv, "--max_iters=8", "--n_layer=2"], capsys)
+    assert_refused(code, err, "another model or data: n_layer=2 (checkpoint: 1)")
+    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == saved["iter_num"]
+
+
+def test_fresh_starts_a_new_run_beside_the_old_one(run_args, capsys):
+    argv, out = run_args
+    assert cli(argv, capsys)[0] == 0
+    old = (out / "ckpt.pt").read_bytes()
+    code, stdout, err = cli([*argv, "--fresh", "--n_layer=2"], capsys)
+    assert code == 0, err
+    fresh = out.with_name("out-run-2")
+    assert f"a new run 'out-run-2' in {fresh}" in stdout
+    assert checkpoint.load(fresh / "ckpt.pt")["model_args"]["n_layer"] == 2
+    assert (out / "ckpt.pt").read_bytes() == old  # nothing of the old run is touched
+
+
+def test_a_diverging_resume_keeps_the_last_good_checkpoint(run_args, capsys):
+    argv, out = run_args
+    assert cli(argv, capsys)[0] == 0
+    good = checkpoint.load(out / "ckpt.pt")
+    diverge = [*argv, "--max_iters=12", "--learning_rate=1e6", "--min_lr=1", "--max_nonfinite_steps=0"]
+    code, stdout, err = cli(diverge, capsys)
+    assert code == 0, err
+    assert "no checkpoint: the losses are not finite" in stdout
+    after = checkpoint.load(out / "ckpt.pt")
+    assert after["iter_num"] == good["iter_num"] and torch.equal(
+        after["model"]["transformer.wte.weight"], good["model"]["transformer.wte.weight"]
+    )
+    # ... and a rerun from it still works (nothing non-finite was stored anywhere).
+    assert cli([*argv, "--max_iters=6"], capsys)[0] == 0
+
+
+def test_a_nanogpt_checkpoint_with_tensor_numbers_resumes(run_args, capsys):
+    """nanoGPT saves best_val_loss as a 0-dim tensor and iter_num as an int; both must come out as numbers."""
+    argv, out = run_args
+    assert cli(argv, capsys)[0] == 0
+    state = checkpoint.load(out / "ckpt.pt")
+    nanogpt_style = {k: state[k] for k in ("model", "optimizer", "model_args", "iter_num", "config")}
+    nanogpt_style["best_val_loss"] = torch.tensor(state["best_val_loss"])
+    shutil.rmtree(out)
+    foreign = out.with_name("nanogpt-out")
+    foreign.mkdir()
+    torch.save(nanogpt_style, foreign / "ckpt.pt")
+    code, stdout, err = cli([*argv, f"--out_dir={foreign}", "--init_from=resume", "--max_iters=6"], capsys)
+    assert code == 0, err
+    resumed = checkpoint.load(foreign / "ckpt.pt")
+    assert resumed["iter_num"] == 6 and isinstance(resumed["best_val_loss"], float)
+
+
+def test_leftovers_of_a_killed_save_are_removed_at_start(run_args, capsys):
+    argv, out = run_args
+    out.mkdir(parents=True)
+    (out / ".ckpt.pt.k1l3d.tmp").write_bytes(b"half a checkpoint")
+    (out / ".ray-upload-abc").mkdir()
+    code, stdout, err = cli(argv, capsys)
+    assert code == 0, err
+    assert "removed .ckpt.pt.k1l3d.tmp" in stdout
+    assert not (out / ".ckpt.pt.k1l3d.tmp").exists() and not (out / ".ray-upload-abc").exists()
+
+
+def test_a_run_that_cannot_fit_is_refused_before_building_the_model(run_args, capsys):
+    argv, _ = run_args
+    code, _, err = cli([*argv, "--n_layer=100000", "--n_embd=1024", "--n_head=16"], capsys)
+    assert_refused(code, err, "this run needs about", "GiB", "--check_memory=False")
+
+
+def test_wandb_without_credentials_is_refused_before_ray_starts(run_args, capsys, monkeypatch, tmp_path):
+    argv, out = run_args
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    code, _, err = cli([*argv, "--wandb_log=True"], capsys)
+    assert_refused(code, err, "wandb_log=True but WandB has no credentials", "wandb login", "WANDB_MODE=offline")
+    assert not (out / "ckpt.pt").exists()
+
+
+def subprocess_env(**extra) -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def test_a_second_run_on_the_same_out_dir_is_refused_and_a_killed_one_releases_it(run_args):
+    argv, out = run_args
+    slow = [*argv, "--max_iters=100000", "--eval_interval=100000", "--log_interval=1"]
+    first = subprocess.Popen([sys.executable, "-m", "raygpt.launch", *slow], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=subprocess_env())  # fmt: skip
+    try:
+        for line in first.stdout:  # training has started: the lock is held
+            if line.startswith("iter "):
+                break
+        second = subprocess.run([sys.executable, "-m", "raygpt.launch", *argv, "--max_iters=2"],
+                                capture_output=True, text=True, env=subprocess_env(), timeout=120)  # fmt: skip
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.strip().startswith(f"error: out_dir {out} is in use by another raygpt run (pid ")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+        # The OS dropped the lock with the process: the same command runs at once.
+        again = subprocess.run([sys.executable, "-m", "raygpt.launch", *argv],
+                               capture_output=True, text=True, env=subprocess_env(), timeout=300)  # fmt: skip
+        assert again.returncode == 0, again.stderr
+    finally:
+        if first.poll() is None:
+            first.kill()
+
+
+def test_ctrl_c_ends_in_one_line_saying_what_was_saved(run_args):
+    argv, out = run_args
+    slow = [*argv, "--max_iters=100000", "--eval_interval=4", "--log_interval=1"]
+    process = subprocess.Popen([sys.executable, "-m", "raygpt.launch", *slow], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=subprocess_env())  # fmt: skip
+    for line in process.stdout:
+        if line.startswith("saving checkpoint"):
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    last = err.strip().splitlines()[-1]
+    assert last == (f"interrupted: the latest checkpoint is {out / 'ckpt.pt'}: run the same command again to "
+                    "continue from it")  # fmt: skip
+
+
+def test_offline_first_run_fails_in_one_line_and_a_partial_dataset_does_not_block_the_next(tmp_path, shakespeare_path):
+    """The quick start without network: one line naming the launcher's own flag, and the folder that a
+    failed preparation may leave does not stop the next command from preparing the dataset."""
+    data = tmp_path / "data"
+    (data / "shakespeare_char").mkdir(parents=True)  # what an interrupted earlier attempt could leave
+    argv = [*TINY, f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}"]
+    # A closed local port as the proxy: the download fails at once, whatever network the machine has.
+    offline = subprocess_env(https_proxy="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9")
+    failed = subprocess.run([sys.executable, "-m", "raygpt.launch", *argv], capture_output=True, text=True,
+                            env=offline, timeout=300)  # fmt: skip
+    assert failed.returncode == 2, failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "--prepare-input" in last and "--input " not in last, failed.stderr
+    assert "Traceback" not in failed.stderr
+    done = subprocess.run([sys.executable, "-m", "raygpt.launch", *argv, f"--prepare-input={shakespeare_path}"],
+                          capture_output=True, text=True, env=offline, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (data / "shakespeare_char" / "meta.json").is_file() and (tmp_path / "out" / "ckpt.pt").is_file()
+
+
+def test_launch_help_reads_like_a_tool(capsys):
+    assert launch.main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m raygpt.launch [CONFIG_FILE]")
+    for option in ("--address ADDR", "--wait-for-resources", "--prepare-input FILE", "--fresh", "--verbose"):
+        line = next(line for line in text.splitlines() if line.strip().startswith(option))
+        assert len(line.strip()) > len(option) + 10, f"{option} has no help: {line!r}"  # a description follows
+    assert "`" not in text.split("config keys")[0]
+    # Every key is listed with its default, and every description starts in the same column.
+    import dataclasses
+
+    from raygpt.config import TrainConfig
+
+    columns = set()
+    for field in dataclasses.fields(TrainConfig):
+        line = next(line for line in text.splitlines() if line.startswith(f"  --{field.name}="))
+        columns.add(line.index(field.metadata["help"]))
+    assert len(columns) == 1, columns
