@@ -26,7 +26,7 @@ from raygpt.errors import RaygptError, refuse
 from raygpt.model import GPT, GPTConfig
 from raygpt.parallel import wrap_model
 from raygpt.speed import set_attention_backend
-from raygpt.step import NonFiniteGuard, Precision, TrainStep, enable_tf32
+from raygpt.step import NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
 from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta
 
 
@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     vocab_size = args.vocab_size or dataset_vocab_size(cfg)
     use_cuda = cfg.device == "cuda" and torch.cuda.is_available()
     device = torch.device("cuda" if use_cuda else "cpu")
+    attention = make_deterministic(cfg.attention) if cfg.deterministic else cfg.attention
     if use_cuda:
         enable_tf32()
-        set_attention_backend(cfg.attention)
+        set_attention_backend(attention)
     precision = Precision(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)

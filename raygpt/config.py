@@ -91,11 +91,15 @@ class TrainConfig:
     )
     compile_eval: bool = key(
         True,
-        "also compile the eval forward; False evaluates eagerly, which skips a second "
-        "compile (~14 s for shakespeare_char on an H100) and suits short runs",
+        "also compile the eval forward; False evaluates eagerly, which skips a second compile and suits short runs",
     )
     attention: str = key(
         "auto", "scaled_dot_product_attention backend: auto (PyTorch picks), flash, cudnn, efficient, math"
+    )
+    deterministic: bool = key(
+        False,
+        "deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, math attention when "
+        "attention=auto), so GPU reruns and restarts are bit-identical; slower (benchmarks/RESULTS.md)",
     )
     # Ray
     data_dir: str = key("data", "folder holding <dataset>/train.bin, val.bin, meta.json")

@@ -7,6 +7,7 @@ No Ray here.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import nullcontext
 
@@ -60,6 +61,19 @@ def enable_tf32() -> None:
     """TF32 matmuls and convolutions on Ampere and newer GPUs, as nanoGPT."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+
+
+def make_deterministic(attention: str) -> str:
+    """Deterministic kernels everywhere, so that the same inputs give bit-identical results run after run.
+
+    Returns the attention backend to use: 'auto' lets PyTorch pick fused kernels whose backward passes
+    accumulate with atomics (flash, cuDNN, memory-efficient), so it becomes 'math'."""
+    # cuBLAS reads this when it creates its handle: before the first matmul on this process's GPU.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    return "math" if attention == "auto" else attention
 
 
 class NonFiniteGuard:

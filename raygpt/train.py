@@ -24,7 +24,7 @@ from raygpt.model import GPT, GPTConfig
 from raygpt.parallel import weights_in_sync, wrap_model
 from raygpt.processes import CompileWorkers
 from raygpt.speed import set_attention_backend
-from raygpt.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32
+from raygpt.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
 from raygpt.tokenizer import PADDED_GPT2_VOCAB_SIZE, load_meta
 
 
@@ -70,6 +70,7 @@ def build_model(cfg: TrainConfig, meta: dict | None, saved: dict | None, precisi
 
 
 def worker_device(cfg: TrainConfig, use_gpu: bool) -> torch.device:
+    attention = make_deterministic(cfg.attention) if cfg.deterministic else cfg.attention
     if not use_gpu:
         return torch.device("cpu")
     import ray.train.torch
@@ -77,7 +78,7 @@ def worker_device(cfg: TrainConfig, use_gpu: bool) -> torch.device:
     device = ray.train.torch.get_device()
     torch.cuda.set_device(device)
     enable_tf32()
-    set_attention_backend(cfg.attention)
+    set_attention_backend(attention)
     return device
 
 
