@@ -17,11 +17,13 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+from raygpt.tokenizer import PADDED_GPT2_VOCAB_SIZE
+
 
 @dataclass
 class GPTConfig:
     block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for speed
+    vocab_size: int = PADDED_GPT2_VOCAB_SIZE
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
