@@ -389,13 +389,18 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
     )
 
 
+@dataclass(frozen=True)
+class LauncherOptions:
+    """The launcher's own options (not config keys): where Ray is, and how the launcher behaves."""
+
+    address: str | None = None  # a Ray cluster to join; None: RAY_ADDRESS, a local `ray start` one, or a new one
+    wait_for_resources: bool = False  # do not refuse what the cluster cannot hold now (autoscaling)
+    prepare_input: str | None = None  # a local text file to prepare a missing shakespeare dataset from
+    verbose: bool = False  # Ray's own log lines too
+
+
 def prepare_run(
-    cfg: TrainConfig,
-    explicit_keys=(),
-    address: str | None = None,
-    wait_for_resources: bool = False,
-    prepare_input: str | None = None,
-    verbose: bool = False,
+    cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherOptions()
 ) -> tuple[TrainConfig, RunPlan]:
     """Everything before fit(). What needs no cluster comes first (paths, the run lock, data, resume,
     wandb), so a bad input costs no Ray start; then Ray, and the resources planned from what it has."""
@@ -408,11 +413,11 @@ def prepare_run(
     _run_lock = lock_run(cfg.out_dir, cfg.storage_path, run_name)
     for leftover in checkpoint.remove_leftovers(cfg.out_dir):
         print(f"raygpt: removed {leftover.name}, left by a run killed while saving", flush=True)
-    resume_from, vocab_size = check_data(cfg, run_name, explicit_keys, prepare_input)
+    resume_from, vocab_size = check_data(cfg, run_name, explicit_keys, options.prepare_input)
     check_wandb(cfg)
     if not cfg.local_mode:
-        connect(address, verbose)
-    plan = plan_resources(cfg, wait_for_resources)
+        connect(options.address, options.verbose)
+    plan = plan_resources(cfg, options.wait_for_resources)
     if plan.num_workers > 1:  # each worker trains on its own shard of train.bin: it must hold a window
         validate_dataset(Path(cfg.data_dir) / cfg.dataset, cfg.block_size, plan.num_workers, vocab_size)
     if resume_from is not None and not ray_checkpoint_dirs(cfg, run_name):
@@ -424,16 +429,9 @@ def prepare_run(
 _run_lock: RunLock | None = None
 
 
-def run(
-    cfg: TrainConfig,
-    explicit_keys=(),
-    address: str | None = None,
-    wait_for_resources: bool = False,
-    prepare_input: str | None = None,
-    verbose: bool = False,
-):
+def run(cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherOptions()):
     """Train `cfg` on Ray and return the ray.train.Result."""
-    cfg, plan = prepare_run(cfg, explicit_keys, address, wait_for_resources, prepare_input, verbose)
+    cfg, plan = prepare_run(cfg, explicit_keys, options)
     if cfg.local_mode:
         logging.getLogger("ray.train").setLevel(logging.WARNING)  # it logs every report at INFO
         print(
@@ -570,7 +568,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg, explicit_keys = read_config(config_argv)
         if args.fresh:
             cfg = fresh_out_dir(absolute_paths(cfg))
-        run(cfg, explicit_keys, args.address, args.wait_for_resources, args.prepare_input, args.verbose)
+        options = LauncherOptions(args.address, args.wait_for_resources, args.prepare_input, args.verbose)
+        run(cfg, explicit_keys, options)
     except RaygptError as e:
         return refuse(e)
     except RunInterrupted as e:

@@ -195,9 +195,7 @@ def run_sweep(
     max_concurrent: int | None = None,
     asha: bool = False,
     grace_period: int | None = None,
-    address: str | None = None,
-    wait_for_resources: bool = False,
-    prepare_input: str | None = None,
+    options: launch.LauncherOptions = launch.LauncherOptions(),
     name: str | None = None,
     verbose: int = 1,
 ):
@@ -227,10 +225,10 @@ def run_sweep(
     # Specs (from split_argv) are checked against the base config; a ready param_space is used as given.
     space = search_space(check_specs(base, specs)) if all(isinstance(s, Spec) for s in specs.values()) else specs
     explicit_keys = set(explicit_keys) | set(specs)
-    cfg, plan = launch.prepare_run(base, explicit_keys, address, wait_for_resources, prepare_input)
+    cfg, plan = launch.prepare_run(base, explicit_keys, options)
     trials = trial_count(space, num_samples)
     concurrent = min(max_concurrent or trials, trials)
-    if not wait_for_resources:
+    if not options.wait_for_resources:
         import ray
 
         resources = ray.cluster_resources()
@@ -390,9 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_concurrent,
             args.asha,
             args.grace_period,
-            args.address,
-            args.wait_for_resources,
-            args.prepare_input,
+            launch.LauncherOptions(args.address, args.wait_for_resources, args.prepare_input),
             args.name,
         )
     except RaygptError as e:
