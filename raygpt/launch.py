@@ -527,17 +527,12 @@ def summarize(result, cfg: TrainConfig) -> None:
     print(f"run folder: {result.path}")
 
 
-def parse_args(argv: list[str]):
-    parser = argparse.ArgumentParser(
-        prog="python -m raygpt.launch",
-        usage="%(prog)s [CONFIG_FILE] [--num-workers N] [--key=value ...] [launcher options]",
-        add_help=False,
-        description="Train a GPT with Ray Train. CONFIG_FILE is a nanoGPT-format config (key = value lines); "
-        "any config key can also be given as --key=value. Rerunning a command continues its run.",
-    )
-    parser.add_argument("-h", "--help", action="store_true", help="show this help and every config key")
+def add_launcher_options(parser: argparse.ArgumentParser) -> None:
+    """The options raygpt.launch and raygpt.tune share (LauncherOptions)."""
     parser.add_argument(
-        "--address", metavar="ADDR", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)"
+        "--address",
+        metavar="ADDR",
+        help="Ray cluster to join (default: RAY_ADDRESS, else one started here by ray start, else a new one)",
     )
     parser.add_argument(
         "--wait-for-resources",
@@ -549,6 +544,18 @@ def parse_args(argv: list[str]):
         metavar="FILE",
         help="local text file to prepare a missing shakespeare dataset from (default: download it)",
     )
+
+
+def parse_args(argv: list[str]):
+    parser = argparse.ArgumentParser(
+        prog="python -m raygpt.launch",
+        usage="%(prog)s [CONFIG_FILE] [--num-workers N] [--key=value ...] [launcher options]",
+        add_help=False,
+        description="Train a GPT with Ray Train. CONFIG_FILE is a nanoGPT-format config (key = value lines); "
+        "any config key can also be given as --key=value. Rerunning a command continues its run.",
+    )
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and every config key")
+    add_launcher_options(parser)
     parser.add_argument(
         "--fresh",
         action="store_true",

@@ -340,41 +340,48 @@ def summarize(grid, specs: dict[str, Spec], max_iters: int) -> int:
 
 
 def parse_args(argv: list[str]):
-    parser = argparse.ArgumentParser(prog="python -m raygpt.tune", add_help=False)
-    parser.add_argument("-h", "--help", action="store_true")
+    parser = argparse.ArgumentParser(
+        prog="python -m raygpt.tune",
+        usage="%(prog)s [CONFIG_FILE] --key=SPEC ... [--key=value ...] [--num-samples N] [--max-concurrent K] "
+        "[--asha] [launcher options]",
+        add_help=False,
+        description="A Ray Tune sweep over whole raygpt runs. " + " ".join(__doc__.split("\n\n")[1].split()),
+    )
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and every config key")
     parser.add_argument(
         "--num-samples",
         type=int,
         default=1,
-        help="samples of the search space (each grid: value is tried num-samples times)",
+        metavar="N",
+        help="samples of the search space; each grid value is tried this many times (default: %(default)s)",
     )
-    parser.add_argument("--max-concurrent", type=int, default=None, help="trials at a time (default: as many as fit)")
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        metavar="K",
+        help="trials at a time (default: as many as the cluster holds)",
+    )
     parser.add_argument("--asha", action="store_true", help="stop poor trials early (ASHA on val_loss by iter)")
     parser.add_argument(
         "--grace-period",
         type=int,
         default=None,
+        metavar="ITERS",
         help="iterations before ASHA may stop a trial (default: 2 eval intervals)",
     )
     parser.add_argument("--name", default=None, help="Tune experiment name (default: <run_name>-tune)")
-    parser.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local one)")
-    parser.add_argument("--wait-for-resources", action="store_true")
-    parser.add_argument("--prepare-input", metavar="FILE")
-    return parser.parse_known_args(argv)
+    launch.add_launcher_options(parser)
+    return parser, *parser.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args, config_argv = parse_args(sys.argv[1:] if argv is None else argv)
+        parser, args, config_argv = parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:  # argparse already printed a usage line
         return 2 if e.code else 0
     if args.help:
-        print("usage: " + __doc__.split("`")[1])
-        print("\n" + "\n".join(__doc__.splitlines()[2:]))
-        print(
-            "tune options: --num-samples N, --max-concurrent K, --asha, --grace-period ITERS, --name NAME,"
-            " --address ADDR, --wait-for-resources, --prepare-input FILE\n"
-        )
+        print(parser.format_help())
         print(config_help())
         return 0
     try:
