@@ -1,4 +1,10 @@
-"""Shared test fixtures: offline tiktoken, the tiny Shakespeare corpus, one Ray local cluster per session."""
+"""Shared test fixtures: offline tiktoken, the tiny Shakespeare corpus, one Ray local cluster per session.
+
+Two tiers: `pytest -m "not ray"` runs in about a minute and starts no Ray process (Ray Train's local mode
+trains in the test's own process); `pytest -m ray` is the rest. A test that uses the `ray_local` cluster is
+marked `ray` here; a module that starts Ray some other way says `pytestmark = pytest.mark.ray`. A test
+left unmarked that starts Ray anyway fails (see `fast_tier_starts_no_ray`).
+"""
 
 import os
 import subprocess
@@ -31,6 +37,49 @@ def pytest_configure(config):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
+RAY_DAEMONS = ("raylet", "gcs_server")
+
+
+def ray_daemons_below_this_process() -> set[int]:
+    """Pids of Ray's raylet and GCS among this process's descendants (an embedded Ray, or one started by
+    a subprocess that is still running)."""
+    import psutil
+
+    pids = set()
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.name() in RAY_DAEMONS:
+                pids.add(process.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def ray_is_initialized() -> bool:
+    ray = sys.modules.get("ray")  # a test that never imported Ray cannot have started it in-process
+    return ray is not None and ray.is_initialized()
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_starts_no_ray(request):
+    """Keep the fast tier honest: a test without the `ray` marker must not start Ray in this process,
+    nor leave Ray daemons running under it."""
+    if request.node.get_closest_marker("ray"):
+        yield
+        return
+    initialized, daemons = ray_is_initialized(), ray_daemons_below_this_process()
+    yield
+    started = ray_daemons_below_this_process() - daemons
+    if (ray_is_initialized() and not initialized) or started:
+        pytest.fail(f"{request.node.nodeid} started Ray (daemon pids {sorted(started)}): mark it pytest.mark.ray")
 
 
 @pytest.fixture(scope="session")

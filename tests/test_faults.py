@@ -17,6 +17,8 @@ import torch
 from raygpt import checkpoint, launch
 from raygpt.config import TrainConfig
 
+pytestmark = pytest.mark.ray  # the launcher joins a Ray cluster as a subprocess
+
 FAULT_RUN = dict(
     dataset="shakespeare_char",
     n_layer=2,

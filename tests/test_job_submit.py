@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.ray  # it starts its own Ray head with `ray start`
+
 REPO = Path(__file__).resolve().parents[1]
 
 
