@@ -126,12 +126,14 @@ def read_summary(path: str | Path) -> dict:
 
 def newest_readable(paths: list[Path], warn=print) -> tuple[Path, dict]:
     """The first of `paths` (newest first) whose summary reads, skipping damaged ones with a warning."""
+    problems = []
     for path in paths:
         try:
             return path, read_summary(path)
         except CheckpointError as e:
             warn(f"warning: skipping checkpoint: {e}")
-    raise CheckpointError("no usable checkpoint to resume from (" + ", ".join(str(p) for p in paths) + ")")
+            problems.append(str(e))
+    raise CheckpointError("no usable checkpoint to resume from: " + "; ".join(problems))
 
 
 def from_ray(checkpoint) -> dict:

@@ -247,3 +247,36 @@ def test_launch_help_reads_like_a_tool(capsys):
         line = next(line for line in text.splitlines() if line.startswith(f"  --{field.name}="))
         columns.add(line.index(field.metadata["help"]))
     assert len(columns) == 1, columns
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        ("folder", "ckpt.pt is a folder, not a checkpoint file"),
+        ("iter_num", "iter_num must be a non-negative integer, got -3"),
+        ("iter_text", "iter_num must be a number, got str"),
+        ("model_args", "model_args['n_layer'] must be a positive int, got 'two'"),
+        ("best_val_loss", "best_val_loss must be a number, got list"),
+    ],
+)
+def test_a_malformed_resume_checkpoint_is_one_line_before_ray_starts(run_args, capsys, damage, needle):
+    argv, out = run_args
+    assert cli(argv, capsys)[0] == 0
+    path = out / "ckpt.pt"
+    if damage == "folder":
+        path.unlink()
+        path.mkdir()
+    else:
+        state = checkpoint.load(path)
+        if damage == "iter_num":
+            state["iter_num"] = -3
+        elif damage == "iter_text":
+            state["iter_num"] = "4"
+        elif damage == "model_args":
+            state["model_args"]["n_layer"] = "two"
+        else:
+            state["best_val_loss"] = [1.0]
+        torch.save(state, path)
+    code, stdout, err = cli([*argv, "--max_iters=8"], capsys)
+    assert_refused(code, err, needle)
+    assert "tokens per iteration" not in stdout  # no worker started
