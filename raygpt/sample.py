@@ -1,91 +1,319 @@
-"""`python -m raygpt.sample`: text from a trained model, as nanoGPT's sample.py.
+"""Sample text from a trained GPT, as nanoGPT's sample.py does.
 
-python -m raygpt.sample --out-dir out-shakespeare-char --start "ROMEO:" --num-samples 3
-python -m raygpt.sample --checkpoint ~/ray_results/run/checkpoint_2026-... --start FILE:prompt.txt
-python -m raygpt.sample --init-from gpt2 --start "Hello, I'm a language model,"
+The model comes from a checkpoint (a Ray checkpoint folder, a ckpt.pt, or a
+training run's out_dir) or from OpenAI's GPT-2 weights. Each of --num-samples
+continuations of the prompt is printed whole, then a line of dashes. Text is
+encoded and decoded as the model was trained: with the character table of the
+dataset's meta.json (or nanoGPT's meta.pkl), or with GPT-2 BPE for a model of
+GPT-2's vocabulary.
+
+examples:
+    python -m raygpt.sample --out-dir out-shakespeare-char --start "ROMEO:" --num-samples 3
+    python -m raygpt.sample --checkpoint ~/ray_results/run/checkpoint_2026-... --start FILE:prompt.txt
+    python -m raygpt.sample --checkpoint ckpt.pt --meta data/shakespeare_char/meta.json --temperature 0
+    python -m raygpt.sample --init-from gpt2 --start "Hello, I'm a language model," --top-k 0
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
 import torch
 
 from raygpt import checkpoint
-from raygpt.errors import refuse
+from raygpt.errors import EXIT_INTERRUPTED, RaygptError, one_line, run_cli
 from raygpt.model import GPT, GPTConfig, clean_state_dict
-from raygpt.step import Precision, PrecisionError
-from raygpt.tokenizer import Tokenizer, load_meta
+from raygpt.step import Precision
+from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, Tokenizer, load_meta
+
+WHAT_CHECKPOINT_IS = f"pass a Ray checkpoint folder, a {checkpoint.CKPT_NAME} file or a training run's out_dir"
+FIX_META = "pass the dataset's with --meta PATH/meta.json"
+
+
+class SampleError(RaygptError, ValueError):
+    """A sampling request that cannot run as given; the message is one line."""
+
+
+def check_options(args) -> None:
+    """Refuse, all in one line, the option values no sampling can use."""
+    problems = []
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        problems.append(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    if args.top_k < 0:
+        problems.append(f"--top-k must be 0 (no filtering) or more, got {args.top_k}")
+    if args.num_samples < 1:
+        problems.append(f"--num-samples must be at least 1, got {args.num_samples}")
+    if args.max_new_tokens < 1:
+        problems.append(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.init_from != "resume" and (args.checkpoint or args.meta):
+        problems.append("--checkpoint and --meta are for --init-from resume (GPT-2 weights decode with GPT-2 BPE)")
+    if problems:
+        raise SampleError("; ".join(problems))
+
+
+def device_for(name: str) -> torch.device:
+    """The torch device --device names, if this machine has it."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SampleError(f"--device {name!r} is not a device name: use cpu, cuda, cuda:N or mps") from None
+    counts = {"cpu": lambda: 1, "cuda": torch.cuda.device_count, "mps": lambda: int(torch.backends.mps.is_available())}
+    if device.type not in counts:
+        raise SampleError(f"--device {name}: raygpt.sample runs on cpu, cuda (cuda:N) or mps")
+    count = counts[device.type]()
+    if count == 0:
+        built_without = (
+            " (this PyTorch was built without CUDA)" if device.type == "cuda" and not torch.version.cuda else ""
+        )
+        raise SampleError(f"--device {name}: this machine has no {device.type} device{built_without}; use --device cpu")
+    if device.index is not None and device.index >= count:
+        raise SampleError(f"--device {name}: this machine has {count} {device.type} device(s), numbered from 0")
+    return device
+
+
+def checkpoint_file(path: Path) -> Path:
+    """The ckpt.pt that --checkpoint or --out-dir names: the file itself, or the one in the folder."""
+    if not path.exists():
+        raise SampleError(f"no checkpoint at {path}: {WHAT_CHECKPOINT_IS}")
+    if not path.is_dir():
+        return path
+    if (path / checkpoint.CKPT_NAME).exists():
+        return path / checkpoint.CKPT_NAME
+    # A Ray run folder holds one checkpoint_<timestamp> folder per report; the names sort oldest first.
+    reported = sorted(p for p in path.glob("checkpoint_*") if (p / checkpoint.CKPT_NAME).is_file())
+    newest = f" (it holds Ray checkpoints; the newest is {reported[-1]})" if reported else ""
+    raise SampleError(f"{path} holds no {checkpoint.CKPT_NAME}: {WHAT_CHECKPOINT_IS}{newest}")
+
+
+def load_checkpoint_model(ckpt_path: Path) -> tuple[GPT, dict]:
+    """The model of a ckpt.pt, and its training config."""
+    state = checkpoint.load(ckpt_path, mmap=True)  # tensors are read as load_state_dict copies them
+    model_args = checkpoint.architecture(state, ckpt_path)
+    if not isinstance(state["model"], dict):
+        raise SampleError(f"{ckpt_path}: 'model' must hold the weights by name, got {type(state['model']).__name__}")
+    model = GPT(GPTConfig(**model_args, dropout=0.0))
+    try:
+        model.load_state_dict(clean_state_dict(state["model"]))
+    except RuntimeError as e:  # torch lists every missing, unexpected or misshapen weight: name the first
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()][1:2] or [one_line(str(e))]
+        raise SampleError(f"{ckpt_path}: its weights do not fit its model_args: {detail[0]}") from None
+    config = state.get("config")
+    return model, config if isinstance(config, dict) else {}
+
+
+def dataset_meta(config: dict, meta_option: str | None) -> tuple[dict | None, str | None]:
+    """The dataset's vocabulary (tokenizer.load_meta) and the folder it was looked for in: --meta's, else
+    the training config's data_dir/dataset (data/<dataset> for a nanoGPT config, as nanoGPT's sample.py).
+    Only a local folder is read; for a data_dir URI (s3://...) --meta gives a local copy."""
+    if meta_option:
+        path = Path(meta_option).expanduser()
+        if path.is_dir():
+            folder = path
+        elif path.is_file() and path.name in ("meta.json", "meta.pkl"):
+            folder = path.parent
+        elif not path.exists():
+            raise SampleError(f"--meta {path}: no such file or folder")
+        else:
+            raise SampleError(f"--meta {path}: expected a meta.json or meta.pkl, or the dataset folder holding one")
+        meta = load_meta(folder)
+        if meta is None:
+            raise SampleError(f"--meta {path}: the folder holds no meta.json or meta.pkl")
+        return meta, str(folder)
+    if not config.get("dataset"):
+        return None, None
+    folder = f"{str(config.get('data_dir') or 'data').rstrip('/')}/{config['dataset']}"
+    return load_meta(Path(folder)), folder
+
+
+def tokenizer_for(vocab_size: int, meta: dict | None, folder: str | None) -> Tokenizer:
+    """The tokenizer the model was trained with. A model of GPT-2's vocabulary without a meta.json is
+    GPT-2 BPE, as in nanoGPT; any other vocabulary needs its dataset's table, never a guess."""
+    if meta is None:
+        if vocab_size in (GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE):
+            return Tokenizer.from_meta(None)
+        looked = f"no meta.json or meta.pkl in {folder}" if folder else "its training config names no dataset"
+        raise SampleError(f"the checkpoint's vocabulary has {vocab_size} tokens, not GPT-2's, and {looked}: {FIX_META}")
+    tokenizer = Tokenizer.from_meta(meta)
+    # A char model's vocabulary is its table; a BPE model's may be padded past GPT-2's (50304).
+    fits = tokenizer.vocab_size == vocab_size if tokenizer.name == "char" else tokenizer.vocab_size <= vocab_size
+    if not fits:
+        raise SampleError(
+            f"{folder} describes a {tokenizer.name} vocabulary of {tokenizer.vocab_size} tokens but the checkpoint's "
+            f"model has {vocab_size}: it is another dataset's; {FIX_META}"
+        )
+    return tokenizer
 
 
 def load_model(args) -> tuple[GPT, Tokenizer]:
-    """The model and its tokenizer, from a Ray checkpoint folder, an out_dir, or GPT-2 weights."""
+    """The model and its tokenizer, from a Ray checkpoint folder, a ckpt.pt, an out_dir, or GPT-2 weights."""
     if args.init_from != "resume":
-        return GPT.from_pretrained(args.init_from, dict(dropout=0.0)), Tokenizer.from_meta(None)
-    path = Path(args.checkpoint or args.out_dir).expanduser()
-    ckpt_path = path / checkpoint.CKPT_NAME if path.is_dir() else path
-    state = checkpoint.load(ckpt_path)
-    model = GPT(GPTConfig(**{**state["model_args"], "dropout": 0.0}))
-    model.load_state_dict(clean_state_dict(state["model"]))
-    # The dataset's meta.json says how to decode; without one, GPT-2 BPE (as nanoGPT).
-    config = state.get("config") or {}
-    meta = None
-    if config.get("data_dir") and config.get("dataset"):
-        meta = load_meta(Path(config["data_dir"]) / config["dataset"])
-    return model, Tokenizer.from_meta(meta)
+        try:
+            return GPT.from_pretrained(args.init_from, dict(dropout=0.0)), Tokenizer.from_meta(None)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:
+            raise SampleError(f"--init-from {args.init_from}: {one_line(str(e)) or type(e).__name__}") from None
+    model, config = load_checkpoint_model(checkpoint_file(Path(args.checkpoint or args.out_dir).expanduser()))
+    return model, tokenizer_for(model.config.vocab_size, *dataset_meta(config, args.meta))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m raygpt.sample", description="Sample text from a GPT.")
+def prompt_ids(start: str, tokenizer: Tokenizer) -> list[int]:
+    """--start (or the file it names) as token ids."""
+    if start.startswith("FILE:"):
+        path = Path(start[5:]).expanduser()
+        try:
+            start = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise SampleError(f"the prompt file {path} is not UTF-8 text") from None
+        except OSError as e:
+            raise SampleError(f"cannot read the prompt file {path}: {e.strerror}") from None
+    try:
+        ids = tokenizer.encode(start)
+    except ValueError as e:
+        raise SampleError(f"the prompt has {e}") from None
+    if not ids:
+        raise SampleError("the prompt is empty after tokenization: give some text with --start")
+    return ids
+
+
+def decode(tokenizer: Tokenizer, ids: list[int]) -> str:
+    """The text of ids. A model whose GPT-2 vocabulary is padded to 50304 may pick a padding id (a trained
+    one practically never does); no tokenizer has text for it, so it shows as U+FFFD."""
+    text, run = [], []
+    for i in ids:
+        if i < tokenizer.vocab_size:
+            run.append(i)
+        else:
+            text += [tokenizer.decode(run), "\ufffd"]
+            run = []
+    return "".join(text) + tokenizer.decode(run)
+
+
+def generate_options(temperature: float, top_k: int) -> dict:
+    """model.generate's temperature and top_k for the command line's, where 0 means greedy / no filtering."""
+    if temperature == 0:
+        # Greedy decoding: only the most likely token keeps a probability, so sampling always picks it.
+        return dict(temperature=1.0, top_k=1)
+    return dict(temperature=temperature, top_k=top_k or None)
+
+
+def sample(args) -> int:
+    """Print the texts; what cannot run is refused (a RaygptError) before the model is loaded, where it can be."""
+    check_options(args)
+    device = device_for(args.device)
+    precision = Precision(args.dtype, device)  # a dtype the device lacks is a one-line PrecisionError
+    model, tokenizer = load_model(args)
+    x = torch.tensor(prompt_ids(args.start, tokenizer), dtype=torch.long, device=device)[None, ...]
+    torch.manual_seed(args.seed)
+    model.eval().to(device)
+    if args.compile:
+        model = torch.compile(model)
+    options = generate_options(args.temperature, args.top_k)
+    with torch.no_grad(), precision.autocast():
+        for _ in range(args.num_samples):
+            # A prompt longer than block_size is fine: generate conditions on its last block_size tokens.
+            y = model.generate(x, args.max_new_tokens, **options)
+            print(decode(tokenizer, y[0].tolist()))
+            print("---------------")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    *about, examples = __doc__.strip().split("\n\n")
+    parser = argparse.ArgumentParser(
+        prog="python -m raygpt.sample",
+        usage="%(prog)s [--out-dir DIR | --checkpoint PATH | --init-from gpt2] [--start TEXT] [options]",
+        description="\n\n".join(about),
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--init-from",
         default="resume",
-        help="'resume' (from --out-dir / --checkpoint) or gpt2, gpt2-medium, gpt2-large, gpt2-xl",
+        metavar="MODEL",
+        help="'resume' (the checkpoint of --checkpoint or --out-dir), or GPT-2 weights: gpt2, gpt2-medium, "
+        "gpt2-large, gpt2-xl (from the Hugging Face hub) or a local folder of them (default: %(default)s)",
     )
-    parser.add_argument("--out-dir", default="out", help="folder holding ckpt.pt")
-    parser.add_argument("--checkpoint", help="a Ray checkpoint folder or a ckpt.pt file (wins over --out-dir)")
-    parser.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
-    parser.add_argument("--num-samples", type=int, default=10)
-    parser.add_argument("--max-new-tokens", type=int, default=500)
-    parser.add_argument("--temperature", type=float, default=0.8, help="< 1 less random, > 1 more random")
-    parser.add_argument("--top-k", type=int, default=200, help="keep only the top_k most likely tokens")
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--out-dir",
+        default="out",
+        metavar="DIR",
+        help="a training run's out_dir, holding ckpt.pt (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="a Ray checkpoint folder (checkpoint_*), a ckpt.pt or an out_dir; wins over --out-dir "
+        "(default: --out-dir's ckpt.pt)",
+    )
+    parser.add_argument(
+        "--meta",
+        metavar="PATH",
+        help="the dataset's meta.json (or nanoGPT's meta.pkl), or its folder: how to encode and decode text "
+        "(default: the one in the checkpoint's data_dir/dataset; without one, GPT-2 BPE for a model of GPT-2's "
+        "vocabulary)",
+    )
+    parser.add_argument(
+        "--start",
+        default="\n",
+        metavar="TEXT",
+        help="the prompt, or FILE:path to read it from a UTF-8 file (default: %(default)r)",
+    )
+    parser.add_argument(
+        "--num-samples", type=int, default=10, metavar="N", help="how many texts to generate (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=500, metavar="N", help="tokens generated per text (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        metavar="T",
+        help="below 1 less random, above 1 more random, 0 always the most likely token (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=200,
+        metavar="K",
+        help="sample only from the K most likely tokens; 0 from all of them (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=1337,
+        metavar="N",
+        help="random seed: the same seed gives the same texts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda, cuda:N or mps (default: %(default)s, as a GPU is "
+        f"{'visible' if torch.cuda.is_available() else 'not visible'} here)",
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="precision of the forward pass; auto is bfloat16 on GPUs that have it, else float16 on CUDA, "
+        "float32 on CPU (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model first: slower start, faster tokens (default: off)",
+    )
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        model, tokenizer = load_model(args)
-        start = args.start
-        if start.startswith("FILE:"):
-            start = Path(start[5:]).read_text(encoding="utf-8")
-        start_ids = tokenizer.encode(start)
-    except (checkpoint.CheckpointError, OSError, ValueError, KeyError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not start_ids:
-        print("error: the prompt is empty after tokenization", file=sys.stderr)
-        return 2
-
-    torch.manual_seed(args.seed)
-    try:
-        precision = Precision(args.dtype, args.device)
-    except (PrecisionError, RuntimeError) as e:
-        return refuse(e)
-    model.eval().to(args.device)
-    if args.compile:
-        model = torch.compile(model)
-
-    x = torch.tensor(start_ids, dtype=torch.long, device=args.device)[None, ...]
-    with torch.no_grad(), precision.autocast():
-        for _ in range(args.num_samples):
-            y = model.generate(x, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
-            print(tokenizer.decode(y[0].tolist()))
-            print("---------------")
-    return 0
+        return run_cli(lambda: sample(args))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
