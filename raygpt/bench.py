@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = model.configure_optimizers(
         cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, verbose=False
     )
-    wrapped = wrap_model(model, cfg, world_size=1, device=device)
+    wrapped = wrap_model(model, cfg, world_size=1, device=device, dtype=precision.dtype)
     with tempfile.TemporaryDirectory() as data_dir:
         # Random tokens: the step's speed does not depend on what the tokens say.
         rng = np.random.default_rng(0)

@@ -18,12 +18,18 @@ import torch
 
 from raygpt.errors import RaygptError
 from raygpt.files import remove_orphaned_temporaries, write_atomic
-from raygpt.model import clean_state_dict
+from raygpt.model import GPT, GPTConfig, clean_state_dict
 
 CKPT_NAME = "ckpt.pt"
 REQUIRED_KEYS = ("model", "model_args", "iter_num")
 ARCHITECTURE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 UPLOAD_PREFIX = ".ray-upload-"
+# A sharded (FSDP) checkpoint is a folder: torch.distributed.checkpoint's files (one per rank, and the
+# metadata rank 0 writes last) for model and optimizer, and train_state.pt for everything else.
+PROGRESS_NAME = "train_state.pt"
+PROGRESS_KEYS = ("model_args", "iter_num")
+DCP_METADATA = ".metadata"
+SHARDED_DIR = "sharded_dir"
 
 
 class CheckpointError(RaygptError, RuntimeError):
@@ -35,7 +41,7 @@ def save_atomic(state: dict, path: str | Path) -> None:
     write_atomic(path, lambda f: torch.save(state, f))
 
 
-def load(path: str | Path, mmap: bool = False) -> dict:
+def load(path: str | Path, mmap: bool = False, required: tuple[str, ...] = REQUIRED_KEYS) -> dict:
     """Read a checkpoint with weights_only=True; every failure is a one-line CheckpointError.
 
     Numbers are normalized to plain Python values (nanoGPT saves best_val_loss as a 0-dim tensor)."""
@@ -59,8 +65,8 @@ def load(path: str | Path, mmap: bool = False) -> dict:
         raise CheckpointError(f"{path} is damaged or truncated and cannot be read (not a torch checkpoint)") from None
     except Exception as e:  # a damaged file fails anywhere in the unpickler, with any exception type
         raise CheckpointError(f"{path} is damaged or truncated and cannot be read ({type(e).__name__})") from None
-    if not isinstance(state, dict) or any(key not in state for key in REQUIRED_KEYS):
-        raise CheckpointError(f"{path} is not a GPT checkpoint (needs keys {', '.join(REQUIRED_KEYS)})")
+    if not isinstance(state, dict) or any(key not in state for key in required):
+        raise CheckpointError(f"{path} is not a GPT checkpoint (needs keys {', '.join(required)})")
     return normalized(state, path)
 
 
@@ -114,14 +120,52 @@ def architecture(state: dict, where) -> dict:
     return args
 
 
+def read_checkpoint(path: str | Path, mmap: bool = False) -> tuple[dict, str]:
+    """A checkpoint by path: a ckpt.pt file, or a folder holding ckpt.pt or a sharded checkpoint.
+
+    For a sharded one (FSDP: torch.distributed.checkpoint files and train_state.pt), the dict holds
+    train_state.pt's values and, under SHARDED_DIR, the folder the weights are loaded from.
+    Returns the dict and the path it came from (the file, or the sharded folder)."""
+    path = Path(path)
+    if not path.is_dir() or path.name == CKPT_NAME:
+        return load(path, mmap=mmap), str(path)
+    if (path / CKPT_NAME).exists():
+        path = path / CKPT_NAME
+    elif (path / PROGRESS_NAME).exists():
+        if not (path / DCP_METADATA).is_file():
+            raise CheckpointError(f"{path} is a sharded checkpoint without its {DCP_METADATA} (an incomplete save)")
+        state = load(path / PROGRESS_NAME, required=PROGRESS_KEYS)
+        return {**state, SHARDED_DIR: str(path)}, str(path)
+    else:
+        raise CheckpointError(f"{path} holds no checkpoint (neither {CKPT_NAME} nor a sharded checkpoint)")
+    return load(path, mmap=mmap), str(path)
+
+
 def read_summary(path: str | Path) -> dict:
-    """model_args (checked), iter_num and config of a ckpt.pt, without reading its weights."""
-    state = load(path, mmap=True)
+    """model_args (checked), iter_num and config of a checkpoint, without reading its weights."""
+    state, _ = read_checkpoint(path, mmap=True)
     return {
         "model_args": architecture(state, path),
         "iter_num": state["iter_num"],
         "config": state.get("config") if isinstance(state.get("config"), dict) else {},
     }
+
+
+def whole_model_state(saved: dict) -> dict:
+    """The weights of a checkpoint read by read_checkpoint, as one state dict on the CPU: a ckpt.pt's
+    own, or a sharded checkpoint's gathered from its shards (needs no process group)."""
+    if SHARDED_DIR not in saved:
+        return clean_state_dict(saved["model"])
+    import torch.distributed.checkpoint as dcp
+
+    wanted = {"model": GPT(GPTConfig(**architecture(saved, saved[SHARDED_DIR]))).state_dict()}
+    try:
+        dcp.load(wanted, checkpoint_id=saved[SHARDED_DIR])  # reads the model's part only
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign folder fails in many ways
+        raise CheckpointError(
+            f"{saved[SHARDED_DIR]}: the sharded checkpoint cannot be read ({type(e).__name__})"
+        ) from None
+    return wanted["model"]
 
 
 def newest_readable(paths: list[Path], warn=print) -> tuple[Path, dict]:
@@ -136,23 +180,28 @@ def newest_readable(paths: list[Path], warn=print) -> tuple[Path, dict]:
     raise CheckpointError("no usable checkpoint to resume from: " + "; ".join(problems))
 
 
-def from_ray(checkpoint) -> dict:
-    """Load the ckpt.pt inside a ray.train.Checkpoint."""
-    with checkpoint.as_directory() as directory:
-        return load(Path(directory) / CKPT_NAME)
+def from_ray(checkpoint) -> tuple[dict, str]:
+    """A ray.train.Checkpoint in remote storage, downloaded to a local folder that stays until the
+    process ends (a sharded checkpoint's weights are read from it after this returns)."""
+    directory = checkpoint.to_directory(tempfile.mkdtemp(prefix="raygpt-checkpoint-"))
+    return read_checkpoint(directory)
 
 
 class TrainState:
     """Everything a checkpoint holds: the model's weights, the optimizer and the gradient scaler, and
     where training is (iteration, best and last eval, the WandB run, and for data_order=nanogpt the
-    random stream). `state_dict()` captures it, `load_state_dict()` restores it; writing is the
-    Checkpointer's. The keys are nanoGPT's (model, optimizer, model_args, iter_num, best_val_loss,
-    config), so nanoGPT's sample.py reads a raygpt ckpt.pt and raygpt resumes a nanoGPT one."""
+    random stream). `state_dict()` captures it whole (nanoGPT's ckpt.pt layout: model, optimizer,
+    model_args, iter_num, best_val_loss, config, so nanoGPT's tools read it and raygpt resumes
+    nanoGPT's); `sharded_state_dict()` and `progress()` are the two parts of a sharded checkpoint.
+    `load_state_dict()` restores either kind into either kind of model (DDP's whole one or FSDP's
+    shards), on any number of workers. Writing is the Checkpointer's."""
 
-    def __init__(self, model, optimizer, scaler, model_args: dict, config: dict, keeps_random_stream: bool):
+    def __init__(self, model, optimizer, scaler, model_args: dict, config: dict, keeps_random_stream: bool,
+                 sharded: bool = False):  # fmt: skip
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.model_args, self.config = model_args, config
         self.keeps_random_stream = keeps_random_stream  # data_order=nanogpt: batches come from torch's RNG
+        self.sharded = sharded  # the model's parameters are FSDP shards
         self.iter_num = 0
         self.best_val_loss = float("inf")
         self.last_eval = {"train": float("nan"), "val": float("nan")}
@@ -166,12 +215,10 @@ class TrainState:
         self.best_val_loss = min(self.best_val_loss, losses["val"])
         return improved
 
-    def state_dict(self, next_batch) -> dict:
-        """What to save; `next_batch` is the batch already drawn for the next step (kept with nanoGPT's
-        order, whose random stream has moved past it)."""
+    def progress(self, next_batch) -> dict:
+        """Everything but the weights and the optimizer. `next_batch` is the batch already drawn for the
+        next step (kept with nanoGPT's order, whose random stream has moved past it)."""
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "model_args": self.model_args,
             "iter_num": self.iter_num,
@@ -185,10 +232,28 @@ class TrainState:
             "next_batch": tuple(t.cpu() for t in next_batch) if self.keeps_random_stream else None,
         }
 
+    def state_dict(self, next_batch) -> dict:
+        """The whole state in one dict (a whole model: under FSDP use sharded_state_dict)."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), **self.progress(next_batch)}
+
+    def sharded_state_dict(self) -> dict:
+        """Model and optimizer as torch.distributed.checkpoint saves them: each rank's own shards, keyed by
+        parameter name (so that any number of ranks, sharded or not, can load them)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
+
     def load_state_dict(self, saved: dict, source: str):
-        """Restore from a loaded checkpoint; returns the saved next batch (nanoGPT's order) or None."""
-        self.model.load_state_dict(clean_state_dict(saved["model"]))
-        self.optimizer.load_state_dict(saved["optimizer"])
+        """Restore from a checkpoint read by read_checkpoint; returns the saved next batch (nanoGPT's
+        order) or None."""
+        if SHARDED_DIR in saved:
+            self._load_sharded(saved[SHARDED_DIR])
+        elif self.sharded:
+            self._load_whole_into_shards(saved)
+        else:
+            self.model.load_state_dict(clean_state_dict(saved["model"]))
+            self.optimizer.load_state_dict(saved["optimizer"])
         if saved.get("scaler"):
             self.scaler.load_state_dict(saved["scaler"])
         self.iter_num = saved["iter_num"]
@@ -202,32 +267,89 @@ class TrainState:
             return saved.get("next_batch")
         return None
 
+    def _load_sharded(self, directory: str) -> None:
+        """A sharded checkpoint into this model, whatever its sharding: DCP reads the slices each rank needs."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        wanted = self.sharded_state_dict()
+        try:
+            dcp.load(wanted, checkpoint_id=directory)
+        except Exception as e:  # noqa: BLE001 - a damaged or foreign folder fails in many ways
+            raise CheckpointError(f"{directory}: the sharded checkpoint cannot be read ({type(e).__name__})") from None
+        set_state_dict(self.model, self.optimizer, model_state_dict=wanted["model"],
+                       optim_state_dict=wanted["optimizer"])  # fmt: skip
+
+    def _load_whole_into_shards(self, saved: dict) -> None:
+        """A whole-model checkpoint (ckpt.pt) into FSDP shards: each rank keeps its slice of every tensor.
+        The optimizer's state is keyed by parameter position in ckpt.pt; DCP's loader wants names."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        whole = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.model, clean_state_dict(saved["model"]), options=whole)
+        name_of = {id(param): name for name, param in self.model.named_parameters()}
+        by_name = {"state": {}, "param_groups": []}
+        for saved_group, group in zip(saved["optimizer"]["param_groups"], self.optimizer.param_groups):
+            names = [name_of[id(param)] for param in group["params"]]
+            for position, name in zip(saved_group["params"], names):
+                if position in saved["optimizer"]["state"]:
+                    by_name["state"][name] = saved["optimizer"]["state"][position]
+            by_name["param_groups"].append({**saved_group, "params": names})
+        set_optimizer_state_dict(self.model, self.optimizer, by_name, options=whole)
+
 
 class Checkpointer:
-    """Writes checkpoints and hands them to Ray: out_dir/ckpt.pt (the newest, for nanoGPT-style tools)
-    and, for Ray's upload, a folder holding the same file. Rank 0 writes; the other ranks hand Ray None."""
+    """Writes checkpoints and hands them to Ray.
 
-    def __init__(self, out_dir: str | Path, writes: bool):
-        self.out_dir, self.writes = Path(out_dir), writes
+    Whole models (DDP): rank 0 writes out_dir/ckpt.pt (the newest, for nanoGPT-style tools) and hands
+    Ray a folder holding the same file; the other ranks hand Ray None. Sharded models (FSDP): every
+    rank writes its shards into a folder of its own and hands Ray that folder; Ray gathers the ranks'
+    folders into one checkpoint. No consolidated ckpt.pt is written (raygpt.export makes one)."""
+
+    def __init__(self, out_dir: str | Path, rank: int, sharded: bool = False):
+        self.out_dir, self.rank, self.sharded = Path(out_dir), rank, sharded
         self.upload_dirs: list[Path] = []
 
     def save(self, state: TrainState, next_batch):
-        """Write `state`; returns the ray.train.Checkpoint to report (None on ranks that do not write)."""
-        if not self.writes:
-            return None
+        """Write `state`; returns the ray.train.Checkpoint to report (None on ranks that hand Ray nothing)."""
         from ray.train import Checkpoint
 
+        if self.sharded:
+            return Checkpoint.from_directory(str(self._save_shards(state, next_batch)))
+        if self.rank != 0:
+            return None
         print(f"saving checkpoint to {self.out_dir}", flush=True)
         ckpt_path = self.out_dir / CKPT_NAME
         save_atomic(state.state_dict(next_batch), ckpt_path)
         # Ray uploads the folder; a hard link hands it the file without a second serialization.
-        upload_dir = Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX, dir=self.out_dir))
+        upload_dir = self._upload_dir()
         try:
             os.link(ckpt_path, upload_dir / CKPT_NAME)
         except OSError:
             shutil.copy2(ckpt_path, upload_dir / CKPT_NAME)
-        self.upload_dirs.append(upload_dir)
         return Checkpoint.from_directory(str(upload_dir))
+
+    def _save_shards(self, state: TrainState, next_batch) -> Path:
+        import torch.distributed.checkpoint as dcp
+
+        if self.rank == 0:
+            print(f"saving a sharded checkpoint (one folder a rank, gathered by Ray) from {self.out_dir}", flush=True)
+        upload_dir = self._upload_dir()
+        # Every rank writes its own __<rank>_0.distcp; rank 0 writes .metadata once all have finished.
+        dcp.save(state.sharded_state_dict(), checkpoint_id=str(upload_dir))
+        if self.rank == 0:
+            save_atomic(state.progress(next_batch), upload_dir / PROGRESS_NAME)
+        return upload_dir
+
+    def _upload_dir(self) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)  # on other nodes too
+        upload_dir = Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX, dir=self.out_dir))
+        self.upload_dirs.append(upload_dir)
+        return upload_dir
 
     def reported(self) -> None:
         """Ray has copied the reported checkpoint into its storage: drop the upload folders."""
@@ -257,16 +379,14 @@ def load_resume_state(ray_checkpoint=None, fallback: str | Path | None = None, w
             older = sorted(
                 (p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name), reverse=True
             )
-            candidates += [latest / CKPT_NAME, *(p / CKPT_NAME for p in older)]
+            candidates += [latest, *older]
         else:
             candidates.append(ray_checkpoint)
     if fallback is not None:
         candidates.append(Path(fallback))
     for candidate in candidates:
         try:
-            if isinstance(candidate, Path):
-                return load(candidate), str(candidate)
-            return from_ray(candidate), candidate.path
+            return read_checkpoint(candidate) if isinstance(candidate, Path) else from_ray(candidate)
         except CheckpointError as e:
             warn(f"warning: skipping checkpoint: {e}")
     raise CheckpointError(

@@ -101,6 +101,17 @@ class TrainConfig:
         "deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, math attention when "
         "attention=auto), so GPU reruns and restarts are bit-identical; slower (benchmarks/RESULTS.md)",
     )
+    # parallelism
+    parallelism: str = key(
+        "ddp",
+        "ddp: every worker holds the whole model (DistributedDataParallel); fsdp: weights, gradients and "
+        "optimizer state sharded across the workers (FSDP2), with sharded checkpoints",
+    )
+    activation_checkpointing: str = key(
+        "none",
+        "recompute activations in the backward pass instead of keeping them: none, full (every block), "
+        "selective (every other block)",
+    )
     # Ray
     data_dir: str = key("data", "folder holding <dataset>/train.bin, val.bin, meta.json")
     num_workers: int = key(0, "training workers; 0 = one per GPU in the cluster, or 1 on CPU")
@@ -136,6 +147,12 @@ class TrainConfig:
             setattr(self, f.name, coerce(f.name, getattr(self, f.name), FIELD_TYPES[f.name]))
             check_usable(f.name, getattr(self, f.name))
         choose("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        choose("parallelism", self.parallelism, ("ddp", "fsdp"))
+        choose("activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
+        if self.parallelism == "fsdp" and self.dtype == "float16":
+            raise ConfigError("dtype float16 is not supported with parallelism=fsdp; use bfloat16 (or float32)")
+        if self.parallelism == "fsdp" and self.local_mode:
+            raise ConfigError("parallelism=fsdp shards over Ray workers' process group; local_mode has none")
         choose("device", self.device, ("cuda", "cpu"))
         choose("backend", self.backend, ("nccl", "gloo"))
         choose("compile_mode", self.compile_mode, COMPILE_MODES)

@@ -256,7 +256,7 @@ def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | Non
     if cfg.init_from == "scratch" and "init_from" in explicit_keys:
         raise LaunchError(f"init_from=scratch, but {where} has checkpoints: {ways_out}")
     # The newest that reads, as the workers will choose (Ray's checkpoints newest first, then out_dir's).
-    candidates = [d / checkpoint.CKPT_NAME for d in reversed(ray_dirs)] + ([] if ray_dirs else [out_ckpt])
+    candidates = list(reversed(ray_dirs)) + ([] if ray_dirs else [out_ckpt])
     source, summary = checkpoint.newest_readable(candidates, warn=lambda text: print(text, flush=True))
     saved_args, saved_config = summary["model_args"], summary["config"]
     conflicts = [

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 from raygpt.tokenizer import PADDED_GPT2_VOCAB_SIZE
@@ -147,6 +148,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying: the output projection reuses the token embedding.
         self.transformer.wte.weight = self.lm_head.weight
+        self.recompute_layers: frozenset[int] = frozenset()  # activation checkpointing (parallel.py sets it)
         self.apply(self._init_weights)
         # GPT-2's scaled init of the projections that feed the residual stream.
         for name, param in self.named_parameters():
@@ -177,7 +179,11 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, kv_cache, layer)
+            if layer in self.recompute_layers and torch.is_grad_enabled():
+                # Activation checkpointing: keep only the block's input; backward recomputes the rest.
+                x = torch.utils.checkpoint.checkpoint(block, x, kv_cache, layer, use_reentrant=False)
+            else:
+                x = block(x, kv_cache, layer)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)

@@ -1,18 +1,26 @@
-"""Wrap the model for the run: compile, then data parallelism. The one place that knows how.
+"""Wrap the model for the run: activation checkpointing, compile, then DDP or FSDP2. The one place
+that knows how.
 
-The loop gets two handles: `train` runs the training step's forward and backward (compiled, and under
-DDP when there are several workers), `eval` runs evaluation's forward (compiled, not wrapped: eval
-needs no gradient sync). The plain module stays the owner of the weights (state_dict, MFU).
+The loop gets two handles: `train` runs the training step's forward and backward, `eval` runs
+evaluation's forward. Under DDP `eval` is the compiled model without the DDP wrapper (eval needs no
+gradient sync); under FSDP both are the sharded model, whose forward gathers each block's weights.
+The plain module stays the owner of the weights (state_dict, MFU); the optimizer is built on it after
+wrapping, since FSDP replaces its parameters with sharded ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from raygpt.memory import device_memory
 from raygpt.speed import compile_model, uses_cuda_graphs
+
+PARAM_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+UNSHARDED_COPY_LIMIT = 0.2  # of the device's memory, for keeping weights gathered between micro-steps
 
 
 @dataclass
@@ -20,32 +28,74 @@ class WrappedModel:
     module: torch.nn.Module  # the plain model: its parameters and state_dict
     train: torch.nn.Module
     eval: torch.nn.Module
-    # DDP syncs gradients at every backward unless told not to: the step turns it off until the last micro-step.
-    no_sync_until_last: bool
+    # Called with True on a step's last micro-step and False before it: gradients are synchronized
+    # (all-reduced, reduce-scattered) once per step, not at every micro-step. None: nothing to sync.
+    set_gradient_sync: Callable[[bool], None] | None
     cuda_graphs: bool  # each forward must be marked as a new CUDA-graph step
+    sharded: bool  # FSDP: each rank holds a shard of every parameter
 
 
-def wrap_model(model: torch.nn.Module, cfg, world_size: int, device: torch.device) -> WrappedModel:
-    """Compile (cfg.compile, cfg.compile_mode, cfg.compile_regions), then DDP when world_size > 1."""
-    compiled = model
-    cuda_graphs = False
-    if cfg.compile:
-        mode = cfg.compile_mode if device.type == "cuda" else "default"
-        compiled = compile_model(model, mode, cfg.compile_regions)
-        cuda_graphs = uses_cuda_graphs(mode, device.type)
-    train = compiled
-    if world_size > 1:
-        train = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
-    return WrappedModel(
-        module=model, train=train, eval=compiled, no_sync_until_last=world_size > 1, cuda_graphs=cuda_graphs
-    )
+def recompute_layers(mode: str, n_layer: int) -> frozenset[int]:
+    """Blocks whose activations are recomputed in backward: none, full (all), selective (every other)."""
+    step = {"none": 0, "full": 1, "selective": 2}[mode]
+    return frozenset(range(0, n_layer, step)) if step else frozenset()
 
 
-def weights_in_sync(model: torch.nn.Module, world_size: int) -> bool:
+def wrap_model(model: torch.nn.Module, cfg, world_size: int, device: torch.device, dtype: str) -> WrappedModel:
+    """Activation checkpointing, compile (cfg.compile, compile_mode, compile_regions), then DDP when
+    world_size > 1, or FSDP2 with parallelism=fsdp."""
+    model.recompute_layers = recompute_layers(cfg.activation_checkpointing, len(model.transformer.h))
+    mode = cfg.compile_mode if device.type == "cuda" else "default"
+    cuda_graphs = cfg.compile and uses_cuda_graphs(mode, device.type)
+    if cfg.parallelism == "fsdp":
+        return shard_model(model, cfg, mode, dtype, cuda_graphs, device)
+    compiled = compile_model(model, mode, cfg.compile_regions) if cfg.compile else model
+    if world_size == 1:
+        return WrappedModel(model, compiled, compiled, None, cuda_graphs, sharded=False)
+    ddp = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def set_gradient_sync(enabled: bool) -> None:
+        ddp.require_backward_grad_sync = enabled  # DDP's own switch; no_sync() as a flag
+
+    return WrappedModel(model, ddp, compiled, set_gradient_sync, cuda_graphs, sharded=False)
+
+
+def shard_model(
+    model: torch.nn.Module, cfg, mode: str, dtype: str, cuda_graphs: bool, device: torch.device
+) -> WrappedModel:
+    """FSDP2: each transformer block is one unit of sharding (its weights are gathered just before its
+    forward and backward and freed after), then the root holds the embeddings, final LayerNorm and head.
+    Blocks are compiled one by one before sharding, as torch.compile and FSDP2 expect. Parameters are
+    computed in bfloat16 (dtype=bfloat16) with gradients reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[dtype], reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        if cfg.compile:
+            block.compile(mode=None if mode == "default" else mode, dynamic=False)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+    def set_gradient_sync(enabled: bool) -> None:
+        # Between micro-steps keep gradients unreduced and weights gathered: one reduce-scatter and no
+        # re-gather per step, for the memory of one unsharded copy of the weights and gradients.
+        model.set_requires_gradient_sync(enabled)
+        model.set_reshard_after_backward(enabled)
+
+    # That copy (bf16 weights, fp32 gradients) must be small beside the device's memory; otherwise every
+    # micro-step reduce-scatters its gradients and frees the gathered weights, as FSDP does by default.
+    unsharded_copy = sum(p.numel() for p in model.parameters()) * (PARAM_DTYPES[dtype].itemsize + 4)
+    fits = unsharded_copy < UNSHARDED_COPY_LIMIT * device_memory(device)[0]
+    return WrappedModel(model, model, model, set_gradient_sync if fits else None, cuda_graphs, sharded=True)
+
+
+def weights_in_sync(wrapped: WrappedModel, world_size: int) -> bool | None:
     """Data parallelism keeps every rank's weights identical; compare a cheap fingerprint to prove it.
-    A collective: every rank calls it."""
+    A collective: every rank calls it. None under FSDP, where ranks hold different shards by design."""
+    if wrapped.sharded:
+        return None
     with torch.no_grad():
-        fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum()
+        fingerprint = torch.stack([p.detach().double().sum() for p in wrapped.module.parameters()]).sum()
     if world_size == 1:
         return True
     fingerprints = [torch.zeros_like(fingerprint) for _ in range(world_size)]

@@ -31,7 +31,7 @@ from typing import BinaryIO
 import numpy as np
 
 from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, RaygptError, one_line, run_cli
-from raygpt.files import DiskFullError, write_atomic, write_bytes_atomic, write_text_atomic
+from raygpt.files import DiskFullError, remove_orphaned_temporaries, write_atomic, write_bytes_atomic, write_text_atomic
 from raygpt.tokenizer import EOT_TOKEN, MAX_VOCAB_SIZE, TOKEN_DTYPE, gpt2_encoding
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -42,6 +42,7 @@ MIN_SPLIT_TOKENS = 2
 # Below this, val loss is measured on a few dozen distinct windows (39 of nanoGPT's 256-character
 # context for shakespeare_char): noisy, and larger contexts cannot be evaluated at all.
 USEFUL_VAL_TOKENS = 10_000
+OUTPUT_NAMES = ("train.bin", "val.bin", "meta.json", "input.txt")
 MAX_THREADS = 1024  # more tokenizer threads than any machine has cores only costs memory
 
 
@@ -92,6 +93,10 @@ def output_folder(dataset_dir: Path) -> Iterator[None]:
     try:
         yield
     except BaseException as e:
+        # write_atomic removes its temporary file, unless the failure (a Ctrl-C) came between its creation
+        # and write_atomic's own cleanup; no other process writes this dataset at the same time.
+        for name in OUTPUT_NAMES:
+            remove_orphaned_temporaries(dataset_dir, name)
         for path in created:  # deepest first; one that is not empty stops the climb
             try:
                 path.rmdir()
@@ -354,13 +359,12 @@ def tokenize_documents(
     text_column: str,
     one_doc_per_line: bool,
     val_fraction: float,
-    seed: int,
+    rng: np.random.Generator,
     num_threads: int,
 ) -> tuple[int, dict[str, int]]:
-    """Write each document's GPT-2 tokens and an EOT to outputs['val'] with probability val_fraction,
-    else to outputs['train']; returns the documents and the tokens of each split."""
+    """Write each document's GPT-2 tokens and an EOT to outputs['val'] with probability val_fraction (drawn
+    from rng), else to outputs['train']; returns the documents and the tokens of each split."""
     encoding = gpt2_encoding()
-    rng = np.random.default_rng(seed)
     counts = {"train": 0, "val": 0}
     docs_done = work_done = 0
     start = last_print = time.time()
@@ -410,6 +414,9 @@ def prepare_corpus(
     paths = expand_inputs(input_path, input_flag)
     work = check_inputs(paths, text_column, input_flag)
     dataset_dir = dataset_folder(data_dir, name)
+    # Load the tokenizer and numpy.random before any output exists: a Ctrl-C that lands in an extension
+    # module's import can be swallowed there (numpy.random's Cython init does), and the run would go on.
+    encoding, rng = gpt2_encoding(), np.random.default_rng(seed)
     start = time.time()
     summary: dict = {}
 
@@ -423,7 +430,7 @@ def prepare_corpus(
             text_column,
             one_doc_per_line,
             val_fraction,
-            seed,
+            rng,
             num_threads or os.cpu_count() or 1,
         )
         if docs == 0:
@@ -436,7 +443,7 @@ def prepare_corpus(
         summary.update(docs=docs, **counts)
 
     with output_folder(dataset_dir):
-        write_dataset(dataset_dir, {"vocab_size": gpt2_encoding().n_vocab, "tokenizer": "gpt2"}, write_splits)
+        write_dataset(dataset_dir, {"vocab_size": encoding.n_vocab, "tokenizer": "gpt2"}, write_splits)
     print(
         f"{name}: {summary['docs']:,} docs, train {summary['train']:,} tokens, val {summary['val']:,} tokens "
         f"in {time.time() - start:.1f}s -> {dataset_dir}"

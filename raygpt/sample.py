@@ -25,7 +25,7 @@ import torch
 
 from raygpt import checkpoint
 from raygpt.errors import EXIT_INTERRUPTED, RaygptError, one_line, run_cli
-from raygpt.model import GPT, GPTConfig, clean_state_dict
+from raygpt.model import GPT, GPTConfig
 from raygpt.step import Precision
 from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, Tokenizer, load_meta
 
@@ -82,6 +82,8 @@ def checkpoint_file(path: Path) -> Path:
         return path
     if (path / checkpoint.CKPT_NAME).exists():
         return path / checkpoint.CKPT_NAME
+    if (path / checkpoint.PROGRESS_NAME).exists():  # a sharded (FSDP) checkpoint: read from its shards
+        return path
     # A Ray run folder holds one checkpoint_<timestamp> folder per report; the names sort oldest first.
     reported = sorted(p for p in path.glob("checkpoint_*") if (p / checkpoint.CKPT_NAME).is_file())
     newest = f" (it holds Ray checkpoints; the newest is {reported[-1]})" if reported else ""
@@ -89,14 +91,14 @@ def checkpoint_file(path: Path) -> Path:
 
 
 def load_checkpoint_model(ckpt_path: Path) -> tuple[GPT, dict]:
-    """The model of a ckpt.pt, and its training config."""
-    state = checkpoint.load(ckpt_path, mmap=True)  # tensors are read as load_state_dict copies them
+    """The model of a checkpoint (a ckpt.pt, or a sharded checkpoint's folder), and its training config."""
+    state, _ = checkpoint.read_checkpoint(ckpt_path, mmap=True)  # tensors are read as load_state_dict copies them
     model_args = checkpoint.architecture(state, ckpt_path)
-    if not isinstance(state["model"], dict):
+    if not isinstance(state.get("model", {}), dict):
         raise SampleError(f"{ckpt_path}: 'model' must hold the weights by name, got {type(state['model']).__name__}")
     model = GPT(GPTConfig(**model_args, dropout=0.0))
     try:
-        model.load_state_dict(clean_state_dict(state["model"]))
+        model.load_state_dict(checkpoint.whole_model_state(state))
     except RuntimeError as e:  # torch lists every missing, unexpected or misshapen weight: name the first
         detail = [line.strip() for line in str(e).splitlines() if line.strip()][1:2] or [one_line(str(e))]
         raise SampleError(f"{ckpt_path}: its weights do not fit its model_args: {detail[0]}") from None

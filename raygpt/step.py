@@ -12,6 +12,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from raygpt.errors import RaygptError
 from raygpt.parallel import WrappedModel
@@ -153,9 +154,9 @@ class TrainStep:
         loss_sum = torch.zeros((), device=X.device)
         model = self.wrapped.train
         for micro_step in range(self.accum_steps):
-            if self.wrapped.no_sync_until_last:
-                # DDP all-reduces gradients only on the last micro-step; earlier ones just accumulate.
-                model.require_backward_grad_sync = micro_step == self.accum_steps - 1
+            if self.wrapped.set_gradient_sync is not None:
+                # Gradients are synchronized only on the last micro-step; earlier ones just accumulate.
+                self.wrapped.set_gradient_sync(micro_step == self.accum_steps - 1)
             if self.wrapped.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # each micro-step replays the graphs afresh
             with self.precision.autocast():
@@ -174,6 +175,8 @@ class TrainStep:
             grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, self.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
+        if isinstance(grad_norm, DTensor):  # sharded parameters (FSDP): the norm is replicated on every rank
+            grad_norm = grad_norm.full_tensor()
         self.guard.step(self.optimizer, scaler, grad_norm)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

@@ -125,17 +125,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, model_args = build_model(cfg, load_meta(dataset_dir), saved, precision)
     model.to(device)
+    if cfg.compile:
+        say("compiling the model... (takes a ~minute)", flush=True)
+    wrapped = wrap_model(model, cfg, world_size, device, precision.dtype)  # before the optimizer: FSDP shards
     betas = (cfg.beta1, cfg.beta2)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device.type, is_rank_zero)
     nanogpt_order = cfg.data_order == "nanogpt"
-    state = TrainState(model, optimizer, precision.scaler, model_args, cfg.to_dict(), keeps_random_stream=nanogpt_order)
+    state = TrainState(model, optimizer, precision.scaler, model_args, cfg.to_dict(), nanogpt_order, wrapped.sharded)
     resumed_batch = state.load_state_dict(saved, source) if saved is not None else None
     saved = None  # free the checkpoint's copy of the weights
     if source is not None:
         say(f"resuming from {source} at iter {state.iter_num} (best val loss {state.best_val_loss:.4f})", flush=True)
-    if cfg.compile:
-        say("compiling the model... (takes a ~minute)", flush=True)
-    wrapped = wrap_model(model, cfg, world_size, device)
 
     if nanogpt_order and world_size > 1:  # the launcher refuses this; Tune or a custom trainer might not
         raise ValueError(f"data_order=nanogpt needs one worker, not {world_size}")
@@ -151,7 +151,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         wandb_run, state.wandb_run_id = start_wandb(cfg, out_dir, state.wandb_run_id)
     mfu = lambda dt: model.estimate_mfu(cfg.batch_size * accum_steps, dt, device)  # noqa: E731
     reporter = Reporter(cfg, is_rank_zero, tokens_per_iter, mfu, device, wandb_run, report_to_ray=ray.train.report)
-    checkpointer = Checkpointer(out_dir, writes=is_rank_zero)
+    checkpointer = Checkpointer(out_dir, rank, sharded=wrapped.sharded)
 
     # ---- the loop ---------------------------------------------------------------------------------
     X, Y = batches.train_batch(state.iter_num, 0) if resumed_batch is None else (t.to(device) for t in resumed_batch)
@@ -167,7 +167,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # A resumed run starts at its checkpoint's iteration, whose eval was already reported.
             if state.iter_num != start_iter or source is None or cfg.eval_only:
                 losses = estimate_loss()
-                in_sync = weights_in_sync(model, world_size)
+                in_sync = weights_in_sync(wrapped, world_size)
                 keep = nonfinite_streak == 0 and all(math.isfinite(v) for v in losses.values())
                 save_checkpoint = state.record_eval(losses) or cfg.always_save_checkpoint
                 ray_checkpoint = None
