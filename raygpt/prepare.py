@@ -20,8 +20,10 @@ import glob
 import http.client
 import json
 import os
+import signal
 import stat
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -351,6 +353,33 @@ def iter_documents(
             raise PrepareError(f"cannot read {path}: {e.strerror}") from None
 
 
+@contextlib.contextmanager
+def interrupts_between_batches() -> Iterator[Callable[[], None]]:
+    """Ctrl-C as a KeyboardInterrupt raised by the check this yields, called between batches. Raised
+    anywhere, it can land inside the tokenizer's thread pool while that holds one of its locks, and the
+    process then hangs with its temporary files. A second Ctrl-C interrupts at once."""
+    pending = []
+
+    def defer(signum, frame):
+        pending.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def check() -> None:
+        if pending:
+            raise KeyboardInterrupt
+
+    in_charge = threading.current_thread() is threading.main_thread()
+    if not in_charge or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield check  # signals are not ours to handle here
+        return
+    signal.signal(signal.SIGINT, defer)
+    try:
+        yield check
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    check()  # a Ctrl-C after the last batch's check
+
+
 def tokenize_documents(
     name: str,
     paths: list[Path],
@@ -368,28 +397,30 @@ def tokenize_documents(
     counts = {"train": 0, "val": 0}
     docs_done = work_done = 0
     start = last_print = time.time()
-    for docs, work_in_batch in iter_documents(paths, text_column, one_doc_per_line):
-        to_val = rng.random(len(docs)) < val_fraction
-        # tiktoken's batch encoder runs its Rust core on several threads at once.
-        for doc_ids, is_val in zip(encoding.encode_ordinary_batch(docs, num_threads=num_threads), to_val):
-            split = "val" if is_val else "train"
-            ids = np.array(doc_ids + [EOT_TOKEN], dtype=np.uint16)
-            outputs[split].write(ids.tobytes())
-            counts[split] += len(ids)
-        docs_done += len(docs)
-        work_done += work_in_batch
-        now = time.time()
-        if now - last_print >= 2.0:
-            last_print = now
-            elapsed = now - start
-            eta = (work - work_done) * elapsed / max(work_done, 1)
-            print(
-                f"{name}: {docs_done:,} docs ({docs_done / elapsed:,.0f}/s), "
-                f"{(counts['train'] + counts['val']) / elapsed:,.0f} tokens/s, "
-                f"{100 * work_done / max(work, 1):.1f}%, eta {eta:,.0f}s",
-                file=sys.stderr,
-                flush=True,
-            )
+    with interrupts_between_batches() as check_interrupt:
+        for docs, work_in_batch in iter_documents(paths, text_column, one_doc_per_line):
+            check_interrupt()
+            to_val = rng.random(len(docs)) < val_fraction
+            # tiktoken's batch encoder runs its Rust core on several threads at once.
+            for doc_ids, is_val in zip(encoding.encode_ordinary_batch(docs, num_threads=num_threads), to_val):
+                split = "val" if is_val else "train"
+                ids = np.array(doc_ids + [EOT_TOKEN], dtype=np.uint16)
+                outputs[split].write(ids.tobytes())
+                counts[split] += len(ids)
+            docs_done += len(docs)
+            work_done += work_in_batch
+            now = time.time()
+            if now - last_print >= 2.0:
+                last_print = now
+                elapsed = now - start
+                eta = (work - work_done) * elapsed / max(work_done, 1)
+                print(
+                    f"{name}: {docs_done:,} docs ({docs_done / elapsed:,.0f}/s), "
+                    f"{(counts['train'] + counts['val']) / elapsed:,.0f} tokens/s, "
+                    f"{100 * work_done / max(work, 1):.1f}%, eta {eta:,.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return docs_done, counts
 
 
