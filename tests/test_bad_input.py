@@ -83,7 +83,7 @@ def test_bad_data(ray_local, paths, capsys, damage, needles):
     [
         (["--learning_rat=1"], ["did you mean 'learning_rate'"]),
         (["--num_workers=3"], ["gradient_accumulation_steps (2) must be divisible by the number of workers (3)"]),
-        (["--use_gpu=True", "--device=cuda"], ["need 1 GPUs but the cluster has", "0 GPUs"]),
+        (["--use_gpu=True", "--device=cuda"], ["1 GPU worker needs 1 GPU but the cluster has", "0 GPUs"]),
         (["--num_workers=64"], ["64 workers x 1 CPU need 64 CPUs but the cluster has 4 CPUs"]),
         (["--dtype=float16"], ["float16 needs a GPU"]),
         (["--init_from=resume"], ["init_from=resume but there is no checkpoint"]),

@@ -8,10 +8,10 @@ import textwrap
 import pytest
 import torch
 
-from raygpt.config import ConfigError, TrainConfig
+from raygpt.config import ConfigError, TrainConfig, load_config
 from raygpt.data import Batches
 from raygpt.model import GPT, GPTConfig
-from raygpt.speed import eval_group_size, set_attention_backend
+from raygpt.speed import eval_group_size, set_attention_backend, uses_cuda_graphs
 from raygpt.step import NonFiniteGuard
 
 
@@ -89,7 +89,10 @@ def test_attention_backend_switches():
 
 
 def test_speed_keys_are_validated():
-    assert TrainConfig(compile_mode="reduce-overhead", attention="cudnn").compile_mode == "reduce-overhead"
+    cfg = load_config(["--compile_mode=reduce-overhead", "--attention=cudnn"])
+    # reduce-overhead is the mode that records CUDA graphs, on a GPU only; the default mode records none.
+    assert uses_cuda_graphs(cfg.compile_mode, "cuda") and not uses_cuda_graphs(cfg.compile_mode, "cpu")
+    assert not uses_cuda_graphs(TrainConfig().compile_mode, "cuda")
     with pytest.raises(ConfigError, match="compile_mode"):
         TrainConfig(compile_mode="fast")
     with pytest.raises(ConfigError, match="attention"):
