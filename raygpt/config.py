@@ -2,7 +2,7 @@
 
 Config files keep nanoGPT's format (`key = value` lines, comments, literals, simple arithmetic) and
 nanoGPT's own files load unchanged, but they are read with `ast`, never exec'd: a config file cannot
-run code.
+run code, and the size of what it computes is checked before it is computed.
 """
 
 from __future__ import annotations
