@@ -160,7 +160,9 @@ def whole_model_state(saved: dict) -> dict:
 
     wanted = {"model": GPT(GPTConfig(**architecture(saved, saved[SHARDED_DIR]))).state_dict()}
     try:
-        dcp.load(wanted, checkpoint_id=saved[SHARDED_DIR])  # reads the model's part only
+        dcp.load(
+            wanted, checkpoint_id=saved[SHARDED_DIR], no_dist=not torch.distributed.is_initialized()
+        )  # reads the model's part only
     except Exception as e:  # noqa: BLE001 - a damaged or foreign folder fails in many ways
         raise CheckpointError(
             f"{saved[SHARDED_DIR]}: the sharded checkpoint cannot be read ({type(e).__name__})"
@@ -274,7 +276,7 @@ class TrainState:
 
         wanted = self.sharded_state_dict()
         try:
-            dcp.load(wanted, checkpoint_id=directory)
+            dcp.load(wanted, checkpoint_id=directory, no_dist=not torch.distributed.is_initialized())
         except Exception as e:  # noqa: BLE001 - a damaged or foreign folder fails in many ways
             raise CheckpointError(f"{directory}: the sharded checkpoint cannot be read ({type(e).__name__})") from None
         set_state_dict(self.model, self.optimizer, model_state_dict=wanted["model"],

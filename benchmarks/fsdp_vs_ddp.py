@@ -1,0 +1,96 @@
+"""DDP against FSDP2 (and FSDP2 with activation checkpointing) for one model on the GPUs of one host.
+
+    python benchmarks/fsdp_vs_ddp.py --work-dir /tmp/fsdp-bench --gpus 2 [--model gpt2-xl] \
+        [--runs ddp:8 fsdp:8 fsdp-full:32] [--iters 25]
+
+Each run is `python -m raygpt.launch --num-workers GPUS` on random tokens (bf16, compile), one after
+another on the same machine; the table gives the median ms/iter over iterations 10 on, tokens/s, MFU
+(6N + 12LHQT FLOPs a token over 989 TFLOP/s a GPU, H100 SXM / H200) and rank 0's peak GPU memory. A run
+that runs out of memory is reported as such (the memory check is off, so it really tries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_vs_nanogpt import run_and_parse  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = {  # n_layer, n_head, n_embd, block_size
+    "gpt2": (12, 12, 768, 1024),
+    "gpt2-xl": (48, 25, 1600, 1024),
+    "gpt3-6.7b": (32, 32, 4096, 2048),
+}
+PEAK_FLOPS = 989e12
+VOCAB = 50304
+
+
+def flops_per_token(n_layer: int, n_head: int, n_embd: int, block_size: int) -> float:
+    params = 12 * n_layer * n_embd**2 + VOCAB * n_embd  # matrices and wte (tied head), as nanoGPT counts
+    return 6 * params + 12 * n_layer * n_head * (n_embd // n_head) * block_size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work-dir", type=Path, required=True)
+    parser.add_argument("--gpus", type=int, default=2)
+    parser.add_argument("--model", choices=MODELS, default="gpt2-xl")
+    parser.add_argument("--runs", nargs="+", default=["ddp:8", "fsdp:8", "fsdp-full:32"],
+                        help="PARALLELISM[-ACTIVATION_CHECKPOINTING]:MICRO_BATCH each")  # fmt: skip
+    parser.add_argument("--iters", type=int, default=25)
+    parser.add_argument("--out", type=Path, default=Path("fsdp_vs_ddp.md"))
+    args = parser.parse_args()
+    n_layer, n_head, n_embd, block_size = MODELS[args.model]
+    data = args.work_dir / "data" / "random"
+    data.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 50_000_000), ("val", 1_000_000)):
+        rng.integers(0, 50257, n, dtype=np.uint16).tofile(data / f"{split}.bin")
+    rows = []
+    for spec in args.runs:
+        mode, batch = spec.split(":")
+        parallelism, _, recompute = mode.partition("-")
+        name = f"{parallelism.upper()}{f' + {recompute} AC' if recompute else ''}, micro-batch {batch}"
+        command = [sys.executable, "-m", "raygpt.launch", f"--num-workers={args.gpus}", "--dataset=random",
+                   f"--data_dir={args.work_dir / 'data'}", f"--out_dir={args.work_dir / f'out-{mode}-{batch}'}",
+                   f"--storage_path={args.work_dir / 'ray'}", f"--n_layer={n_layer}", f"--n_head={n_head}",
+                   f"--n_embd={n_embd}", f"--block_size={block_size}", "--bias=False", "--dropout=0.0",
+                   f"--batch_size={batch}", f"--gradient_accumulation_steps={args.gpus}", f"--max_iters={args.iters}",
+                   "--eval_interval=100000", "--eval_iters=1", "--log_interval=1", "--warmup_iters=5",
+                   f"--lr_decay_iters={args.iters * 10}", "--always_save_checkpoint=False", "--compile=True",
+                   "--dtype=bfloat16", f"--parallelism={parallelism}",
+                   f"--activation_checkpointing={recompute or 'none'}", "--check_memory=False"]  # fmt: skip
+        log = args.work_dir / f"{mode}-{batch}.log"
+        try:
+            result = run_and_parse(name, command, REPO, log, env=None)
+        except SystemExit:
+            oom = "out of memory" in log.read_text(errors="replace").lower()
+            rows.append(f"| {name} | {'out of memory' if oom else 'failed (see log)'} | | | |")
+            continue
+        dt = result["median_ms"] / 1000
+        tokens_per_gpu = int(batch) * block_size  # one micro-step per GPU per iteration
+        mfu = flops_per_token(n_layer, n_head, n_embd, block_size) * tokens_per_gpu / dt / PEAK_FLOPS
+        peak = f"{result['peak_gib']:.2f} GiB" if result["peak_gib"] is not None else "n/a"
+        rows.append(f"| {name} | {result['median_ms']:.1f} | {tokens_per_gpu * args.gpus / dt:,.0f} | "
+                    f"{mfu * 100:.1f}% | {peak} |")  # fmt: skip
+    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+    table = [
+        f"{args.model} on {args.gpus} x {gpu.stdout.splitlines()[0] if gpu.stdout else 'GPU'}, bf16, compile, "
+        f"{args.iters} iterations, random tokens",
+        "",
+        "| run | ms/iter | tokens/s | MFU | peak memory (rank 0) |",
+        "| --- | --- | --- | --- | --- |",
+        *rows,
+    ]
+    args.out.write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
