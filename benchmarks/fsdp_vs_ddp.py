@@ -72,6 +72,7 @@ def main() -> None:
         except SystemExit:
             oom = "out of memory" in log.read_text(errors="replace").lower()
             rows.append(f"| {name} | {'out of memory' if oom else 'failed (see log)'} | | | |")
+            print(rows[-1], flush=True)
             continue
         dt = result["median_ms"] / 1000
         tokens_per_gpu = int(batch) * block_size  # one micro-step per GPU per iteration
@@ -79,6 +80,7 @@ def main() -> None:
         peak = f"{result['peak_gib']:.2f} GiB" if result["peak_gib"] is not None else "n/a"
         rows.append(f"| {name} | {result['median_ms']:.1f} | {tokens_per_gpu * args.gpus / dt:,.0f} | "
                     f"{mfu * 100:.1f}% | {peak} |")  # fmt: skip
+        print(rows[-1], flush=True)  # each run's row as soon as it is measured
     gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
     table = [
         f"{args.model} on {args.gpus} x {gpu.stdout.splitlines()[0] if gpu.stdout else 'GPU'}, bf16, compile, "
