@@ -77,7 +77,7 @@ def test_one_worker_learns_and_checkpoints(ray_local, tmp_path, char_data):
     first = math.log(65)  # an untrained char model's loss
     assert result.metrics["val_loss"] < first - 0.5
     assert Path(result.checkpoint.path).parent == tmp_path / "ray" / "one"  # in storage_path/run_name
-    ray_state = checkpoint.from_ray(result.checkpoint)
+    ray_state, _ = checkpoint.from_ray(result.checkpoint)
     assert ray_state["iter_num"] == 20
     out_state = final_state(cfg)
     assert_same_weights(ray_state["model"], out_state["model"])
