@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,6 +336,37 @@ def check_data(cfg: TrainConfig, run_name: str, explicit_keys, prepare_input: st
     return resume_from, vocab_size
 
 
+def forward_worker_output(enabled: bool) -> None:
+    """Whether this driver prints what its Ray workers print: Ray's own switch, which its debugger also
+    turns off. A private flag: if it moves, workers' output is printed as before."""
+    try:
+        import ray._private.worker
+
+        ray._private.worker._worker_logs_enabled = enabled
+    except (ImportError, AttributeError):
+        pass
+
+
+def interruptible(trainer_class):
+    """The trainer class with raygpt's Ctrl-C handler in place of the one Ray Train's fit() installs.
+
+    Ray's asks the controller to abort, waits for it, and then exits the process itself, so the launcher
+    could say nothing about what was saved, and the workers went on training while it waited. This one
+    asks the controller to abort and stops waiting at once (KeyboardInterrupt): the launcher prints its
+    last line and exits, and Ray ends the run's actors with the process that owns them. Ray installs
+    its handler only from the main thread (not under Tune), and so is this one."""
+
+    class InterruptibleTrainer(trainer_class):
+        def _register_sigint_handler(self, controller) -> None:
+            def on_sigint(signum, frame):
+                controller.abort.remote()
+                raise KeyboardInterrupt
+
+            signal.signal(signal.SIGINT, on_sigint)
+
+    return InterruptibleTrainer
+
+
 def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -356,7 +388,7 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
         ),
         callbacks=callbacks,
     )
-    return TorchTrainer(
+    return interruptible(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)},
         torch_config=TorchConfig(backend=cfg.backend if plan.use_gpu else "gloo"),
@@ -421,9 +453,11 @@ def run(cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherO
             f" {count(plan.cpus_per_worker, 'CPU')} each",
             flush=True,
         )
+    forward_worker_output(True)
     try:
         result = build_trainer(cfg, plan).fit()
     except KeyboardInterrupt:
+        forward_worker_output(False)  # the workers' last lines would come after the launcher's last line
         raise RunInterrupted(where_to_continue(cfg, plan)) from None
     except RaygptError:
         raise
@@ -435,6 +469,7 @@ def run(cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherO
         refusal = worker_refusal(e)
         if refusal is not None:  # bad input only a worker could see (its GPU's memory): a refusal all the same
             raise refusal from None
+        forward_worker_output(False)
         raise RunFailed(f"training failed: {root_cause(e)}; {where_to_continue(cfg, plan)}") from e
     summarize(result, cfg)
     return result

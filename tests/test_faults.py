@@ -157,7 +157,11 @@ def test_killed_driver_then_same_command_continues_bit_identical(ray_local, tmp_
     wait_for(process, r"saving checkpoint")
     wait_until_registered(process, tmp_path / "ray" / f"out-{name}")
     os.killpg(process.pid, sig)
-    finish(process)
+    returncode, output = finish(process)
+    if sig == signal.SIGINT:  # Ctrl-C: the run stops and its last line says how to go on
+        last = output.strip().splitlines()[-1]
+        assert returncode == 130 and last.startswith("interrupted: the latest checkpoint is "), output[-3000:]
+        assert last.endswith("run the same command again to continue from it"), last
     # The run stopped part way: the rerun has a checkpoint before the last iteration to continue from.
     assert 0 < checkpoint.load(tmp_path / f"out-{name}" / "ckpt.pt")["iter_num"] < FAULT_RUN["max_iters"]
     time.sleep(2)  # let the cluster reap the dead driver's workers
