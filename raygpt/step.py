@@ -188,19 +188,33 @@ class Evaluator:
 
     Each rank takes every world_size-th window and the per-window losses are summed across ranks, so
     the result does not depend on the worker count. Small models run several windows as one forward
-    pass (speed.eval_group_size)."""
+    pass (speed.eval_group_size). Under FSDP each forward gathers weights from every rank, so every rank
+    makes the same number of forward passes: one with fewer windows than the others (eval_iters not a
+    multiple of the worker count) makes extra passes whose losses it does not count."""
 
     def __init__(self, wrapped: WrappedModel, batches, precision: Precision, eval_iters: int, model_args: dict,
                  rank: int, world_size: int, eager: bool = False, before_compile=None):  # fmt: skip
         self.model, self.batches, self.precision = wrapped.eval, batches, precision
         self.eval_iters, self.world_size = eval_iters, world_size
         self.my_windows = list(range(rank, eval_iters, world_size))
-        self.group = eval_group_size(len(self.my_windows), batches.batch_size, model_args["block_size"],
+        most_windows = -(-eval_iters // world_size)  # what the first rank gets
+        sized_by = most_windows if wrapped.sharded else len(self.my_windows)
+        self.group = eval_group_size(sized_by, batches.batch_size, model_args["block_size"],
                                      model_args["vocab_size"], model_args["n_embd"])  # fmt: skip
+        passes = -(-len(self.my_windows) // self.group)
+        self.uncounted_passes = -(-most_windows // self.group) - passes if wrapped.sharded else 0
         # eager: compiled for training, but evaluated without compiling a second graph (compile_eval=False).
         self.eager, self.cuda_graphs = eager, wrapped.cuda_graphs and not eager
         self.before_compile = before_compile  # called first: an eval graph compiled now needs compile workers
         self.seconds = 0.0  # how long the last evaluation took
+
+    def _loss(self, split: str, windows: list[int]) -> torch.Tensor:
+        X, Y = self.batches.eval_batch(split, windows)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with self.precision.autocast(), self._stance():
+            _, loss = self.model(X, Y)
+        return loss.float()
 
     def _stance(self):
         return torch.compiler.set_stance("force_eager") if self.eager else nullcontext()
@@ -216,13 +230,10 @@ class Evaluator:
             loss_sum = torch.zeros((), device=self.precision.device)
             for i in range(0, len(self.my_windows), self.group):
                 windows = self.my_windows[i : i + self.group]
-                X, Y = self.batches.eval_batch(split, windows)
-                if self.cuda_graphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                with self.precision.autocast(), self._stance():
-                    _, loss = self.model(X, Y)
                 # Equal-sized batches: their summed mean losses are the group's mean times its size.
-                loss_sum += loss.float() * len(windows)
+                loss_sum += self._loss(split, windows) * len(windows)
+            for _ in range(self.uncounted_passes):
+                self._loss(split, [0])
             if self.world_size > 1:
                 torch.distributed.all_reduce(loss_sum)
             losses[split] = loss_sum.item() / self.eval_iters
