@@ -52,10 +52,9 @@ def parse_args(argv: list[str]):
 
 
 def dataset_vocab_size(cfg) -> int:
-    try:
-        meta = load_meta(Path(cfg.data_dir) / cfg.dataset)
-    except (OSError, ValueError):
-        meta = None
+    """The vocabulary of the config's dataset, as training would build the model (a bad meta.json is refused)."""
+    dataset_dir = Path(cfg.data_dir) / cfg.dataset
+    meta = load_meta(dataset_dir) if dataset_dir.is_dir() else None
     return meta["vocab_size"] if meta else PADDED_GPT2_VOCAB_SIZE
 
 
@@ -67,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
             raise RaygptError(f"--steps must be at least 1 and --warmup at least 0, got {args.steps}, {args.warmup}")
     except RaygptError as e:
         return refuse(e)
-    vocab_size = args.vocab_size or dataset_vocab_size(cfg)
+    try:
+        vocab_size = args.vocab_size or dataset_vocab_size(cfg)
+    except RaygptError as e:
+        return refuse(e)
     use_cuda = cfg.device == "cuda" and torch.cuda.is_available()
     device = torch.device("cuda" if use_cuda else "cpu")
     attention = make_deterministic(cfg.attention) if cfg.deterministic else cfg.attention

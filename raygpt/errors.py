@@ -37,3 +37,6 @@ def run_cli(main: Callable[[], int]) -> int:
         return main()
     except RaygptError as e:
         return refuse(e)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED

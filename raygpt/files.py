@@ -25,8 +25,9 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(file)` on a temporary file beside `path`, fsync it, and rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    try:
+    tmp = None
+    try:  # from the moment the temporary file exists: a Ctrl-C anywhere after it still removes it
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -34,7 +35,8 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         os.replace(tmp, path)
         _fsync_directory(path.parent)  # the rename itself survives a power cut only once the folder is synced
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             reason = {
                 errno.ENOSPC: "no space left on the device",
