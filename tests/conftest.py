@@ -111,3 +111,24 @@ def char_data(tmp_path_factory, shakespeare_path) -> Path:
     data_dir = tmp_path_factory.mktemp("data")
     prepare_shakespeare_char(data_dir, input_path=shakespeare_path)
     return data_dir
+
+
+# A few seconds of real training through the CLI in local mode: what the launcher tests run.
+TINY_LOCAL_RUN = [
+    "--dataset=shakespeare_char",
+    "--n_layer=1",
+    "--n_head=2",
+    "--n_embd=16",
+    "--block_size=16",
+    "--batch_size=4",
+    "--gradient_accumulation_steps=1",
+    "--max_iters=4",
+    "--eval_interval=2",
+    "--eval_iters=2",
+    "--log_interval=2",
+    "--device=cpu",
+    "--compile=False",
+    "--warmup_iters=1",
+    "--lr_decay_iters=10",
+    "--local_mode=True",
+]

@@ -5,29 +5,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import TINY_LOCAL_RUN
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_default_run_reads_like_nanogpt(ray_local, tmp_path, char_data):
     argv = [
-        "--dataset=shakespeare_char",
+        *(arg for arg in TINY_LOCAL_RUN if arg != "--local_mode=True"),
         f"--data_dir={char_data}",
         f"--out_dir={tmp_path / 'out'}",
         f"--storage_path={tmp_path / 'ray'}",
-        "--n_layer=1",
-        "--n_head=2",
-        "--n_embd=16",
-        "--block_size=16",
-        "--batch_size=4",
-        "--gradient_accumulation_steps=1",
-        "--max_iters=4",
-        "--eval_interval=2",
-        "--eval_iters=2",
-        "--log_interval=2",
-        "--device=cpu",
-        "--compile=False",
-        "--warmup_iters=1",
-        "--lr_decay_iters=10",
     ]
     env = {**os.environ, "RAY_ADDRESS": ray_local, "PYTHONPATH": str(REPO)}
     done = subprocess.run(

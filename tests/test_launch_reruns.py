@@ -15,28 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_LOCAL_RUN as TINY
 
 from raygpt import checkpoint, launch
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--dataset=shakespeare_char",
-    "--n_layer=1",
-    "--n_head=2",
-    "--n_embd=16",
-    "--block_size=16",
-    "--batch_size=4",
-    "--gradient_accumulation_steps=1",
-    "--max_iters=4",
-    "--eval_interval=2",
-    "--eval_iters=2",
-    "--log_interval=2",
-    "--device=cpu",
-    "--compile=False",
-    "--warmup_iters=1",
-    "--lr_decay_iters=10",
-    "--local_mode=True",
-]
 
 
 @pytest.fixture
