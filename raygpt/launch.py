@@ -95,7 +95,7 @@ def start_autoscaling_coordinator() -> None:
 
     The controller creates it on first use and waits at most 5 s for it; a fresh process that must import
     ray.data takes about that long on a busy machine, and then each run starts with a warning and a
-    traceback ("Failed to send resource request") after a 5 s stall (measured on a 16-core GPU machine).
+    traceback ("Failed to send resource request") after that 5 s stall.
     Creating it here, while the driver goes on preparing the run, is the same call with get_if_exists,
     so a cluster that already has one keeps it. A private Ray API: if it moves, Ray creates the actor as before."""
     try:

@@ -256,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: the one in the checkpoint's data_dir/dataset; without one, GPT-2 BPE for a model of GPT-2's "
         "vocabulary)",
     )
+    add_generation_options(parser)
+    return parser
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """What to generate and how: the prompt, the sampling, the device."""
     parser.add_argument(
         "--start",
         default="\n",
@@ -307,7 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the model first: slower start, faster tokens (default: off)",
     )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

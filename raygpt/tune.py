@@ -156,6 +156,17 @@ def trial_count(space: dict, num_samples: int) -> int:
     return num_samples * grid
 
 
+def trials_that_fit(plan: launch.RunPlan, explicit_keys) -> int:
+    """Trials whose Train workers fit side by side now (workers shrink to that share where not set explicitly)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    if plan.use_gpu:
+        return int(resources.get("GPU", 0)) // (plan.num_workers if "num_workers" in explicit_keys else 1)
+    per_worker = plan.cpus_per_worker if "cpus_per_worker" in explicit_keys else 1.0
+    return int(resources.get("CPU", 0) // (plan.num_workers * per_worker))
+
+
 def plan_concurrency(cfg: TrainConfig, plan: launch.RunPlan, explicit_keys, concurrent: int) -> launch.RunPlan:
     """Share the cluster between `concurrent` trials where the user left workers/CPUs to the planner."""
     import ray
@@ -229,16 +240,7 @@ def run_sweep(
     trials = trial_count(space, num_samples)
     concurrent = min(max_concurrent or trials, trials)
     if not options.wait_for_resources:
-        import ray
-
-        resources = ray.cluster_resources()
-        # Trials whose Train workers fit side by side (workers shrink to that share where not set explicitly).
-        if plan.use_gpu:
-            fits = int(resources.get("GPU", 0)) // (plan.num_workers if "num_workers" in explicit_keys else 1)
-        else:
-            per_worker = plan.cpus_per_worker if "cpus_per_worker" in explicit_keys else 1.0
-            fits = int(resources.get("CPU", 0) // (plan.num_workers * per_worker))
-        concurrent = max(1, min(concurrent, fits))
+        concurrent = max(1, min(concurrent, trials_that_fit(plan, explicit_keys)))
     if concurrent > 1:
         plan = plan_concurrency(cfg, plan, explicit_keys, concurrent)
     workers = launch.count(plan.num_workers, launch.describe_worker(plan))
