@@ -350,21 +350,36 @@ def forward_worker_output(enabled: bool) -> None:
 def interruptible(trainer_class):
     """The trainer class with raygpt's Ctrl-C handler in place of the one Ray Train's fit() installs.
 
-    Ray's asks the controller to abort, waits for it, and then exits the process itself, so the launcher
-    could say nothing about what was saved, and the workers went on training while it waited. This one
-    asks the controller to abort and stops waiting at once (KeyboardInterrupt): the launcher prints its
-    last line and exits, and Ray ends the run's actors with the process that owns them. Ray installs
-    its handler only from the main thread (not under Tune), and so is this one."""
+    Ray's asks the controller to abort and then exits the process itself, so the launcher could say
+    nothing about what was saved. This one asks the controller to abort, waits (ABORT_TIMEOUT_S at most)
+    until the workers have stopped, so that no checkpoint is written after the launcher names the latest
+    one, and then raises KeyboardInterrupt for the launcher's last line; a second Ctrl-C stops waiting.
+    Ray installs its handler only from the main thread (not under Tune), and so is this one."""
 
     class InterruptibleTrainer(trainer_class):
         def _register_sigint_handler(self, controller) -> None:
+            import ray
+
+            stopping = False
+
             def on_sigint(signum, frame):
-                controller.abort.remote()
+                nonlocal stopping
+                if stopping:
+                    raise KeyboardInterrupt
+                stopping = True
+                print("interrupting: stopping the workers (Ctrl-C again not to wait)", file=sys.stderr, flush=True)
+                try:
+                    ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    pass  # the controller is gone already, or too slow: exiting ends the run's actors too
                 raise KeyboardInterrupt
 
             signal.signal(signal.SIGINT, on_sigint)
 
     return InterruptibleTrainer
+
+
+ABORT_TIMEOUT_S = 30
 
 
 def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
