@@ -175,7 +175,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     if keep:
                         ray_checkpoint = checkpointer.save(state, (X, Y))
                     else:
-                        reporter.say(f"warning: iter {state.iter_num}: no checkpoint: the losses are not finite "
+                        reporter.say(f"warning: iter {state.iter_num}: no checkpoint: non-finite losses or gradients "
                                      f"(the last good checkpoint stays in {out_dir})")  # fmt: skip
                 reporter.eval(state, lr, estimate_loss.seconds, in_sync, ray_checkpoint)
                 checkpointer.reported()
