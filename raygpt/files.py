@@ -25,11 +25,12 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Call `write(file)` on a temporary file beside `path`, fsync it, and rename it to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
+    tmp, writer = None, None
     try:  # from the moment the temporary file exists: a Ctrl-C anywhere after it still removes it
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            writer = _ErrorRecordingWriter(f)
+            write(writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -37,6 +38,8 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a failed write as a RuntimeError; the OSError underneath says why.
+        e = e if isinstance(e, OSError) or writer is None or writer.error is None else writer.error
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             reason = {
                 errno.ENOSPC: "no space left on the device",
@@ -45,6 +48,23 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             }[e.errno]
             raise DiskFullError(e.errno, f"cannot write {path}: {reason}") from None
         raise
+
+
+class _ErrorRecordingWriter:
+    """A binary file's write and flush, remembering the OSError a failed write raised."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
