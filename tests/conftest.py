@@ -132,3 +132,30 @@ TINY_LOCAL_RUN = [
     "--lr_decay_iters=10",
     "--local_mode=True",
 ]
+
+
+# A tiny GPT on shakespeare_char for a few seconds of CPU training (TrainConfig keys).
+TINY_RUN = dict(
+    dataset="shakespeare_char",
+    n_layer=2,
+    n_head=2,
+    n_embd=32,
+    block_size=32,
+    batch_size=8,
+    gradient_accumulation_steps=2,
+    dropout=0.0,
+    bias=False,
+    learning_rate=1e-2,
+    min_lr=1e-3,
+    warmup_iters=5,
+    lr_decay_iters=40,
+    max_iters=20,
+    eval_interval=10,
+    eval_iters=4,
+    log_interval=5,
+    device="cpu",
+    dtype="float32",
+    compile=False,
+    always_save_checkpoint=True,
+    seed=7,
+)

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import TINY_RUN
 
 from raygpt import checkpoint, launch
 from raygpt.config import TrainConfig
@@ -168,31 +169,7 @@ def test_get_lr_matches_nanogpt_at_the_edges():
     assert get_lr(10**6, cfg.replace(decay_lr=False)) == 6e-4
 
 
-RUN = dict(
-    dataset="shakespeare_char",
-    n_layer=2,
-    n_head=2,
-    n_embd=32,
-    block_size=32,
-    batch_size=8,
-    gradient_accumulation_steps=2,
-    dropout=0.1,
-    bias=True,
-    learning_rate=1e-2,
-    min_lr=1e-3,
-    warmup_iters=5,
-    lr_decay_iters=40,
-    max_iters=20,
-    eval_interval=10,
-    eval_iters=4,
-    log_interval=5,
-    device="cpu",
-    dtype="float32",
-    compile=False,
-    seed=7,
-    local_mode=True,
-    cpus_per_worker=1,
-)
+RUN = {**TINY_RUN, "dropout": 0.1, "bias": True, "local_mode": True, "cpus_per_worker": 1}
 
 
 def test_nanogpt_data_order_replays_nanogpt_numbers(tmp_path, char_data):

@@ -6,36 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN
 
 from raygpt import checkpoint, launch
 from raygpt.config import TrainConfig
 from raygpt.model import GPT, GPTConfig
 from raygpt.step import resolve_dtype
 
-TINY = dict(
-    dataset="shakespeare_char",
-    n_layer=2,
-    n_head=2,
-    n_embd=32,
-    block_size=32,
-    batch_size=8,
-    gradient_accumulation_steps=2,
-    dropout=0.0,
-    bias=False,
-    learning_rate=1e-2,
-    min_lr=1e-3,
-    warmup_iters=5,
-    lr_decay_iters=40,
-    max_iters=20,
-    eval_interval=10,
-    eval_iters=4,
-    log_interval=5,
-    device="cpu",
-    dtype="float32",
-    compile=False,
-    always_save_checkpoint=True,
-    seed=7,
-)
+TINY = TINY_RUN
 
 
 def tiny_config(tmp_path, char_data, name="run", **overrides) -> TrainConfig:
