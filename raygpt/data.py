@@ -1,7 +1,8 @@
 """Memmapped token files, deterministic batch positions, and host-to-device transfer. No Ray here.
 
-Batch positions are a pure function of (seed, split, iteration, rank, micro-step), never of a
-running RNG: a resumed or restarted run draws exactly the batches an uninterrupted run would.
+Batch positions are a pure function of (seed, split, iteration, global micro-batch), never of a
+running RNG or of the worker count: a resumed or restarted run, on the same number of workers or
+another, draws exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ class DataError(RaygptError, ValueError):
 
 
 def validate_dataset(dataset_dir: str | Path, block_size: int, world_size: int, vocab_size: int) -> None:
-    """Refuse, before any worker starts, data that would crash or silently corrupt training."""
+    """Refuse, before any worker starts, data that would crash or silently corrupt training.
+
+    `world_size` no longer matters (every worker draws from the whole of train.bin); it stays until the
+    launcher's calls drop it."""
     dataset_dir = Path(dataset_dir)
     prepare = f"python -m raygpt.prepare {dataset_dir.name} --data-dir {dataset_dir.parent}"
     info = _stat(dataset_dir)
@@ -48,12 +52,11 @@ def validate_dataset(dataset_dir: str | Path, block_size: int, world_size: int, 
         if info.st_size % 2:
             raise DataError(f"{path} has an odd number of bytes: not a uint16 token file")
         n_tokens = info.st_size // 2
-        # Every rank trains on its own shard of train.bin; each needs one full window.
-        needed = (block_size + 1) * (world_size if split == "train" else 1)
+        # Every worker draws windows from the whole file, so one window is enough whatever their number.
+        needed = block_size + 1
         if n_tokens < needed:
-            what = f"{world_size} rank shards of " if split == "train" and world_size > 1 else ""
             raise DataError(
-                f"{path} has {n_tokens} tokens, too few for {what}block_size {block_size} (needs at least {needed})"
+                f"{path} has {n_tokens} tokens, too few for block_size {block_size} (needs at least {needed})"
             )
         chunks = _sample_chunks(np.memmap(path, dtype=np.uint16, mode="r"))
         if declared_dtype is None:  # prepared elsewhere (nanoGPT): the width is not written down
@@ -109,12 +112,6 @@ def _wider_token_bits(chunks: list[np.ndarray]) -> int | None:
     return 32 if words[:, 2].any() else 64
 
 
-def rank_shard(n_tokens: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The contiguous [start, end) slice of a token file that `rank` trains on."""
-    per_rank = n_tokens // world_size
-    return rank * per_rank, (rank + 1) * per_rank
-
-
 def window_starts(seed: int, stream: int, draw: tuple[int, ...], n_windows: int, high: int) -> np.ndarray:
     """`n_windows` start positions in [0, high), fixed by (seed, stream, *draw)."""
     rng = np.random.default_rng([seed, stream, *draw])
@@ -122,19 +119,18 @@ def window_starts(seed: int, stream: int, draw: tuple[int, ...], n_windows: int,
 
 
 class TokenFile:
-    """A uint16 token file read through a memmap, optionally restricted to one rank's shard."""
+    """A uint16 token file read through a memmap."""
 
-    def __init__(self, path: str | Path, block_size: int, start: int = 0, end: int | None = None):
+    def __init__(self, path: str | Path, block_size: int):
         self.path = str(path)
         n_tokens = len(np.memmap(self.path, dtype=np.uint16, mode="r"))
-        self.start, self.end = start, n_tokens if end is None else end
         self.block_size = block_size
         # A window needs block_size inputs plus one more token for the last target.
-        self.n_starts = (self.end - self.start) - block_size
+        self.n_starts = n_tokens - block_size
         if self.n_starts < 1:
             raise ValueError(
-                f"{self.path}: {self.end - self.start} tokens{' in this rank shard' if start or end else ''}"
-                f" is too few for block_size {block_size} (need at least {block_size + 1})"
+                f"{self.path}: {n_tokens} tokens is too few for block_size {block_size}"
+                f" (need at least {block_size + 1})"
             )
         self._offsets = np.arange(block_size + 1, dtype=np.int64)
 
@@ -143,12 +139,20 @@ class TokenFile:
         # Re-open the memmap for every batch: a long-lived one keeps every page it touched mapped,
         # so the process's memory grows to the size of the file over a long run.
         data = np.memmap(self.path, dtype=np.uint16, mode="r")
-        rows = data[self.start + starts[:, None] + self._offsets]
+        rows = data[starts[:, None] + self._offsets]
         return torch.from_numpy(rows.astype(np.int64))
 
 
 class Batches:
-    """The batches one rank trains and evaluates on, moved to `device` (pinned + non_blocking on CUDA)."""
+    """The batches one rank trains and evaluates on, moved to `device` (pinned + non_blocking on CUDA).
+
+    The global batch of an iteration is its gradient_accumulation_steps micro-batches, micro-batch g
+    drawn over the whole of train.bin with the key (seed, TRAIN_STREAM, (iter_num, 0, g)). Each of the
+    world_size ranks runs `accum_steps` of them (global count / world_size): rank r's micro-step m is
+    micro-batch r * accum_steps + m. With one worker, micro-step m is micro-batch m, the key single-worker
+    runs always used: every worker count draws exactly what one worker draws, and a run can continue
+    on another worker count without changing what it trains on. Dropout is keyed the same way
+    (`dropout_seed`)."""
 
     def __init__(
         self,
@@ -159,16 +163,17 @@ class Batches:
         rank: int = 0,
         world_size: int = 1,
         device: str | torch.device = "cpu",
+        accum_steps: int | None = None,
     ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not one of {world_size} workers")
+        if accum_steps is None and world_size > 1:  # one worker's micro-batches start at 0 whatever their count
+            raise ValueError("Batches needs accum_steps (micro-steps per worker) to place a rank's micro-batches")
         data_dir = Path(data_dir)
-        n_train = len(np.memmap(data_dir / "train.bin", dtype=np.uint16, mode="r"))
-        self.train = TokenFile(data_dir / "train.bin", block_size, *rank_shard(n_train, rank, world_size))
-        # Evaluation reads the whole of each file, so its windows do not depend on the world size.
-        self.eval_files = {
-            "train": TokenFile(data_dir / "train.bin", block_size),
-            "val": TokenFile(data_dir / "val.bin", block_size),
-        }
-        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.train = TokenFile(data_dir / "train.bin", block_size)
+        self.eval_files = {"train": self.train, "val": TokenFile(data_dir / "val.bin", block_size)}
+        self.batch_size, self.seed = batch_size, seed
+        self.first_micro_batch = rank * (accum_steps or 0)  # this rank's first global micro-batch
         self.device = torch.device(device)
         self.pin = self.device.type == "cuda"
 
@@ -180,10 +185,18 @@ class Batches:
         return x.to(self.device), y.to(self.device)
 
     def train_batch(self, iter_num: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = window_starts(
-            self.seed, TRAIN_STREAM, (iter_num, self.rank, micro_step), self.batch_size, self.train.n_starts
-        )
+        """This rank's `micro_step`-th micro-batch of iteration `iter_num`."""
+        # The 0 is where the rank stood when each rank read its own shard of the file: one worker's
+        # keys, and so every single-worker run's batches, are those of that order.
+        key = (iter_num, 0, self.first_micro_batch + micro_step)
+        starts = window_starts(self.seed, TRAIN_STREAM, key, self.batch_size, self.train.n_starts)
         return self._to_device(self.train.windows(starts))
+
+    def dropout_seed(self, iter_num: int, micro_step: int) -> int | None:
+        """The seed of the dropout masks of this rank's `micro_step`: keyed by the global micro-batch, as
+        its windows are, so a micro-batch gets the same masks on any worker count. Micro-batch 0's is the
+        seed the loop set once per iteration before, so runs without accumulation keep their masks."""
+        return hash((self.seed, iter_num, self.first_micro_batch + micro_step)) & 0x7FFF_FFFF
 
     def eval_batch(self, split: str, k: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The k-th of the fixed evaluation batches of `split` (the same windows at every eval), or
@@ -210,6 +223,9 @@ class NanoGPTOrderBatches(Batches):
 
     def train_batch(self, iter_num: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._to_device(self._draw(self.train, 1))
+
+    def dropout_seed(self, iter_num: int, micro_step: int) -> None:
+        return None  # dropout draws from the same running stream as the batches, as in nanoGPT
 
     def eval_batch(self, split: str, k: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         return self._to_device(self._draw(self.eval_files[split], 1 if isinstance(k, int) else len(k)))

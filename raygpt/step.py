@@ -134,17 +134,25 @@ class NonFiniteGuard:
         return in_a_row
 
 
+def has_dropout(model: torch.nn.Module) -> bool:
+    """Whether training draws random numbers: GPT's attention and residual dropout share config.dropout."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 class TrainStep:
     """One iteration: forward/backward over the micro-batches, clip, guarded optimizer step, zero grads.
 
     Forward and backward run on `wrapped.train` (compiled, wrapped for data parallelism); gradients are
-    clipped over the plain model's parameters."""
+    clipped over the plain model's parameters. A model with dropout reseeds torch's generators before
+    each micro-step with `batches.dropout_seed`, so the dropout masks of a global micro-batch do not
+    depend on which rank runs it. Without dropout nothing is reseeded."""
 
     def __init__(self, wrapped: WrappedModel, optimizer, precision: Precision, batches, accum_steps: int,
                  grad_clip: float, guard: NonFiniteGuard):  # fmt: skip
         self.wrapped, self.optimizer, self.precision, self.batches = wrapped, optimizer, precision, batches
         self.accum_steps, self.grad_clip, self.guard = accum_steps, grad_clip, guard
         self.params = list(wrapped.module.parameters())
+        self.has_dropout = has_dropout(wrapped.module)
 
     def __call__(self, X, Y, iter_num: int):
         """Train on (X, Y) and the iteration's other micro-batches. Returns the summed (already
@@ -157,6 +165,8 @@ class TrainStep:
             if self.wrapped.set_gradient_sync is not None:
                 # Gradients are synchronized only on the last micro-step; earlier ones just accumulate.
                 self.wrapped.set_gradient_sync(micro_step == self.accum_steps - 1)
+            if self.has_dropout and (seed := self.batches.dropout_seed(iter_num, micro_step)) is not None:
+                torch.manual_seed(seed)
             if self.wrapped.cuda_graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # each micro-step replays the graphs afresh
             with self.precision.autocast():

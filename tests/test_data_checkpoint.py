@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from raygpt import checkpoint
-from raygpt.data import Batches, DataError, rank_shard, validate_dataset
+from raygpt.data import Batches, DataError, validate_dataset
 
 
 def write_dataset(directory, n_train=5000, n_val=1000, vocab=65):
@@ -21,8 +21,8 @@ def write_dataset(directory, n_train=5000, n_val=1000, vocab=65):
 
 def test_batches_are_a_pure_function_of_seed_iter_rank_micro(tmp_path):
     data = write_dataset(tmp_path / "d")
-    a = Batches(data, block_size=16, batch_size=4, seed=1, rank=1, world_size=2)
-    b = Batches(data, block_size=16, batch_size=4, seed=1, rank=1, world_size=2)
+    a = Batches(data, block_size=16, batch_size=4, seed=1, rank=1, world_size=2, accum_steps=5)
+    b = Batches(data, block_size=16, batch_size=4, seed=1, rank=1, world_size=2, accum_steps=5)
     x1, y1 = a.train_batch(7, 3)
     b.train_batch(0, 0)  # other draws in between change nothing
     x2, y2 = b.train_batch(7, 3)
@@ -31,24 +31,10 @@ def test_batches_are_a_pure_function_of_seed_iter_rank_micro(tmp_path):
     assert not torch.equal(a.train_batch(7, 4)[0], x1)
 
 
-def test_each_rank_reads_only_its_shard(tmp_path):
-    data = write_dataset(tmp_path / "d", n_train=4000)
-    tokens = np.fromfile(data / "train.bin", dtype=np.uint16)
-    start, end = rank_shard(len(tokens), 1, 2)
-    assert (start, end) == (2000, 4000)
-    batches = Batches(data, block_size=8, batch_size=64, seed=3, rank=1, world_size=2)
-    x, y = batches.train_batch(0, 0)
-    shard = tokens[start:end]
-    for row_x, row_y in zip(x.numpy(), y.numpy()):
-        window = np.concatenate([row_x, row_y[-1:]])
-        hits = np.flatnonzero(np.lib.stride_tricks.sliding_window_view(shard, 9).__eq__(window).all(axis=1))
-        assert hits.size > 0
-
-
 def test_eval_windows_do_not_depend_on_rank(tmp_path):
     data = write_dataset(tmp_path / "d")
     one = Batches(data, block_size=16, batch_size=4, seed=5, rank=0, world_size=1)
-    other = Batches(data, block_size=16, batch_size=4, seed=5, rank=1, world_size=2)
+    other = Batches(data, block_size=16, batch_size=4, seed=5, rank=1, world_size=2, accum_steps=1)
     assert torch.equal(one.eval_batch("val", 3)[0], other.eval_batch("val", 3)[0])
 
 
@@ -84,11 +70,12 @@ def test_bad_datasets_are_refused_in_one_line(tmp_path, damage, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_train_shards_must_each_hold_a_window(tmp_path):
-    data = write_dataset(tmp_path / "d", n_train=100)
-    validate_dataset(data, block_size=32, world_size=2, vocab_size=65)
-    with pytest.raises(DataError, match="4 rank shards"):
-        validate_dataset(data, block_size=32, world_size=4, vocab_size=65)
+def test_train_needs_one_window_whatever_the_worker_count(tmp_path):
+    data = write_dataset(tmp_path / "d", n_train=33)  # block_size + 1: every worker draws from the whole file
+    validate_dataset(data, block_size=32, world_size=4, vocab_size=65)
+    np.zeros(32, dtype=np.uint16).tofile(data / "train.bin")
+    with pytest.raises(DataError, match="has 32 tokens, too few for block_size 32"):
+        validate_dataset(data, block_size=32, world_size=1, vocab_size=65)
 
 
 def good_state():
