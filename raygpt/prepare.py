@@ -5,11 +5,14 @@ examples:
     python -m raygpt.prepare shakespeare [--input input.txt]        # GPT-2 BPE
     python -m raygpt.prepare openwebtext --input 'owt/*.parquet' [--text-column text]
     python -m raygpt.prepare corpus --name mycorpus --input 'docs/*.txt' [--one-doc-per-line]
+    python -m raygpt.prepare shakespeare_char --data-dir s3://bucket/data   # straight to object storage
 
 Tokens are uint16 (GPT-2's 50257 fit); meta.json says so. Inputs are checked before anything is
 written; every output goes to a temporary file that is renamed into place (raygpt.files), so a failed
 or interrupted run leaves no partial train.bin and no temporary file, and a dataset folder it created
-but could not fill is removed again. No pickle is written.
+but could not fill is removed again. No pickle is written. meta.json records each .bin's size and
+sha256, so a copy elsewhere can be verified. A URI --data-dir (s3://, gs://, any pyarrow filesystem) is
+prepared in a local temporary folder and uploaded, meta.json last (raygpt.storage).
 """
 
 from __future__ import annotations
@@ -17,12 +20,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
+import hashlib
 import http.client
 import json
 import os
 import signal
 import stat
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -34,6 +39,7 @@ import numpy as np
 
 from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, RaygptError, one_line, run_cli
 from raygpt.files import DiskFullError, remove_orphaned_temporaries, write_atomic, write_bytes_atomic, write_text_atomic
+from raygpt.storage import check_destination, dataset_uri, is_uri, upload_dataset
 from raygpt.tokenizer import EOT_TOKEN, MAX_VOCAB_SIZE, TOKEN_DTYPE, gpt2_encoding
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -55,10 +61,14 @@ class PrepareError(RaygptError):
 # ---- where outputs go -------------------------------------------------------------------------------
 
 
+def check_dataset_name(name: str) -> None:
+    if name in ("", ".", "..") or "/" in name or os.sep in name or "\0" in name or "?" in name:
+        raise PrepareError(f"dataset name {name!r} must be a plain folder name (no '/' or '?', not '.' or '..')")
+
+
 def dataset_folder(data_dir: str | Path, name: str) -> Path:
     """DATA_DIR/NAME, after checking it can be made there (no part of it is a file), before any work."""
-    if name in ("", ".", "..") or "/" in name or os.sep in name or "\0" in name:
-        raise PrepareError(f"dataset name {name!r} must be a plain folder name (no '/', not '.' or '..')")
+    check_dataset_name(name)
     dataset_dir = Path(data_dir).expanduser() / name
     for path in (dataset_dir, *dataset_dir.parents):
         try:
@@ -111,20 +121,40 @@ def output_folder(dataset_dir: Path) -> Iterator[None]:
         raise
 
 
+class ChecksummedWriter:
+    """A file's write() that also counts the bytes and hashes them: a multi-GB file is not read twice."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.bytes, self.digest = f, 0, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.bytes += memoryview(data).nbytes  # len() of a uint16 array's buffer counts items, not bytes
+        return self.f.write(data)
+
+    def record(self) -> dict:
+        return {"bytes": self.bytes, "sha256": self.digest.hexdigest()}
+
+
 def write_dataset(dataset_dir: Path, meta: dict, write_splits: Callable[[BinaryIO, BinaryIO], None]) -> None:
     """write_splits(train_file, val_file) into temporary files, renamed to train.bin and val.bin once it
-    returns; then meta.json. A meta.json marks a whole dataset: an old one is removed only when both new
-    files are written, just before they are renamed, and the new one comes last."""
+    returns; then meta.json, with each file's size and sha256. A meta.json marks a whole dataset: an old
+    one is removed only when both new files are written, just before they are renamed, and the new one
+    comes last."""
+    files = {}
 
     def write_val(train_file: BinaryIO) -> None:
         def write_both(val_file: BinaryIO) -> None:
-            write_splits(train_file, val_file)
+            train, val = ChecksummedWriter(train_file), ChecksummedWriter(val_file)
+            write_splits(train, val)
+            files.update({"train.bin": train.record(), "val.bin": val.record()})
             (dataset_dir / "meta.json").unlink(missing_ok=True)
 
         write_atomic(dataset_dir / "val.bin", write_both)
 
     write_atomic(dataset_dir / "train.bin", write_val)
-    write_text_atomic(dataset_dir / "meta.json", json.dumps({**meta, "dtype": TOKEN_DTYPE}, ensure_ascii=False))
+    meta = {**meta, "dtype": TOKEN_DTYPE, "files": files}
+    write_text_atomic(dataset_dir / "meta.json", json.dumps(meta, ensure_ascii=False))
 
 
 def write_arrays(train: np.ndarray, val: np.ndarray) -> Callable[[BinaryIO, BinaryIO], None]:
@@ -489,14 +519,30 @@ def prepare_dataset(
     input_flag: str = "--input",
     output_name: str | None = None,
     **corpus_options,
-) -> Path:
+) -> Path | str:
     """Prepare a dataset by name into DATA_DIR/(output_name or name): the two Shakespeare sets, or a
-    corpus of text/parquet files. `input_flag` is how the caller's users pass input_path, for hints."""
+    corpus of text/parquet files. `input_flag` is how the caller's users pass input_path, for hints.
+    A URI data_dir returns the dataset's URI instead of its folder."""
+    if is_uri(data_dir):
+        return prepare_to_uri(name, str(data_dir), input_path, input_flag, output_name, **corpus_options)
     if name == "shakespeare_char":
         return prepare_shakespeare_char(data_dir, input_path, output_name or name, input_flag)
     if name == "shakespeare":
         return prepare_shakespeare_bpe(data_dir, input_path, output_name or name, input_flag)
     return prepare_corpus(output_name or name, data_dir, input_path, input_flag=input_flag, **corpus_options)
+
+
+def prepare_to_uri(
+    name: str, data_dir: str, input_path, input_flag: str, output_name: str | None, **corpus_options
+) -> str:
+    """Prepare into a local temporary folder (under $TMPDIR: it needs room for the outputs), then upload."""
+    check_dataset_name(output_name or name)
+    uri = dataset_uri(data_dir, output_name or name)
+    check_destination(uri)  # before the work: a missing bucket is found in a second, not after an hour
+    with tempfile.TemporaryDirectory(prefix="raygpt-prepare-") as tmp:
+        local = prepare_dataset(name, tmp, input_path, input_flag, output_name, **corpus_options)
+        upload_dataset(local, uri)
+    return uri
 
 
 class _Parser(argparse.ArgumentParser):
@@ -525,7 +571,10 @@ def build_parser() -> argparse.ArgumentParser:
         "of .txt/.parquet files for a corpus (required)",
     )
     parser.add_argument(
-        "--data-dir", default="data", metavar="DIR", help="outputs go to DIR/NAME (default: %(default)s)"
+        "--data-dir",
+        default="data",
+        metavar="DIR",
+        help="outputs go to DIR/NAME; DIR may be a URI such as s3://bucket/data (default: %(default)s)",
     )
     parser.add_argument("--name", help="output folder name (default: the dataset name)")
     parser.add_argument(

@@ -93,6 +93,11 @@ def _read_meta(dataset_dir: Path) -> dict | None:
         pkl = dataset_dir / "meta.pkl"
         data = _read_meta_file(pkl)
         return None if data is None else _meta_from_pkl(pkl, data)
+    return meta_from_json(data, str(path), dataset_dir.name)
+
+
+def meta_from_json(data: bytes, path: str, dataset_name: str) -> dict:
+    """A meta.json's bytes checked whole; `path` (a file or a URI) and `dataset_name` are for messages."""
     try:
         meta = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, or nested past the parser's depth
@@ -107,7 +112,7 @@ def _read_meta(dataset_dir: Path) -> dict | None:
     if meta.get("dtype", TOKEN_DTYPE) != TOKEN_DTYPE:
         raise MetaError(
             f"{path} says the tokens are {str(meta['dtype'])[:40]!r}, but raygpt reads {TOKEN_DTYPE} token files: "
-            f"prepare the dataset again with `python -m raygpt.prepare {dataset_dir.name}`"
+            f"prepare the dataset again with `python -m raygpt.prepare {dataset_name}`"
         )
     if meta["tokenizer"] == "char":
         chars = meta.get("chars")
@@ -123,10 +128,15 @@ def _read_meta(dataset_dir: Path) -> dict | None:
     return meta
 
 
+def vocabulary(meta: dict) -> dict:
+    """The part of a checked meta.json that describes the tokens: what load_meta returns."""
+    return {key: meta[key] for key in ("vocab_size", "tokenizer", "chars") if key in meta}
+
+
 def load_meta(dataset_dir: str | Path) -> dict | None:
     """The dataset's vocabulary: {'vocab_size', 'tokenizer': 'char'|'gpt2', 'chars' (char only)}, or None."""
     meta = _read_meta(Path(dataset_dir))
-    return None if meta is None else {key: meta[key] for key in ("vocab_size", "tokenizer", "chars") if key in meta}
+    return None if meta is None else vocabulary(meta)
 
 
 def declared_token_dtype(dataset_dir: str | Path) -> str | None:

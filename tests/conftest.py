@@ -159,3 +159,53 @@ TINY_RUN = dict(
     always_save_checkpoint=True,
     seed=7,
 )
+
+
+class S3Server:
+    """A moto S3 server on loopback: its endpoint, and buckets made on it."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self.buckets = 0
+
+    def create_bucket(self, name: str | None = None) -> str:
+        """Make a bucket (a fresh name unless one is given) and return its URI, s3://NAME."""
+        import pyarrow.fs
+
+        self.buckets += 1
+        name = name or f"bucket-{self.buckets}"
+        pyarrow.fs.S3FileSystem(endpoint_override=self.endpoint, allow_bucket_creation=True).create_dir(name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One S3-compatible server (moto, in a thread of this process) on 127.0.0.1 for the session. The AWS
+    variables point at it for the whole session, so subprocesses and Ray workers started later reach it."""
+    import logging
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    werkzeug_log = logging.getLogger("werkzeug")  # one line per request otherwise
+    level = werkzeug_log.level
+    werkzeug_log.setLevel(logging.ERROR)
+    endpoint = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION"):
+            patch.delenv(name, raising=False)  # the developer's own settings would win over these
+        patch.setenv("AWS_ENDPOINT_URL", endpoint)
+        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        patch.setenv("AWS_REGION", "us-east-1")
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no probe of a cloud metadata service
+        try:
+            yield S3Server(endpoint)
+        finally:
+            server.stop()
+            werkzeug_log.setLevel(level)

@@ -1,0 +1,186 @@
+"""Datasets in object storage, against a real S3-compatible server on loopback (moto): prepare straight to
+s3://, stage into a node-local cache once, verified against meta.json; damaged or missing data is one line."""
+
+import fcntl
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.fs
+import pytest
+
+from raygpt.storage import (
+    StorageError,
+    cache_folder,
+    check_remote_dataset,
+    open_filesystem,
+    stage_dataset,
+    upload_dataset,
+)
+
+TOKEN_FILES = ("train.bin", "val.bin", "meta.json")
+
+
+@pytest.fixture(scope="module")
+def remote_char(s3_server, shakespeare_path) -> str:
+    """shakespeare_char prepared by the CLI straight into a bucket; returns the dataset's URI."""
+    data_dir = f"{s3_server.create_bucket()}/data"
+    command = [sys.executable, "-m", "raygpt.prepare", "shakespeare_char", "--input", str(shakespeare_path)]
+    done = subprocess.run([*command, "--data-dir", data_dir], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"uploaded 2.2 MB to {data_dir}/shakespeare_char" in done.stdout
+    return f"{data_dir}/shakespeare_char"
+
+
+def uploaded_copy(s3_server, char_data: Path) -> tuple[str, pyarrow.fs.FileSystem, str]:
+    """The local shakespeare_char uploaded to a fresh bucket, for a test that damages it."""
+    uri = f"{s3_server.create_bucket()}/shakespeare_char"
+    upload_dataset(char_data / "shakespeare_char", uri, progress=lambda line: None)
+    filesystem, path = open_filesystem(uri)
+    return uri, filesystem, path
+
+
+def put(filesystem, path: str, data: bytes) -> None:
+    with filesystem.open_output_stream(path) as f:
+        f.write(data)
+
+
+def test_prepare_records_sizes_and_checksums(char_data):
+    dataset = char_data / "shakespeare_char"
+    files = json.loads((dataset / "meta.json").read_text())["files"]
+    for name in ("train.bin", "val.bin"):
+        data = (dataset / name).read_bytes()
+        assert files[name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_stage_copies_once_verified_and_reports_throughput(remote_char, char_data, tmp_path):
+    meta = check_remote_dataset(remote_char)
+    assert (meta["vocab_size"], meta["files"]["train.bin"]["bytes"]) == (65, 2 * 1_003_854)
+    lines = []
+    local = stage_dataset(remote_char, tmp_path, progress=lines.append)
+    assert local == cache_folder(remote_char, tmp_path) and local.parent == tmp_path
+    for name in TOKEN_FILES:
+        assert (local / name).read_bytes() == (char_data / "shakespeare_char" / name).read_bytes()
+    assert len(lines) == 1 and lines[0].startswith(f"staged {remote_char} -> {local}: 2.2 MB in ")
+    assert lines[0].endswith(" MB/s)") and float(lines[0].split("(")[-1].split()[0].replace(",", "")) > 0
+    mtimes = [(local / name).stat().st_mtime_ns for name in TOKEN_FILES]
+
+    again = []
+    assert stage_dataset(remote_char + "/", tmp_path, progress=again.append) == local
+    assert again == [f"{remote_char}: using the copy staged in {local}"]
+    assert [(local / name).stat().st_mtime_ns for name in TOKEN_FILES] == mtimes
+    assert sorted(p.name for p in local.iterdir()) == [".staged.json", "meta.json", "train.bin", "val.bin"]
+
+
+def test_cached_copy_that_does_not_match_is_replaced(remote_char, char_data, tmp_path):
+    local = stage_dataset(remote_char, tmp_path, progress=lambda line: None)
+    damaged = bytearray((local / "val.bin").read_bytes())
+    damaged[100] ^= 0xFF
+    (local / "val.bin").write_bytes(damaged)
+    lines = []
+    stage_dataset(remote_char, tmp_path, progress=lines.append)
+    assert lines[:2] == [
+        f"{remote_char}: checking the cached train.bin (2.0 MB)",
+        f"{remote_char}: checking the cached val.bin (0.2 MB)",
+    ]
+    assert lines[2].startswith(f"staged {remote_char} -> {local}: 0.2 MB in ")  # only val.bin came again
+    assert (local / "val.bin").read_bytes() == (char_data / "shakespeare_char" / "val.bin").read_bytes()
+
+
+def test_damaged_remote_object_is_refused_in_one_line(s3_server, char_data, tmp_path):
+    uri, filesystem, path = uploaded_copy(s3_server, char_data)
+    damaged = bytearray((char_data / "shakespeare_char" / "train.bin").read_bytes())
+    damaged[12345] ^= 0x01
+    put(filesystem, f"{path}/train.bin", bytes(damaged))
+    check_remote_dataset(uri)  # the size is right: only the checksum, while staging, can tell
+    with pytest.raises(StorageError, match=r"train.bin does not match meta.json \(its sha256 differs\)") as error:
+        stage_dataset(uri, tmp_path, progress=lambda line: None)
+    assert "\n" not in str(error.value)
+    local = cache_folder(uri, tmp_path)
+    assert not (local / "train.bin").exists() and not list(local.glob("*.tmp")) and not list(local.glob(".*.tmp"))
+
+
+def test_truncated_remote_object_is_refused_in_one_line(s3_server, char_data, tmp_path):
+    uri, filesystem, path = uploaded_copy(s3_server, char_data)
+    put(filesystem, f"{path}/val.bin", (char_data / "shakespeare_char" / "val.bin").read_bytes()[:1000])
+    message = rf"{uri}/val.bin has 1,000 bytes but meta.json records 223,080: it was changed or cut short"
+    with pytest.raises(StorageError, match=message):
+        check_remote_dataset(uri)
+    with pytest.raises(StorageError, match=r"val.bin does not match meta.json \(1,000 bytes, not 223,080\)"):
+        stage_dataset(uri, tmp_path, progress=lambda line: None)
+    assert not (cache_folder(uri, tmp_path) / "meta.json").exists()
+
+
+def test_missing_or_incomplete_dataset_is_one_line(s3_server, char_data, tmp_path):
+    bucket = s3_server.create_bucket()
+    for uri in (f"{bucket}/data/nope", "s3://no-such-bucket/data/nope"):
+        with pytest.raises(StorageError, match=rf"^no dataset at {uri} \(no meta.json there.*--data-dir \S+/data`$"):
+            stage_dataset(uri, tmp_path, progress=lambda line: None)
+    uri, filesystem, path = uploaded_copy(s3_server, char_data)
+    filesystem.delete_file(f"{path}/meta.json")  # as an interrupted preparation leaves it
+    with pytest.raises(StorageError, match=rf"^no dataset at {uri} "):
+        check_remote_dataset(uri)
+    with pytest.raises(StorageError, match="^cannot open nosuchscheme://x/y: Unrecognized filesystem type"):
+        check_remote_dataset("nosuchscheme://x/y")
+    assert not list(tmp_path.iterdir())  # nothing was cached
+
+
+def test_unreachable_endpoint_is_one_line(s3_server, monkeypatch, tmp_path):
+    with socket_on_loopback() as port:  # bound but not listening: connections are refused at once
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        with pytest.raises(StorageError, match=r"^cannot reach s3://bucket/data/x: .*Could not connect") as error:
+            check_remote_dataset("s3://bucket/data/x")
+    assert "\n" not in str(error.value)
+
+
+class socket_on_loopback:
+    def __enter__(self) -> int:
+        import socket
+
+        self.socket = socket.socket()
+        self.socket.bind(("127.0.0.1", 0))
+        return self.socket.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        self.socket.close()
+
+
+def test_prepare_to_a_missing_bucket_is_refused_before_any_work(s3_server, shakespeare_path, tmp_path):
+    command = [sys.executable, "-m", "raygpt.prepare", "shakespeare_char", "--input", str(shakespeare_path)]
+    done = subprocess.run([*command, "--data-dir", "s3://no-such-bucket/data"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    refusal = "error: s3://no-such-bucket/data/shakespeare_char: bucket or folder 'no-such-bucket' does not exist"
+    assert done.stderr == f"{refusal}; create it first\n"
+
+
+STAGE = (
+    "import sys; from pathlib import Path; from raygpt.storage import stage_dataset; "
+    "print(stage_dataset(sys.argv[1], Path(sys.argv[2]), progress=lambda line: print(line, flush=True)), flush=True)"
+)
+
+
+def test_concurrent_stagers_on_one_node_download_once(remote_char, tmp_path):
+    """Two real processes ask for the dataset while a third holds the node's lock; once it lets go, one
+    of them downloads and the other uses its copy."""
+    local = cache_folder(remote_char, tmp_path)
+    local.mkdir()
+    with open(local.with_name(local.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        outputs = [tmp_path / f"stager{i}.out" for i in range(2)]
+        stagers = [
+            subprocess.Popen([sys.executable, "-c", STAGE, remote_char, str(tmp_path)], stdout=out.open("w"))
+            for out in outputs
+        ]
+        deadline = time.monotonic() + 60
+        while not all("waiting for another process" in out.read_text() for out in outputs):
+            assert time.monotonic() < deadline and all(s.poll() is None for s in stagers), "stagers did not wait"
+            time.sleep(0.05)
+    assert [s.wait(timeout=60) for s in stagers] == [0, 0]
+    printed = [out.read_text().splitlines() for out in outputs]
+    assert all(lines[-1] == str(local) for lines in printed)
+    staged = [line for lines in printed for line in lines if line.startswith(f"staged {remote_char}")]
+    reused = [line for lines in printed for line in lines if line.endswith(f"using the copy staged in {local}")]
+    assert (len(staged), len(reused)) == (1, 1)
