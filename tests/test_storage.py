@@ -9,9 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.fs
 import pytest
 
+from raygpt import storage
+from raygpt.prepare import prepare_dataset
 from raygpt.storage import (
     StorageError,
     cache_folder,
@@ -184,3 +187,40 @@ def test_concurrent_stagers_on_one_node_download_once(remote_char, tmp_path):
     staged = [line for lines in printed for line in lines if line.startswith(f"staged {remote_char}")]
     reused = [line for lines in printed for line in lines if line.endswith(f"using the copy staged in {local}")]
     assert (len(staged), len(reused)) == (1, 1)
+
+
+def test_a_dataset_prepared_again_at_the_uri_is_staged_again(s3_server, char_data, shakespeare_path, tmp_path):
+    uri, _, _ = uploaded_copy(s3_server, char_data)
+    local = stage_dataset(uri, tmp_path / "cache", progress=lambda line: None)
+    (tmp_path / "small.txt").write_text(shakespeare_path.read_text()[:50_000])
+    data_dir, _ = uri.rsplit("/", 1)
+    assert prepare_dataset("shakespeare_char", data_dir, tmp_path / "small.txt") == uri
+    lines = []
+    assert stage_dataset(uri, tmp_path / "cache", progress=lines.append) == local
+    assert lines[-1].startswith(f"staged {uri} -> {local}: 0.1 MB in ")
+    assert len(np.fromfile(local / "train.bin", dtype=np.uint16)) == 45_000
+
+
+def test_an_interrupted_upload_leaves_no_dataset(s3_server, char_data, monkeypatch):
+    """meta.json goes first and comes back last: stopped between, the URI holds no dataset to stage."""
+    uri, _, _ = uploaded_copy(s3_server, char_data)
+    upload_file = storage.upload_file
+
+    def interrupted_at_val(filesystem, local_path, remote_path, uri, meter):
+        if local_path.name == "val.bin":
+            raise KeyboardInterrupt
+        upload_file(filesystem, local_path, remote_path, uri, meter)
+
+    monkeypatch.setattr(storage, "upload_file", interrupted_at_val)
+    with pytest.raises(KeyboardInterrupt):
+        upload_dataset(char_data / "shakespeare_char", uri, progress=lambda line: None)
+    with pytest.raises(StorageError, match=rf"^no dataset at {uri} \(no meta.json there"):
+        check_remote_dataset(uri)
+
+
+def test_any_pyarrow_filesystem_works_a_local_one_by_file_uri(char_data, shakespeare_path, tmp_path):
+    uri = prepare_dataset("shakespeare_char", f"file://{tmp_path}/remote", shakespeare_path)
+    assert uri == f"file://{tmp_path}/remote/shakespeare_char"
+    local = stage_dataset(uri, tmp_path / "cache", progress=lambda line: None)
+    for name in TOKEN_FILES:
+        assert (local / name).read_bytes() == (char_data / "shakespeare_char" / name).read_bytes()
