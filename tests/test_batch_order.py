@@ -180,4 +180,4 @@ def test_dropout_is_reseeded_only_where_the_model_has_dropout(tmp_path, char_dat
     torch.manual_seed(123)
     state = torch.get_rng_state()
     step(*batches.train_batch(0, 0), 0)
-    assert not step.has_dropout and torch.equal(torch.get_rng_state(), state)
+    assert step.dropout_generator is None and torch.equal(torch.get_rng_state(), state)
