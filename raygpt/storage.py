@@ -38,6 +38,10 @@ class StorageError(RaygptError):
     """A dataset URI that cannot be read, written or trusted; the message is one line."""
 
 
+class DatasetNotFoundError(StorageError):
+    """No meta.json at the URI: nothing prepared there yet (or a preparation that did not finish)."""
+
+
 def is_uri(path: str | Path) -> bool:
     """s3://bucket/x, gs://..., file:///x: a filesystem scheme, not a local path."""
     return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(path)) is not None
@@ -82,14 +86,14 @@ def open_filesystem(uri: str):
 
 
 @contextlib.contextmanager
-def remote_errors(uri: str, missing: str | None = None) -> Iterator[None]:
-    """pyarrow's errors for `uri` as one line; `missing` is the message for a path that does not exist."""
+def remote_errors(uri: str, missing: StorageError | None = None) -> Iterator[None]:
+    """pyarrow's errors for `uri` as one line; `missing` is raised for a path that does not exist."""
     import pyarrow as pa
 
     try:
         yield
     except FileNotFoundError:
-        raise StorageError(missing or f"{uri} not found") from None
+        raise missing or StorageError(f"{uri} not found") from None
     except (pa.ArrowException, OSError) as e:
         raise StorageError(f"cannot reach {uri}: {one_line(str(e)) or type(e).__name__}") from None
 
@@ -104,7 +108,7 @@ def split_uri(uri: str) -> tuple[str, str]:
 def read_remote_meta(filesystem, path: str, uri: str) -> tuple[bytes, dict]:
     """meta.json's bytes and its checked contents; none there means no (complete) dataset at uri."""
     data_dir, name = split_uri(uri)
-    missing = (
+    missing = DatasetNotFoundError(
         f"no dataset at {uri} (no meta.json there; a preparation still running or interrupted has none yet): "
         f"create it with `python -m raygpt.prepare {name} --data-dir {data_dir}`"
     )

@@ -16,6 +16,7 @@ import pytest
 from raygpt import storage
 from raygpt.prepare import prepare_dataset
 from raygpt.storage import (
+    DatasetNotFoundError,
     StorageError,
     cache_folder,
     check_remote_dataset,
@@ -124,7 +125,7 @@ def test_missing_or_incomplete_dataset_is_one_line(s3_server, char_data, tmp_pat
             stage_dataset(uri, tmp_path, progress=lambda line: None)
     uri, filesystem, path = uploaded_copy(s3_server, char_data)
     filesystem.delete_file(f"{path}/meta.json")  # as an interrupted preparation leaves it
-    with pytest.raises(StorageError, match=rf"^no dataset at {uri} "):
+    with pytest.raises(DatasetNotFoundError, match=rf"^no dataset at {uri} "):  # the launcher may prepare it
         check_remote_dataset(uri)
     with pytest.raises(StorageError, match="^cannot open nosuchscheme://x/y: Unrecognized filesystem type"):
         check_remote_dataset("nosuchscheme://x/y")
