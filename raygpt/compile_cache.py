@@ -1,0 +1,185 @@
+"""A torch.compile cache shared through Ray storage: one compile per cluster, not one per process.
+
+Every restart after a failure, every rerun and every Tune trial would otherwise compile the same graphs
+again. torch.compiler's portable cache artifacts (the FX graph and AOTAutograd caches; on GPU with the
+Triton kernels bundled in) are saved once compilation has happened, to
+<storage_path>/compile-cache/<key>.bin, and loaded into the process's own inductor cache before the
+next process compiles. torch keys each artifact by the graph, its inputs and the compiler's own
+version, so a changed model or graph is a cache miss, never a wrong kernel; the file's key
+additionally keeps apart what must never share a file (torch, Python, the GPU or CPU) and what decides
+the set of graphs (model shape, compile options, worker count), so runs of one kind never evict each
+other's artifacts. On CPU a hit still compiles the C++ kernels' source (torch keeps no binary of them);
+on GPU it skips Triton's compile too.
+
+Storage is a local path or a URI (s3://, gs://, any pyarrow.fs). Failures to read or write are one-line
+warnings: a cache can only ever cost a compile, never a run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+from raygpt.files import TEMP_SUFFIX, write_bytes_atomic
+from raygpt.storage import dataset_uri, is_uri, open_filesystem
+
+CACHE_FOLDER = "compile-cache"
+# TrainConfig keys that change which graphs are compiled (the model's shape comes from model_args).
+GRAPH_KEYS = ("batch_size", "dtype", "compile_mode", "compile_regions", "compile_eval", "parallelism",
+              "activation_checkpointing", "eval_iters")  # fmt: skip
+
+
+def environment_key(device: torch.device) -> str:
+    """torch, Python and the device: artifacts made under one never serve another."""
+    python = f"py{sys.version_info.major}{sys.version_info.minor}"
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        where = f"cuda{torch.version.cuda}-{torch.cuda.get_device_name(device)}-sm{major}{minor}"
+    else:
+        where = f"{device.type}-{platform.machine()}"
+    return f"torch{torch.__version__}-{python}-{where}"
+
+
+def graph_settings(cfg, model_args: dict, world_size: int) -> dict:
+    """What decides the set of graphs a run compiles: the model's shape, compile options, worker count
+    (DDP splits the graph at its buckets; eval's batch grouping depends on each rank's share)."""
+    return {**model_args, **{key: getattr(cfg, key) for key in GRAPH_KEYS}, "world_size": world_size}
+
+
+def cache_key(environment: str, settings: dict) -> str:
+    """A file name: the environment spelled out (readable in a listing), the settings as a short hash."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{environment}-{digest}")  # '+' and spaces upset some S3 clients
+
+
+def cache_location(storage_root: str, key: str) -> str:
+    name = f"{CACHE_FOLDER}/{key}.bin"
+    return dataset_uri(storage_root, name) if is_uri(storage_root) else os.path.join(storage_root, name)
+
+
+def read_if_present(location: str) -> bytes | None:
+    """The file's bytes, or None if there is none. A local path or a pyarrow.fs URI."""
+    if not is_uri(location):
+        try:
+            with open(location, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+    import pyarrow.fs
+
+    fs, path = open_filesystem(location)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_atomic(location: str, data: bytes) -> None:
+    """Write under a temporary name, then move it over `location`: a reader never sees half a file."""
+    if not is_uri(location):
+        write_bytes_atomic(location, data)
+        return
+    import pyarrow.fs
+
+    fs, path = open_filesystem(location)
+    folder, name = path.rsplit("/", 1)
+    fs.create_dir(folder, recursive=True)
+    temporary = f"{folder}/.{name}.{uuid.uuid4().hex}{TEMP_SUFFIX}"  # the name files.py cleans up
+    try:
+        with fs.open_output_stream(temporary) as f:
+            f.write(data)
+        fs.move(temporary, path)
+    except BaseException:
+        if fs.get_file_info(temporary).type != pyarrow.fs.FileType.NotFound:
+            fs.delete_file(temporary)
+        raise
+
+
+@contextmanager
+def _quiet_torch_cache_log():
+    """torch logs an unreadable artifact file as a warning with a traceback; ours is one line."""
+    logger = logging.getLogger("torch.compiler._cache")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _artifact_keys(info) -> set[tuple[str, str]]:
+    return {(kind, key) for kind, keys in info.artifacts.items() for key in keys}
+
+
+class CompileCache:
+    """load() before the model's first compiled call, save() once its graphs have compiled (after the
+    first training step and the first eval); summary() says what happened, in one line.
+
+    Every rank loads; only the writer (rank 0: its graphs are every rank's) saves, and only when this
+    process compiled an artifact the file lacks, so warm runs never rewrite it. Two runs saving at once
+    is safe: each write is whole, and the last one wins."""
+
+    def __init__(self, storage_root: str, device: torch.device, settings: dict, writer: bool = True,
+                 warn: Callable[[str], None] = print, environment: str | None = None):  # fmt: skip
+        self.key = cache_key(environment or environment_key(device), settings)
+        self.location = cache_location(storage_root, self.key)
+        self.writer, self.warn = writer, warn
+        self.known: set[tuple[str, str]] = set()  # the artifacts the file holds
+        self.loaded_bytes = self.saved_bytes = 0
+        self.load_seconds = self.save_seconds = 0.0
+
+    @property
+    def hit(self) -> bool:
+        return self.loaded_bytes > 0
+
+    def load(self) -> bool:
+        """Put the stored artifacts into this process's inductor cache; True on a hit."""
+        start = time.time()
+        try:
+            data = read_if_present(self.location)
+            if data is not None:
+                with _quiet_torch_cache_log():
+                    info = torch.compiler.load_cache_artifacts(data)
+                if info is None:
+                    raise ValueError(f"{len(data):,} bytes that torch cannot read (corrupt or truncated)")
+                self.known, self.loaded_bytes = _artifact_keys(info), len(data)
+        except Exception as e:  # any failure here costs a compile, never the run
+            self.warn(f"warning: compile cache {self.location} not used: {e}; compiling from scratch")
+        self.load_seconds = time.time() - start
+        return self.hit
+
+    def save(self) -> bool:
+        """Store what this process compiled or reused, if any of it is new to the file; True if written."""
+        if not self.writer:
+            return False
+        start = time.time()
+        result = torch.compiler.save_cache_artifacts()
+        if result is None:
+            return False
+        data, info = result
+        if _artifact_keys(info) <= self.known:
+            return False  # every artifact came from the file: it needs no rewrite
+        try:
+            write_atomic(self.location, data)
+        except Exception as e:
+            self.warn(f"warning: compile cache not saved to {self.location}: {e}")
+            return False
+        self.known, self.saved_bytes = _artifact_keys(info), len(data)
+        self.save_seconds += time.time() - start
+        return True
+
+    def summary(self) -> str:
+        loaded = f"hit, {self.loaded_bytes / 1e6:.1f} MB in {self.load_seconds:.2f} s" if self.hit else "miss"
+        saved = f"; saved {self.saved_bytes / 1e6:.1f} MB in {self.save_seconds:.2f} s" if self.saved_bytes else ""
+        return f"compile cache {self.key}: {loaded}{saved}"

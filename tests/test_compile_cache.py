@@ -1,0 +1,147 @@
+"""The compile cache shared through storage: one process compiles and saves, a fresh one loads and hits.
+
+Each compiling process is a real subprocess with its own empty TORCHINDUCTOR_CACHE_DIR and
+TRITON_CACHE_DIR, so the only way the second can hit is through the cache file the first saved.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from raygpt.compile_cache import CompileCache, cache_key, environment_key, read_if_present, write_atomic
+
+ENVIRONMENT = "test-environment"  # stands for environment_key(): the subprocesses share it
+SETTINGS = {"n_layer": 1, "batch_size": 2}
+# Each process compiles the kernels' C++ even on a hit; scalar kernels compile in half the time of
+# vectorized ones, and compiling in-process skips starting a pool of compile workers.
+FAST_CPU_COMPILE = {"TORCHINDUCTOR_VEC_ISA_OK": "0", "TORCHINDUCTOR_COMPILE_THREADS": "1"}
+
+# A tiny GPT's forward and backward through torch.compile, between CompileCache.load() and save().
+COMPILE_ONE_STEP = textwrap.dedent("""
+    import json, sys, time
+    import torch
+    from torch._dynamo.utils import counters
+    from raygpt.compile_cache import CompileCache
+    from raygpt.model import GPT, GPTConfig
+
+    root, environment, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+    cache = CompileCache(root, torch.device("cpu"), settings, environment=environment)
+    hit = cache.load()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, bias=False))
+    compiled = torch.compile(model, dynamic=False)
+    X, Y = torch.randint(0, 32, (2, 8)), torch.randint(0, 32, (2, 8))
+    start = time.time()
+    _, loss = compiled(X, Y)
+    loss.backward()
+    seconds = time.time() - start
+    grads = [p.grad.double().sum().item() for p in model.parameters()]
+    saved = cache.save()
+    print(json.dumps(dict(hit=hit, saved=saved, loss=loss.item(), grads=grads, seconds=seconds,
+                          inductor=dict(counters["inductor"]), aot_autograd=dict(counters["aot_autograd"]),
+                          summary=cache.summary(), location=cache.location)))
+""")
+
+
+def compile_one_step(root, tmp_path, name, environment=ENVIRONMENT) -> dict:
+    """Run COMPILE_ONE_STEP in a fresh process whose own inductor and Triton caches start empty."""
+    caches = tmp_path / f"{name}-process-caches"
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"), TRITON_CACHE_DIR=str(caches / "triton"),
+               **FAST_CPU_COMPILE)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILE_ONE_STEP, str(root), environment, json.dumps(SETTINGS)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cold_then_warm(tmp_path_factory):
+    """One cold process that compiles and saves, then a warm one that loads the same cache root."""
+    tmp_path = tmp_path_factory.mktemp("compile-cache")
+    root = tmp_path / "storage"
+    cold = compile_one_step(root, tmp_path, "cold")
+    saved_file = (root / "compile-cache" / f"{cache_key(ENVIRONMENT, SETTINGS)}.bin").stat()
+    warm = compile_one_step(root, tmp_path, "warm")
+    return root, cold, warm, saved_file
+
+
+def test_a_fresh_process_hits_what_another_compiled_and_computes_the_same(cold_then_warm):
+    root, cold, warm, saved_file = cold_then_warm
+    assert not cold["hit"] and cold["saved"] and "miss; saved" in cold["summary"]
+    assert cold["inductor"]["fxgraph_cache_miss"] > 0 and "fxgraph_cache_hit" not in cold["inductor"]
+    assert warm["hit"] and "hit" in warm["summary"]
+    # forward and backward graphs come from the file: no graph is lowered again
+    assert warm["inductor"]["fxgraph_cache_hit"] == cold["inductor"]["fxgraph_cache_miss"]
+    assert "fxgraph_cache_miss" not in warm["inductor"] and warm["aot_autograd"]["autograd_cache_hit"] == 1
+    assert (warm["loss"], warm["grads"]) == (cold["loss"], cold["grads"])
+    # everything the warm process used came from the file: it is not rewritten
+    assert not warm["saved"]
+    file = root / "compile-cache" / f"{cache_key(ENVIRONMENT, SETTINGS)}.bin"
+    assert (file.stat().st_mtime_ns, file.stat().st_size) == (saved_file.st_mtime_ns, saved_file.st_size)
+    assert [p.name for p in file.parent.iterdir()] == [file.name]  # no temporary left
+
+
+def test_another_torch_or_device_is_a_miss(cold_then_warm, tmp_path, monkeypatch):
+    """A different environment names a different file, so a new torch or GPU never reads old artifacts."""
+    root = cold_then_warm[0]
+    other = CompileCache(str(root), torch.device("cpu"), SETTINGS, environment="torch9.9-py399-cuda-sm100")
+    assert other.key != cache_key(ENVIRONMENT, SETTINGS) and not other.load() and other.summary().endswith("miss")
+    here = environment_key(torch.device("cpu"))
+    monkeypatch.setattr(torch, "__version__", "9.9.0")
+    assert environment_key(torch.device("cpu")) != here
+    changed_model = dict(SETTINGS, n_layer=2)
+    assert cache_key(ENVIRONMENT, changed_model) != cache_key(ENVIRONMENT, SETTINGS)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_corrupt_cache_file_is_a_one_line_warning_and_a_miss(cold_then_warm, tmp_path, damage, capfd):
+    good = (cold_then_warm[0] / "compile-cache" / f"{cache_key(ENVIRONMENT, SETTINGS)}.bin").read_bytes()
+    root = tmp_path / "storage"
+    cache = CompileCache(str(root), torch.device("cpu"), SETTINGS, environment=ENVIRONMENT)
+    write_atomic(cache.location, b"not a cache file" if damage == "garbage" else good[: len(good) // 2])
+    warnings = []
+    cache.warn = warnings.append
+    assert not cache.load() and cache.summary().endswith("miss")
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: compile cache {cache.location} not used")
+    assert "Traceback" not in capfd.readouterr().err  # torch's own logged traceback is kept off the console
+
+
+def test_an_unreadable_storage_is_a_warning_and_nothing_is_written(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("storage root is a file, not a folder")
+    warnings = []
+    cache = CompileCache(str(blocker), torch.device("cpu"), SETTINGS, warn=warnings.append, environment=ENVIRONMENT)
+    assert not cache.load() and len(warnings) == 1
+    torch.compile(lambda x: x + 1)(torch.ones(2))  # an artifact to save
+    assert not cache.save() and len(warnings) == 2 and "not saved" in warnings[1]
+
+
+def test_only_the_writer_saves(tmp_path):
+    cache = CompileCache(str(tmp_path), torch.device("cpu"), SETTINGS, writer=False, environment=ENVIRONMENT)
+    torch.compile(lambda x: x * 3)(torch.ones(2))
+    assert not cache.save() and not (tmp_path / "compile-cache").exists()
+
+
+def test_a_uri_storage_round_trips_through_pyarrow_without_temporaries(s3_server, cold_then_warm):
+    """s3:// (a moto server on loopback) through pyarrow.fs: a miss, then the saved bytes, no temporary left."""
+    import pyarrow.fs
+
+    bucket = s3_server.create_bucket()
+    cache = CompileCache(f"{bucket}/runs", torch.device("cpu"), SETTINGS, environment=ENVIRONMENT)
+    assert cache.location == f"{bucket}/runs/compile-cache/{cache_key(ENVIRONMENT, SETTINGS)}.bin"
+    assert not cache.load() and read_if_present(cache.location) is None
+    saved = (cold_then_warm[0] / "compile-cache" / f"{cache_key(ENVIRONMENT, SETTINGS)}.bin").read_bytes()
+    write_atomic(cache.location, b"an older file")
+    write_atomic(cache.location, saved)
+    assert read_if_present(cache.location) == saved
+    assert cache.load() and cache.loaded_bytes == len(saved)
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(f"{bucket}/runs/compile-cache")
+    listing = filesystem.get_file_info(pyarrow.fs.FileSelector(path))
+    assert [info.base_name for info in listing] == [f"{cache_key(ENVIRONMENT, SETTINGS)}.bin"]
