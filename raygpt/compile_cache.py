@@ -5,11 +5,11 @@ again. torch.compiler's portable cache artifacts (the FX graph and AOTAutograd c
 Triton kernels bundled in) are saved once compilation has happened, to
 <storage_path>/compile-cache/<key>.bin, and loaded into the process's own inductor cache before the
 next process compiles. torch keys each artifact by the graph, its inputs and the compiler's own
-version, so a changed model or graph is a cache miss, never a wrong kernel; the file's key
-additionally keeps apart what must never share a file (torch, Python, the GPU or CPU) and what decides
-the set of graphs (model shape, compile options, worker count), so runs of one kind never evict each
-other's artifacts. On CPU a hit still compiles the C++ kernels' source (torch keeps no binary of them);
-on GPU it skips Triton's compile too.
+version, so a changed model or graph is a cache miss, never a wrong kernel. The file's key keeps apart
+what must never share a file (torch, Python, the GPU or CPU) and what decides the set of graphs (model
+shape, compile options, worker count): a file holds the artifacts of the last process that compiled
+something new under its key, which are what every run with that key needs. On CPU a hit still
+compiles the C++ kernels' source (torch keeps no binary of them); on GPU it skips Triton's compile too.
 
 Storage is a local path or a URI (s3://, gs://, any pyarrow.fs). Failures to read or write are one-line
 warnings: a cache can only ever cost a compile, never a run.
@@ -31,6 +31,7 @@ from contextlib import contextmanager
 
 import torch
 
+from raygpt.errors import one_line
 from raygpt.files import TEMP_SUFFIX, write_bytes_atomic
 from raygpt.storage import dataset_uri, is_uri, open_filesystem
 
@@ -118,6 +119,10 @@ def _quiet_torch_cache_log():
         logger.setLevel(level)
 
 
+def _reason(error: Exception) -> str:
+    return one_line(str(error)) or type(error).__name__
+
+
 def _artifact_keys(info) -> set[tuple[str, str]]:
     return {(kind, key) for kind, keys in info.artifacts.items() for key in keys}
 
@@ -155,7 +160,7 @@ class CompileCache:
                     raise ValueError(f"{len(data):,} bytes that torch cannot read (corrupt or truncated)")
                 self.known, self.loaded_bytes = _artifact_keys(info), len(data)
         except Exception as e:  # any failure here costs a compile, never the run
-            self.warn(f"warning: compile cache {self.location} not used: {e}; compiling from scratch")
+            self.warn(f"warning: compile cache {self.location} not used: {_reason(e)}; compiling from scratch")
         self.load_seconds = time.time() - start
         return self.hit
 
@@ -173,13 +178,17 @@ class CompileCache:
         try:
             write_atomic(self.location, data)
         except Exception as e:
-            self.warn(f"warning: compile cache not saved to {self.location}: {e}")
+            self.warn(f"warning: compile cache not saved to {self.location}: {_reason(e)}")
             return False
         self.known, self.saved_bytes = _artifact_keys(info), len(data)
         self.save_seconds += time.time() - start
         return True
 
     def summary(self) -> str:
+        """One line: hit or miss, the graphs taken from a cache against those compiled here, what was saved."""
+        from torch._dynamo.utils import counters
+
         loaded = f"hit, {self.loaded_bytes / 1e6:.1f} MB in {self.load_seconds:.2f} s" if self.hit else "miss"
+        graphs = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
         saved = f"; saved {self.saved_bytes / 1e6:.1f} MB in {self.save_seconds:.2f} s" if self.saved_bytes else ""
-        return f"compile cache {self.key}: {loaded}{saved}"
+        return f"compile cache {self.key}: {loaded}; graphs: {graphs[0]} cached, {graphs[1]} compiled{saved}"
