@@ -7,11 +7,16 @@ and plain Python values, so `torch.load(weights_only=True)` reads it and no user
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import pickle
 import re
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -304,60 +309,159 @@ class TrainState:
         set_optimizer_state_dict(self.model, self.optimizer, by_name, options=whole)
 
 
+def copy_to_host(state, buffers: dict, path: tuple = ()):
+    """`state` (nested dicts, lists and tuples of tensors and plain values) with every tensor copied into
+    host memory, into `buffers` kept from the previous save (pinned for GPU tensors, so the copies run at
+    full bus speed). The copy, not the live tensors, is what a background write reads: training goes on
+    changing the originals."""
+    if isinstance(state, dict):
+        return {key: copy_to_host(value, buffers, (*path, key)) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(copy_to_host(value, buffers, (*path, i)) for i, value in enumerate(state))
+    if not isinstance(state, torch.Tensor):
+        return copy.deepcopy(state)
+    buffer = buffers.get(path)
+    if buffer is None or buffer.shape != state.shape or buffer.dtype != state.dtype:
+        buffer = buffers[path] = torch.empty(state.shape, dtype=state.dtype, pin_memory=state.is_cuda)
+    return buffer.copy_(state.detach(), non_blocking=state.is_cuda)
+
+
 class Checkpointer:
-    """Writes checkpoints and hands them to Ray.
+    """Writes checkpoints and hands them to Ray, in the background by default.
 
     Whole models (DDP): rank 0 writes out_dir/ckpt.pt (the newest, for nanoGPT-style tools) and hands
     Ray a folder holding the same file; the other ranks hand Ray None. Sharded models (FSDP): every
     rank writes its shards into a folder of its own and hands Ray that folder; Ray gathers the ranks'
-    folders into one checkpoint. No consolidated ckpt.pt is written (raygpt.export makes one)."""
+    folders into one checkpoint. No consolidated ckpt.pt is written (raygpt.export makes one).
 
-    def __init__(self, out_dir: str | Path, rank: int, sharded: bool = False):
+    Asynchronous: training pauses only while the state is copied to host memory; one background thread
+    writes the copy, then reports it to Ray. A folder is reported only once it is completely written, so a
+    crash mid-write leaves nothing registered (and remove_leftovers clears the folder). At most one save
+    is in flight: the next waits for it, since it reuses its host buffers. Every eval report goes through
+    the same thread, so Ray sees them in order."""
+
+    def __init__(self, out_dir: str | Path, rank: int, sharded: bool = False, asynchronous: bool = False):
         self.out_dir, self.rank, self.sharded = Path(out_dir), rank, sharded
-        self.upload_dirs: list[Path] = []
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="raygpt-checkpoint") if asynchronous else None
+        self.pending: list[Future] = []
+        self.host_buffers: dict = {}
+        self.stager = self.process_group = None
+        if asynchronous and sharded:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-    def save(self, state: TrainState, next_batch):
-        """Write `state`; returns the ray.train.Checkpoint to report (None on ranks that hand Ray nothing)."""
+            on_gpu = torch.cuda.is_available()
+            self.stager = DefaultStager(StagingOptions(on_gpu, False, False, on_gpu))  # pinned, reused buffers
+            # The background write gathers its plan over gloo, apart from the group the training step uses.
+            if torch.distributed.is_initialized():
+                self.process_group = torch.distributed.new_group(backend="gloo")
+
+    def save(self, state: TrainState, next_batch, report: Callable) -> None:
+        """Write `state`, then call report(ray.train.Checkpoint, or None on ranks that hand Ray nothing)."""
         from ray.train import Checkpoint
 
+        self.raise_background_error()
+        if self.background is not None:
+            self.wait()  # one save in flight: its buffers are about to be reused
+        started = time.perf_counter()
         if self.sharded:
-            return Checkpoint.from_directory(str(self._save_shards(state, next_batch)))
-        if self.rank != 0:
-            return None
-        print(f"saving checkpoint to {self.out_dir}", flush=True)
-        ckpt_path = self.out_dir / CKPT_NAME
-        save_atomic(state.state_dict(next_batch), ckpt_path)
-        # Ray uploads the folder; a hard link hands it the file without a second serialization.
-        upload_dir = self._upload_dir()
-        try:
-            os.link(ckpt_path, upload_dir / CKPT_NAME)
-        except OSError:
-            shutil.copy2(ckpt_path, upload_dir / CKPT_NAME)
-        return Checkpoint.from_directory(str(upload_dir))
+            upload_dir, written = self._save_shards(state, next_batch)
+        elif self.rank == 0:
+            upload_dir, written = self._save_whole(state, next_batch)
+        else:
+            upload_dir, written = None, None
+        if written is not None and torch.cuda.is_available():
+            torch.cuda.synchronize()  # the host copies are complete before training changes the originals
+        pause = time.perf_counter() - started
 
-    def _save_shards(self, state: TrainState, next_batch) -> Path:
+        def finish() -> None:
+            if written is not None:
+                written()
+            if self.rank == 0:
+                where = "sharded, one folder a rank" if self.sharded else self.out_dir / CKPT_NAME
+                mode = "in the background" if self.background is not None else ""
+                print(f"saved checkpoint at iter {state.iter_num} ({where}): training paused {pause:.2f}s, "
+                      f"written {mode}in {time.perf_counter() - started:.2f}s", flush=True)  # fmt: skip
+            report(Checkpoint.from_directory(str(upload_dir)) if upload_dir is not None else None)
+            if upload_dir is not None:  # Ray has copied it into its storage
+                shutil.rmtree(upload_dir, ignore_errors=True)
+
+        self._run(finish)
+
+    def report(self, report: Callable) -> None:
+        """An eval without a checkpoint: report(None), after any save still in flight."""
+        self.raise_background_error()
+        self._run(lambda: report(None))
+
+    def wait(self) -> None:
+        """Block until every background write and report has finished; raise the first one's error."""
+        for future in self.pending:
+            future.result()
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.wait()
+        if self.background is not None:
+            self.background.shutdown()
+        if self.stager is not None:
+            self.stager.close()
+
+    def raise_background_error(self) -> None:
+        """A failed background write (a full disk) stops training at the next eval, not at the run's end."""
+        for future in self.pending:
+            if future.done() and future.exception() is not None:
+                self.wait()
+
+    def _run(self, job: Callable) -> None:
+        if self.background is None:
+            job()
+        else:
+            self.pending = [f for f in self.pending if not f.done() or f.exception() is not None]
+            self.pending.append(self.background.submit(job))
+
+    def _save_whole(self, state: TrainState, next_batch) -> tuple[Path, Callable | None]:
+        """Rank 0's ckpt.pt, hard-linked into a folder for Ray (a second copy would cost a second write)."""
+        ckpt_path, upload_dir = self.out_dir / CKPT_NAME, self._upload_dir()
+        whole = state.state_dict(next_batch)
+
+        def write(whole=whole) -> None:
+            save_atomic(whole, ckpt_path)
+            try:
+                os.link(ckpt_path, upload_dir / CKPT_NAME)
+            except OSError:
+                shutil.copy2(ckpt_path, upload_dir / CKPT_NAME)
+
+        if self.background is None:
+            write()
+            return upload_dir, None
+        return upload_dir, functools.partial(write, copy_to_host(whole, self.host_buffers))
+
+    def _save_shards(self, state: TrainState, next_batch) -> tuple[Path, Callable | None]:
+        """Every rank writes its own __<rank>_0.distcp; rank 0 writes .metadata once all have finished, and
+        train_state.pt."""
         import torch.distributed.checkpoint as dcp
 
-        if self.rank == 0:
-            print(f"saving a sharded checkpoint (one folder a rank, gathered by Ray) from {self.out_dir}", flush=True)
         upload_dir = self._upload_dir()
-        # Every rank writes its own __<rank>_0.distcp; rank 0 writes .metadata once all have finished.
-        dcp.save(state.sharded_state_dict(), checkpoint_id=str(upload_dir))
-        if self.rank == 0:
-            save_atomic(state.progress(next_batch), upload_dir / PROGRESS_NAME)
-        return upload_dir
+        progress = state.progress(next_batch)
+        if self.background is None:
+            dcp.save(state.sharded_state_dict(), checkpoint_id=str(upload_dir))
+            if self.rank == 0:
+                save_atomic(progress, upload_dir / PROGRESS_NAME)
+            return upload_dir, None
+        # The stager copies the shards to host memory now; the returned future finishes the write.
+        written = dcp.async_save(state.sharded_state_dict(), checkpoint_id=str(upload_dir),
+                                 process_group=self.process_group, async_stager=self.stager)  # fmt: skip
+        progress = copy.deepcopy(progress)
+
+        def finish_write() -> None:
+            written.result()
+            if self.rank == 0:
+                save_atomic(progress, upload_dir / PROGRESS_NAME)
+
+        return upload_dir, finish_write
 
     def _upload_dir(self) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)  # on other nodes too
-        upload_dir = Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX, dir=self.out_dir))
-        self.upload_dirs.append(upload_dir)
-        return upload_dir
-
-    def reported(self) -> None:
-        """Ray has copied the reported checkpoint into its storage: drop the upload folders."""
-        for upload_dir in self.upload_dirs:
-            shutil.rmtree(upload_dir, ignore_errors=True)
-        self.upload_dirs.clear()
+        return Path(tempfile.mkdtemp(prefix=UPLOAD_PREFIX, dir=self.out_dir))
 
 
 def remove_leftovers(out_dir: str | Path) -> list[Path]:

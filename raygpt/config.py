@@ -44,6 +44,9 @@ class TrainConfig:
     eval_iters: int = key(200, "batches per split in each evaluation")
     eval_only: bool = key(False, "evaluate once and exit")
     always_save_checkpoint: bool = key(True, "checkpoint at every eval, not only when val loss improves")
+    async_checkpoint: bool = key(
+        True, "write checkpoints in the background: training pauses only to copy them to host memory"
+    )
     init_from: str = key("scratch", "'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', or a local HF GPT-2 folder")
     # wandb logging
     wandb_log: bool = key(False, "log to Weights & Biases (rank 0 only)")

@@ -25,11 +25,9 @@ class DataError(RaygptError, ValueError):
     """A dataset that cannot be trained on; the message is one line and says how to fix it."""
 
 
-def validate_dataset(dataset_dir: str | Path, block_size: int, world_size: int, vocab_size: int) -> None:
-    """Refuse, before any worker starts, data that would crash or silently corrupt training.
-
-    `world_size` no longer matters (every worker draws from the whole of train.bin); it stays until the
-    launcher's calls drop it."""
+def validate_dataset(dataset_dir: str | Path, block_size: int, vocab_size: int) -> None:
+    """Refuse, before any worker starts, data that would crash or silently corrupt training. Every worker
+    draws from the whole of train.bin, so the worker count does not matter here."""
     dataset_dir = Path(dataset_dir)
     prepare = f"python -m raygpt.prepare {dataset_dir.name} --data-dir {dataset_dir.parent}"
     info = _stat(dataset_dir)

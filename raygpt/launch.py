@@ -21,7 +21,8 @@ from raygpt.config import DEFAULTS, TrainConfig, config_help, read_config
 from raygpt.data import validate_dataset
 from raygpt.errors import EXIT_INTERRUPTED, RaygptError, refuse
 from raygpt.runlock import RunLock, lock_run
-from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta
+from raygpt.storage import DatasetNotFoundError, check_remote_dataset, dataset_uri, is_uri
+from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta, vocabulary
 
 PREPARABLE = ("shakespeare_char", "shakespeare")
 
@@ -34,7 +35,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray workers chdir into a session folder, so every path must be absolute in the driver."""
 
     def resolve(path: str) -> str:
-        return path if "://" in path else str(Path(path).expanduser().resolve())
+        return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
     changes = dict(out_dir=resolve(cfg.out_dir), data_dir=resolve(cfg.data_dir))
     if cfg.storage_path:
@@ -201,7 +202,8 @@ def ray_checkpoint_dirs(cfg: TrainConfig, run_name: str) -> list[Path]:
 FREE_TO_CHANGE = {
     *("num_workers", "use_gpu", "cpus_per_worker", "parallelism", "activation_checkpointing", "max_failures"),
     *("max_iters", "lr_decay_iters", "warmup_iters", "min_lr", "decay_lr"),
-    *("eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint", "checkpoints_to_keep"),
+    *("eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint", "async_checkpoint"),
+    "checkpoints_to_keep",
     *("wandb_log", "wandb_project", "wandb_run_name"),
     *("compile", "compile_mode", "compile_regions", "compile_eval", "attention", "deterministic", "check_memory"),
     *("local_mode", "storage_path", "run_name", "out_dir", "data_dir", "init_from", "backend"),
@@ -315,16 +317,8 @@ def check_wandb(cfg: TrainConfig) -> None:
 def check_data(cfg: TrainConfig, run_name: str, explicit_keys, prepare_input: str | None) -> tuple[Path | None, int]:
     """Data present (prepared here when the launcher knows how) and sane, and what to resume from;
     needs no cluster. Returns the resume checkpoint (or None) and the model's vocab_size."""
-    dataset_dir = Path(cfg.data_dir) / cfg.dataset
-    if cfg.dataset in PREPARABLE and not is_prepared(dataset_dir):
-        from raygpt.prepare import prepare_dataset
-
-        print(f"dataset {cfg.dataset} not found in {cfg.data_dir}: preparing it", flush=True)
-        prepare_dataset(cfg.dataset, cfg.data_dir, input_path=prepare_input, input_flag="--prepare-input")
-    try:
-        meta = load_meta(dataset_dir) if dataset_dir.is_dir() else None
-    except ValueError as e:
-        raise LaunchError(str(e)) from None
+    remote = is_uri(cfg.data_dir)
+    meta = remote_dataset_meta(cfg, prepare_input) if remote else local_dataset_meta(cfg, prepare_input)
     resume_from = plan_resume(cfg, run_name, explicit_keys, meta)
     if resume_from is not None:
         vocab_size = checkpoint.read_summary(resume_from)["model_args"]["vocab_size"]
@@ -332,8 +326,41 @@ def check_data(cfg: TrainConfig, run_name: str, explicit_keys, prepare_input: st
         vocab_size = GPT2_VOCAB_SIZE
     else:
         vocab_size = meta["vocab_size"] if meta else PADDED_GPT2_VOCAB_SIZE
-    validate_dataset(dataset_dir, cfg.block_size, cfg.num_workers or 1, vocab_size)
+    if not remote:  # a dataset at a URI is checked whole by each node once it has a copy (train.py)
+        validate_dataset(Path(cfg.data_dir) / cfg.dataset, cfg.block_size, vocab_size)
     return resume_from, vocab_size
+
+
+def local_dataset_meta(cfg: TrainConfig, prepare_input: str | None) -> dict | None:
+    dataset_dir = Path(cfg.data_dir) / cfg.dataset
+    if cfg.dataset in PREPARABLE and not is_prepared(dataset_dir):
+        from raygpt.prepare import prepare_dataset
+
+        print(f"dataset {cfg.dataset} not found in {cfg.data_dir}: preparing it", flush=True)
+        prepare_dataset(cfg.dataset, cfg.data_dir, input_path=prepare_input, input_flag="--prepare-input")
+    try:
+        return load_meta(dataset_dir) if dataset_dir.is_dir() else None
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+
+
+def remote_dataset_meta(cfg: TrainConfig, prepare_input: str | None) -> dict:
+    """A dataset in object storage: its meta.json read and its files' sizes checked, without downloading."""
+    uri = dataset_uri(cfg.data_dir, cfg.dataset)
+    try:
+        remote = check_remote_dataset(uri)
+    except DatasetNotFoundError:
+        if cfg.dataset not in PREPARABLE:
+            raise
+        from raygpt.prepare import prepare_dataset
+
+        print(f"dataset {cfg.dataset} not found in {cfg.data_dir}: preparing it there", flush=True)
+        prepare_dataset(cfg.dataset, cfg.data_dir, input_path=prepare_input, input_flag="--prepare-input")
+        remote = check_remote_dataset(uri)
+    train_tokens = remote["files"]["train.bin"]["bytes"] // 2
+    if train_tokens < cfg.block_size + 1:
+        raise LaunchError(f"{uri}/train.bin has {train_tokens} tokens, too few for block_size {cfg.block_size}")
+    return vocabulary(remote)
 
 
 def forward_worker_output(enabled: bool) -> None:
@@ -441,8 +468,6 @@ def prepare_run(
     if not cfg.local_mode:
         connect(options.address, options.verbose)
     plan = plan_resources(cfg, options.wait_for_resources)
-    if plan.num_workers > 1:  # each worker trains on its own shard of train.bin: it must hold a window
-        validate_dataset(Path(cfg.data_dir) / cfg.dataset, cfg.block_size, plan.num_workers, vocab_size)
     if resume_from is not None and not ray_checkpoint_dirs(cfg, run_name):
         plan = dataclasses.replace(plan, resume_from=str(resume_from))
     return cfg, plan

@@ -117,9 +117,10 @@ class Reporter:
             }
         )
 
-    def eval(self, state, lr: float, seconds: float, weights_in_sync: bool, checkpoint=None) -> None:
-        """An eval's losses (in `state`) and the checkpoint taken with them: console, Ray, WandB, and
-        for eval_only out_dir/eval.json (Ray's Result carries only checkpointed metrics)."""
+    def eval(self, state, lr: float, seconds: float, weights_in_sync: bool) -> dict:
+        """An eval's losses (in `state`): console, WandB, and for eval_only out_dir/eval.json (Ray's Result
+        carries only checkpointed metrics). Returns the metrics for to_ray, which the checkpointer calls
+        once the eval's checkpoint (if any) is written."""
         metrics = {
             "iter": state.iter_num,
             "train_loss": state.last_eval["train"],
@@ -144,9 +145,12 @@ class Reporter:
             write_text_atomic(
                 Path(self.cfg.out_dir) / "eval.json", json.dumps({**metrics, "eval_iters": self.cfg.eval_iters})
             )
+        self._wandb(metrics)
+        return metrics
+
+    def to_ray(self, metrics: dict, checkpoint=None) -> None:
         if self.report_to_ray is not None:
             self.report_to_ray(metrics, checkpoint=checkpoint)
-        self._wandb(metrics)
 
     def finish(self) -> None:
         if self.wandb_run is not None:

@@ -59,11 +59,10 @@ def exit_without_teardown(code: int) -> NoReturn:
     After a GPU run that teardown (CUDA graphs, the CUDA context, then torch's and Ray's modules) takes
     seconds (benchmarks/RESULTS.md) and does nothing a finished run needs: the
     checkpoint is written and closed, the results printed. What a normal exit does for the program
-    still happens, in the same order: other non-daemon threads are joined, then the atexit handlers run
-    (Ray's shutdown, logging's flush, Inductor's compile-worker shutdown, WandB's)."""
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    still happens, in the same order: thread pools are shut down and other non-daemon threads joined
+    (CPython's own threading._shutdown), then the atexit handlers run (Ray's shutdown, logging's flush,
+    Inductor's compile-worker shutdown, WandB's)."""
+    threading._shutdown()
     atexit._run_exitfuncs()  # CPython's own exit path; errors in handlers are printed, as at exit
     for stream in (sys.stdout, sys.stderr):
         try:

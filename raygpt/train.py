@@ -8,6 +8,7 @@ checkpoint.py (TrainState, Checkpointer), metrics.py (console, WandB, ray.train.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from raygpt import checkpoint
 from raygpt.checkpoint import Checkpointer, TrainState
 from raygpt.config import TrainConfig
-from raygpt.data import Batches, NanoGPTOrderBatches
+from raygpt.data import Batches, NanoGPTOrderBatches, validate_dataset
 from raygpt.memory import check_fits
 from raygpt.metrics import Reporter, start_wandb
 from raygpt.model import GPT, GPTConfig
@@ -25,6 +26,7 @@ from raygpt.parallel import weights_in_sync, wrap_model
 from raygpt.processes import CompileWorkers
 from raygpt.speed import set_attention_backend
 from raygpt.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
+from raygpt.storage import dataset_uri, default_cache_root, is_uri, stage_dataset
 from raygpt.tokenizer import PADDED_GPT2_VOCAB_SIZE, load_meta
 
 
@@ -99,6 +101,17 @@ def find_resume(cfg: TrainConfig, resume_from: str | None, ray_checkpoint, say) 
     return checkpoint.load_resume_state(ray_checkpoint, fallback, warn=say)
 
 
+def local_dataset(cfg: TrainConfig, say) -> Path:
+    """The dataset folder this worker memmaps: data_dir itself, or for a URI this node's copy of it
+    (staged once per node; the other workers of the node wait for it), checked as the launcher checks
+    local data."""
+    if not is_uri(cfg.data_dir):
+        return Path(cfg.data_dir) / cfg.dataset
+    local = stage_dataset(dataset_uri(cfg.data_dir, cfg.dataset), default_cache_root(), progress=say)
+    validate_dataset(local, cfg.block_size, load_meta(local)["vocab_size"])
+    return local
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
@@ -115,9 +128,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # gradient_accumulation_steps is the global count, as with nanoGPT under torchrun.
     accum_steps = max(1, cfg.gradient_accumulation_steps // world_size)  # divisibility: checked by the launcher
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size
-    out_dir, dataset_dir = Path(cfg.out_dir), Path(cfg.data_dir) / cfg.dataset
-    if is_rank_zero:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # on every node: a rank's files never rely on another's disk
+    # The first worker of each node says how staging a dataset from object storage goes.
+    dataset_dir = local_dataset(cfg, print if context.get_local_rank() == 0 else lambda *args, **kwargs: None)
     say(f"tokens per iteration will be: {tokens_per_iter:,}", flush=True)
 
     # ---- model and train state: from a checkpoint, GPT-2's weights or scratch --------------------
@@ -140,7 +154,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if nanogpt_order and world_size > 1:  # the launcher refuses this; Tune or a custom trainer might not
         raise ValueError(f"data_order=nanogpt needs one worker, not {world_size}")
     batch_source = NanoGPTOrderBatches if nanogpt_order else Batches
-    batches = batch_source(dataset_dir, model_args["block_size"], cfg.batch_size, cfg.seed, rank, world_size, device)
+    batches = batch_source(
+        dataset_dir, model_args["block_size"], cfg.batch_size, cfg.seed, rank, world_size, device, accum_steps
+    )
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, device, str(out_dir), announce=is_rank_zero)
     train_step = TrainStep(wrapped, optimizer, precision, batches, accum_steps, cfg.grad_clip, guard)
     estimate_loss = Evaluator(wrapped, batches, precision, cfg.eval_iters, model_args, rank, world_size,
@@ -151,7 +167,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         wandb_run, state.wandb_run_id = start_wandb(cfg, out_dir, state.wandb_run_id)
     mfu = lambda dt: model.estimate_mfu(cfg.batch_size * accum_steps, dt, device)  # noqa: E731
     reporter = Reporter(cfg, is_rank_zero, tokens_per_iter, mfu, device, wandb_run, report_to_ray=ray.train.report)
-    checkpointer = Checkpointer(out_dir, rank, sharded=wrapped.sharded)
+    checkpointer = Checkpointer(out_dir, rank, sharded=wrapped.sharded, asynchronous=cfg.async_checkpoint)
 
     # ---- the loop ---------------------------------------------------------------------------------
     X, Y = batches.train_batch(state.iter_num, 0) if resumed_batch is None else (t.to(device) for t in resumed_batch)
@@ -169,21 +185,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 losses = estimate_loss()
                 in_sync = weights_in_sync(wrapped, world_size)
                 keep = nonfinite_streak == 0 and all(math.isfinite(v) for v in losses.values())
-                save_checkpoint = state.record_eval(losses) or cfg.always_save_checkpoint
-                ray_checkpoint = None
-                if save_checkpoint and state.iter_num > 0 and not cfg.eval_only:
-                    if keep:
-                        ray_checkpoint = checkpointer.save(state, (X, Y))
-                    else:
+                wanted = state.record_eval(losses) or cfg.always_save_checkpoint
+                wanted = wanted and state.iter_num > 0 and not cfg.eval_only
+                report = functools.partial(reporter.to_ray, reporter.eval(state, lr, estimate_loss.seconds, in_sync))
+                if wanted and keep:
+                    checkpointer.save(state, (X, Y), report)  # reports once written
+                else:
+                    if wanted:
                         reporter.say(f"warning: iter {state.iter_num}: no checkpoint: non-finite losses or gradients "
                                      f"(the last good checkpoint stays in {out_dir})")  # fmt: skip
-                reporter.eval(state, lr, estimate_loss.seconds, in_sync, ray_checkpoint)
-                checkpointer.reported()
+                    checkpointer.report(report)
         if cfg.eval_only or state.iter_num >= cfg.max_iters:
             break
 
-        if not nanogpt_order:  # (nanoGPT's order keeps one running stream for batches and dropout)
-            torch.manual_seed(hash((cfg.seed, state.iter_num, rank)) & 0x7FFF_FFFF)  # dropout: a function of the step
         loss_sum, _, X, Y = train_step(X, Y, state.iter_num)
 
         t1 = time.time()
@@ -195,4 +209,5 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if state.iter_num % cfg.log_interval == 0:
             guard.check(state.iter_num - 1)
             reporter.step(state.iter_num - 1, loss_sum.item(), lr, dt, state.last_eval["val"])
+    checkpointer.close()  # the last checkpoint is written and reported before the run ends
     reporter.finish()

@@ -4,6 +4,7 @@ Every refusal is one line (`error: ...` and exit status 2 for a CLI), and nothin
 behind: no output, no temporary file, no half-made dataset folder.
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -396,7 +397,7 @@ def test_bad_datasets_are_one_line_and_untouched(tmp_path, damage, needle):
             (data / "train.bin").symlink_to(os.devnull)
     before = tree(tmp_path)
     with pytest.raises(DataError) as error:
-        validate_dataset(data, block_size=32, world_size=1, vocab_size=65)
+        validate_dataset(data, block_size=32, vocab_size=65)
     assert needle in one_line(error.value)
     assert isinstance(error.value, RaygptError)
     assert tree(tmp_path) == before
@@ -443,7 +444,7 @@ def test_real_uint16_data_never_looks_wide(real_datasets, tmp_path):
         nanogpt_style.mkdir()
         for split in ("train", "val"):  # as nanoGPT prepares it: no meta.json, so the heuristic runs
             (nanogpt_style / f"{split}.bin").write_bytes((dataset / f"{split}.bin").read_bytes())
-        validate_dataset(nanogpt_style, block_size=256, world_size=1, vocab_size=vocab_size)
+        validate_dataset(nanogpt_style, block_size=256, vocab_size=vocab_size)
         for split in ("train", "val"):
             tokens = np.fromfile(dataset / f"{split}.bin", dtype=np.uint16)
             for length in (600, 2048, 20_000, 200_000):
@@ -454,12 +455,12 @@ def test_real_uint16_data_never_looks_wide(real_datasets, tmp_path):
 def test_uint32_data_converted_as_the_hint_says_is_accepted(tmp_path):
     data = write_dataset(tmp_path / "d", dtype=np.uint32)
     with pytest.raises(DataError) as error:
-        validate_dataset(data, block_size=32, world_size=1, vocab_size=65)
+        validate_dataset(data, block_size=32, vocab_size=65)
     assert "np.fromfile(path, dtype=np.uint32).astype(np.uint16).tofile(path)" in one_line(error.value)
     for split in ("train", "val"):
         path = data / f"{split}.bin"
         np.fromfile(path, dtype=np.uint32).astype(np.uint16).tofile(path)
-    validate_dataset(data, block_size=32, world_size=1, vocab_size=65)
+    validate_dataset(data, block_size=32, vocab_size=65)
 
 
 # ---- D. prepare -------------------------------------------------------------------------------------
@@ -668,10 +669,18 @@ def test_every_output_is_written_atomically(tmp_path, shakespeare_path):
     write_parquet(tmp_path / "in" / "a.parquet", text=["the king doth speak"] * 500 + [None])
     dataset = prepare_corpus("owt", tmp_path / "data", f"{tmp_path}/in/*.parquet", val_fraction=0.1)
     assert sorted(p.name for p in dataset.iterdir()) == ["meta.json", "train.bin", "val.bin"]
-    assert json.loads((dataset / "meta.json").read_text()) == {
+    meta = json.loads((dataset / "meta.json").read_text())
+    assert {key: meta.pop(key) for key in ("vocab_size", "tokenizer", "dtype")} == {
         "vocab_size": 50257,
         "tokenizer": "gpt2",
         "dtype": "uint16",
+    }
+    # and what object storage checks a copy against: each file's size and sha256
+    files = {name: (dataset / name).read_bytes() for name in ("train.bin", "val.bin")}
+    assert meta == {
+        "files": {
+            name: {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()} for name, data in files.items()
+        }
     }
 
 

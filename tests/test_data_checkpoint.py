@@ -66,16 +66,16 @@ def test_bad_datasets_are_refused_in_one_line(tmp_path, damage, message):
         tokens[123] = 65535
         tokens.tofile(data / "train.bin")
     with pytest.raises(DataError) as error:
-        validate_dataset(data, block_size=32, world_size=1, vocab_size=65)
+        validate_dataset(data, block_size=32, vocab_size=65)
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_train_needs_one_window_whatever_the_worker_count(tmp_path):
+def test_train_needs_one_window(tmp_path):
     data = write_dataset(tmp_path / "d", n_train=33)  # block_size + 1: every worker draws from the whole file
-    validate_dataset(data, block_size=32, world_size=4, vocab_size=65)
+    validate_dataset(data, block_size=32, vocab_size=65)
     np.zeros(32, dtype=np.uint16).tofile(data / "train.bin")
     with pytest.raises(DataError, match="has 32 tokens, too few for block_size 32"):
-        validate_dataset(data, block_size=32, world_size=1, vocab_size=65)
+        validate_dataset(data, block_size=32, vocab_size=65)
 
 
 def good_state():

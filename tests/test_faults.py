@@ -135,7 +135,7 @@ def reference(ray_local, tmp_path_factory, char_data):
 def test_killed_worker_is_replaced_and_the_run_ends_bit_identical(ray_local, tmp_path, char_data, reference):
     started = time.time()
     process = start_cli(tmp_path, char_data, ray_local, "worker-kill", max_failures=1)
-    wait_for(process, r"saving checkpoint")  # the checkpoint at iter 50 ...
+    wait_for(process, r"saved checkpoint")  # the checkpoint at iter 50 ...
     wait_until_registered(process, tmp_path / "ray" / "out-worker-kill")
     wait_for(process, r"iter \d+:")  # ... and before the next
     os.kill(train_worker_pids(started_after=started)[-1], signal.SIGKILL)
@@ -154,7 +154,7 @@ def test_killed_driver_then_same_command_continues_bit_identical(ray_local, tmp_
     # WandB (offline) rides along: the rerun must continue the same wandb run, not start a new one.
     tracked = dict(wandb_log=True, wandb_project="raygpt-test")
     process = start_cli(tmp_path, char_data, ray_local, name, **tracked)
-    wait_for(process, r"saving checkpoint")
+    wait_for(process, r"saved checkpoint")
     wait_until_registered(process, tmp_path / "ray" / f"out-{name}")
     os.killpg(process.pid, sig)
     returncode, output = finish(process)

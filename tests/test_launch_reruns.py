@@ -181,7 +181,7 @@ def test_ctrl_c_ends_in_one_line_saying_what_was_saved(run_args):
     process = subprocess.Popen([sys.executable, "-m", "raygpt.launch", *slow], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=subprocess_env())  # fmt: skip
     for line in process.stdout:
-        if line.startswith("saving checkpoint"):
+        if line.startswith("saved checkpoint"):
             break
     time.sleep(0.5)
     process.send_signal(signal.SIGINT)
