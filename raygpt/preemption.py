@@ -1,0 +1,136 @@
+"""Stopping on notice: a node of the run about to be reclaimed, or SIGTERM, becomes one checkpoint at the
+next iteration boundary.
+
+Ray's notice: Train V2's controller watches for drained nodes (a spot reclaim, `ray drain-node --reason
+DRAIN_NODE_REASON_PREEMPTION`) and hands the workers a PreemptionInfo with the reclaim deadline.
+`ray.train.get_preemption_info()` is a barrier that answers every rank with rank 0's view, so
+PreemptionWatch polls it only every `every` iterations: all ranks poll on the same iterations and stop on
+the same one. After the checkpoint the loop trains no further (any step taken then would be lost) and waits
+for Ray to restart the run from it, which Ray does at the deadline (FailureConfig.max_preemption_failures).
+
+SIGTERM (what spot instances, Kubernetes and schedulers send) to a process that trains itself (local mode):
+the handler only sets `stop_requested`, which the loop reads at the next iteration boundary, checkpoints,
+and raises Terminated; the launcher then says where to continue and exits with EXIT_TERMINATED.
+No Ray import here: the loop hands in the poll.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process stopped by SIGTERM
+# Ray restarts the run at the deadline (or 120 s after a notice without one); a loop still waiting this long
+# after that has been forgotten, and fails rather than hang.
+RESTART_MARGIN_S = 60.0
+NO_DEADLINE_S = 120.0  # Ray's own wait when the notice carries no deadline
+
+# Set by the SIGTERM handler, read by the loop at every iteration boundary (Event.is_set costs ~50 ns).
+stop_requested = threading.Event()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM stopped the run; a KeyboardInterrupt, so whatever handles Ctrl-C handles it too."""
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Why the loop stops: Ray's preemption notice (`ranks` on the reclaimed nodes) or SIGTERM."""
+
+    reason: str  # "preemption" or "SIGTERM"
+    noticed_at: float  # time.time() when the loop saw it
+    deadline: float | None = None  # UNIX seconds when the node goes; None: unknown
+    ranks: tuple[int, ...] = ()
+
+    def seconds_left(self, now: float | None = None) -> float | None:
+        return None if self.deadline is None else self.deadline - (time.time() if now is None else now)
+
+
+class PreemptionWatch:
+    """notice(iter_num) every iteration: a Notice once per preemption (or SIGTERM), else None.
+
+    `poll` is ray.train.get_preemption_info (None in local mode: only SIGTERM is watched). It is called
+    when iter_num % every == 0, the same iterations on every rank, as its barrier needs."""
+
+    def __init__(self, poll: Callable | None, every: int, say: Callable[[str], None] = print):
+        self.poll, self.every, self.say = poll, max(1, every), say
+        self.noticed_nodes: set[str] = set()
+        self.stopping: Notice | None = None
+
+    def notice(self, iter_num: int) -> Notice | None:
+        if stop_requested.is_set():  # set only in a process that trains itself: one rank
+            self.stopping = Notice("SIGTERM", time.time())
+            self.say(f"SIGTERM at iter {iter_num}: saving a checkpoint, then stopping")
+            return self.stopping
+        if self.poll is None or iter_num % self.every:
+            return None
+        info = self.poll()
+        if info is None or set(info.preempted_node_ids) <= self.noticed_nodes:
+            return None
+        self.noticed_nodes |= set(info.preempted_node_ids)
+        deadline = None if info.deadline_ms is None else info.deadline_ms / 1000
+        self.stopping = Notice("preemption", time.time(), deadline, tuple(info.preempted_ranks))
+        left = self.stopping.seconds_left()
+        self.say(
+            f"preemption notice at iter {iter_num}: ranks {list(self.stopping.ranks)} lose their node "
+            + (f"in {left:.1f}s" if left is not None else "(no deadline given)")
+            + ": saving a checkpoint"
+        )
+        return self.stopping
+
+    def stop(self, iter_num: int, saved_at: float | None = None) -> None:
+        """After the notice's checkpoint is written and reported: say how long it took, then raise
+        Terminated (SIGTERM) or wait for Ray's restart (a preemption). Never returns."""
+        notice, saved_at = self.stopping, time.time() if saved_at is None else saved_at
+        left = notice.seconds_left(saved_at)
+        self.say(
+            f"{notice.reason}: checkpoint at iter {iter_num} saved {saved_at - notice.noticed_at:.2f}s after "
+            "the notice" + (f", {left:.1f}s before the deadline" if left is not None else "")
+        )
+        if notice.reason == "SIGTERM":
+            raise Terminated(f"SIGTERM: stopped at iter {iter_num}")
+        self.wait_for_restart(notice)
+
+    def wait_for_restart(self, notice: Notice, sleep: Callable[[float], None] = time.sleep) -> None:
+        """Train no further: Ray stops this worker at the deadline and restarts the run from the checkpoint."""
+        until = (notice.deadline or notice.noticed_at + NO_DEADLINE_S) + RESTART_MARGIN_S
+        while time.time() < until:
+            sleep(min(1.0, max(0.0, until - time.time())))
+        raise RuntimeError(f"Ray did not restart the run {RESTART_MARGIN_S:.0f}s after the preemption deadline")
+
+
+def handle_sigterm() -> Callable[[], None]:
+    """Install the SIGTERM handler of a process that trains itself: the first SIGTERM sets stop_requested
+    (a checkpoint at the next iteration boundary, then Terminated), a second raises Terminated at once.
+    Main thread only. Returns a function that puts the previous handler back."""
+    stop_requested.clear()
+
+    def on_sigterm(signum, frame) -> None:
+        if stop_requested.is_set():
+            raise Terminated("SIGTERM twice: stopped without waiting for the checkpoint")
+        stop_requested.set()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def restore() -> None:
+        signal.signal(signal.SIGTERM, previous)
+        stop_requested.clear()
+
+    return restore
+
+
+def notice_metrics(state, lr: float, tokens_per_iter: int, notice: Notice) -> dict:
+    """What a notice checkpoint reports to Ray: the last eval's numbers (no eval is run), at this iteration.
+    Ray keeps its latest checkpoint whatever the score, so a restart resumes from this one."""
+    return {
+        "iter": state.iter_num,
+        "train_loss": state.last_eval["train"],
+        "val_loss": state.last_eval["val"],
+        "best_val_loss": state.best_val_loss,
+        "lr": lr,
+        "tokens_seen": state.iter_num * tokens_per_iter,
+        "stopped_by": notice.reason,
+    }

@@ -1,0 +1,265 @@
+"""Stopping on notice: PreemptionWatch's cadence and its one decision for all ranks (fast tier); SIGTERM to
+a local-mode run; and a real preemption, `ray drain-node` on a loopback cluster node running the workers."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import TINY_LOCAL_RUN, TINY_RUN
+
+import raygpt
+from raygpt import preemption
+from raygpt.config import TrainConfig
+from raygpt.preemption import EXIT_TERMINATED, PreemptionWatch, Terminated
+
+CODE = str(Path(raygpt.__file__).resolve().parents[1])  # the raygpt under test, for subprocesses and nodes
+# The loop and launcher calls (train.py, launch.py, config.py) that this module's own tests rely on.
+integrated = pytest.mark.skipif(
+    "max_preemption_failures" not in TrainConfig.__dataclass_fields__,
+    reason="the loop's preemption integration is not applied yet",
+)
+
+
+class FakeInfo:
+    """What ray.train.get_preemption_info returns (its PreemptionInfo's fields that the watch reads)."""
+
+    def __init__(self, nodes: dict[str, list[int]], deadline_ms: int | None = None):
+        self.preempted_node_to_ranks, self.deadline_ms = nodes, deadline_ms
+
+    @property
+    def preempted_node_ids(self):
+        return sorted(self.preempted_node_to_ranks)
+
+    @property
+    def preempted_ranks(self):
+        return sorted({r for ranks in self.preempted_node_to_ranks.values() for r in ranks})
+
+
+def quiet_watch(poll, every):
+    return PreemptionWatch(poll, every, say=lambda text: None)
+
+
+def test_polls_only_every_log_interval():
+    polled = []
+    watch = quiet_watch(lambda: polled.append(1), every=5)
+    for iter_num in range(23):
+        watch.notice(iter_num)
+    assert len(polled) == 5  # iterations 0, 5, 10, 15, 20
+
+
+def test_a_notice_comes_once_per_preemption():
+    current = {"info": None}
+    watch = quiet_watch(lambda: current["info"], every=1)
+    seen = []
+    for iter_num in range(30):
+        if iter_num == 5:
+            current["info"] = FakeInfo({"node-a": [1]}, deadline_ms=int((time.time() + 30) * 1000))
+        if iter_num == 20:  # Ray merges a second node's preemption into the same info
+            current["info"] = FakeInfo({"node-a": [1], "node-b": [2, 3]})
+        notice = watch.notice(iter_num)
+        if notice is not None:
+            seen.append((iter_num, notice.ranks))
+    assert seen == [(5, (1,)), (20, (1, 2, 3))]
+    first_deadline = time.time() + 30
+    assert watch.stopping.deadline is None  # the merged info carried none
+    assert 25 < first_deadline - time.time() <= 30
+
+
+def test_every_rank_stops_on_the_same_iteration():
+    """Ray's barrier answers the k-th poll of every rank with rank 0's k-th view; polling on the same
+    iterations keeps the k-th polls of all ranks at the same iteration, whatever each rank saw itself."""
+    world_size, iters, every = 3, 40, 4
+    sees_from = {0: 17, 1: 9, 2: 30}  # when each rank's own worker got the watcher's message
+    rank0_views = []
+
+    def poll_for(rank, progress):
+        def poll():
+            own = FakeInfo({"node-x": [1]}) if progress["iter"] >= sees_from[rank] else None
+            if rank == 0:
+                rank0_views.append(own)
+            progress["polls"] += 1
+            return rank0_views[progress["polls"] - 1]
+
+        return poll
+
+    stopped_at, poll_counts = {}, {}
+    for rank in range(world_size):  # rank 0 first: the others' polls answer with its views
+        progress = {"iter": 0, "polls": 0}
+        watch = quiet_watch(poll_for(rank, progress), every)
+        for progress["iter"] in range(iters):
+            if watch.notice(progress["iter"]) is not None:
+                stopped_at[rank] = progress["iter"]
+                break
+        poll_counts[rank] = progress["polls"]
+    assert stopped_at == {0: 20, 1: 20, 2: 20}  # rank 0's first poll after its iter 17
+    assert len(set(poll_counts.values())) == 1
+
+
+def test_sigterm_is_a_notice_at_the_next_boundary_then_terminated():
+    restore = preemption.handle_sigterm()
+    try:
+        watch = quiet_watch(None, every=1)
+        assert watch.notice(3) is None
+        os.kill(os.getpid(), signal.SIGTERM)
+        notice = watch.notice(4)
+        assert notice is not None and notice.reason == "SIGTERM"
+        with pytest.raises(Terminated):
+            watch.stop(4)
+        with pytest.raises(Terminated):  # a second SIGTERM does not wait for a checkpoint
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        restore()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert not preemption.stop_requested.is_set()
+
+
+def test_a_forgotten_wait_for_restart_fails_rather_than_hangs():
+    watch = quiet_watch(None, every=1)
+    long_gone = preemption.Notice("preemption", time.time() - 1000, deadline=time.time() - 500)
+    with pytest.raises(RuntimeError, match="did not restart"):
+        watch.wait_for_restart(long_gone, sleep=lambda s: pytest.fail("waited past the deadline"))
+
+
+def test_notice_metrics_carry_the_last_eval():
+    class State:
+        iter_num, best_val_loss, last_eval = 37, 1.5, {"train": 1.4, "val": 1.6}
+
+    metrics = preemption.notice_metrics(State(), 3e-4, 100, preemption.Notice("preemption", 0.0))
+    assert metrics["iter"] == 37 and metrics["val_loss"] == 1.6 and metrics["best_val_loss"] == 1.5
+    assert metrics["tokens_seen"] == 3700 and metrics["stopped_by"] == "preemption"
+
+
+def lines_matching(pattern: str, text: str) -> list[re.Match]:
+    return [m for m in (re.search(pattern, line) for line in text.splitlines()) if m]
+
+
+@integrated
+def test_sigterm_checkpoints_a_local_mode_run_then_says_how_to_continue(tmp_path, char_data):
+    out_dir = tmp_path / "out"
+    argv = [*TINY_LOCAL_RUN, "--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000",
+            "--log_interval=1", f"--data_dir={char_data}", f"--out_dir={out_dir}"]  # fmt: skip
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "raygpt.launch", *argv],
+        env={**os.environ, "PYTHONPATH": CODE, "PYTHONUNBUFFERED": "1"},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in launcher.stdout:
+            if line.startswith("iter 3:"):
+                break
+        launcher.send_signal(signal.SIGTERM)
+        out, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == EXIT_TERMINATED, err
+    [stopped] = lines_matching(r"^SIGTERM at iter (\d+)", out)
+    [saved] = lines_matching(r"^SIGTERM: checkpoint at iter (\d+) saved", out)
+    assert stopped.group(1) == saved.group(1)
+    assert err.strip().splitlines()[-1] == (
+        f"terminated: the latest checkpoint is {out_dir / 'ckpt.pt'}: run the same command again to continue from it"
+    )
+    saved_state = torch.load(out_dir / "ckpt.pt", weights_only=True)
+    assert saved_state["iter_num"] == int(saved.group(1)) >= 4
+
+
+# ---- Ray tier: a real preemption on a loopback cluster --------------------------------------------
+
+PREEMPT_RUN = {
+    **TINY_RUN,
+    "max_iters": 60,
+    "lr_decay_iters": 60,
+    "eval_interval": 1000,  # the only evals are iteration 0's and the last: the notice checkpoint needs none
+    "log_interval": 1,
+    "num_workers": 2,
+    "cpus_per_worker": 1,
+    "always_save_checkpoint": False,
+    "max_failures": 0,  # a preemption restarts on its own budget (max_preemption_failures)
+}
+DEADLINE_S = 10
+
+
+@pytest.fixture(scope="module")
+def preemptible_cluster():
+    """Our own cluster (a preemption leaves a node draining): a head with no CPUs, two 2-CPU nodes; the
+    run's two 1-CPU workers are packed onto one node, and the other can take them after the preemption."""
+    from multinode import start_cluster
+
+    cluster = start_cluster({"head": 0, "node-1": 2, "node-2": 2})
+    yield cluster
+    cluster.stop()
+
+
+def node_running_the_workers(cluster, started_after: float):
+    """The cluster node whose process group holds this run's Ray Train workers."""
+    for p in psutil.process_iter(["pid", "cmdline", "create_time"]):
+        if any("RayTrainWorker" in part for part in p.info["cmdline"] or ()) and p.info["create_time"] > started_after:
+            group = os.getpgid(p.info["pid"])
+            for node in cluster.nodes.values():
+                if node.process.pid == group:
+                    return node
+    return None
+
+
+def node_id(node) -> str:
+    """The node's id, from its raylet's log."""
+    log = (node.root / "ray" / "session_latest" / "logs" / "raylet.out").read_text(errors="replace")
+    return re.search(r"[Nn]ode[ _]?[Ii][Dd][:=]? ?([0-9a-f]{56})", log).group(1)
+
+
+@integrated
+@pytest.mark.ray
+def test_a_drained_node_costs_no_step(preemptible_cluster, tmp_path, char_data):
+    cluster = preemptible_cluster
+    argv = [f"--{key}={value}" for key, value in PREEMPT_RUN.items()]
+    argv += [f"--data_dir={char_data}", f"--out_dir={tmp_path / 'out'}", f"--storage_path={tmp_path / 'ray'}"]
+    # The controller looks for drained nodes every 0.2 s (Ray's default: 5 s); the workers poll every iteration.
+    env = cluster.driver_env(PYTHONPATH=CODE, RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S="0.2")
+    started = time.time()
+    launcher = subprocess.Popen([sys.executable, "-m", "raygpt.launch", *argv], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    out = []
+    try:
+        for line in launcher.stdout:
+            out.append(line)
+            if line.startswith("iter 10:"):
+                break
+        target = node_running_the_workers(cluster, started)
+        assert target is not None and target.name != "head"
+        drained_at = time.time()
+        subprocess.run(
+            [str(Path(sys.executable).with_name("ray")), "drain-node", f"--address={cluster.address}",
+             f"--node-id={node_id(target)}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+             "--reason-message=test: spot reclaim", f"--deadline-remaining-seconds={DEADLINE_S}"],
+            env=env, check=True, capture_output=True,
+        )  # fmt: skip
+        rest, _ = launcher.communicate(timeout=240)
+        out.append(rest)
+    finally:
+        launcher.kill()
+    out = "".join(out)
+    assert launcher.returncode == 0, out
+    [noticed] = lines_matching(r"^preemption notice at iter (\d+): ranks \[0, 1\] lose their node in ([\d.]+)s", out)
+    [saved] = lines_matching(r"^preemption: checkpoint at iter (\d+) saved ([\d.]+)s after the notice, "
+                             r"([\d.]+)s before the deadline", out)  # fmt: skip
+    [resumed] = lines_matching(r"^resuming from .* at iter (\d+)", out)
+    notice_iter = int(noticed.group(1))
+    assert int(saved.group(1)) == notice_iter == int(resumed.group(1))  # resumed from the notice's checkpoint
+    assert float(saved.group(3)) > 0  # saved before the deadline
+    # Nothing trained after the notice is lost: the last step logged before it is the one before it.
+    before_restart = out[: out.index(resumed.group(0))]
+    assert max(int(m.group(1)) for m in lines_matching(r"^iter (\d+):", before_restart)) == notice_iter - 1
+    assert lines_matching(rf"^iter {PREEMPT_RUN['max_iters'] - 1}:", out)  # and the run finished
+    print(
+        f"notice {time.time() - drained_at:.0f}s ago; seen at iter {notice_iter} with {noticed.group(2)}s left, "
+        f"saved {saved.group(2)}s after it"
+    )
