@@ -5,7 +5,11 @@ Ray's notice: Train V2's controller watches for drained nodes (a spot reclaim, `
 DRAIN_NODE_REASON_PREEMPTION`) and hands the workers a PreemptionInfo with the reclaim deadline.
 `ray.train.get_preemption_info()` is a barrier that answers every rank with rank 0's view, so
 PreemptionWatch polls it only every `every` iterations: all ranks poll on the same iterations and stop on
-the same one. After the checkpoint the loop trains no further (any step taken then would be lost) and waits
+the same one. It is one of Ray's collectives, numbered per process as ray.train.report's are, so it must
+come in the same order as the reports on every rank: with asynchronous checkpoints the reports are made by
+the checkpointer's thread, and so is the poll (`run_in_order`). The answer is read at the next poll
+iteration, by when it is normally long there, so the loop does not wait on Ray (~10 ms a poll, CPU).
+After the checkpoint the loop trains no further (any step taken then would be lost) and waits
 for Ray to restart the run from it, which Ray does at the deadline (FailureConfig.max_preemption_failures).
 
 SIGTERM (what spot instances, Kubernetes and schedulers send) to a process that trains itself (local mode):
@@ -20,6 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process stopped by SIGTERM
@@ -52,11 +57,15 @@ class Notice:
 class PreemptionWatch:
     """notice(iter_num) every iteration: a Notice once per preemption (or SIGTERM), else None.
 
-    `poll` is ray.train.get_preemption_info (None in local mode: only SIGTERM is watched). It is called
-    when iter_num % every == 0, the same iterations on every rank, as its barrier needs."""
+    `poll` is ray.train.get_preemption_info (None in local mode: only SIGTERM is watched). It is submitted
+    through `run_in_order` (the checkpointer's thread; default: called at once) when iter_num % every == 0,
+    the same iterations on every rank, and its answer is acted on at the next of those iterations."""
 
-    def __init__(self, poll: Callable | None, every: int, say: Callable[[str], None] = print):
+    def __init__(self, poll: Callable | None, every: int, run_in_order: Callable[[Callable], Future] | None = None,
+                 say: Callable[[str], None] = print):  # fmt: skip
         self.poll, self.every, self.say = poll, max(1, every), say
+        self.run_in_order = run_in_order or called_now
+        self.answer: Future | None = None  # the last poll's, read at the next poll iteration
         self.noticed_nodes: set[str] = set()
         self.stopping: Notice | None = None
 
@@ -67,7 +76,8 @@ class PreemptionWatch:
             return self.stopping
         if self.poll is None or iter_num % self.every:
             return None
-        info = self.poll()
+        info = self.answer.result() if self.answer is not None else None
+        self.answer = self.run_in_order(self.poll)
         if info is None or set(info.preempted_node_ids) <= self.noticed_nodes:
             return None
         self.noticed_nodes |= set(info.preempted_node_ids)
@@ -100,6 +110,13 @@ class PreemptionWatch:
         while time.time() < until:
             sleep(min(1.0, max(0.0, until - time.time())))
         raise RuntimeError(f"Ray did not restart the run {RESTART_MARGIN_S:.0f}s after the preemption deadline")
+
+
+def called_now(job: Callable) -> Future:
+    """run_in_order without a background thread: the job runs now."""
+    future = Future()
+    future.set_result(job())
+    return future
 
 
 def handle_sigterm() -> Callable[[], None]:
