@@ -254,7 +254,6 @@ def test_a_drained_node_costs_no_step(preemptible_cluster, tmp_path, char_data):
                 break
         target = node_running_the_workers(cluster, started)
         assert target is not None and target.name != "head", "".join(out)
-        drained_at = time.time()
         subprocess.run(
             [str(Path(sys.executable).with_name("ray")), "drain-node", f"--address={cluster.address}",
              f"--node-id={node_id(target)}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
