@@ -209,3 +209,19 @@ def s3_server():
         finally:
             server.stop()
             werkzeug_log.setLevel(level)
+
+
+# Three one-CPU nodes: two one-CPU workers land on two different nodes, and a third is spare.
+LOOPBACK_NODES = {"head": 1, "node-1": 1, "node-2": 1}
+
+
+@pytest.fixture(scope="session")
+def ray_nodes(s3_server):
+    """A Ray cluster of three nodes on this machine (tests/multinode.py), each with its own root and data
+    cache, for the session; nothing in this process joins it. Started after the S3 server, so its workers
+    reach the server through the AWS variables, as a cloud node would through its own credentials."""
+    from multinode import start_cluster
+
+    cluster = start_cluster(LOOPBACK_NODES)
+    yield cluster
+    cluster.stop()

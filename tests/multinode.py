@@ -1,0 +1,217 @@
+"""A Ray cluster of several nodes on loopback, for tests that need workers on different nodes.
+
+Each node is one `ray start --block` process and everything it starts (GCS, raylet, the workers), in a
+process group of its own, so a test can kill a whole node and the fixture stops exactly what it started
+(never `ray stop`: it would stop every Ray on the machine). Each node has its own root folder for Ray's
+temp files, TMPDIR and its dataset cache (RAYGPT_DATA_CACHE), its own ports, and a custom resource
+named after it. The cluster has its own authentication token, so it neither reads nor writes ~/.ray, and
+its address file lives in the head's root, so a plain `ray.init()` elsewhere never joins it.
+Ray gives every node this machine's own address (it replaces 127.0.0.1 by it): no traffic leaves the host.
+Nothing here calls ray.init: drivers are subprocesses (`python -m raygpt.launch --address ...`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+RAY = str(Path(sys.executable).with_name("ray"))
+# Worker ports: above the 10002-19999 that the session's `ray_local` cluster takes by default, below
+# Linux's ephemeral range (32768+) where Ray's randomly chosen ports land.
+WORKER_PORTS = range(20000, 32000)
+PORTS_PER_NODE = 200
+START_TIMEOUT_S = 180
+# On a loaded 2-core machine a node's dashboard agent can take longer to start than the raylet waits
+# for it by default (then the raylet aborts): wait longer.
+NODE_SETTINGS = {"RAY_agent_register_timeout_ms": "120000", "RAY_raylet_start_wait_time_s": "120"}
+# A killed node is declared dead after about 3 missed 1 s health checks (Ray's default: about 30 s).
+HEAD_SETTINGS = {
+    "RAY_health_check_initial_delay_ms": "1000",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def free_port_range(count: int) -> range:
+    """`count` consecutive ports in WORKER_PORTS that nothing listens on now (checked by binding each)."""
+    for _ in range(100):
+        start = random.randrange(WORKER_PORTS.start, WORKER_PORTS.stop - count)
+        ports = range(start, start + count)
+        try:
+            for port in ports:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return ports
+    raise RuntimeError(f"no {count} free consecutive ports in {WORKER_PORTS}")
+
+
+@dataclass
+class Node:
+    name: str  # also its custom resource: {name: 1}
+    root: Path
+    process: subprocess.Popen  # `ray start --block`, the leader of the node's process group
+
+    @property
+    def data_cache(self) -> Path:
+        return self.root / "data-cache"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "ray-start.log"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def processes(self) -> list[psutil.Process]:
+        """`ray start` and everything below it: the raylet, the agents, the workers the raylet started."""
+        try:
+            parent = psutil.Process(self.process.pid)
+            return [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> None:
+        """The whole node at once, as a machine that loses power: its raylet, its workers, (head) its GCS.
+        Its process group, and any process below it that left the group."""
+        below = self.processes()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for process in below:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.process.wait()
+        psutil.wait_procs(below, timeout=30)  # gone, not dying, before anyone removes the node's files
+
+
+@dataclass
+class LoopbackCluster:
+    root: Path  # every node's root is a folder below it
+    address: str  # the head's GCS, host:port
+    nodes: dict[str, Node]  # by name: "head", "node-1", ...
+    auth_env: dict[str, str]  # what a driver needs to be let in
+
+    def driver_env(self, **extra: str) -> dict[str, str]:
+        """The environment for a driver subprocess (the launcher) joining this cluster."""
+        return {**os.environ, **self.auth_env, "RAY_ADDRESS": self.address, "PYTHONUNBUFFERED": "1", **extra}
+
+    def stop(self) -> None:
+        for node in reversed(list(self.nodes.values())):  # workers before the head
+            node.kill()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def replace(self, name: str, cpus: int = 1) -> Node:
+        """A new machine in place of node `name` (killed): a fresh root, an empty data cache."""
+        old = self.nodes[name]
+        old.kill()
+        folder = f"{name}-{len(list(self.root.glob(name + '*')))}"
+        fresh = start_node(self.root, folder, cpus, self.auth_env, self.address, name)
+        self.nodes[name] = fresh
+        return fresh
+
+
+def start_node(
+    cluster_root: Path, folder: str, cpus: int, auth_env: dict, head_address: str | None = None, name: str = ""
+) -> Node:
+    """One node, rooted at cluster_root/folder, named `name` (default: the folder's name)."""
+    name = name or folder
+    root = cluster_root / folder
+    (root / "tmp").mkdir(parents=True)
+    worker_ports = free_port_range(PORTS_PER_NODE)
+    args = [
+        RAY, "start", "--block", "--disable-usage-stats",
+        f"--temp-dir={root / 'ray'}",
+        f"--num-cpus={cpus}",
+        "--num-gpus=0",
+        f"--object-store-memory={100 * 1024 * 1024}",
+        f"--resources={json.dumps({name: 1})}",
+        f"--min-worker-port={worker_ports.start}",
+        f"--max-worker-port={worker_ports.stop - 1}",
+        # Fixed agent ports: with Ray's dynamic ones the raylet waits (about 15 s) for the agent to write
+        # them to a file, and aborts when a loaded machine starts the agent more slowly than that.
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+    ]  # fmt: skip
+    if head_address is None:
+        args += [
+            "--head",
+            f"--port={free_port()}",
+            "--include-dashboard=false",
+            f"--ray-client-server-port={free_port()}",
+        ]
+    else:
+        args += [f"--address={head_address}"]
+    env = {
+        **os.environ,
+        **auth_env,
+        **NODE_SETTINGS,
+        **(HEAD_SETTINGS if head_address is None else {}),
+        "RAY_TMPDIR": str(root),
+        "TMPDIR": str(root / "tmp"),
+        "RAYGPT_DATA_CACHE": str(root / "data-cache"),
+    }
+    env.pop("RAY_ADDRESS", None)
+    with open(root / "ray-start.log", "w") as log:
+        process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    node = Node(name, root, process)
+    wait_until_started(node)
+    return node
+
+
+def wait_until_started(node: Node) -> None:
+    """`ray start --block` says it blocks once its node is up (and, on a worker node, registered)."""
+    deadline = time.time() + START_TIMEOUT_S
+    while "will now block forever" not in node.log.read_text(errors="replace"):
+        if not node.alive() or time.time() > deadline:
+            node.kill()
+            raise RuntimeError(f"Ray node {node.name} did not start:\n{node.log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+
+
+def read_head_address(head: Node) -> str:
+    """The GCS address the head wrote to its root (RAY_TMPDIR/ray_current_cluster, via --temp-dir)."""
+    return (head.root / "ray" / "ray_current_cluster").read_text().strip()
+
+
+def start_cluster(cpus_per_node: dict[str, int]) -> LoopbackCluster:
+    """Nodes named as in `cpus_per_node`, the first one the head. Stop it with .stop()."""
+    cluster_root = Path(tempfile.mkdtemp(prefix="rgmn-", dir="/tmp"))  # short: Ray's socket paths sit below it
+    auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    names = list(cpus_per_node)
+    nodes: dict[str, Node] = {}
+    try:
+        nodes[names[0]] = start_node(cluster_root, names[0], cpus_per_node[names[0]], auth_env)
+        address = read_head_address(nodes[names[0]])
+        for name in names[1:]:
+            nodes[name] = start_node(cluster_root, name, cpus_per_node[name], auth_env, head_address=address)
+    except BaseException:
+        LoopbackCluster(cluster_root, "", nodes, auth_env).stop()
+        raise
+    return LoopbackCluster(cluster_root, address, nodes, auth_env)

@@ -1,0 +1,184 @@
+"""Runs across nodes that share nothing but object storage, on a Ray cluster of three loopback nodes.
+
+Each node has its own root (Ray's temp files, TMPDIR, its dataset cache); the dataset is in S3 (moto on
+loopback) and every node stages its own copy. Each run is the `python -m raygpt.launch` CLI in a
+subprocess joined to the `ray_nodes` cluster; what a test checks it reads from Ray's storage
+(storage_path), never from out_dir, which on a real cluster is on rank 0's node only.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.fs
+import pytest
+from conftest import TINY_RUN
+from test_faults import FAULT_RUN, assert_bit_identical, cli_args, finish, wait_for
+
+from raygpt import checkpoint
+from raygpt.prepare import prepare_dataset
+from raygpt.storage import cache_folder, dataset_uri
+
+pytestmark = pytest.mark.ray
+
+TWO_WORKERS = dict(num_workers=2, cpus_per_worker=1)  # one CPU each: the nodes have one CPU each
+
+
+def prepared_dataset(s3_server, shakespeare_path) -> str:
+    """shakespeare_char prepared in a bucket of its own; returns its data_dir URI."""
+    data_dir = f"{s3_server.create_bucket()}/data"
+    prepare_dataset("shakespeare_char", data_dir, input_path=shakespeare_path)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def s3_data(s3_server, shakespeare_path) -> str:
+    return prepared_dataset(s3_server, shakespeare_path)
+
+
+def storage_for(kind: str, s3_server, tmp_path) -> str:
+    return f"{s3_server.create_bucket()}/ray" if kind == "s3" else str(tmp_path / "ray")
+
+
+def start_run(cluster, values: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "raygpt.launch", f"--address={cluster.address}", *cli_args(values)],
+        env=cluster.driver_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def run_folder(storage: str, run_name: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    return pyarrow.fs.FileSystem.from_uri(f"{storage.rstrip('/')}/{run_name}")
+
+
+def registered_checkpoints(storage: str, run_name: str) -> bool:
+    """Whether Ray's controller has registered a checkpoint of the run (only those count for a restart)."""
+    filesystem, folder = run_folder(storage, run_name)
+    snapshot = f"{folder}/checkpoint_manager_snapshot.json"
+    if filesystem.get_file_info(snapshot).type != pyarrow.fs.FileType.File:
+        return False
+    with filesystem.open_input_stream(snapshot) as f:
+        return "checkpoint_" in f.read().decode()
+
+
+def wait_until_registered(process, storage: str, run_name: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not registered_checkpoints(storage, run_name):
+        if time.time() > deadline:
+            process.kill()
+            pytest.fail("Ray never registered the checkpoint")
+        wait_for(process, r"iter \d+:")
+
+
+def newest_state(storage: str, run_name: str, scratch) -> dict:
+    """The checkpoint with the highest iter_num among those Ray keeps in storage, copied here to load."""
+    filesystem, folder = run_folder(storage, run_name)
+    found = filesystem.get_file_info(pyarrow.fs.FileSelector(folder))
+    folders = [
+        info.path
+        for info in found
+        if info.base_name.startswith("checkpoint_") and info.type == pyarrow.fs.FileType.Directory
+    ]
+    assert folders, f"no checkpoint in {storage}/{run_name}"
+    states = []
+    for i, path in enumerate(folders):
+        local = scratch / f"ckpt-{i}.pt"
+        pyarrow.fs.copy_files(f"{path}/{checkpoint.CKPT_NAME}", str(local), source_filesystem=filesystem)
+        states.append(checkpoint.load(local))
+    return max(states, key=lambda state: state["iter_num"])
+
+
+def nodes_with_a_copy(cluster, data_dir: str) -> set[str]:
+    """The nodes whose own cache holds a staged copy of the dataset: those that ran a worker."""
+    uri = dataset_uri(data_dir, "shakespeare_char")
+    return {
+        name for name, node in cluster.nodes.items() if (cache_folder(uri, node.data_cache) / "train.bin").is_file()
+    }
+
+
+def nodes_running(cluster, actor: str) -> list[str]:
+    """The nodes with a process of Ray actor class `actor` (Ray titles it ray::<class>...)."""
+    return [
+        name
+        for name, node in cluster.nodes.items()
+        for process in node.processes()
+        if any(actor in part for part in process.cmdline())
+    ]
+
+
+@pytest.mark.parametrize("storage_kind", ["local", "s3"])
+def test_two_workers_on_two_nodes_each_staging_its_own_copy(
+    ray_nodes, s3_server, shakespeare_path, tmp_path, storage_kind
+):
+    data_dir = prepared_dataset(s3_server, shakespeare_path)  # a fresh URI: no node has a copy yet
+    storage = storage_for(storage_kind, s3_server, tmp_path)
+    values = {**TINY_RUN, **TWO_WORKERS, "data_dir": data_dir, "storage_path": storage, "out_dir": tmp_path / "out"}
+    returncode, output = finish(start_run(ray_nodes, values))
+    assert returncode == 0, output[-3000:]
+    # One CPU a node, one a worker: the two workers ran on two nodes, and each node staged its own copy.
+    assert len(nodes_with_a_copy(ray_nodes, data_dir)) == 2, output[-3000:]
+    assert newest_state(storage, "out", tmp_path)["iter_num"] == TINY_RUN["max_iters"]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_nodes, s3_data, tmp_path_factory) -> dict:
+    """The final state of an uninterrupted two-worker run of FAULT_RUN on this cluster."""
+    scratch = tmp_path_factory.mktemp("reference")
+    storage = str(scratch / "ray")
+    values = {**FAULT_RUN, "data_dir": s3_data, "storage_path": storage, "out_dir": scratch / "out"}
+    returncode, output = finish(start_run(ray_nodes, values))
+    assert returncode == 0, output[-3000:]
+    return newest_state(storage, "out", scratch)
+
+
+def test_a_killed_node_is_replaced_by_a_spare_and_the_run_ends_bit_identical(ray_nodes, s3_data, tmp_path, reference):
+    storage = str(tmp_path / "ray")
+    values = {**FAULT_RUN, "data_dir": s3_data, "storage_path": storage, "out_dir": tmp_path / "out", "max_failures": 1}
+    process = start_run(ray_nodes, values)
+    wait_for(process, r"saved checkpoint")
+    wait_until_registered(process, storage, "out")
+    wait_for(process, r"iter \d+:")
+    # A worker node that runs a training worker and not the controller (the head holds the driver).
+    workers, controller = nodes_running(ray_nodes, "RayTrainWorker"), nodes_running(ray_nodes, "TrainController")
+    victims = [name for name in workers if name != "head" and name not in controller]
+    assert victims, f"workers on {workers}, controller on {controller}"
+    ray_nodes.nodes[victims[0]].kill()
+    try:
+        returncode, output = finish(process)
+    finally:
+        ray_nodes.replace(victims[0])  # a new machine, so later tests have three nodes again
+    assert returncode == 0, output[-3000:]
+    state = newest_state(storage, "out", tmp_path)
+    # The new worker group continued from a Ray checkpoint, and ended where the uninterrupted run did.
+    assert "checkpoint_" in (state["resumed_from"] or ""), output[-3000:]
+    assert_bit_identical(state, reference)
+
+
+@pytest.mark.parametrize("storage_kind", ["local", "s3"])
+def test_a_rerun_without_out_dir_continues_from_storage_bit_identical(
+    ray_nodes, s3_server, s3_data, tmp_path, reference, storage_kind
+):
+    """A killed driver, then the same command on a 'new machine': out_dir is gone, only storage remains."""
+    storage = storage_for(storage_kind, s3_server, tmp_path)
+    out_dir = tmp_path / "out"
+    values = {**FAULT_RUN, "data_dir": s3_data, "storage_path": storage, "out_dir": out_dir}
+    process = start_run(ray_nodes, values)
+    wait_for(process, r"saved checkpoint")
+    wait_until_registered(process, storage, "out")
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher only: Ray ends its job's workers
+    finish(process)
+    shutil.rmtree(out_dir)
+    time.sleep(2)  # let the cluster reap the dead driver's workers
+    returncode, output = finish(start_run(ray_nodes, values))
+    assert returncode == 0, output[-3000:]
+    assert "continuing run 'out'" in output, output[-3000:]
+    state = newest_state(storage, "out", tmp_path)
+    assert "checkpoint_" in (state["resumed_from"] or ""), output[-3000:]
+    assert_bit_identical(state, reference)
