@@ -211,17 +211,19 @@ def s3_server():
             werkzeug_log.setLevel(level)
 
 
-# Three one-CPU nodes: two one-CPU workers land on two different nodes, and a third is spare.
-LOOPBACK_NODES = {"head": 1, "node-1": 1, "node-2": 1}
+# A head that trains nothing (it holds the drivers, as on a cloud cluster) and three one-CPU nodes: two
+# one-CPU workers land on two different nodes, neither the driver's, and the third node is spare.
+LOOPBACK_NODES = {"head": 0, "node-1": 1, "node-2": 1, "node-3": 1}
 
 
 @pytest.fixture(scope="session")
-def ray_nodes(s3_server):
-    """A Ray cluster of three nodes on this machine (tests/multinode.py), each with its own root and data
-    cache, for the session; nothing in this process joins it. Started after the S3 server, so its workers
-    reach the server through the AWS variables, as a cloud node would through its own credentials."""
+def ray_nodes(s3_server, tmp_path_factory):
+    """A Ray cluster of four nodes on this machine (tests/multinode.py), each with its own root and data
+    cache, for the session; nothing in this process joins it. Which machine reads and writes which file
+    under the session's tmp_path folders is logged (cluster.cross_node_reads). Started after the S3
+    server, so its workers reach it through the AWS variables, as a cloud node would with its credentials."""
     from multinode import start_cluster
 
-    cluster = start_cluster(LOOPBACK_NODES)
+    cluster = start_cluster(LOOPBACK_NODES, watch=[tmp_path_factory.getbasetemp()])
     yield cluster
     cluster.stop()

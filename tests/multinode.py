@@ -8,6 +8,8 @@ named after it. The cluster has its own authentication token, so it neither read
 its address file lives in the head's root, so a plain `ray.init()` elsewhere never joins it.
 Ray gives every node this machine's own address (it replaces 127.0.0.1 by it): no traffic leaves the host.
 Nothing here calls ray.init: drivers are subprocesses (`python -m raygpt.launch --address ...`).
+All nodes share this machine's disk, so with `watch` folders every Python process of the cluster logs the
+files it reads and writes there, and cross_node_reads names what one machine read that another wrote.
 """
 
 from __future__ import annotations
@@ -44,6 +46,52 @@ HEAD_SETTINGS = {
     "RAY_health_check_timeout_ms": "1000",
     "RAY_health_check_failure_threshold": "3",
 }
+
+
+# Every Python process of a node (Ray's workers included, through PYTHONPATH) and the drivers log which
+# files under the watched folders they open to read or write (`open`, and renames and links onto a path),
+# one line a file event: time, kind, pid, path. C++ file access (pyarrow, Ray's own) is not seen.
+FILE_AUDIT = """\
+import os
+import sys
+import time
+
+LOG = os.environ.get("RAYGPT_FILE_AUDIT_LOG")
+WATCHED = tuple(p for p in os.environ.get("RAYGPT_FILE_AUDIT_WATCH", "").split(os.pathsep) if p)
+WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+busy = False
+
+
+def record(kind, path):
+    path = os.path.abspath(os.fsdecode(path))
+    if path.startswith(WATCHED):
+        fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.write(fd, f"{time.time():.6f}\\t{kind}\\t{os.getpid()}\\t{path}\\n".encode())
+        os.close(fd)
+
+
+def hook(event, args):
+    global busy
+    if busy or event not in ("open", "os.rename", "os.link"):
+        return
+    busy = True
+    try:
+        if event == "open" and not isinstance(args[0], int):
+            path, mode, flags = args
+            writes = any(c in mode for c in "wax+") if mode is not None else bool(flags & WRITING)
+            record("write" if writes else "read", path)
+        elif event != "open":
+            record("write", args[1])
+    except Exception:
+        pass
+    finally:
+        busy = False
+
+
+if LOG and WATCHED:
+    sys.addaudithook(hook)
+"""
+AUDIT_LOG = "file-audit.log"
 
 
 def free_port() -> int:
@@ -115,10 +163,32 @@ class LoopbackCluster:
     address: str  # the head's GCS, host:port
     nodes: dict[str, Node]  # by name: "head", "node-1", ...
     auth_env: dict[str, str]  # what a driver needs to be let in
+    watched: tuple[str, ...] = ()  # folders whose files' readers and writers are logged
 
     def driver_env(self, **extra: str) -> dict[str, str]:
-        """The environment for a driver subprocess (the launcher) joining this cluster."""
-        return {**os.environ, **self.auth_env, "RAY_ADDRESS": self.address, "PYTHONUNBUFFERED": "1", **extra}
+        """The environment for a driver subprocess (the launcher) joining this cluster: it runs on the
+        head's machine, so its file events count as the head's."""
+        head = next(iter(self.nodes.values()))
+        return {**os.environ, **self.auth_env, **audit_env(self.root, head.root, self.watched),
+                "RAY_ADDRESS": self.address, "PYTHONUNBUFFERED": "1", **extra}  # fmt: skip
+
+    def cross_node_reads(self, under: list[Path]) -> list[str]:
+        """Files under `under` that a machine read while another machine had written them last: what a
+        cluster whose nodes have their own disks could not do. A machine is a node's root (a replaced
+        node is a new machine); the head's includes the drivers."""
+        events = []
+        for log in self.root.glob(f"*/{AUDIT_LOG}"):
+            for line in log.read_text().splitlines():
+                when, kind, _, path = line.split("\t", 3)
+                if path.startswith(tuple(str(folder) for folder in under)):
+                    events.append((float(when), kind, path, log.parent.name))
+        last_writer, found = {}, []
+        for _, kind, path, machine in sorted(events):
+            if kind == "write":
+                last_writer[path] = machine
+            elif last_writer.get(path, machine) != machine:
+                found.append(f"{path} read on {machine}, written on {last_writer[path]}")
+        return found
 
     def stop(self) -> None:
         for node in reversed(list(self.nodes.values())):  # workers before the head
@@ -130,13 +200,19 @@ class LoopbackCluster:
         old = self.nodes[name]
         old.kill()
         folder = f"{name}-{len(list(self.root.glob(name + '*')))}"
-        fresh = start_node(self.root, folder, cpus, self.auth_env, self.address, name)
+        fresh = start_node(self.root, folder, cpus, self.auth_env, self.address, name, self.watched)
         self.nodes[name] = fresh
         return fresh
 
 
 def start_node(
-    cluster_root: Path, folder: str, cpus: int, auth_env: dict, head_address: str | None = None, name: str = ""
+    cluster_root: Path,
+    folder: str,
+    cpus: int,
+    auth_env: dict,
+    head_address: str | None = None,
+    name: str = "",
+    watched: tuple[str, ...] = (),
 ) -> Node:
     """One node, rooted at cluster_root/folder, named `name` (default: the folder's name)."""
     name = name or folder
@@ -173,6 +249,7 @@ def start_node(
         **auth_env,
         **NODE_SETTINGS,
         **(HEAD_SETTINGS if head_address is None else {}),
+        **audit_env(cluster_root, root, watched),
         "RAY_TMPDIR": str(root),
         "TMPDIR": str(root / "tmp"),
         "RAYGPT_DATA_CACHE": str(root / "data-cache"),
@@ -183,6 +260,23 @@ def start_node(
     node = Node(name, root, process)
     wait_until_started(node)
     return node
+
+
+def audit_env(cluster_root: Path, machine_root: Path, watched: tuple[str, ...]) -> dict[str, str]:
+    """What makes a process log its file events into its machine's audit log (none without `watched`)."""
+    if not watched:
+        return {}
+    hook_dir = cluster_root / "file-audit"
+    if not hook_dir.is_dir():
+        hook_dir.mkdir()
+        (hook_dir / "sitecustomize.py").write_text(FILE_AUDIT)
+    path = os.pathsep.join(p for p in (str(hook_dir), os.environ.get("PYTHONPATH")) if p)
+    watch = os.pathsep.join(watched)
+    return {
+        "PYTHONPATH": path,
+        "RAYGPT_FILE_AUDIT_LOG": str(machine_root / AUDIT_LOG),
+        "RAYGPT_FILE_AUDIT_WATCH": watch,
+    }
 
 
 def wait_until_started(node: Node) -> None:
@@ -200,18 +294,20 @@ def read_head_address(head: Node) -> str:
     return (head.root / "ray" / "ray_current_cluster").read_text().strip()
 
 
-def start_cluster(cpus_per_node: dict[str, int]) -> LoopbackCluster:
-    """Nodes named as in `cpus_per_node`, the first one the head. Stop it with .stop()."""
+def start_cluster(cpus_per_node: dict[str, int], watch: list[Path] = ()) -> LoopbackCluster:
+    """Nodes named as in `cpus_per_node`, the first one the head. Stop it with .stop(). File events in
+    the `watch` folders and in the nodes' data caches are logged (cross_node_reads)."""
     cluster_root = Path(tempfile.mkdtemp(prefix="rgmn-", dir="/tmp"))  # short: Ray's socket paths sit below it
     auth_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    watched = tuple(str(folder) for folder in watch) + ((str(cluster_root),) if watch else ())
     names = list(cpus_per_node)
     nodes: dict[str, Node] = {}
     try:
-        nodes[names[0]] = start_node(cluster_root, names[0], cpus_per_node[names[0]], auth_env)
+        nodes[names[0]] = start_node(cluster_root, names[0], cpus_per_node[names[0]], auth_env, watched=watched)
         address = read_head_address(nodes[names[0]])
         for name in names[1:]:
-            nodes[name] = start_node(cluster_root, name, cpus_per_node[name], auth_env, head_address=address)
+            nodes[name] = start_node(cluster_root, name, cpus_per_node[name], auth_env, address, watched=watched)
     except BaseException:
         LoopbackCluster(cluster_root, "", nodes, auth_env).stop()
         raise
-    return LoopbackCluster(cluster_root, address, nodes, auth_env)
+    return LoopbackCluster(cluster_root, address, nodes, auth_env, watched)
