@@ -146,8 +146,10 @@ def reference(ray_nodes, s3_data, tmp_path_factory) -> dict:
     return newest_state(storage, "out", scratch)
 
 
-def test_a_killed_node_is_replaced_by_a_spare_and_the_run_ends_bit_identical(ray_nodes, s3_data, tmp_path, reference):
-    storage = str(tmp_path / "ray")
+def test_a_killed_node_is_replaced_by_a_spare_and_the_run_ends_bit_identical(
+    ray_nodes, s3_server, s3_data, tmp_path, reference
+):
+    storage = storage_for("s3", s3_server, tmp_path)
     values = {**FAULT_RUN, "data_dir": s3_data, "storage_path": storage, "out_dir": tmp_path / "out", "max_failures": 1}
     process = start_run(ray_nodes, values)
     wait_for(process, r"saved checkpoint")
