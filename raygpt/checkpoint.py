@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import os
 import pickle
 import re
@@ -22,8 +23,9 @@ from pathlib import Path
 import torch
 
 from raygpt.errors import RaygptError
-from raygpt.files import remove_orphaned_temporaries, write_atomic
+from raygpt.files import remove_orphaned_temporaries, write_atomic, write_text_atomic
 from raygpt.model import GPT, GPTConfig, clean_state_dict
+from raygpt.storage import StorageError, download_folder, is_uri, join_uri, read_small_file
 
 CKPT_NAME = "ckpt.pt"
 REQUIRED_KEYS = ("model", "model_args", "iter_num")
@@ -34,6 +36,9 @@ UPLOAD_PREFIX = ".ray-upload-"
 PROGRESS_NAME = "train_state.pt"
 PROGRESS_KEYS = ("model_args", "iter_num")
 DCP_METADATA = ".metadata"
+# Beside every checkpoint handed to Ray: what the launcher reads to decide on a rerun, so a checkpoint in
+# object storage is judged without downloading its weights.
+SUMMARY_NAME = "summary.json"
 SHARDED_DIR = "sharded_dir"
 
 
@@ -147,13 +152,39 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> tuple[dict, str]:
 
 
 def read_summary(path: str | Path) -> dict:
-    """model_args (checked), iter_num and config of a checkpoint, without reading its weights."""
+    """model_args (checked), iter_num and config of a checkpoint, without reading its weights: a local
+    one through mmap, one in object storage (a URI) from its summary.json."""
+    if is_uri(path):
+        return read_remote_summary(str(path))
     state, _ = read_checkpoint(path, mmap=True)
     return {
         "model_args": architecture(state, path),
         "iter_num": state["iter_num"],
         "config": state.get("config") if isinstance(state.get("config"), dict) else {},
     }
+
+
+def read_remote_summary(uri: str) -> dict:
+    try:
+        data = read_small_file(join_uri(uri, SUMMARY_NAME))
+    except StorageError as e:
+        raise CheckpointError(str(e)) from None
+    if data is None:
+        raise CheckpointError(f"{uri} has no {SUMMARY_NAME} (not a raygpt checkpoint, or an incomplete one)")
+    try:
+        state = json.loads(data)
+        return {"model_args": architecture(state, uri), "iter_num": int(state["iter_num"]),
+                "config": state.get("config") if isinstance(state.get("config"), dict) else {}}  # fmt: skip
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{uri}/{SUMMARY_NAME} is damaged") from None
+
+
+def download(uri: str) -> Path:
+    """A checkpoint folder in object storage, copied to a local folder that stays until the process ends."""
+    try:
+        return download_folder(uri, Path(tempfile.mkdtemp(prefix="raygpt-checkpoint-")))
+    except StorageError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def whole_model_state(saved: dict) -> dict:
@@ -191,7 +222,8 @@ def from_ray(checkpoint) -> tuple[dict, str]:
     """A ray.train.Checkpoint in remote storage, downloaded to a local folder that stays until the
     process ends (a sharded checkpoint's weights are read from it after this returns)."""
     directory = checkpoint.to_directory(tempfile.mkdtemp(prefix="raygpt-checkpoint-"))
-    return read_checkpoint(directory)
+    state, _ = read_checkpoint(directory)
+    return state, str(checkpoint.path)  # where it is kept, not the temporary copy
 
 
 class TrainState:
@@ -221,6 +253,11 @@ class TrainState:
         self.last_eval = losses
         self.best_val_loss = min(self.best_val_loss, losses["val"])
         return improved
+
+    def summary(self) -> str:
+        """summary.json: what read_summary needs, as JSON."""
+        return json.dumps({"model_args": self.model_args, "iter_num": self.iter_num, "config": self.config,
+                           "best_val_loss": self.best_val_loss})  # fmt: skip
 
     def progress(self, next_batch) -> dict:
         """Everything but the weights and the optimizer. `next_batch` is the batch already drawn for the
@@ -345,15 +382,10 @@ class Checkpointer:
         self.background = ThreadPoolExecutor(1, thread_name_prefix="raygpt-checkpoint") if asynchronous else None
         self.pending: list[Future] = []
         self.host_buffers: dict = {}
-        self.stager = self.process_group = None
-        if asynchronous and sharded:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            on_gpu = torch.cuda.is_available()
-            self.stager = DefaultStager(StagingOptions(on_gpu, False, False, on_gpu))  # pinned, reused buffers
+        self.process_group = None
+        if asynchronous and sharded and torch.distributed.is_initialized():
             # The background write gathers its plan over gloo, apart from the group the training step uses.
-            if torch.distributed.is_initialized():
-                self.process_group = torch.distributed.new_group(backend="gloo")
+            self.process_group = torch.distributed.new_group(backend="gloo")
 
     def save(self, state: TrainState, next_batch, report: Callable) -> None:
         """Write `state`, then call report(ray.train.Checkpoint, or None on ranks that hand Ray nothing)."""
@@ -372,18 +404,23 @@ class Checkpointer:
         if written is not None and torch.cuda.is_available():
             torch.cuda.synchronize()  # the host copies are complete before training changes the originals
         pause = time.perf_counter() - started
+        summary, iter_num = state.summary(), state.iter_num  # training moves state on during a background write
 
         def finish() -> None:
             if written is not None:
                 written()
-            if self.rank == 0:
-                where = "sharded, one folder a rank" if self.sharded else self.out_dir / CKPT_NAME
-                mode = "in the background" if self.background is not None else ""
-                print(f"saved checkpoint at iter {state.iter_num} ({where}): training paused {pause:.2f}s, "
-                      f"written {mode}in {time.perf_counter() - started:.2f}s", flush=True)  # fmt: skip
+            if self.rank == 0 and upload_dir is not None:
+                write_text_atomic(upload_dir / SUMMARY_NAME, summary)
             report(Checkpoint.from_directory(str(upload_dir)) if upload_dir is not None else None)
             if upload_dir is not None:  # Ray has copied it into its storage
                 shutil.rmtree(upload_dir, ignore_errors=True)
+            if self.rank == 0:
+                done = time.perf_counter() - started
+                where = "sharded, one folder a rank" if self.sharded else self.out_dir / CKPT_NAME
+                # Synchronous: training waited for all of it. Background: only for the host copy.
+                paused, how = (pause, "in the background ") if self.background is not None else (done, "")
+                print(f"saved checkpoint at iter {iter_num} ({where}): training paused {paused:.2f}s, "
+                      f"written and handed to Ray {how}in {done:.2f}s", flush=True)  # fmt: skip
 
         self._run(finish)
 
@@ -402,8 +439,6 @@ class Checkpointer:
         self.wait()
         if self.background is not None:
             self.background.shutdown()
-        if self.stager is not None:
-            self.stager.close()
 
     def raise_background_error(self) -> None:
         """A failed background write (a full disk) stops training at the next eval, not at the run's end."""
@@ -447,9 +482,10 @@ class Checkpointer:
             if self.rank == 0:
                 save_atomic(progress, upload_dir / PROGRESS_NAME)
             return upload_dir, None
-        # The stager copies the shards to host memory now; the returned future finishes the write.
+        # DCP copies the shards to host memory now; the returned future finishes the write. (Its own stager:
+        # torch 2.11 closes a stager passed in after one save, so one cannot be kept to reuse pinned buffers.)
         written = dcp.async_save(state.sharded_state_dict(), checkpoint_id=str(upload_dir),
-                                 process_group=self.process_group, async_stager=self.stager)  # fmt: skip
+                                 process_group=self.process_group)  # fmt: skip
         progress = copy.deepcopy(progress)
 
         def finish_write() -> None:

@@ -96,6 +96,9 @@ class TrainConfig:
         True,
         "also compile the eval forward; False evaluates eagerly, which skips a second compile and suits short runs",
     )
+    compile_cache: bool = key(
+        True, "share compiled graphs through storage_path/compile-cache: restarts, reruns and trials reuse them"
+    )
     attention: str = key(
         "auto", "scaled_dot_product_attention backend: auto (PyTorch picks), flash, cudnn, efficient, math"
     )

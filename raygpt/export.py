@@ -21,6 +21,7 @@ from raygpt import checkpoint
 from raygpt.errors import RaygptError, run_cli
 from raygpt.files import write_atomic, write_text_atomic
 from raygpt.model import GPT, GPTConfig
+from raygpt.storage import is_uri
 from raygpt.tokenizer import EOT_TOKEN
 
 # Hugging Face's GPT-2 keeps these as Conv1D weights: the transpose of nn.Linear's.
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     def export() -> int:
         if not (args.ckpt or args.hf):
             raise ExportError("nothing to write: give --ckpt FILE and/or --hf DIR")
-        source = Path(args.checkpoint).expanduser()
+        source = checkpoint.download(args.checkpoint) if is_uri(args.checkpoint) else Path(args.checkpoint).expanduser()
         if not source.exists():
             raise ExportError(f"no checkpoint at {source}")
         saved, where = checkpoint.read_checkpoint(source)

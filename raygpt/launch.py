@@ -21,7 +21,7 @@ from raygpt.config import DEFAULTS, TrainConfig, config_help, read_config
 from raygpt.data import validate_dataset
 from raygpt.errors import EXIT_INTERRUPTED, RaygptError, refuse
 from raygpt.runlock import RunLock, lock_run
-from raygpt.storage import DatasetNotFoundError, check_remote_dataset, dataset_uri, is_uri
+from raygpt.storage import DatasetNotFoundError, check_remote_dataset, dataset_uri, is_uri, join_uri, list_folders
 from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta, vocabulary
 
 PREPARABLE = ("shakespeare_char", "shakespeare")
@@ -82,6 +82,7 @@ def connect(address: str | None, verbose: bool = False) -> None:
     joined = bool(address) or local_cluster.is_file()
     context = ray.init(
         address=address,
+        runtime_env={"env_vars": storage_credentials()} if storage_credentials() else None,
         logging_level=logging.WARNING,
         logging_config=None if verbose else ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
     )
@@ -89,6 +90,16 @@ def connect(address: str | None, verbose: bool = False) -> None:
     how = "joined the Ray cluster" if joined else "started a Ray instance here (it stops with this run)"
     print(f"raygpt: {how} at {gcs}", flush=True)
     start_autoscaling_coordinator()
+
+
+# Object storage settings the workers and Ray's controller need as much as this process does.
+CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_")
+
+
+def storage_credentials() -> dict[str, str]:
+    """This process's object storage variables (endpoint, keys, region), for every process of the run:
+    workers on other nodes do not share this shell's environment."""
+    return {name: value for name, value in os.environ.items() if name.startswith(CREDENTIAL_PREFIXES)}
 
 
 def start_autoscaling_coordinator() -> None:
@@ -190,11 +201,15 @@ def check_divisible(cfg: TrainConfig, num_workers: int) -> None:
     )
 
 
-def ray_checkpoint_dirs(cfg: TrainConfig, run_name: str) -> list[Path]:
-    """Checkpoints of Ray run `run_name` in cfg.storage_path (oldest first), which a rerun resumes from."""
+def ray_checkpoint_dirs(cfg: TrainConfig, run_name: str) -> list[Path | str]:
+    """Checkpoints of Ray run `run_name` in cfg.storage_path (oldest first), which a rerun resumes from:
+    folders, or URIs when the storage is object storage."""
+    if cfg.local_mode:
+        return []  # local mode keeps no Ray checkpoints
+    if is_uri(cfg.storage_path):
+        run = join_uri(cfg.storage_path, run_name)
+        return [join_uri(run, name) for name in list_folders(run, "checkpoint_")]
     storage = Path(cfg.storage_path or Path("~/ray_results").expanduser())
-    if cfg.local_mode or "://" in str(cfg.storage_path):
-        return []  # local mode keeps no Ray checkpoints; on cloud storage Ray itself finds them
     return sorted(p for p in (storage / run_name).glob("checkpoint_*") if p.is_dir())
 
 
@@ -203,10 +218,10 @@ FREE_TO_CHANGE = {
     *("num_workers", "use_gpu", "cpus_per_worker", "parallelism", "activation_checkpointing", "max_failures"),
     *("max_iters", "lr_decay_iters", "warmup_iters", "min_lr", "decay_lr"),
     *("eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint", "async_checkpoint"),
-    "checkpoints_to_keep",
-    *("wandb_log", "wandb_project", "wandb_run_name"),
-    *("compile", "compile_mode", "compile_regions", "compile_eval", "attention", "deterministic", "check_memory"),
-    *("local_mode", "storage_path", "run_name", "out_dir", "data_dir", "init_from", "backend"),
+    *("checkpoints_to_keep", "wandb_log", "wandb_project", "wandb_run_name"),
+    *("compile", "compile_mode", "compile_regions", "compile_eval", "compile_cache", "attention"),
+    *("deterministic", "check_memory", "local_mode", "storage_path", "run_name", "out_dir", "data_dir"),
+    *("init_from", "backend"),
 }
 
 
@@ -218,7 +233,7 @@ def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | Non
     out_ckpt = Path(cfg.out_dir) / checkpoint.CKPT_NAME
     where = f"run '{run_name}'"
     if ray_dirs:
-        where = f"{where} (Ray checkpoints in {ray_dirs[-1].parent})"
+        where = f"{where} (Ray checkpoints in {cfg.storage_path or '~/ray_results'})"
     elif out_ckpt.is_file() or out_ckpt.is_dir():
         where = f"{where} ({out_ckpt})"
     elif cfg.init_from == "resume":
@@ -527,7 +542,7 @@ def where_to_continue(cfg: TrainConfig, plan: RunPlan) -> str:
     """What was saved and how to go on, for the last line of a failed or interrupted run."""
     ray_dirs = ray_checkpoint_dirs(cfg, plan.run_name)
     latest = ray_dirs[-1] if ray_dirs else Path(cfg.out_dir) / checkpoint.CKPT_NAME
-    if not latest.exists():
+    if not ray_dirs and not latest.exists():
         return "no checkpoint was saved yet"
     return f"the latest checkpoint is {latest}: run the same command again to continue from it"
 

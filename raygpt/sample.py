@@ -27,7 +27,8 @@ from raygpt import checkpoint
 from raygpt.errors import EXIT_INTERRUPTED, RaygptError, one_line, run_cli
 from raygpt.model import GPT, GPTConfig
 from raygpt.step import Precision
-from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, Tokenizer, load_meta
+from raygpt.storage import StorageError, check_remote_dataset, dataset_uri, is_uri
+from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, Tokenizer, load_meta, vocabulary
 
 WHAT_CHECKPOINT_IS = f"pass a Ray checkpoint folder, a {checkpoint.CKPT_NAME} file or a training run's out_dir"
 FIX_META = "pass the dataset's with --meta PATH/meta.json"
@@ -109,7 +110,7 @@ def load_checkpoint_model(ckpt_path: Path) -> tuple[GPT, dict]:
 def dataset_meta(config: dict, meta_option: str | None) -> tuple[dict | None, str | None]:
     """The dataset's vocabulary (tokenizer.load_meta) and the folder it was looked for in: --meta's, else
     the training config's data_dir/dataset (data/<dataset> for a nanoGPT config, as nanoGPT's sample.py).
-    Only a local folder is read; for a data_dir URI (s3://...) --meta gives a local copy."""
+    A data_dir URI (s3://...) is read remotely."""
     if meta_option:
         path = Path(meta_option).expanduser()
         if path.is_dir():
@@ -126,7 +127,14 @@ def dataset_meta(config: dict, meta_option: str | None) -> tuple[dict | None, st
         return meta, str(folder)
     if not config.get("dataset"):
         return None, None
-    folder = f"{str(config.get('data_dir') or 'data').rstrip('/')}/{config['dataset']}"
+    data_dir = str(config.get("data_dir") or "data")
+    if is_uri(data_dir):
+        uri = dataset_uri(data_dir, config["dataset"])
+        try:
+            return vocabulary(check_remote_dataset(uri)), uri
+        except StorageError:
+            return None, uri
+    folder = f"{data_dir.rstrip('/')}/{config['dataset']}"
     return load_meta(Path(folder)), folder
 
 
@@ -156,7 +164,11 @@ def load_model(args) -> tuple[GPT, Tokenizer]:
             return GPT.from_pretrained(args.init_from, dict(dropout=0.0)), Tokenizer.from_meta(None)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise SampleError(f"--init-from {args.init_from}: {one_line(str(e)) or type(e).__name__}") from None
-    model, config = load_checkpoint_model(checkpoint_file(Path(args.checkpoint or args.out_dir).expanduser()))
+    location = args.checkpoint or args.out_dir
+    if is_uri(location):  # a checkpoint in object storage: a local copy first
+        print(f"downloading {location}", file=sys.stderr, flush=True)
+        location = checkpoint.download(location)
+    model, config = load_checkpoint_model(checkpoint_file(Path(location).expanduser()))
     return model, tokenizer_for(model.config.vocab_size, *dataset_meta(config, args.meta))
 
 

@@ -354,3 +354,54 @@ def upload_dataset(local: Path, uri: str, progress: Callable[[str], None] = prin
         f.write(meta_bytes)
     seconds = time.perf_counter() - meter.start
     progress(f"uploaded {meter.done / 1e6:,.1f} MB to {uri} in {seconds:.1f}s ({meter.rate():,.1f} MB/s)")
+
+
+# ---- checkpoints in object storage -------------------------------------------------------------------
+
+
+def join_uri(base: str, *names: str) -> str:
+    """base/name/..., keeping any ?query (e.g. endpoint_override) at the end."""
+    for name in names:
+        base = dataset_uri(base, name)
+    return base
+
+
+def list_folders(uri: str, prefix: str) -> list[str]:
+    """The names of the folders directly in `uri` that start with `prefix`, sorted; [] if there is none."""
+    import pyarrow.fs
+
+    filesystem, path = open_filesystem(uri)
+    with remote_errors(uri):
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return sorted(
+        info.base_name
+        for info in infos
+        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith(prefix)
+    )
+
+
+def read_small_file(uri: str, limit: int = 1 << 20) -> bytes | None:
+    """The bytes of a small file at `uri` (at most `limit`), or None if it does not exist."""
+    filesystem, path = open_filesystem(uri)
+    try:
+        with remote_errors(uri), filesystem.open_input_stream(path) as stream:
+            return stream.read(limit + 1)[:limit]
+    except StorageError:
+        with remote_errors(uri):
+            if filesystem.get_file_info(path).size is None:
+                return None
+        raise
+
+
+def download_folder(uri: str, local: Path) -> Path:
+    """Copy the folder at `uri` into `local` (created); returns `local`."""
+    import pyarrow.fs
+
+    filesystem, path = open_filesystem(uri)
+    local.mkdir(parents=True, exist_ok=True)
+    with remote_errors(uri, missing=StorageError(f"nothing at {uri}")):
+        if filesystem.get_file_info(path).type != pyarrow.fs.FileType.Directory:
+            raise FileNotFoundError(path)
+        pyarrow.fs.copy_files(path, str(local), source_filesystem=filesystem,
+                              destination_filesystem=pyarrow.fs.LocalFileSystem())  # fmt: skip
+    return local

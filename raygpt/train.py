@@ -17,6 +17,7 @@ import torch
 
 from raygpt import checkpoint
 from raygpt.checkpoint import Checkpointer, TrainState
+from raygpt.compile_cache import CompileCache, graph_settings
 from raygpt.config import TrainConfig
 from raygpt.data import Batches, NanoGPTOrderBatches, validate_dataset
 from raygpt.memory import check_fits
@@ -139,7 +140,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, model_args = build_model(cfg, load_meta(dataset_dir), saved, precision)
     model.to(device)
+    compile_cache = None
     if cfg.compile:
+        if cfg.compile_cache:  # graphs compiled by an earlier process of this run, a rerun or another trial
+            storage_root = cfg.storage_path or str(Path("~/ray_results").expanduser())  # Ray's default
+            compile_cache = CompileCache(storage_root, device, graph_settings(cfg, model_args, world_size),
+                                         writer=is_rank_zero, warn=say)  # fmt: skip
+            compile_cache.load()
         say("compiling the model... (takes a ~minute)", flush=True)
     wrapped = wrap_model(model, cfg, world_size, device, precision.dtype)  # before the optimizer: FSDP shards
     betas = (cfg.beta1, cfg.beta2)
@@ -183,6 +190,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # A resumed run starts at its checkpoint's iteration, whose eval was already reported.
             if state.iter_num != start_iter or source is None or cfg.eval_only:
                 losses = estimate_loss()
+                if compile_cache is not None and local_iter_num > 0:
+                    compile_cache.save()  # a resumed run compiles eval here; nothing is written if nothing is new
                 in_sync = weights_in_sync(wrapped, world_size)
                 keep = nonfinite_streak == 0 and all(math.isfinite(v) for v in losses.values())
                 wanted = state.record_eval(losses) or cfg.always_save_checkpoint
@@ -204,6 +213,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         dt, t0 = t1 - t0, t1
         state.iter_num += 1
         local_iter_num += 1
+        if local_iter_num == 1 and compile_cache is not None:
+            compile_cache.save()  # the training step (and a fresh run's first eval) are compiled by now
+            say(compile_cache.summary(), flush=True)
         if local_iter_num == 3:
             compile_workers.stop_in_background()  # forward and backward are compiled by now
         if state.iter_num % cfg.log_interval == 0:

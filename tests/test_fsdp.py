@@ -76,7 +76,7 @@ def test_fsdp_trains_as_ddp_does_and_resumes_across_parallelism_and_worker_count
     latest = sorted(p.name for p in (tmp_path / "ray" / "fsdp").iterdir())
     sharded = fsdp.checkpoint.path
     names = sorted(p.name for p in checkpoint.Path(sharded).iterdir())
-    assert names == [".metadata", "__0_0.distcp", "__1_0.distcp", "train_state.pt"], (latest, names)
+    assert names == [".metadata", "__0_0.distcp", "__1_0.distcp", "summary.json", "train_state.pt"], (latest, names)
     assert not (tmp_path / "fsdp" / "ckpt.pt").exists()  # no consolidated copy: raygpt.export makes one
     for key, value in whole_weights(ddp).items():
         assert torch.allclose(value, whole_weights(fsdp)[key], atol=1e-5), key
