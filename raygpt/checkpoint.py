@@ -429,6 +429,16 @@ class Checkpointer:
         self.raise_background_error()
         self._run(lambda: report(None))
 
+    def in_order(self, job: Callable) -> Future:
+        """Run `job` after every save and report submitted so far, in the same thread (now, if synchronous).
+        Ray's collectives (ray.train.get_preemption_info) must come in the same order as the reports on
+        every rank. Its error, if any, is the Future's."""
+        if self.background is not None:
+            return self.background.submit(job)
+        future = Future()
+        future.set_result(job())
+        return future
+
     def wait(self) -> None:
         """Block until every background write and report has finished; raise the first one's error."""
         for future in self.pending:

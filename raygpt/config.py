@@ -126,6 +126,9 @@ class TrainConfig:
     storage_path: str = key("", "Ray storage for checkpoints (a shared path or s3://...); '' = ~/ray_results")
     run_name: str = key("", "Ray run name; '' = out_dir's folder name, so rerunning a command resumes it")
     max_failures: int = key(0, "times Ray restarts the workers after a failure (-1 = always)")
+    max_preemption_failures: int = key(
+        -1, "times Ray restarts the run after a node is preempted, counted apart from max_failures (-1 = always)"
+    )
     checkpoints_to_keep: int = key(2, "Ray checkpoints kept: the best by val loss (the latest is kept too)")
     seed: int = key(1337, "seed for the initial weights, the batches and dropout")
     data_order: str = key(
@@ -214,6 +217,10 @@ class TrainConfig:
             raise ConfigError(f"local_mode runs one process; num_workers={self.num_workers} needs a Ray cluster")
         if self.max_failures < -1:
             raise ConfigError(f"max_failures must be -1 (always) or more, got {self.max_failures}")
+        if self.max_preemption_failures < -1:
+            raise ConfigError(
+                f"max_preemption_failures must be -1 (always) or more, got {self.max_preemption_failures}"
+            )
         if self.checkpoints_to_keep < 1:
             raise ConfigError(f"checkpoints_to_keep must be at least 1, got {self.checkpoints_to_keep}")
         if self.init_from in INIT_CHOICES and self.init_from.startswith("gpt2") and self.block_size > 1024:

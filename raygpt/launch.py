@@ -20,6 +20,7 @@ from raygpt import checkpoint
 from raygpt.config import DEFAULTS, TrainConfig, config_help, read_config
 from raygpt.data import validate_dataset
 from raygpt.errors import EXIT_INTERRUPTED, RaygptError, refuse
+from raygpt.preemption import EXIT_TERMINATED, Terminated, handle_sigterm
 from raygpt.runlock import RunLock, lock_run
 from raygpt.storage import DatasetNotFoundError, check_remote_dataset, dataset_uri, is_uri, join_uri, list_folders
 from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta, vocabulary
@@ -45,12 +46,11 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 def quiet_ray() -> None:
     """Keep the console to raygpt's lines: no usage-stats notice, no duplicated worker prints
-    (Train V2 copies print() into its own logger), no preemption-watcher noise on a local run."""
+    (Train V2 copies print() into its own logger)."""
     for name, value in (
         ("RAY_USAGE_STATS_ENABLED", "0"),
         ("RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING", "0"),
         ("RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING", "0"),
-        ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
         # The controller collects reports at this interval; a report waits for the
         # previous one to be collected, and fit() for the workers' end (default 2 s).
         ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"),
@@ -86,6 +86,9 @@ def connect(address: str | None, verbose: bool = False) -> None:
         logging_level=logging.WARNING,
         logging_config=None if verbose else ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
     )
+    # Ray's preemption watcher (drained nodes -> the loop's notice checkpoint) matters only on a cluster
+    # joined here; on the Ray started here it would only log an error line at each start.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1" if joined else "0")
     gcs = context.address_info.get("gcs_address") or context.address_info.get("address")
     how = "joined the Ray cluster" if joined else "started a Ray instance here (it stops with this run)"
     print(f"raygpt: {how} at {gcs}", flush=True)
@@ -216,7 +219,7 @@ def ray_checkpoint_dirs(cfg: TrainConfig, run_name: str) -> list[Path | str]:
 # Keys a rerun may change and still continue the same run; a change to any other is named when it resumes.
 FREE_TO_CHANGE = {
     *("num_workers", "use_gpu", "cpus_per_worker", "parallelism", "activation_checkpointing", "max_failures"),
-    *("max_iters", "lr_decay_iters", "warmup_iters", "min_lr", "decay_lr"),
+    *("max_preemption_failures", "max_iters", "lr_decay_iters", "warmup_iters", "min_lr", "decay_lr"),
     *("eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint", "async_checkpoint"),
     *("checkpoints_to_keep", "wandb_log", "wandb_project", "wandb_run_name"),
     *("compile", "compile_mode", "compile_regions", "compile_eval", "compile_cache", "attention"),
@@ -396,7 +399,8 @@ def interruptible(trainer_class):
     nothing about what was saved. This one asks the controller to abort, waits (ABORT_TIMEOUT_S at most)
     until the workers have stopped, so that no checkpoint is written after the launcher names the latest
     one, and then raises KeyboardInterrupt for the launcher's last line; a second Ctrl-C stops waiting.
-    Ray installs its handler only from the main thread (not under Tune), and so is this one."""
+    SIGTERM does the same, and raises Terminated. Ray installs its handler only from the main thread (not
+    under Tune), and so is this one."""
 
     class InterruptibleTrainer(trainer_class):
         def _register_sigint_handler(self, controller) -> None:
@@ -406,17 +410,19 @@ def interruptible(trainer_class):
 
             def on_sigint(signum, frame):
                 nonlocal stopping
+                stop = Terminated if signum == signal.SIGTERM else KeyboardInterrupt
                 if stopping:
-                    raise KeyboardInterrupt
+                    raise stop
                 stopping = True
                 print("interrupting: stopping the workers (Ctrl-C again not to wait)", file=sys.stderr, flush=True)
                 try:
                     ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                     pass  # the controller is gone already, or too slow: exiting ends the run's actors too
-                raise KeyboardInterrupt
+                raise stop
 
             signal.signal(signal.SIGINT, on_sigint)
+            signal.signal(signal.SIGTERM, on_sigint)
 
     return InterruptibleTrainer
 
@@ -439,7 +445,9 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
     run_config = RunConfig(
         name=plan.run_name,
         storage_path=cfg.storage_path or None,
-        failure_config=FailureConfig(max_failures=cfg.max_failures),
+        failure_config=FailureConfig(
+            max_failures=cfg.max_failures, max_preemption_failures=cfg.max_preemption_failures
+        ),
         checkpoint_config=CheckpointConfig(
             num_to_keep=cfg.checkpoints_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
         ),
@@ -509,11 +517,13 @@ def run(cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherO
             flush=True,
         )
     forward_worker_output(True)
+    # Local mode trains in this process: SIGTERM checkpoints at the next iteration boundary, then stops.
+    restore_sigterm = handle_sigterm() if cfg.local_mode else lambda: None
     try:
         result = build_trainer(cfg, plan).fit()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         forward_worker_output(False)  # the workers' last lines would come after the launcher's last line
-        raise RunInterrupted(where_to_continue(cfg, plan)) from None
+        raise RunInterrupted(where_to_continue(cfg, plan), terminated=isinstance(e, Terminated)) from None
     except RaygptError:
         raise
     except Exception as e:  # noqa: BLE001 - one line for the user; Ray's log (or local mode's raise) keeps the rest
@@ -526,6 +536,8 @@ def run(cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherO
             raise refusal from None
         forward_worker_output(False)
         raise RunFailed(f"training failed: {root_cause(e)}; {where_to_continue(cfg, plan)}") from e
+    finally:
+        restore_sigterm()
     summarize(result, cfg)
     return result
 
@@ -535,7 +547,11 @@ class RunFailed(Exception):
 
 
 class RunInterrupted(Exception):
-    """Ctrl-C during a run; the message says where it can continue from."""
+    """Ctrl-C or SIGTERM during a run; the message says where it can continue from."""
+
+    def __init__(self, message: str, terminated: bool = False):
+        super().__init__(message)
+        self.terminated = terminated  # SIGTERM, not Ctrl-C
 
 
 def where_to_continue(cfg: TrainConfig, plan: RunPlan) -> str:
@@ -646,8 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     except RaygptError as e:
         return refuse(e)
     except RunInterrupted as e:
-        print(f"interrupted: {e}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        print(f"{'terminated' if e.terminated else 'interrupted'}: {e}", file=sys.stderr)
+        return EXIT_TERMINATED if e.terminated else EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("interrupted before training started", file=sys.stderr)
         return EXIT_INTERRUPTED

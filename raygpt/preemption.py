@@ -7,8 +7,9 @@ DRAIN_NODE_REASON_PREEMPTION`) and hands the workers a PreemptionInfo with the r
 PreemptionWatch polls it only every `every` iterations: all ranks poll on the same iterations and stop on
 the same one. It is one of Ray's collectives, numbered per process as ray.train.report's are, so it must
 come in the same order as the reports on every rank: with asynchronous checkpoints the reports are made by
-the checkpointer's thread, and so is the poll (`run_in_order`). The answer is read at the next poll
-iteration, by when it is normally long there, so the loop does not wait on Ray (~10 ms a poll, CPU).
+the checkpointer's thread, and so is the poll (`run_in_order`). Each answer is read at the first poll
+iteration after it has come, so the loop never waits on Ray (~10 ms a poll, CPU) nor on a checkpoint write
+queued before the poll; the ranks then agree (one all-reduce) on whether to stop.
 After the checkpoint the loop trains no further (any step taken then would be lost) and waits
 for Ray to restart the run from it, which Ray does at the deadline (FailureConfig.max_preemption_failures).
 
@@ -59,13 +60,16 @@ class PreemptionWatch:
 
     `poll` is ray.train.get_preemption_info (None in local mode: only SIGTERM is watched). It is submitted
     through `run_in_order` (the checkpointer's thread; default: called at once) when iter_num % every == 0,
-    the same iterations on every rank, and its answer is acted on at the next of those iterations."""
+    the same iterations on every rank. Answers are read when they have come, never waited for: a poll
+    queued behind a background checkpoint write must not make the loop wait for the write. Since ranks
+    may read an answer at different iterations, `agree` (a MAX all-reduce of the flag across ranks) makes
+    the decision to stop the same on every rank, at the same iteration."""
 
     def __init__(self, poll: Callable | None, every: int, run_in_order: Callable[[Callable], Future] | None = None,
-                 say: Callable[[str], None] = print):  # fmt: skip
-        self.poll, self.every, self.say = poll, max(1, every), say
+                 say: Callable[[str], None] = print, agree: Callable[[bool], bool] = bool):  # fmt: skip
+        self.poll, self.every, self.say, self.agree = poll, max(1, every), say, agree
         self.run_in_order = run_in_order or called_now
-        self.answer: Future | None = None  # the last poll's, read at the next poll iteration
+        self.answers: list[Future] = []  # polls submitted, oldest first
         self.noticed_nodes: set[str] = set()
         self.stopping: Notice | None = None
 
@@ -76,13 +80,20 @@ class PreemptionWatch:
             return self.stopping
         if self.poll is None or iter_num % self.every:
             return None
-        info = self.answer.result() if self.answer is not None else None
-        self.answer = self.run_in_order(self.poll)
-        if info is None or set(info.preempted_node_ids) <= self.noticed_nodes:
+        self.answers.append(self.run_in_order(self.poll))
+        info = None
+        while self.answers and self.answers[0].done():
+            answer = self.answers.pop(0).result()
+            if answer is not None and not set(answer.preempted_node_ids) <= self.noticed_nodes:
+                info = answer
+        if not self.agree(info is not None):
             return None
-        self.noticed_nodes |= set(info.preempted_node_ids)
-        deadline = None if info.deadline_ms is None else info.deadline_ms / 1000
-        self.stopping = Notice("preemption", time.time(), deadline, tuple(info.preempted_ranks))
+        if info is None:  # another rank has read the notice already; this one's answer is still queued
+            self.stopping = Notice("preemption", time.time())
+        else:
+            self.noticed_nodes |= set(info.preempted_node_ids)
+            deadline = None if info.deadline_ms is None else info.deadline_ms / 1000
+            self.stopping = Notice("preemption", time.time(), deadline, tuple(info.preempted_ranks))
         left = self.stopping.seconds_left()
         self.say(
             f"preemption notice at iter {iter_num}: ranks {list(self.stopping.ranks)} lose their node "

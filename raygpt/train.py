@@ -24,6 +24,7 @@ from raygpt.memory import check_fits
 from raygpt.metrics import Reporter, start_wandb
 from raygpt.model import GPT, GPTConfig
 from raygpt.parallel import weights_in_sync, wrap_model
+from raygpt.preemption import PreemptionWatch, notice_metrics
 from raygpt.processes import CompileWorkers
 from raygpt.speed import set_attention_backend
 from raygpt.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
@@ -113,6 +114,15 @@ def local_dataset(cfg: TrainConfig, say) -> Path:
     return local
 
 
+def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
+    """Whether `flag` is set on any rank (every rank calls it)."""
+    if world_size == 1:
+        return flag
+    flags = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    return bool(flags.item())
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
@@ -175,6 +185,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     mfu = lambda dt: model.estimate_mfu(cfg.batch_size * accum_steps, dt, device)  # noqa: E731
     reporter = Reporter(cfg, is_rank_zero, tokens_per_iter, mfu, device, wandb_run, report_to_ray=ray.train.report)
     checkpointer = Checkpointer(out_dir, rank, sharded=wrapped.sharded, asynchronous=cfg.async_checkpoint)
+    # Ray's preemption notice, polled at log cadence (a barrier: every rank polls the same iterations),
+    # in the checkpointer's thread, in order with the reports (Ray numbers both kinds of collective).
+    watch = PreemptionWatch(ray.train.get_preemption_info, cfg.log_interval, checkpointer.in_order, reporter.say,
+                            agree=functools.partial(any_rank, world_size=world_size, device=device))  # fmt: skip
 
     # ---- the loop ---------------------------------------------------------------------------------
     X, Y = batches.train_batch(state.iter_num, 0) if resumed_batch is None else (t.to(device) for t in resumed_batch)
@@ -206,6 +220,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     checkpointer.report(report)
         if cfg.eval_only or state.iter_num >= cfg.max_iters:
             break
+        notice = watch.notice(state.iter_num)
+        if notice is not None:  # a node is being reclaimed, or SIGTERM: checkpoint now, no eval
+            metrics = notice_metrics(state, lr, tokens_per_iter, notice)
+            checkpointer.save(state, (X, Y), functools.partial(reporter.to_ray, metrics))
+            checkpointer.wait()
+            watch.stop(state.iter_num)  # SIGTERM: raises Terminated; a preemption: waits for Ray's restart
 
         loss_sum, _, X, Y = train_step(X, Y, state.iter_num)
 

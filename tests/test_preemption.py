@@ -6,8 +6,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -17,15 +18,9 @@ from conftest import TINY_LOCAL_RUN, TINY_RUN
 
 import raygpt
 from raygpt import preemption
-from raygpt.config import TrainConfig
 from raygpt.preemption import EXIT_TERMINATED, PreemptionWatch, Terminated
 
 CODE = str(Path(raygpt.__file__).resolve().parents[1])  # the raygpt under test, for subprocesses and nodes
-# The loop and launcher calls (train.py, launch.py, config.py) that this module's own tests rely on.
-integrated = pytest.mark.skipif(
-    "max_preemption_failures" not in TrainConfig.__dataclass_fields__,
-    reason="the loop's preemption integration is not applied yet",
-)
 
 
 class FakeInfo:
@@ -85,7 +80,7 @@ def test_a_notice_comes_once_per_preemption():
         notice = watch.notice(iter_num)
         if notice is not None:
             seen.append((iter_num, notice.ranks))
-    assert seen == [(6, (1,)), (21, (1, 2, 3))]  # each poll's answer is read at the next poll
+    assert seen == [(5, (1,)), (20, (1, 2, 3))]  # an answer that has come is read at once
     first_deadline = time.time() + 30
     assert watch.stopping.deadline is None  # the merged info carried none
     assert 25 < first_deadline - time.time() <= 30
@@ -117,8 +112,44 @@ def test_every_rank_stops_on_the_same_iteration():
                 stopped_at[rank] = progress["iter"]
                 break
         poll_counts[rank] = progress["polls"]
-    assert stopped_at == {0: 24, 1: 24, 2: 24}  # rank 0's first poll after its iter 17, read at the next
+    assert stopped_at == {0: 20, 1: 20, 2: 20}  # rank 0's first poll after its iter 17
     assert len(set(poll_counts.values())) == 1
+
+
+def test_ranks_whose_answers_come_late_stop_with_the_others_and_never_wait():
+    """Rank 1's polls are queued behind a long checkpoint write: its answers have not come, yet both ranks
+    stop at the iteration where rank 0 read the notice (the agreement is a MAX all-reduce of the flag)."""
+    barrier, flags, stopped = threading.Barrier(2, timeout=10), [False, False], {}
+
+    def agree_for(rank):
+        def agree(flag: bool) -> bool:
+            flags[rank] = flag
+            barrier.wait()
+            decided = any(flags)
+            barrier.wait()
+            return decided
+
+        return agree
+
+    def never_answered(job):
+        return Future()  # still queued behind the write
+
+    def run(rank):
+        current = {"iter": 0}
+        poll = lambda: FakeInfo({"node-x": [1]}) if current["iter"] >= 10 else None  # noqa: E731
+        watch = PreemptionWatch(poll, 2, None if rank == 0 else never_answered, say=lambda text: None,
+                                agree=agree_for(rank))  # fmt: skip
+        for current["iter"] in range(20):
+            if watch.notice(current["iter"]) is not None:
+                stopped[rank] = current["iter"]
+                return
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert stopped == {0: 10, 1: 10}
 
 
 def test_sigterm_is_a_notice_at_the_next_boundary_then_terminated():
@@ -159,7 +190,6 @@ def lines_matching(pattern: str, text: str) -> list[re.Match]:
     return [m for m in (re.search(pattern, line) for line in text.splitlines()) if m]
 
 
-@integrated
 def test_sigterm_checkpoints_a_local_mode_run_then_says_how_to_continue(tmp_path, char_data):
     out_dir = tmp_path / "out"
     argv = [*TINY_LOCAL_RUN, "--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000",
@@ -235,7 +265,6 @@ def node_id(node) -> str:
     return re.search(r"[Nn]ode[ _]?[Ii][Dd][:=]? ?([0-9a-f]{56})", log).group(1)
 
 
-@integrated
 @pytest.mark.ray
 def test_a_drained_node_costs_no_step(preemptible_cluster, tmp_path, char_data):
     cluster = preemptible_cluster
