@@ -136,14 +136,19 @@ def test_two_workers_on_two_nodes_each_staging_its_own_copy(
 
 
 @pytest.fixture(scope="module")
-def reference(ray_nodes, s3_data, tmp_path_factory) -> dict:
-    """The final state of an uninterrupted two-worker run of FAULT_RUN on this cluster."""
+def reference_run(ray_nodes, s3_data, tmp_path_factory) -> tuple[dict, dict]:
+    """An uninterrupted two-worker run of FAULT_RUN on this cluster: its CLI values and its final state."""
     scratch = tmp_path_factory.mktemp("reference")
     storage = str(scratch / "ray")
     values = {**FAULT_RUN, "data_dir": s3_data, "storage_path": storage, "out_dir": scratch / "out"}
     returncode, output = finish(start_run(ray_nodes, values))
     assert returncode == 0, output[-3000:]
-    return newest_state(storage, "out", scratch)
+    return values, newest_state(storage, "out", scratch)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict:
+    return reference_run[1]
 
 
 def test_a_killed_node_is_replaced_by_a_spare_and_the_run_ends_bit_identical(
@@ -198,12 +203,9 @@ def test_a_rerun_without_out_dir_continues_from_storage_bit_identical(
     strict=False,
     reason="launch.summarize reads out_dir/eval.json, which rank 0 wrote on its own node (not the driver's)",
 )
-def test_eval_only_on_another_node_than_the_driver(ray_nodes, s3_server, s3_data, tmp_path):
-    storage = storage_for("s3", s3_server, tmp_path)
-    values = {**TINY_RUN, **TWO_WORKERS, "data_dir": s3_data, "storage_path": storage, "out_dir": tmp_path / "out"}
-    returncode, output = finish(start_run(ray_nodes, values))
-    assert returncode == 0, output[-3000:]
+def test_eval_only_on_another_node_than_the_driver(ray_nodes, reference_run):
+    values, _ = reference_run
     returncode, output = finish(start_run(ray_nodes, {**values, "eval_only": True}))
     assert returncode == 0, output[-3000:]
-    assert re.search(r"eval at iter 20: train loss [\d.]+, val loss [\d.]+", output), output[-3000:]
-    assert_no_cross_node_reads(ray_nodes, tmp_path / "out")
+    assert re.search(rf"eval at iter {FAULT_RUN['max_iters']}: train loss [\d.]+, val loss [\d.]+", output), output
+    assert_no_cross_node_reads(ray_nodes, values["out_dir"])
