@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +149,9 @@ class RunPlan:
     cpus_per_worker: float
     run_name: str
     resume_from: str | None = None  # out_dir/ckpt.pt to continue from when Ray holds no checkpoint of the run
+    # time.time() when the launcher started and when Ray was ready: the start-up line the loop prints
+    launched_at: float = 0.0
+    ray_ready_at: float = 0.0
 
 
 def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPlan:
@@ -478,6 +482,7 @@ def prepare_run(
     """Everything before fit(). What needs no cluster comes first (paths, the run lock, data, resume,
     wandb), so a bad input costs no Ray start; then Ray, and the resources planned from what it has."""
     global _run_lock
+    launched_at = time.time()
     cfg = absolute_paths(cfg)
     run_name = cfg.run_name or Path(cfg.out_dir).name
     check_outputs(cfg)
@@ -491,6 +496,7 @@ def prepare_run(
     if not cfg.local_mode:
         connect(options.address, options.verbose)
     plan = plan_resources(cfg, options.wait_for_resources)
+    plan = dataclasses.replace(plan, launched_at=launched_at, ray_ready_at=time.time())
     if resume_from is not None and not ray_checkpoint_dirs(cfg, run_name):
         plan = dataclasses.replace(plan, resume_from=str(resume_from))
     return cfg, plan

@@ -114,6 +114,22 @@ def local_dataset(cfg: TrainConfig, say) -> Path:
     return local
 
 
+RESTART_AFTER_S = 600  # a worker group starting this long after the launcher was restarted by Ray
+
+
+def startup_line(plan: dict, worker_started: float, ready: float, first_step_done: float) -> str:
+    """Where the time to the first step went. A worker group restarted after a failure starts long after
+    the launcher was ready: its line counts from the restart."""
+    model = (
+        f"model and data {ready - worker_started:.1f}s, first eval and step (compile) {first_step_done - ready:.1f}s"
+    )
+    since_ray = worker_started - plan.get("ray_ready_at", 0.0)
+    if not plan.get("launched_at") or not 0 <= since_ray < RESTART_AFTER_S:
+        return f"start-up after a restart: {model}"
+    return (f"start-up {first_step_done - plan['launched_at']:.1f}s: launcher checks and Ray "
+            f"{plan['ray_ready_at'] - plan['launched_at']:.1f}s, worker group {since_ray:.1f}s, {model}")  # fmt: skip
+
+
 def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
     """Whether `flag` is set on any rank (every rank calls it)."""
     if world_size == 1:
@@ -126,6 +142,7 @@ def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
+    worker_started = time.time()
     cfg, plan = TrainConfig.from_dict(loop_config["config"]), loop_config["plan"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -193,6 +210,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- the loop ---------------------------------------------------------------------------------
     X, Y = batches.train_batch(state.iter_num, 0) if resumed_batch is None else (t.to(device) for t in resumed_batch)
     start_iter, local_iter_num, t0 = state.iter_num, 0, time.time()
+    ready = t0
     while True:
         lr = get_lr(state.iter_num, cfg)
         for param_group in optimizer.param_groups:
@@ -233,9 +251,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         dt, t0 = t1 - t0, t1
         state.iter_num += 1
         local_iter_num += 1
-        if local_iter_num == 1 and compile_cache is not None:
-            compile_cache.save()  # the training step (and a fresh run's first eval) are compiled by now
-            say(compile_cache.summary(), flush=True)
+        if local_iter_num == 1:
+            if compile_cache is not None:
+                compile_cache.save()  # the training step (and a fresh run's first eval) are compiled by now
+                say(compile_cache.summary(), flush=True)
+            say(startup_line(plan, worker_started, ready, t1), flush=True)
         if local_iter_num == 3:
             compile_workers.stop_in_background()  # forward and backward are compiled by now
         if state.iter_num % cfg.log_interval == 0:

@@ -30,3 +30,18 @@ def test_a_default_run_reads_like_nanogpt(ray_local, tmp_path, char_data):
     lines = out.splitlines()
     assert any(line.startswith("step 2: train loss ") for line in lines)
     assert any(line.startswith("iter 3: loss ") and ", eta " in line for line in lines)
+    # where the time to the first step went, once
+    startup = [line for line in lines if line.startswith("start-up ")]
+    assert len(startup) == 1 and "worker group" in startup[0] and "first eval and step" in startup[0], startup
+
+
+def test_the_start_up_line_counts_a_restarted_worker_group_from_its_restart():
+    from raygpt.train import startup_line
+
+    plan = {"launched_at": 100.0, "ray_ready_at": 112.0}
+    assert startup_line(plan, 120.0, 125.0, 160.0) == (
+        "start-up 60.0s: launcher checks and Ray 12.0s, worker group 8.0s, model and data 5.0s, "
+        "first eval and step (compile) 35.0s"
+    )
+    restarted = startup_line(plan, 5000.0, 5004.0, 5010.0)
+    assert restarted == "start-up after a restart: model and data 4.0s, first eval and step (compile) 6.0s"
