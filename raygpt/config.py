@@ -15,6 +15,7 @@ import json
 import math
 import operator
 import os
+import re
 import stat
 import tokenize
 import types
@@ -121,6 +122,11 @@ class TrainConfig:
     # Ray
     data_dir: str = key("data", "folder holding <dataset>/train.bin, val.bin, meta.json")
     num_workers: int = key(0, "training workers; 0 = one per GPU in the cluster, or 1 on CPU")
+    max_workers: int = key(
+        0,
+        "elastic: grow up to this many workers as the cluster allows, num_workers the least (--num-workers "
+        "MIN-MAX sets both); 0 = a fixed count",
+    )
     use_gpu: bool | None = key(None, "None = use GPUs when the cluster has them; True requires them")
     cpus_per_worker: float = key(0.0, "CPUs reserved per worker; 0 = share the cluster's CPUs")
     storage_path: str = key("", "Ray storage for checkpoints (a shared path or s3://...); '' = ~/ray_results")
@@ -190,6 +196,7 @@ class TrainConfig:
             "warmup_iters",
             "lr_decay_iters",
             "num_workers",
+            "max_workers",
             "max_nonfinite_steps",
             "weight_decay",
             "grad_clip",
@@ -213,6 +220,12 @@ class TrainConfig:
             )
         if self.decay_lr and self.min_lr > self.learning_rate:
             raise ConfigError(f"min_lr ({self.min_lr}) must not exceed learning_rate ({self.learning_rate})")
+        if self.max_workers and not 1 <= self.num_workers <= self.max_workers:
+            raise ConfigError(
+                f"an elastic run needs 1 <= num_workers <= max_workers, got {self.num_workers}-{self.max_workers}"
+            )
+        if self.local_mode and self.max_workers:
+            raise ConfigError("local_mode runs one process; an elastic --num-workers range needs a Ray cluster")
         if self.local_mode and self.num_workers > 1:
             raise ConfigError(f"local_mode runs one process; num_workers={self.num_workers} needs a Ray cluster")
         if self.max_failures < -1:
@@ -583,7 +596,10 @@ def parse_overrides(argv: list[str]) -> dict:
             text = argv[i]
         name = name.replace("-", "_")
         check_known(name)
-        values[name] = parse_value(text)
+        if name == "num_workers" and re.fullmatch(r"\d+-\d+", text):  # --num-workers MIN-MAX: elastic
+            values["num_workers"], values["max_workers"] = map(int, text.split("-"))
+        else:
+            values[name] = parse_value(text)
         i += 1
     return values
 

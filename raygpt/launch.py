@@ -133,6 +133,13 @@ def describe_worker(plan: RunPlan) -> str:
     return "GPU worker" if plan.use_gpu else "CPU worker"
 
 
+def workers_text(plan: RunPlan) -> str:
+    """'2 GPU workers', or for an elastic run '1-4 GPU workers (elastic)'."""
+    if not plan.max_workers:
+        return count(plan.num_workers, describe_worker(plan))
+    return f"{plan.num_workers}-{plan.max_workers} {describe_worker(plan)}s (elastic)"
+
+
 def this_machine() -> dict:
     """What local mode can use: this process's CPUs and the GPUs torch sees."""
     import torch
@@ -144,7 +151,7 @@ def this_machine() -> dict:
 class RunPlan:
     """What the launcher decided for a run, kept apart from what the user asked (the TrainConfig)."""
 
-    num_workers: int
+    num_workers: int  # the least, for an elastic run
     use_gpu: bool
     cpus_per_worker: float
     run_name: str
@@ -152,6 +159,7 @@ class RunPlan:
     # time.time() when the launcher started and when Ray was ready: the start-up line the loop prints
     launched_at: float = 0.0
     ray_ready_at: float = 0.0
+    max_workers: int = 0  # an elastic run grows up to this many; 0: a fixed count
 
 
 def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPlan:
@@ -191,8 +199,25 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPla
         raise LaunchError(
             f"data_order=nanogpt replays one process's random stream; it needs num_workers=1, not {num_workers}"
         )
-    check_divisible(cfg, num_workers)
-    return RunPlan(num_workers, use_gpu, float(cpus_per_worker), cfg.run_name or Path(cfg.out_dir).name)
+    if cfg.max_workers:
+        check_elastic_range(cfg)
+    else:
+        check_divisible(cfg, num_workers)
+    run_name = cfg.run_name or Path(cfg.out_dir).name
+    return RunPlan(num_workers, use_gpu, float(cpus_per_worker), run_name, max_workers=cfg.max_workers)
+
+
+def check_elastic_range(cfg: TrainConfig) -> None:
+    """Every worker count an elastic run may have must split the global micro-batches evenly."""
+    steps, counts = cfg.gradient_accumulation_steps, range(cfg.num_workers, cfg.max_workers + 1)
+    bad = [n for n in counts if steps % n]
+    if bad and not cfg.eval_only:
+        good = [n for n in range(1, cfg.max_workers + 1) if steps % n == 0]
+        raise LaunchError(
+            f"--num-workers {cfg.num_workers}-{cfg.max_workers} includes {', '.join(map(str, bad))}, which "
+            f"gradient_accumulation_steps ({steps}) cannot be divided by; the counts that divide it: "
+            f"{', '.join(map(str, good))} (or change gradient_accumulation_steps)"
+        )
 
 
 def check_divisible(cfg: TrainConfig, num_workers: int) -> None:
@@ -222,7 +247,15 @@ def ray_checkpoint_dirs(cfg: TrainConfig, run_name: str) -> list[Path | str]:
 
 # Keys a rerun may change and still continue the same run; a change to any other is named when it resumes.
 FREE_TO_CHANGE = {
-    *("num_workers", "use_gpu", "cpus_per_worker", "parallelism", "activation_checkpointing", "max_failures"),
+    *(
+        "num_workers",
+        "max_workers",
+        "use_gpu",
+        "cpus_per_worker",
+        "parallelism",
+        "activation_checkpointing",
+        "max_failures",
+    ),
     *("max_preemption_failures", "max_iters", "lr_decay_iters", "warmup_iters", "min_lr", "decay_lr"),
     *("eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint", "async_checkpoint"),
     *("checkpoints_to_keep", "wandb_log", "wandb_project", "wandb_run_name"),
@@ -281,6 +314,11 @@ def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | Non
         for key in sorted(saved_config)
         if key in DEFAULTS and key not in FREE_TO_CHANGE and saved_config[key] != getattr(cfg, key)
     ]
+    before = (saved_config.get("num_workers", cfg.num_workers), saved_config.get("max_workers", 0))
+    if before != (cfg.num_workers, cfg.max_workers):  # 0 = one a GPU: the same spelling on both sides
+        spell = lambda n, most: f"{n}-{most}" if most else str(n or "auto")  # noqa: E731
+        changed.append(f"workers {spell(*before)} -> {spell(cfg.num_workers, cfg.max_workers)} (the same batches: "
+                       "the global batch does not depend on the worker count)")  # fmt: skip
     print(
         f"raygpt: continuing {where} from iter {summary['iter_num']}"
         + (f"; changed since: {', '.join(changed)}" if changed else ""),
@@ -441,8 +479,9 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
     from raygpt.train import train_loop_per_worker
 
     # num_workers=0 is Ray Train's local mode: train_loop_per_worker runs in this process.
+    workers = (plan.num_workers, plan.max_workers) if plan.max_workers else plan.num_workers  # (min, max): elastic
     scaling = ScalingConfig(
-        num_workers=0 if cfg.local_mode else plan.num_workers,
+        num_workers=0 if cfg.local_mode else workers,
         use_gpu=plan.use_gpu,
         resources_per_worker={"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})},
     )
@@ -518,8 +557,7 @@ def run(cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherO
         )
     else:
         print(
-            f"raygpt: run '{plan.run_name}' with {count(plan.num_workers, describe_worker(plan))},"
-            f" {count(plan.cpus_per_worker, 'CPU')} each",
+            f"raygpt: run '{plan.run_name}' with {workers_text(plan)}, {count(plan.cpus_per_worker, 'CPU')} each",
             flush=True,
         )
     forward_worker_output(True)

@@ -193,3 +193,20 @@ def test_round_trip_and_help():
     assert "unknown config key 'nope'" in one_line_error(TrainConfig.from_dict, {"nope": 1})
     text = config_help()
     assert "--gradient_accumulation_steps=40" in text and "--num_workers" in text
+
+
+def test_num_workers_min_max_is_an_elastic_range():
+    from raygpt.config import read_config
+
+    cfg, keys = read_config(["--num-workers", "2-4"])
+    assert (cfg.num_workers, cfg.max_workers) == (2, 4) and {"num_workers", "max_workers"} <= keys
+    with pytest.raises(ConfigError, match="1 <= num_workers <= max_workers, got 4-2"):
+        read_config(["--num-workers=4-2"])
+
+
+def test_an_elastic_range_with_a_count_that_cannot_split_the_batch_is_refused():
+    from raygpt.launch import LaunchError, check_elastic_range
+
+    check_elastic_range(TrainConfig(num_workers=1, max_workers=2, gradient_accumulation_steps=4))
+    with pytest.raises(LaunchError, match=r"includes 3, which gradient_accumulation_steps \(4\) cannot be divided"):
+        check_elastic_range(TrainConfig(num_workers=2, max_workers=4, gradient_accumulation_steps=4))

@@ -40,7 +40,8 @@ def test_a_run_with_data_and_checkpoints_in_s3_continues_without_its_out_dir(
     storage = join_uri(s3_server.create_bucket(), "ray")
     out = tmp_path / "out-s3"
     argv = [*RAY_RUN, f"--address={ray_local}", "--num_workers=2", "--gradient_accumulation_steps=2",
-            f"--data_dir={s3_dataset}", f"--storage_path={storage}", f"--out_dir={out}", "--run_name=s3-run"]  # fmt: skip
+            f"--data_dir={s3_dataset}", f"--storage_path={storage}", f"--out_dir={out}",
+            "--run_name=s3-run"]  # fmt: skip
     first = cli("raygpt.launch", *argv)
     assert first.returncode == 0, first.stderr[-3000:]
     run = join_uri(storage, "s3-run")

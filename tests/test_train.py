@@ -87,6 +87,31 @@ def test_resume_equals_uninterrupted(ray_local, tmp_path, char_data):
     assert a["best_val_loss"] == b["best_val_loss"]
 
 
+def test_a_run_continues_on_another_worker_count_as_if_it_had_always_run_there(ray_local, tmp_path, char_data, capfd):
+    """The global batch does not depend on the worker count: 2 workers to iter 10, then 1 worker to 20,
+    trains what 1 worker trains from the start (equal within float summation order)."""
+    alone = tiny_config(tmp_path, char_data, "alone")
+    launch.run(alone)
+    switched = tiny_config(tmp_path, char_data, "switched", max_iters=10, num_workers=2)
+    launch.run(switched)
+    capfd.readouterr()
+    launch.run(switched.replace(max_iters=20, num_workers=1))
+    assert "changed since: workers 2 -> 1 (the same batches" in capfd.readouterr().out
+    a, b = final_state(alone), final_state(switched)
+    assert a["iter_num"] == b["iter_num"] == 20
+    assert b["last_eval"]["val"] == pytest.approx(a["last_eval"]["val"], abs=1e-4)
+    # 20 AdamW steps at lr 1e-2 grow the summation-order noise to ~5e-5; other batches would differ by ~1e-2.
+    for key, tensor in a["model"].items():
+        assert torch.allclose(tensor, b["model"][key], atol=2e-4), key
+
+
+def test_an_elastic_run_takes_the_workers_the_cluster_has(ray_local, tmp_path, char_data, capfd):
+    cfg = tiny_config(tmp_path, char_data, "elastic", num_workers=1, max_workers=2)
+    result = launch.run(cfg)
+    assert result.metrics["iter"] == 20 and result.metrics["weights_in_sync"] is True
+    assert "with 1-2 CPU workers (elastic)" in capfd.readouterr().out
+
+
 def test_val_loss_does_not_depend_on_worker_count(ray_local, tmp_path, char_data):
     cfg = tiny_config(tmp_path, char_data, "trained", max_iters=10)
     launch.run(cfg)
