@@ -13,6 +13,7 @@ figures show Ray's and gloo's cross-node overhead on loopback, not a network's.
 
 import argparse
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -73,6 +74,7 @@ def main() -> None:
         print(f"| {label} | {result['wall']:.1f} | {result['step_ms']:.1f} | {train} | {val} |")
     identical = len({result["losses"] for _, result in rows}) == 1
     print(f"\nfinal losses identical across clusters: {identical}")
+    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
