@@ -21,9 +21,19 @@ from raygpt import checkpoint
 from raygpt.config import DEFAULTS, TrainConfig, config_help, read_config
 from raygpt.data import validate_dataset
 from raygpt.errors import EXIT_INTERRUPTED, RaygptError, refuse
+from raygpt.metrics import EVAL_NAME
 from raygpt.preemption import EXIT_TERMINATED, Terminated, handle_sigterm
 from raygpt.runlock import RunLock, lock_run
-from raygpt.storage import DatasetNotFoundError, check_remote_dataset, dataset_uri, is_uri, join_uri, list_folders
+from raygpt.storage import (
+    DatasetNotFoundError,
+    check_remote_dataset,
+    dataset_uri,
+    is_uri,
+    join_uri,
+    list_folders,
+    read_small_file,
+    storage_root,
+)
 from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta, vocabulary
 
 PREPARABLE = ("shakespeare_char", "shakespeare")
@@ -241,7 +251,7 @@ def ray_checkpoint_dirs(cfg: TrainConfig, run_name: str) -> list[Path | str]:
     if is_uri(cfg.storage_path):
         run = join_uri(cfg.storage_path, run_name)
         return [join_uri(run, name) for name in list_folders(run, "checkpoint_")]
-    storage = Path(cfg.storage_path or Path("~/ray_results").expanduser())
+    storage = Path(storage_root(cfg.storage_path))
     return sorted(p for p in (storage / run_name).glob("checkpoint_*") if p.is_dir())
 
 
@@ -632,11 +642,12 @@ def root_cause(error: BaseException) -> str:
 
 
 def summarize(result, cfg: TrainConfig) -> None:
-    if cfg.eval_only:
-        evaluated = json.loads((Path(cfg.out_dir) / "eval.json").read_text())
+    if cfg.eval_only:  # rank 0 may run on another machine: its numbers come through Ray storage
+        where = join_uri(storage_root(cfg.storage_path), cfg.run_name or Path(cfg.out_dir).name, EVAL_NAME)
+        evaluated = json.loads(read_small_file(where))
         print(
             f"eval at iter {evaluated['iter']}: train loss {evaluated['train_loss']:.4f}, "
-            f"val loss {evaluated['val_loss']:.4f} (written to {Path(cfg.out_dir) / 'eval.json'})"
+            f"val loss {evaluated['val_loss']:.4f} (written to {where}, and to out_dir on rank 0's machine)"
         )
         return
     if cfg.local_mode:  # no Ray storage: the checkpoint lives in out_dir only

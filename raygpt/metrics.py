@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 
 from raygpt.files import write_text_atomic
+from raygpt.storage import join_uri, write_small_file
+
+EVAL_NAME = "eval.json"  # what an eval_only run found, in out_dir and in the run's folder in storage
 
 # Reported metric -> WandB key (nanoGPT's names where it has them).
 WANDB_KEYS = {
@@ -67,9 +70,11 @@ class Reporter:
         device: torch.device,
         wandb_run=None,
         report_to_ray: Callable | None = None,
+        results_at: str | None = None,
     ):
         self.cfg, self.is_rank_zero, self.tokens_per_iter, self.device = cfg, is_rank_zero, tokens_per_iter, device
         self.estimate_mfu, self.wandb_run, self.report_to_ray = estimate_mfu, wandb_run, report_to_ray
+        self.results_at = results_at  # the run's folder in Ray storage (a path or a URI)
         self.running_mfu = -1.0
         self.step_times: list[float] = []
         self.eval_seconds = 0.0
@@ -142,9 +147,10 @@ class Reporter:
             f"(eval {seconds:.2f}s{memory_text})"
         )
         if self.cfg.eval_only and self.is_rank_zero:
-            write_text_atomic(
-                Path(self.cfg.out_dir) / "eval.json", json.dumps({**metrics, "eval_iters": self.cfg.eval_iters})
-            )
+            evaluated = json.dumps({**metrics, "eval_iters": self.cfg.eval_iters})
+            write_text_atomic(Path(self.cfg.out_dir) / EVAL_NAME, evaluated)
+            if self.results_at:  # where the driver reads it, on whichever machine it runs
+                write_small_file(join_uri(self.results_at, EVAL_NAME), evaluated)
         self._wandb(metrics)
         return metrics
 

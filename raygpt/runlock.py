@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 from raygpt.errors import RaygptError
+from raygpt.storage import storage_root
 
 LOCK_NAME = ".raygpt.lock"
 
@@ -58,7 +59,7 @@ def lock_run(out_dir: str, storage_path: str, run_name: str) -> RunLock:
     try:
         lock.acquire(Path(out_dir) / LOCK_NAME, f"out_dir {out_dir}")
         if "://" not in storage_path:
-            storage = Path(storage_path or Path("~/ray_results").expanduser())
+            storage = Path(storage_root(storage_path))
             # Beside the run folder, not in it: the run folder belongs to Ray.
             lock.acquire(storage / f".{run_name}{LOCK_NAME}", f"Ray run '{run_name}' in {storage}")
     except BaseException:

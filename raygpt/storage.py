@@ -405,3 +405,20 @@ def download_folder(uri: str, local: Path) -> Path:
         pyarrow.fs.copy_files(path, str(local), source_filesystem=filesystem,
                               destination_filesystem=pyarrow.fs.LocalFileSystem())  # fmt: skip
     return local
+
+
+def storage_root(storage_path: str) -> str:
+    """Ray's storage for runs: storage_path, or Ray's default ~/ray_results."""
+    return storage_path or str(Path("~/ray_results").expanduser())
+
+
+def write_small_file(location: str, text: str) -> None:
+    """`text` to a local path (atomically) or a URI: what a worker leaves for the driver, which may run on
+    another machine."""
+    if not is_uri(location):
+        Path(location).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(location), text)
+        return
+    filesystem, path = open_filesystem(location)
+    with remote_errors(location), filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode())

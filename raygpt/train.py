@@ -28,7 +28,7 @@ from raygpt.preemption import PreemptionWatch, notice_metrics
 from raygpt.processes import CompileWorkers
 from raygpt.speed import set_attention_backend
 from raygpt.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
-from raygpt.storage import dataset_uri, default_cache_root, is_uri, stage_dataset
+from raygpt.storage import dataset_uri, default_cache_root, is_uri, join_uri, stage_dataset, storage_root
 from raygpt.tokenizer import PADDED_GPT2_VOCAB_SIZE, load_meta
 
 
@@ -170,9 +170,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     compile_cache = None
     if cfg.compile:
         if cfg.compile_cache:  # graphs compiled by an earlier process of this run, a rerun or another trial
-            storage_root = cfg.storage_path or str(Path("~/ray_results").expanduser())  # Ray's default
-            compile_cache = CompileCache(storage_root, device, graph_settings(cfg, model_args, world_size),
-                                         writer=is_rank_zero, warn=say)  # fmt: skip
+            settings = graph_settings(cfg, model_args, world_size)
+            compile_cache = CompileCache(
+                storage_root(cfg.storage_path), device, settings, writer=is_rank_zero, warn=say
+            )
             compile_cache.load()
         say("compiling the model... (takes a ~minute)", flush=True)
     wrapped = wrap_model(model, cfg, world_size, device, precision.dtype)  # before the optimizer: FSDP shards
@@ -200,7 +201,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.wandb_log and is_rank_zero:
         wandb_run, state.wandb_run_id = start_wandb(cfg, out_dir, state.wandb_run_id)
     mfu = lambda dt: model.estimate_mfu(cfg.batch_size * accum_steps, dt, device)  # noqa: E731
-    reporter = Reporter(cfg, is_rank_zero, tokens_per_iter, mfu, device, wandb_run, report_to_ray=ray.train.report)
+    reporter = Reporter(cfg, is_rank_zero, tokens_per_iter, mfu, device, wandb_run, report_to_ray=ray.train.report,
+                        results_at=join_uri(storage_root(cfg.storage_path), plan["run_name"]))  # fmt: skip
     checkpointer = Checkpointer(out_dir, rank, sharded=wrapped.sharded, asynchronous=cfg.async_checkpoint)
     # Ray's preemption notice, polled at log cadence (a barrier: every rank polls the same iterations),
     # in the checkpointer's thread, in order with the reports (Ray numbers both kinds of collective).
