@@ -114,6 +114,16 @@ def local_dataset(cfg: TrainConfig, say) -> Path:
     return local
 
 
+def open_compile_cache(cfg: TrainConfig, device, model_args: dict, world_size: int, writer: bool, warn):
+    """The run's compile cache, loaded before the first (lazy) compile; None with compile or the cache off."""
+    if not (cfg.compile and cfg.compile_cache):
+        return None
+    settings = graph_settings(cfg, model_args, world_size)
+    cache = CompileCache(storage_root(cfg.storage_path), device, settings, writer=writer, warn=warn)
+    cache.load()
+    return cache
+
+
 RESTART_AFTER_S = 600  # a worker group starting this long after the launcher was restarted by Ray
 
 
@@ -167,14 +177,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, model_args = build_model(cfg, load_meta(dataset_dir), saved, precision)
     model.to(device)
-    compile_cache = None
+    # Graphs compiled by an earlier process of this run, a rerun or another trial, shared through storage.
+    compile_cache = open_compile_cache(cfg, device, model_args, world_size, writer=is_rank_zero, warn=say)
     if cfg.compile:
-        if cfg.compile_cache:  # graphs compiled by an earlier process of this run, a rerun or another trial
-            settings = graph_settings(cfg, model_args, world_size)
-            compile_cache = CompileCache(
-                storage_root(cfg.storage_path), device, settings, writer=is_rank_zero, warn=say
-            )
-            compile_cache.load()
         say("compiling the model... (takes a ~minute)", flush=True)
     wrapped = wrap_model(model, cfg, world_size, device, precision.dtype)  # before the optimizer: FSDP shards
     betas = (cfg.beta1, cfg.beta2)
