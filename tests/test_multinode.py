@@ -199,10 +199,6 @@ def test_a_rerun_without_out_dir_continues_from_storage_bit_identical(
     assert_bit_identical(state, reference)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="launch.summarize reads out_dir/eval.json, which rank 0 wrote on its own node (not the driver's)",
-)
 def test_eval_only_on_another_node_than_the_driver(ray_nodes, reference_run):
     values, _ = reference_run
     returncode, output = finish(start_run(ray_nodes, {**values, "eval_only": True}))
