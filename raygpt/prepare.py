@@ -5,6 +5,7 @@ examples:
     python -m raygpt.prepare shakespeare [--input input.txt]        # GPT-2 BPE
     python -m raygpt.prepare openwebtext --input 'owt/*.parquet' [--text-column text]
     python -m raygpt.prepare corpus --name mycorpus --input 'docs/*.txt' [--one-doc-per-line]
+    python -m raygpt.prepare openwebtext --input 'owt/*.parquet' --ray [--address HOST:PORT]  # on a cluster
     python -m raygpt.prepare shakespeare_char --data-dir s3://bucket/data   # straight to object storage
 
 Tokens are uint16 (GPT-2's 50257 fit); meta.json says so. Inputs are checked before anything is
@@ -454,6 +455,24 @@ def tokenize_documents(
     return docs_done, counts
 
 
+@contextlib.contextmanager
+def ray_connection(use_ray: bool, address: str | None) -> Iterator[None]:
+    """Connected to Ray for the block when use_ray (an existing connection is kept as it is)."""
+    if not use_ray:
+        yield
+        return
+    import ray
+
+    from raygpt.prepare_ray import connect_ray
+
+    connected_here = connect_ray(address)
+    try:
+        yield
+    finally:
+        if connected_here:
+            ray.shutdown()
+
+
 def prepare_corpus(
     name: str,
     data_dir: str | Path,
@@ -464,8 +483,11 @@ def prepare_corpus(
     seed: int = 2357,
     num_threads: int | None = None,
     input_flag: str = "--input",
+    use_ray: bool = False,
+    address: str | None = None,
 ) -> Path:
-    """GPT-2 BPE over many documents, EOT after each, each document to val with probability val_fraction."""
+    """GPT-2 BPE over many documents, EOT after each, each document to val with probability val_fraction.
+    use_ray tokenizes on the Ray cluster at `address` (raygpt.prepare_ray), with the same outputs."""
     if not 0.0 < val_fraction < 1.0:
         raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     if seed < 0:
@@ -483,17 +505,14 @@ def prepare_corpus(
 
     def write_splits(train_file: BinaryIO, val_file: BinaryIO) -> None:
         # Runs inside write_dataset's two write_atomic calls: a refusal here leaves neither file nor a temporary.
-        docs, counts = tokenize_documents(
-            name,
-            paths,
-            {"train": train_file, "val": val_file},
-            work,
-            text_column,
-            one_doc_per_line,
-            val_fraction,
-            rng,
-            num_threads or os.cpu_count() or 1,
-        )
+        outputs = {"train": train_file, "val": val_file}
+        reading = (name, paths, outputs, work, text_column, one_doc_per_line, val_fraction, rng)
+        if use_ray:
+            from raygpt.prepare_ray import tokenize_documents_on_ray
+
+            docs, counts = tokenize_documents_on_ray(*reading)
+        else:
+            docs, counts = tokenize_documents(*reading, num_threads or os.cpu_count() or 1)
         if docs == 0:
             raise PrepareError(f"no documents found in {input_flag} {input_path}")
         if counts["val"] == 0:
@@ -503,7 +522,7 @@ def prepare_corpus(
         check_splits(name, counts["train"], counts["val"], "raise --val-fraction or add documents")
         summary.update(docs=docs, **counts)
 
-    with output_folder(dataset_dir):
+    with ray_connection(use_ray, address), output_folder(dataset_dir):
         write_dataset(dataset_dir, {"vocab_size": encoding.n_vocab, "tokenizer": "gpt2"}, write_splits)
     print(
         f"{name}: {summary['docs']:,} docs, train {summary['train']:,} tokens, val {summary['val']:,} tokens "
@@ -601,12 +620,29 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"tokenizer threads, 1 to {MAX_THREADS} (default: one per CPU, {os.cpu_count()} here)",
     )
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="tokenize a corpus with Ray tasks across the cluster (same outputs, byte for byte)",
+    )
+    parser.add_argument(
+        "--address",
+        metavar="HOST:PORT",
+        help="the Ray cluster for --ray (default: RAY_ADDRESS, else a cluster started here with `ray start`, "
+        "else a local Ray)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     corpus_options = {}
+    if args.dataset in SHAKESPEARE_SETS and (args.ray or args.address):
+        print(f"error: --ray and --address apply to corpus datasets, not {args.dataset}", file=sys.stderr)
+        return EXIT_REFUSED
+    if args.address and not args.ray:
+        print("error: --address is the Ray cluster for --ray; add --ray", file=sys.stderr)
+        return EXIT_REFUSED
     if args.dataset not in SHAKESPEARE_SETS:
         corpus_options = dict(
             text_column=args.text_column,
@@ -614,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
             val_fraction=args.val_fraction,
             seed=args.seed,
             num_threads=args.num_threads,
+            use_ray=args.ray,
+            address=args.address,
         )
 
     def prepare() -> int:
