@@ -482,6 +482,12 @@ def interruptible(trainer_class):
 ABORT_TIMEOUT_S = 30
 
 
+def in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -571,8 +577,10 @@ def run(cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherO
             flush=True,
         )
     forward_worker_output(True)
+    # The trainer's handlers (interruptible) end with the run: a later run or a notebook gets its own back.
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main_thread() else {}
     # Local mode trains in this process: SIGTERM checkpoints at the next iteration boundary, then stops.
-    restore_sigterm = handle_sigterm() if cfg.local_mode else lambda: None
+    restore_sigterm = handle_sigterm() if cfg.local_mode and in_main_thread() else lambda: None
     try:
         result = build_trainer(cfg, plan).fit()
     except KeyboardInterrupt as e:
@@ -592,6 +600,8 @@ def run(cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherO
         raise RunFailed(f"training failed: {root_cause(e)}; {where_to_continue(cfg, plan)}") from e
     finally:
         restore_sigterm()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     summarize(result, cfg)
     return result
 

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.fs
 import pytest
@@ -23,9 +24,10 @@ from test_faults import FAULT_RUN, assert_bit_identical, cli_args, finish, wait_
 
 from raygpt import checkpoint
 from raygpt.prepare import prepare_dataset
-from raygpt.storage import cache_folder, dataset_uri
+from raygpt.storage import cache_folder, dataset_uri, join_uri, list_folders
 
 pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[1]
 
 TWO_WORKERS = dict(num_workers=2, cpus_per_worker=1)  # one CPU each: the nodes have one CPU each
 
@@ -98,6 +100,16 @@ def newest_state(storage: str, run_name: str, scratch) -> dict:
     return max(states, key=lambda state: state["iter_num"])
 
 
+def list_checkpoints(storage: str, run_name: str) -> list[str]:
+    return list_folders(join_uri(storage, run_name), "checkpoint_")  # oldest first: Ray names them by time
+
+
+def tool(module: str, *argv) -> subprocess.CompletedProcess:
+    """A raygpt command-line tool run as a user would, from this (the driver's) machine."""
+    return subprocess.run([sys.executable, "-m", module, *map(str, argv)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)  # fmt: skip
+
+
 def nodes_with_a_copy(cluster, data_dir: str) -> set[str]:
     """The nodes whose own cache holds a staged copy of the dataset: those that ran a worker."""
     uri = dataset_uri(data_dir, "shakespeare_char")
@@ -120,12 +132,10 @@ def nodes_running(cluster, actor: str) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("storage_kind", ["local", "s3"])
-def test_two_workers_on_two_nodes_each_staging_its_own_copy(
-    ray_nodes, s3_server, shakespeare_path, tmp_path, storage_kind
-):
+def test_two_workers_on_two_nodes_each_staging_its_own_copy(ray_nodes, s3_server, shakespeare_path, tmp_path):
+    """Checkpoints in a local storage_path here; the other tests keep theirs in S3."""
     data_dir = prepared_dataset(s3_server, shakespeare_path)  # a fresh URI: no node has a copy yet
-    storage = storage_for(storage_kind, s3_server, tmp_path)
+    storage = storage_for("local", s3_server, tmp_path)
     values = {**TINY_RUN, **TWO_WORKERS, "data_dir": data_dir, "storage_path": storage, "out_dir": tmp_path / "out"}
     returncode, output = finish(start_run(ray_nodes, values))
     assert returncode == 0, output[-3000:]
@@ -197,6 +207,13 @@ def test_a_rerun_without_out_dir_continues_from_storage_bit_identical(
     state = newest_state(storage, "out", tmp_path)
     assert "checkpoint_" in (state["resumed_from"] or ""), output[-3000:]
     assert_bit_identical(state, reference)
+    # sample and export read the checkpoint straight from object storage
+    newest = join_uri(storage, "out", list_checkpoints(storage, "out")[-1])
+    sampled = tool("raygpt.sample", "--checkpoint", newest, "--num-samples=1", "--max-new-tokens=20", "--start=ROMEO:")
+    assert sampled.returncode == 0 and sampled.stdout.startswith("ROMEO:"), sampled.stderr[-2000:]
+    exported = tool("raygpt.export", newest, "--ckpt", tmp_path / "exported.pt")
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert checkpoint.load(tmp_path / "exported.pt")["iter_num"] == FAULT_RUN["max_iters"]
 
 
 def test_eval_only_on_another_node_than_the_driver(ray_nodes, reference_run):

@@ -4,6 +4,7 @@ s3://, stage into a node-local cache once, verified against meta.json; damaged o
 import fcntl
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs
 import pytest
+from conftest import TINY_LOCAL_RUN
 
 from raygpt import storage
 from raygpt.prepare import prepare_dataset
@@ -225,3 +227,17 @@ def test_any_pyarrow_filesystem_works_a_local_one_by_file_uri(char_data, shakesp
     local = stage_dataset(uri, tmp_path / "cache", progress=lambda line: None)
     for name in TOKEN_FILES:
         assert (local / name).read_bytes() == (char_data / "shakespeare_char" / name).read_bytes()
+
+
+def test_a_missing_or_unreachable_dataset_uri_is_one_line_before_ray_starts(s3_server, tmp_path):
+    bucket = s3_server.create_bucket()
+    argv = [*TINY_LOCAL_RUN, f"--out_dir={tmp_path / 'out'}", f"--storage_path={tmp_path / 'ray'}"]
+    missing = launch_cli(*argv, "--dataset=owt", f"--data_dir={bucket}/nothing-here")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert missing.stderr.startswith("error: ") and f"{bucket}/nothing-here/owt" in missing.stderr
+
+
+def launch_cli(*argv) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-m", "raygpt.launch", *map(str, argv)], capture_output=True, text=True,
+                          env=env, timeout=300)  # fmt: skip
