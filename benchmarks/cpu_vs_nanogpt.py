@@ -17,6 +17,7 @@ import os
 import pickle
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,8 +43,12 @@ EVAL_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 PEAK_MEMORY = re.compile(r"peak memory ([\d.]+) GiB")  # raygpt's eval lines; peak_memory.py for nanoGPT
 
 
-def run_and_parse(name: str, command: list[str], cwd: Path, log_path: Path, env: dict) -> dict:
-    """Run `command`, tee its output to log_path, and pull ms/iter, evals and time-to-first-iter from it."""
+def run_and_parse(
+    name: str, command: list[str], cwd: Path, log_path: Path, env: dict, skip_iters: int = 10, stop_after: int = 0
+) -> dict:
+    """Run `command`, tee its output to log_path, and pull ms/iter, evals and time-to-first-iter from it.
+    Iterations before skip_iters are warm-up, left out of the median. stop_after: interrupt the run (Ctrl-C)
+    once that iteration is logged, before its final eval and checkpoint (a 6.7B checkpoint is 100 GB)."""
     start = time.time()
     first_iter_s = None
     step_ms, evals = [], []
@@ -57,13 +62,15 @@ def run_and_parse(name: str, command: list[str], cwd: Path, log_path: Path, env:
             if match := ITER_LINE.search(line):
                 if first_iter_s is None:
                     first_iter_s = time.time() - start
-                if int(match.group(1)) >= 10:  # skip warm-up iterations
+                if int(match.group(1)) >= skip_iters:
                     step_ms.append(float(match.group(2)))
+                if stop_after and int(match.group(1)) >= stop_after and process.poll() is None:
+                    process.send_signal(signal.SIGINT)
             elif match := EVAL_LINE.search(line):
                 evals.append((int(match.group(1)), float(match.group(3))))
             if match := PEAK_MEMORY.search(line):
                 peak_gib = max(peak_gib or 0.0, float(match.group(1)))
-        if process.wait() != 0:
+        if process.wait() not in ((0, 130) if stop_after else (0,)):  # 130: interrupted as asked
             sys.exit(f"{name} failed, see {log_path}")
     return {
         "name": name,
