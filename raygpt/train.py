@@ -127,12 +127,18 @@ def open_compile_cache(cfg: TrainConfig, device, model_args: dict, world_size: i
 RESTART_AFTER_S = 600  # a worker group starting this long after the launcher was restarted by Ray
 
 
-def startup_line(plan: dict, worker_started: float, ready: float, first_step_done: float) -> str:
-    """Where the time to the first step went. A worker group restarted after a failure starts long after
-    the launcher was ready: its line counts from the restart."""
+def startup_line(
+    plan: dict, worker_started: float, ready: float, first_step_done: float, peak_gib: float | None = None
+) -> str:
+    """Where the time to the first step went, and on a GPU the memory peak so far: the first step has
+    allocated the optimizer state, so this is about the run's peak, known before a long run goes on.
+    A worker group restarted after a failure starts long after the launcher was ready: its line counts
+    from the restart."""
     model = (
         f"model and data {ready - worker_started:.1f}s, first eval and step (compile) {first_step_done - ready:.1f}s"
     )
+    if peak_gib is not None:
+        model += f"; peak memory {peak_gib:.2f} GiB"
     since_ray = worker_started - plan.get("ray_ready_at", 0.0)
     if not plan.get("launched_at") or not 0 <= since_ray < RESTART_AFTER_S:
         return f"start-up after a restart: {model}"
@@ -262,7 +268,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if compile_cache is not None:
                 compile_cache.save()  # the training step (and a fresh run's first eval) are compiled by now
                 say(compile_cache.summary(), flush=True)
-            say(startup_line(plan, worker_started, ready, t1), flush=True)
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            say(startup_line(plan, worker_started, ready, t1, peak), flush=True)
         if local_iter_num == 3:
             compile_workers.stop_in_background()  # forward and backward are compiled by now
         if state.iter_num % cfg.log_interval == 0:

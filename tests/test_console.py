@@ -45,3 +45,5 @@ def test_the_start_up_line_counts_a_restarted_worker_group_from_its_restart():
     )
     restarted = startup_line(plan, 5000.0, 5004.0, 5010.0)
     assert restarted == "start-up after a restart: model and data 4.0s, first eval and step (compile) 6.0s"
+    on_gpu = startup_line(plan, 5000.0, 5004.0, 5010.0, peak_gib=61.234)
+    assert on_gpu == f"{restarted}; peak memory 61.23 GiB"
