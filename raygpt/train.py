@@ -64,7 +64,9 @@ def build_model(cfg: TrainConfig, meta: dict | None, saved: dict | None, precisi
     if cfg.check_memory:
         check_fits({**model_args, "block_size": min(cfg.block_size, model_args["block_size"])}, cfg.batch_size,
                    precision.dtype, precision.device)  # fmt: skip
-    if saved is not None or cfg.init_from == "scratch":
+    if saved is not None:  # the checkpoint's weights replace any init: skip it
+        model = GPT.uninitialized(GPTConfig(**model_args, dropout=cfg.dropout), precision.device)
+    elif cfg.init_from == "scratch":
         model = GPT(GPTConfig(**model_args, dropout=cfg.dropout))
     model_args["dropout"] = cfg.dropout
     if cfg.block_size < model.config.block_size and saved is None:
