@@ -69,6 +69,19 @@ def test_shapes_tying_and_init():
     assert torch.allclose(masked, first_half, atol=1e-6)
 
 
+def test_an_uninitialized_model_is_tied_and_takes_a_checkpoint_exactly():
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100, bias=True)
+    torch.manual_seed(0)
+    trained = GPT(config)
+    empty = GPT.uninitialized(config, torch.device("cpu"))
+    assert empty.transformer.wte.weight is empty.lm_head.weight  # tied again after to_empty
+    assert not any(p.is_meta for p in empty.parameters())
+    empty.load_state_dict(trained.state_dict())
+    idx = torch.randint(0, 100, (2, 16))
+    assert torch.equal(empty(idx, idx)[1], trained(idx, idx)[1])
+    assert sum(p.numel() for p in empty.parameters()) == sum(p.numel() for p in trained.parameters())
+
+
 def test_crop_block_size():
     model = GPT(GPTConfig(**TINY))
     model.crop_block_size(8)
