@@ -187,6 +187,7 @@ def shakespeare(args, env) -> list[str]:
                 "configs/train_shakespeare_char.py",
                 f"--data_dir={args.work_dir / 'data'}",
                 f"--out_dir={args.work_dir / 'out-l'}",
+                f"--storage_path={args.work_dir / 'ray-local'}",
                 "--local_mode=True",
                 *extra,
             ],
@@ -207,11 +208,11 @@ def shakespeare(args, env) -> list[str]:
             "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
             "TRITON_CACHE_DIR": str(cache / "triton"),
         }
-        for storage in ("ray", "ray-eager"):  # raygpt's compile cache lives in storage: cold means empty
+        for storage in ("ray", "ray-eager", "ray-local"):  # raygpt's compile cache lives in storage: cold means empty
             shutil.rmtree(args.work_dir / storage, ignore_errors=True)
         # nanoGPT runs once, cold: the goals are ratios to its cold wall time.
         for attempt in ("cold", "warm")[: 2 if args.warm and name != "nanoGPT train.py" else 1]:
-            for storage in ("ray", "ray-eager"):  # a rerun must not resume the last run; the cache stays
+            for storage in ("ray", "ray-eager", "ray-local"):  # a rerun must not resume the last run; the cache stays
                 for run in (args.work_dir / storage).glob("*"):
                     if run.name != "compile-cache":
                         shutil.rmtree(run, ignore_errors=True)
