@@ -24,11 +24,17 @@ output, each line with its seconds since the launch, is in a log under --work-di
 (--timeout): past it, the run is stopped and the script exits saying what never came. The tables are
 appended to --out, with the start-up and compile cache lines the run printed. The run starts its own Ray
 (RAY_ADDRESS is dropped), so that the killed worker is one of its own processes and the start is cold.
+
+On one host, the node's own inductor and Triton caches (TORCHINDUCTOR_CACHE_DIR, shared by the run's
+processes) serve a restarted worker or a later trial even without the compile cache in Ray storage.
+--caches-per-process gives each Ray worker process empty ones of its own, as on a node that never
+compiled, so that only Ray storage carries compiled graphs over: what "compile once per cluster" buys.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import queue
 import re
@@ -78,7 +84,8 @@ class Watched:
         self.history: list[tuple[float, str]] = []  # (time.time(), line) of every line so far
         self.lines: queue.Queue = queue.Queue()
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, bufsize=1, start_new_session=True)  # fmt: skip
+                                        text=True, bufsize=1)  # fmt: skip
+        atexit.register(self.stop)  # whatever stops this script stops the run too
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -129,18 +136,23 @@ class Watched:
             sys.exit(f"the run failed (exit {self.process.returncode}); see {self.log_path}")
 
     def stop(self) -> None:
-        """SIGTERM to the run's process group (the launcher stops its Ray), SIGKILL to what is left after 30 s."""
-        left = [self.process, *psutil.Process(self.process.pid).children(recursive=True)]
+        """SIGTERM to the launcher and every process under it (its Ray), SIGKILL to those left after 30 s."""
+        if self.process.poll() is not None:
+            return
+        try:
+            launcher = psutil.Process(self.process.pid)
+            left = [launcher, *launcher.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                pass
-            _, left = psutil.wait_procs([p for p in left if p.is_running()], timeout=30)
+            for process in left:
+                try:
+                    process.send_signal(sig)  # psutil checks it is still the same process
+                except psutil.NoSuchProcess:
+                    pass
+            _, left = psutil.wait_procs(left, timeout=30)
             if not left:
                 return
-        for process in left:  # started by the run, but in a session of their own
-            process.kill()
 
     def lines_between(self, start: float, end: float, pattern: re.Pattern) -> list[tuple[float, str]]:
         return [(at, line) for at, line in self.history if start <= at < end and pattern.match(line)]
