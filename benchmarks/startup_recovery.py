@@ -62,6 +62,9 @@ STARTUP_PARTS = re.compile(r"model and data ([\d.]+)s, first eval and step \(com
 COMPILE_CACHE = re.compile(r"^compile cache \S+: (hit|miss)\b.*graphs: (\d+) cached, (\d+) compiled")
 RESUMING = re.compile(r"^resuming from \S+ at iter (\d+)")
 TRIAL_STARTED = re.compile(r"^Trial (\S+) started with configuration")
+# Shown as they come and listed under the tables: where the time to a first step went. Ray's controller
+# waits up to TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S (30 s) for a failed group's survivors to leave NCCL.
+SHOWN = re.compile(rf"{STARTUP.pattern}|{COMPILE_CACHE.pattern}|{RESUMING.pattern}|.*shutdown timed out")
 # --caches-per-process: run by every Python process of the run at its start. A Ray worker (its parent, the
 # raylet, is no Python process of this run) gets empty inductor and Triton caches of its own, as on a node
 # that never compiled; a process it starts itself (torch's compile workers) keeps its parent's.
@@ -114,7 +117,7 @@ class Watched:
             if line is None:
                 sys.exit(f"the run ended (exit {self.process.wait()}) before {what}; see {self.log_path}")
             self.history.append((at, line))
-            if STARTUP.match(line) or COMPILE_CACHE.match(line) or RESUMING.match(line):
+            if SHOWN.match(line):
                 print(f"  [{self.since_launch(at):7.1f}s] {line}", flush=True)
             if pattern and (match := pattern.search(line)):
                 return at, match
@@ -190,6 +193,7 @@ def prepare(args, name: str) -> tuple[Path, dict]:
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env.update(PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0", RAY_TMPDIR=args.ray_tmp,
                TORCHINDUCTOR_CACHE_DIR=str(run_dir / "inductor"), TRITON_CACHE_DIR=str(run_dir / "triton"))  # fmt: skip
+    env.update(setting.split("=", 1) for setting in args.env)
     if args.caches_per_process:
         site = run_dir / "site"
         site.mkdir()
@@ -249,7 +253,7 @@ def measure_restart(args) -> dict:
 
 
 def startup_lines(run: Watched, start: float, end: float) -> list[str]:
-    return [line for _, line in run.lines_between(start, end, re.compile(f"{STARTUP.pattern}|{COMPILE_CACHE.pattern}"))]
+    return [line for _, line in run.lines_between(start, end, SHOWN)]
 
 
 def measure_tune(args) -> list[dict]:
@@ -291,7 +295,11 @@ def describe_model(args) -> str:
 def command_line(args) -> str:
     """The measurement's command (without the paths) and the date, for the table's caption."""
     count = f"--gpus {args.gpus}" if args.measurement == "restart" else f"--trials {args.trials}"
-    flags = [" --tiny" * args.tiny, " --caches-per-process" * args.caches_per_process]
+    flags = [
+        " --tiny" * args.tiny,
+        " --caches-per-process" * args.caches_per_process,
+        *(f" --env {e}" for e in args.env),
+    ]
     return (f"`python benchmarks/startup_recovery.py {args.measurement} {count} --device {args.device}{''.join(flags)} "
             f"--iters {args.iters} --eval-interval {args.eval_interval}`, {time.strftime('%Y-%m-%d')}")  # fmt: skip
 
@@ -311,7 +319,7 @@ def restart_table(args, result: dict) -> list[str]:
         f"| {result['cold_s']:.1f} | {result['resume_s']:.1f} | {result['restart_s']:.1f} | {ratio:.2f}x | "
         f"{'met' if met else 'not met'} |",
         "",
-        "What the run printed (cold start, then the restart):",
+        "What the run printed (the cold start, then the restart):",
         "",
         *(f"    {line}" for line in result["lines"]),
         "",
@@ -362,9 +370,14 @@ def main() -> None:
     parser.add_argument("--caches-per-process", action="store_true",
                         help="each Ray worker starts with empty inductor and Triton caches, as on a new node: only "
                         "the compile cache in Ray storage carries graphs from one process to the next")  # fmt: skip
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="set in the run's environment, which all its Ray processes inherit (repeatable), e.g. "
+                        "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S=5")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=900, help="seconds any one wait may take")
     parser.add_argument("--out", type=Path, default=Path("startup_recovery.md"), help="tables are appended here")
     args = parser.parse_args()
+    if bad := [setting for setting in args.env if "=" not in setting]:
+        parser.error(f"--env takes KEY=VALUE, got {bad[0]!r}")
     restart = args.measurement == "restart"
     args.iters = args.iters or ((100 if args.tiny else 300) if restart else 20)
     args.eval_interval = args.eval_interval or (20 if restart else 10)
