@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +171,7 @@ class RunPlan:
     launched_at: float = 0.0
     ray_ready_at: float = 0.0
     max_workers: int = 0  # an elastic run grows up to this many; 0: a fixed count
+    launch_id: str = ""  # new at each launch: a worker group tells Ray's restart of it from its first start
 
 
 def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPlan:
@@ -551,7 +553,7 @@ def prepare_run(
     if not cfg.local_mode:
         connect(options.address, options.verbose)
     plan = plan_resources(cfg, options.wait_for_resources)
-    plan = dataclasses.replace(plan, launched_at=launched_at, ray_ready_at=time.time())
+    plan = dataclasses.replace(plan, launched_at=launched_at, ray_ready_at=time.time(), launch_id=uuid.uuid4().hex)
     if resume_from is not None and not ray_checkpoint_dirs(cfg, run_name):
         plan = dataclasses.replace(plan, resume_from=str(resume_from))
     return cfg, plan

@@ -129,20 +129,35 @@ def open_compile_cache(cfg: TrainConfig, device, model_args: dict, world_size: i
 RESTART_AFTER_S = 600  # a worker group starting this long after the launcher was restarted by Ray
 
 
-def startup_line(
-    plan: dict, worker_started: float, ready: float, first_step_done: float, peak_gib: float | None = None
-) -> str:
+def first_worker_group(launch_id: str) -> bool | None:
+    """Whether no worker group of this launch started before this one (Ray restarts the group after a
+    failure): the first to mark the launch in Ray's key-value store. None where that cannot be asked
+    (local mode; a private Ray API, which may move)."""
+    if not launch_id:
+        return None
+    try:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        return not _internal_kv_put(f"started-{launch_id}", b"1", overwrite=False, namespace="raygpt")
+    except Exception:  # noqa: BLE001 - only the start-up line's wording depends on it
+        return None
+
+
+def startup_line(plan: dict, worker_started: float, ready: float, first_step_done: float,
+                 peak_gib: float | None = None, first_group: bool | None = None) -> str:  # fmt: skip
     """Where the time to the first step went, and on a GPU the memory peak so far: the first step has
     allocated the optimizer state, so this is about the run's peak, known before a long run goes on.
-    A worker group restarted after a failure starts long after the launcher was ready: its line counts
-    from the restart."""
+    A worker group restarted after a failure (first_group False) counts from its restart; when that is
+    unknown (None), a group starting long after the launcher was ready is taken for a restart."""
     model = (
         f"model and data {ready - worker_started:.1f}s, first eval and step (compile) {first_step_done - ready:.1f}s"
     )
     if peak_gib is not None:
         model += f"; peak memory {peak_gib:.2f} GiB"
     since_ray = worker_started - plan.get("ray_ready_at", 0.0)
-    if not plan.get("launched_at") or not 0 <= since_ray < RESTART_AFTER_S:
+    if first_group is None:
+        first_group = 0 <= since_ray < RESTART_AFTER_S
+    if not plan.get("launched_at") or not first_group:
         return f"start-up after a restart: {model}"
     return (f"start-up {first_step_done - plan['launched_at']:.1f}s: launcher checks and Ray "
             f"{plan['ray_ready_at'] - plan['launched_at']:.1f}s, worker group {since_ray:.1f}s, {model}")  # fmt: skip
@@ -166,6 +181,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     is_rank_zero = rank == 0
     say = print if is_rank_zero else lambda *args, **kwargs: None
+    first_group = first_worker_group(plan.get("launch_id", "")) if is_rank_zero else None
     device = worker_device(cfg, plan["use_gpu"])
     torch.set_num_threads(worker_cpu_count(plan["cpus_per_worker"]))
     compile_workers = CompileWorkers(enabled=cfg.compile and device.type == "cuda")
@@ -271,7 +287,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 compile_cache.save()  # the training step (and a fresh run's first eval) are compiled by now
                 say(compile_cache.summary(), flush=True)
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            say(startup_line(plan, worker_started, ready, t1, peak), flush=True)
+            say(startup_line(plan, worker_started, ready, t1, peak, first_group), flush=True)
         if local_iter_num == 3:
             compile_workers.stop_in_background()  # forward and backward are compiled by now
         if state.iter_num % cfg.log_interval == 0:

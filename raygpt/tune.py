@@ -14,6 +14,7 @@ import dataclasses
 import math
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,7 +193,9 @@ def make_trainable(base: TrainConfig, plan: launch.RunPlan):
 
         trial_id = tune.get_context().get_trial_id()
         cfg = base.replace(**config, out_dir=f"{base.out_dir}/{trial_id}")
-        trial_plan = dataclasses.replace(plan, run_name=f"{plan.run_name}-{trial_id}")
+        started = time.time()  # a trial's start-up line counts from the trial's own start, not the sweep's
+        trial_plan = dataclasses.replace(plan, run_name=f"{plan.run_name}-{trial_id}", launched_at=started,
+                                         ray_ready_at=started, launch_id=f"{plan.launch_id}-{trial_id}")  # fmt: skip
         launch.build_trainer(cfg, trial_plan, callbacks=[TuneReportCallback()]).fit()
 
     return train_trial

@@ -3,8 +3,10 @@
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import pytest
 from conftest import TINY_LOCAL_RUN
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,3 +49,18 @@ def test_the_start_up_line_counts_a_restarted_worker_group_from_its_restart():
     assert restarted == "start-up after a restart: model and data 4.0s, first eval and step (compile) 6.0s"
     on_gpu = startup_line(plan, 5000.0, 5004.0, 5010.0, peak_gib=61.234)
     assert on_gpu == f"{restarted}; peak memory 61.23 GiB"
+    # Ray's key-value store knows better than the clock: an early restart, a late first start.
+    early_restart = startup_line(plan, 130.0, 135.0, 140.0, first_group=False)
+    assert early_restart == "start-up after a restart: model and data 5.0s, first eval and step (compile) 5.0s"
+    assert startup_line(plan, 5000.0, 5004.0, 5010.0, first_group=True).startswith("start-up 4910.0s: ")
+
+
+@pytest.mark.ray
+def test_only_the_first_worker_group_of_a_launch_is_its_first(ray_local):
+    from raygpt.train import first_worker_group
+
+    launch_id = uuid.uuid4().hex
+    assert first_worker_group(launch_id) is True
+    assert first_worker_group(launch_id) is False  # the group Ray starts again after a failure
+    assert first_worker_group(uuid.uuid4().hex) is True  # another launch (a rerun, a Tune trial)
+    assert first_worker_group("") is None  # local mode: no launch to ask about
