@@ -127,6 +127,11 @@ class TrainConfig:
         "elastic: grow up to this many workers as the cluster allows, num_workers the least (--num-workers "
         "MIN-MAX sets both); 0 = a fixed count",
     )
+    elastic_resize_interval_s: float = key(
+        60.0,
+        "elastic: seconds between Ray's checks for room to grow (growing restarts the workers from the latest "
+        "checkpoint)",
+    )
     use_gpu: bool | None = key(None, "None = use GPUs when the cluster has them; True requires them")
     cpus_per_worker: float = key(0.0, "CPUs reserved per worker; 0 = share the cluster's CPUs")
     storage_path: str = key("", "Ray storage for checkpoints (a shared path or s3://...); '' = ~/ray_results")
@@ -202,6 +207,7 @@ class TrainConfig:
             "grad_clip",
             "min_lr",
             "cpus_per_worker",
+            "elastic_resize_interval_s",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")

@@ -262,6 +262,7 @@ FREE_TO_CHANGE = {
     *(
         "num_workers",
         "max_workers",
+        "elastic_resize_interval_s",
         "use_gpu",
         "cpus_per_worker",
         "parallelism",
@@ -502,6 +503,8 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
         num_workers=0 if cfg.local_mode else workers,
         use_gpu=plan.use_gpu,
         resources_per_worker={"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})},
+        # A field of Ray's elastic ScalingConfig only (older Rays lack it): passed for elastic runs alone.
+        **({"elastic_resize_monitor_interval_s": cfg.elastic_resize_interval_s} if plan.max_workers else {}),
     )
     run_config = RunConfig(
         name=plan.run_name,

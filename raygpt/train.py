@@ -145,8 +145,8 @@ def first_worker_group(launch_id: str) -> bool | None:
 
 def startup_line(plan: dict, worker_started: float, ready: float, first_step_done: float,
                  peak_gib: float | None = None, first_group: bool | None = None) -> str:  # fmt: skip
-    """Where the time to the first step went, and on a GPU the memory peak so far: the first step has
-    allocated the optimizer state, so this is about the run's peak, known before a long run goes on.
+    """Where the time to the first step went, and on a GPU the training step's memory peak, known before
+    a long run goes on.
     A worker group restarted after a failure (first_group False) counts from its restart; when that is
     unknown (None), a group starting long after the launcher was ready is taken for a restart."""
     model = (
@@ -213,7 +213,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     resumed_batch = state.load_state_dict(saved, source) if saved is not None else None
     saved = None  # free the checkpoint's copy of the weights
     if source is not None:
-        say(f"resuming from {source} at iter {state.iter_num} (best val loss {state.best_val_loss:.4f})", flush=True)
+        say(
+            f"resuming from {source} at iter {state.iter_num} (best val loss {state.best_val_loss:.4f}) "
+            f"with {world_size} worker{'s' if world_size > 1 else ''}",
+            flush=True,
+        )
 
     if nanogpt_order and world_size > 1:  # the launcher refuses this; Tune or a custom trainer might not
         raise ValueError(f"data_order=nanogpt needs one worker, not {world_size}")
@@ -283,11 +287,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state.iter_num += 1
         local_iter_num += 1
         if local_iter_num == 1:
+            first_step_done = t1
             if compile_cache is not None:
                 compile_cache.save()  # the training step (and a fresh run's first eval) are compiled by now
                 say(compile_cache.summary(), flush=True)
+        # After the second step: its backward ran beside the optimizer state the first step allocated, so
+        # the memory peak so far is the run's (until an eval's, which its line reports).
+        if local_iter_num == 2 or (local_iter_num == 1 and state.iter_num >= cfg.max_iters):
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            say(startup_line(plan, worker_started, ready, t1, peak, first_group), flush=True)
+            say(startup_line(plan, worker_started, ready, first_step_done, peak, first_group), flush=True)
         if local_iter_num == 3:
             compile_workers.stop_in_background()  # forward and backward are compiled by now
         if state.iter_num % cfg.log_interval == 0:
