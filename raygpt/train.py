@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -172,6 +174,38 @@ def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
     return bool(flags.item())
 
 
+@dataclass
+class FirstSteps:
+    """What the loop does once, in its first steps: share the newly compiled graphs (after the first),
+    say where start-up time went (after the second, whose backward ran beside the optimizer state the
+    first allocated: its memory peak is the training step's), and stop the compile workers (after the
+    third, when forward and backward are compiled)."""
+
+    plan: dict
+    worker_started: float
+    ready: float  # the model, optimizer and data are set up; the first eval and step come next
+    device: torch.device
+    compile_cache: CompileCache | None
+    compile_workers: CompileWorkers
+    first_group: bool | None
+    say: Callable
+    first_step_done: float = 0.0
+
+    def after_step(self, local_iter_num: int, now: float, last: bool) -> None:
+        if local_iter_num == 1:
+            self.first_step_done = now
+            if self.compile_cache is not None:
+                self.compile_cache.save()  # the training step (and a fresh run's first eval) are compiled now
+                self.say(self.compile_cache.summary(), flush=True)
+        if local_iter_num == 2 or (local_iter_num == 1 and last):
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+            line = startup_line(self.plan, self.worker_started, self.ready, self.first_step_done, peak,
+                                self.first_group)  # fmt: skip
+            self.say(line, flush=True)
+        if local_iter_num == 3:
+            self.compile_workers.stop_in_background()
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
 
@@ -245,7 +279,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- the loop ---------------------------------------------------------------------------------
     X, Y = batches.train_batch(state.iter_num, 0) if resumed_batch is None else (t.to(device) for t in resumed_batch)
     start_iter, local_iter_num, t0 = state.iter_num, 0, time.time()
-    ready = t0
+    first_steps = FirstSteps(plan, worker_started, t0, device, compile_cache, compile_workers, first_group, say)
     while True:
         lr = get_lr(state.iter_num, cfg)
         for param_group in optimizer.param_groups:
@@ -286,18 +320,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         dt, t0 = t1 - t0, t1
         state.iter_num += 1
         local_iter_num += 1
-        if local_iter_num == 1:
-            first_step_done = t1
-            if compile_cache is not None:
-                compile_cache.save()  # the training step (and a fresh run's first eval) are compiled by now
-                say(compile_cache.summary(), flush=True)
-        # After the second step: its backward ran beside the optimizer state the first step allocated, so
-        # the memory peak so far is the run's (until an eval's, which its line reports).
-        if local_iter_num == 2 or (local_iter_num == 1 and state.iter_num >= cfg.max_iters):
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            say(startup_line(plan, worker_started, ready, first_step_done, peak, first_group), flush=True)
-        if local_iter_num == 3:
-            compile_workers.stop_in_background()  # forward and backward are compiled by now
+        if local_iter_num <= 3:
+            first_steps.after_step(local_iter_num, t1, last=state.iter_num >= cfg.max_iters)
         if state.iter_num % cfg.log_interval == 0:
             guard.check(state.iter_num - 1)
             reporter.step(state.iter_num - 1, loss_sum.item(), lr, dt, state.last_eval["val"])
