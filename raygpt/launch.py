@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import signal
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from raygpt.config import DEFAULTS, TrainConfig, config_help, read_config
 from raygpt.data import validate_dataset
 from raygpt.errors import EXIT_INTERRUPTED, RaygptError, refuse
 from raygpt.metrics import EVAL_NAME
-from raygpt.preemption import EXIT_TERMINATED, Terminated, handle_sigterm
+from raygpt.preemption import EXIT_TERMINATED, Terminated, ask_workers_to_stop, handle_sigterm
 from raygpt.runlock import RunLock, lock_run
 from raygpt.storage import (
     DatasetNotFoundError,
@@ -447,15 +449,16 @@ def forward_worker_output(enabled: bool) -> None:
         pass
 
 
-def interruptible(trainer_class):
+def interruptible(trainer_class, hand_sigterm_to_workers: Callable[[], bool] | None = None):
     """The trainer class with raygpt's Ctrl-C handler in place of the one Ray Train's fit() installs.
 
     Ray's asks the controller to abort and then exits the process itself, so the launcher could say
     nothing about what was saved. This one asks the controller to abort, waits (ABORT_TIMEOUT_S at most)
     until the workers have stopped, so that no checkpoint is written after the launcher names the latest
     one, and then raises KeyboardInterrupt for the launcher's last line; a second Ctrl-C stops waiting.
-    SIGTERM does the same, and raises Terminated. Ray installs its handler only from the main thread (not
-    under Tune), and so is this one."""
+    SIGTERM does the same, and raises Terminated, unless `hand_sigterm_to_workers` hands it to them:
+    then they checkpoint and end the run, fit() returns, and the trainer's `stopped_by_sigterm` says why.
+    Ray installs its handler only from the main thread (not under Tune), and so is this one."""
 
     class InterruptibleTrainer(trainer_class):
         def _register_sigint_handler(self, controller) -> None:
@@ -469,6 +472,11 @@ def interruptible(trainer_class):
                 if stopping:
                     raise stop
                 stopping = True
+                if signum == signal.SIGTERM and hand_sigterm_to_workers is not None and hand_sigterm_to_workers():
+                    self.stopped_by_sigterm = True
+                    print("terminating: the workers save a checkpoint and end the run (SIGTERM again not to wait)",
+                          file=sys.stderr, flush=True)  # fmt: skip
+                    return
                 print("interrupting: stopping the workers (Ctrl-C again not to wait)", file=sys.stderr, flush=True)
                 try:
                     ray.get(controller.abort.remote(), timeout=ABORT_TIMEOUT_S)
@@ -517,7 +525,7 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
         ),
         callbacks=callbacks,
     )
-    return interruptible(TorchTrainer)(
+    return interruptible(TorchTrainer, functools.partial(ask_workers_to_stop, plan.launch_id))(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)},
         torch_config=TorchConfig(backend=cfg.backend if plan.use_gpu else "gloo"),
@@ -587,11 +595,15 @@ def run(cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherO
     # Local mode trains in this process: SIGTERM checkpoints at the next iteration boundary, then stops.
     restore_sigterm = handle_sigterm() if cfg.local_mode and in_main_thread() else lambda: None
     try:
-        result = build_trainer(cfg, plan).fit()
+        trainer = build_trainer(cfg, plan)
+        result = trainer.fit()
+        if getattr(trainer, "stopped_by_sigterm", False):  # the workers checkpointed and ended the run
+            forward_worker_output(False)
+            raise RunInterrupted(where_to_continue(cfg, plan), terminated=True)
     except KeyboardInterrupt as e:
         forward_worker_output(False)  # the workers' last lines would come after the launcher's last line
         raise RunInterrupted(where_to_continue(cfg, plan), terminated=isinstance(e, Terminated)) from None
-    except RaygptError:
+    except (RaygptError, RunInterrupted):
         raise
     except Exception as e:  # noqa: BLE001 - one line for the user; Ray's log (or local mode's raise) keeps the rest
         from ray.train import TrainingFailedError

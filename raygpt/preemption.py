@@ -16,7 +16,10 @@ for Ray to restart the run from it, which Ray does at the deadline (FailureConfi
 SIGTERM (what spot instances, Kubernetes and schedulers send) to a process that trains itself (local mode):
 the handler only sets `stop_requested`, which the loop reads at the next iteration boundary, checkpoints,
 and raises Terminated; the launcher then says where to continue and exits with EXIT_TERMINATED.
-No Ray import here: the loop hands in the poll.
+SIGTERM to the launcher of a run on Ray: the launcher marks the launch in Ray's key-value store
+(`ask_workers_to_stop`); the workers read the mark with their next poll, agree as for a preemption,
+checkpoint, and end the run; the launcher then exits as above. A second SIGTERM stops them at once.
+No Ray import at module level: the loop hands in the poll.
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ NO_DEADLINE_S = 120.0  # Ray's own wait when the notice carries no deadline
 
 # Set by the SIGTERM handler, read by the loop at every iteration boundary (Event.is_set costs ~50 ns).
 stop_requested = threading.Event()
+# What the ranks agree on (the largest wins): nothing, a preemption notice, the launcher's SIGTERM.
+NOTHING, PREEMPTED, LAUNCHER_STOPPED = 0, 1, 2
+LAUNCHER_SIGTERM = "SIGTERM to the launcher"  # a Notice's reason
+KV_NAMESPACE = "raygpt"
 
 
 class Terminated(KeyboardInterrupt):
@@ -46,7 +53,7 @@ class Terminated(KeyboardInterrupt):
 class Notice:
     """Why the loop stops: Ray's preemption notice (`ranks` on the reclaimed nodes) or SIGTERM."""
 
-    reason: str  # "preemption" or "SIGTERM"
+    reason: str  # "preemption", "SIGTERM" (to this process) or LAUNCHER_SIGTERM
     noticed_at: float  # time.time() when the loop saw it
     deadline: float | None = None  # UNIX seconds when the node goes; None: unknown
     ranks: tuple[int, ...] = ()
@@ -58,16 +65,20 @@ class Notice:
 class PreemptionWatch:
     """notice(iter_num) every iteration: a Notice once per preemption (or SIGTERM), else None.
 
-    `poll` is ray.train.get_preemption_info (None in local mode: only SIGTERM is watched). It is submitted
-    through `run_in_order` (the checkpointer's thread; default: called at once) when iter_num % every == 0,
-    the same iterations on every rank. Answers are read when they have come, never waited for: a poll
-    queued behind a background checkpoint write must not make the loop wait for the write. Since ranks
-    may read an answer at different iterations, `agree` (a MAX all-reduce of the flag across ranks) makes
-    the decision to stop the same on every rank, at the same iteration."""
+    `poll` is ray.train.get_preemption_info and `stop_asked` whether the launcher got SIGTERM (either None:
+    not watched; both None in local mode, where only this process's SIGTERM is). Both are asked in one job
+    submitted through `run_in_order` (the checkpointer's thread; default: called at once) when
+    iter_num % every == 0, the same iterations on every rank. Answers are read when they have come, never
+    waited for: a poll queued behind a background checkpoint write must not make the loop wait for the
+    write. Since ranks may read an answer at different iterations, `agree` (a MAX all-reduce across ranks
+    of NOTHING, PREEMPTED or LAUNCHER_STOPPED) makes the decision the same on every rank, at the same
+    iteration."""
 
     def __init__(self, poll: Callable | None, every: int, run_in_order: Callable[[Callable], Future] | None = None,
-                 say: Callable[[str], None] = print, agree: Callable[[bool], bool] = bool):  # fmt: skip
+                 say: Callable[[str], None] = print, agree: Callable[[int], int] = int,
+                 stop_asked: Callable[[], bool] | None = None):  # fmt: skip
         self.poll, self.every, self.say, self.agree = poll, max(1, every), say, agree
+        self.stop_asked = stop_asked
         self.run_in_order = run_in_order or called_now
         self.answers: list[Future] = []  # polls submitted, oldest first
         self.noticed_nodes: set[str] = set()
@@ -78,16 +89,22 @@ class PreemptionWatch:
             self.stopping = Notice("SIGTERM", time.time())
             self.say(f"SIGTERM at iter {iter_num}: saving a checkpoint, then stopping")
             return self.stopping
-        if self.poll is None or iter_num % self.every:
+        if (self.poll is None and self.stop_asked is None) or iter_num % self.every:
             return None
-        self.answers.append(self.run_in_order(self.poll))
-        info = None
+        self.answers.append(self.run_in_order(self.ask))
+        info, asked = None, False
         while self.answers and self.answers[0].done():
-            answer = self.answers.pop(0).result()
+            answer, stop = self.answers.pop(0).result()
+            asked = asked or stop
             if answer is not None and not set(answer.preempted_node_ids) <= self.noticed_nodes:
                 info = answer
-        if not self.agree(info is not None):
+        decision = self.agree(LAUNCHER_STOPPED if asked else PREEMPTED if info is not None else NOTHING)
+        if decision == NOTHING:
             return None
+        if decision == LAUNCHER_STOPPED:
+            self.stopping = Notice(LAUNCHER_SIGTERM, time.time())
+            self.say(f"{LAUNCHER_SIGTERM} at iter {iter_num}: saving a checkpoint, then ending the run")
+            return self.stopping
         if info is None:  # another rank has read the notice already; this one's answer is still queued
             self.stopping = Notice("preemption", time.time())
         else:
@@ -102,9 +119,15 @@ class PreemptionWatch:
         )
         return self.stopping
 
+    def ask(self) -> tuple:
+        """One poll: Ray's preemption info (None: none), and whether the launcher asked to stop."""
+        info = self.poll() if self.poll is not None else None
+        return info, bool(self.stop_asked()) if self.stop_asked is not None else False
+
     def stop(self, iter_num: int, saved_at: float | None = None) -> None:
         """After the notice's checkpoint is written and reported: say how long it took, then raise
-        Terminated (SIGTERM) or wait for Ray's restart (a preemption). Never returns."""
+        Terminated (SIGTERM), wait for Ray's restart (a preemption; never returns), or return (the
+        launcher's SIGTERM: the loop ends the run)."""
         notice, saved_at = self.stopping, time.time() if saved_at is None else saved_at
         left = notice.seconds_left(saved_at)
         self.say(
@@ -113,6 +136,8 @@ class PreemptionWatch:
         )
         if notice.reason == "SIGTERM":
             raise Terminated(f"SIGTERM: stopped at iter {iter_num}")
+        if notice.reason == LAUNCHER_SIGTERM:
+            return
         self.wait_for_restart(notice)
 
     def wait_for_restart(self, notice: Notice, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -148,6 +173,35 @@ def handle_sigterm() -> Callable[[], None]:
         stop_requested.clear()
 
     return restore
+
+
+def stop_key(launch_id: str) -> str:
+    return f"stop-{launch_id}"
+
+
+def ask_workers_to_stop(launch_id: str) -> bool:
+    """The launcher's SIGTERM, handed to the run's workers through Ray's key-value store. False where that
+    cannot be done (no launch id; a private Ray API, which may move): the launcher then stops the workers
+    at once, as on Ctrl-C."""
+    if not launch_id:
+        return False
+    try:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(stop_key(launch_id), b"1", overwrite=True, namespace=KV_NAMESPACE)
+        return True
+    except Exception:  # noqa: BLE001 - the launcher falls back to stopping the workers at once
+        return False
+
+
+def launcher_asked_to_stop(launch_id: str) -> bool:
+    """Whether the launcher of this launch got SIGTERM (a worker asks at its poll cadence, ~1 ms)."""
+    try:
+        from ray.experimental.internal_kv import _internal_kv_exists
+
+        return bool(_internal_kv_exists(stop_key(launch_id), namespace=KV_NAMESPACE))
+    except Exception:  # noqa: BLE001 - no mark to read: train on
+        return False
 
 
 def notice_metrics(state, lr: float, tokens_per_iter: int, notice: Notice) -> dict:

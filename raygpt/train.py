@@ -26,7 +26,7 @@ from raygpt.memory import check_fits
 from raygpt.metrics import Reporter, start_wandb
 from raygpt.model import GPT, GPTConfig
 from raygpt.parallel import weights_in_sync, wrap_model
-from raygpt.preemption import PreemptionWatch, notice_metrics
+from raygpt.preemption import PreemptionWatch, launcher_asked_to_stop, notice_metrics
 from raygpt.processes import CompileWorkers
 from raygpt.speed import set_attention_backend
 from raygpt.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
@@ -165,13 +165,13 @@ def startup_line(plan: dict, worker_started: float, ready: float, first_step_don
             f"{plan['ray_ready_at'] - plan['launched_at']:.1f}s, worker group {since_ray:.1f}s, {model}")  # fmt: skip
 
 
-def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
-    """Whether `flag` is set on any rank (every rank calls it)."""
+def largest_over_ranks(value: int, world_size: int, device: torch.device) -> int:
+    """The largest of `value` over the ranks (every rank calls it)."""
     if world_size == 1:
-        return flag
-    flags = torch.tensor([int(flag)], device=device)
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    return bool(flags.item())
+        return value
+    values = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return int(values.item())
 
 
 @dataclass
@@ -273,8 +273,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpointer = Checkpointer(out_dir, rank, sharded=wrapped.sharded, asynchronous=cfg.async_checkpoint)
     # Ray's preemption notice, polled at log cadence (a barrier: every rank polls the same iterations),
     # in the checkpointer's thread, in order with the reports (Ray numbers both kinds of collective).
+    # SIGTERM to the launcher reaches the workers the same way, read from Ray's key-value store.
+    stop_asked = None if cfg.local_mode else functools.partial(launcher_asked_to_stop, plan.get("launch_id", ""))
     watch = PreemptionWatch(ray.train.get_preemption_info, cfg.log_interval, checkpointer.in_order, reporter.say,
-                            agree=functools.partial(any_rank, world_size=world_size, device=device))  # fmt: skip
+                            agree=functools.partial(largest_over_ranks, world_size=world_size, device=device),
+                            stop_asked=stop_asked)  # fmt: skip
 
     # ---- the loop ---------------------------------------------------------------------------------
     X, Y = batches.train_batch(state.iter_num, 0) if resumed_batch is None else (t.to(device) for t in resumed_batch)
@@ -312,7 +315,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics = notice_metrics(state, lr, tokens_per_iter, notice)
             checkpointer.save(state, (X, Y), functools.partial(reporter.to_ray, metrics))
             checkpointer.wait()
-            watch.stop(state.iter_num)  # SIGTERM: raises Terminated; a preemption: waits for Ray's restart
+            # SIGTERM: raises Terminated; a preemption: waits for Ray's restart; the launcher's SIGTERM: ends
+            watch.stop(state.iter_num)
+            break
 
         loss_sum, _, X, Y = train_step(X, Y, state.iter_num)
 

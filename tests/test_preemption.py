@@ -171,6 +171,41 @@ def test_sigterm_is_a_notice_at_the_next_boundary_then_terminated():
     assert not preemption.stop_requested.is_set()
 
 
+def test_the_launchers_sigterm_stops_every_rank_at_once_and_ends_the_loop():
+    """Only rank 1 has read the launcher's mark, while rank 0 sees a preemption notice at the same poll:
+    the launcher's SIGTERM wins on both (a MAX over the ranks), and stop() returns for the loop to end."""
+    barrier, codes, stopped = threading.Barrier(2, timeout=10), [0, 0], {}
+
+    def agree_for(rank):
+        def agree(code: int) -> int:
+            codes[rank] = code
+            barrier.wait()
+            decided = max(codes)
+            barrier.wait()
+            return decided
+
+        return agree
+
+    def run(rank):
+        current = {"iter": 0}
+        poll = lambda: FakeInfo({"node-x": [1]}) if rank == 0 and current["iter"] >= 6 else None  # noqa: E731
+        asked = lambda: rank == 1 and current["iter"] >= 6  # noqa: E731
+        watch = PreemptionWatch(poll, 2, say=lambda text: None, agree=agree_for(rank), stop_asked=asked)
+        for current["iter"] in range(20):
+            notice = watch.notice(current["iter"])
+            if notice is not None:
+                watch.stop(current["iter"])  # returns: the loop ends the run
+                stopped[rank] = (current["iter"], notice.reason)
+                return
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert stopped == {0: (6, preemption.LAUNCHER_SIGTERM), 1: (6, preemption.LAUNCHER_SIGTERM)}
+
+
 def test_a_forgotten_wait_for_restart_fails_rather_than_hangs():
     watch = quiet_watch(None, every=1)
     long_gone = preemption.Notice("preemption", time.time() - 1000, deadline=time.time() - 500)
@@ -310,3 +345,39 @@ def test_a_drained_node_costs_no_step(preemptible_cluster, tmp_path, char_data):
     assert lines_matching(rf"^iter {PREEMPT_RUN['max_iters'] - 1}:", out)  # and the run finished
     print(f"preemption noticed at iter {notice_iter} with {noticed.group(2)}s of {DEADLINE_S}s left; "
           f"checkpoint saved {saved.group(2)}s after the notice")  # fmt: skip
+
+
+@pytest.mark.ray
+def test_sigterm_to_the_launcher_of_a_ray_run_checkpoints_then_ends_it(ray_local, tmp_path, char_data):
+    """A scheduler's SIGTERM to the driver: both workers checkpoint at their next poll (log_interval), the run
+    ends, and the launcher exits 143 naming what to rerun; nothing was trained after the checkpoint."""
+    out_dir = tmp_path / "out"
+    values = {**PREEMPT_RUN, "max_iters": 100000, "lr_decay_iters": 100000}
+    argv = [f"--{key}={value}" for key, value in values.items()]
+    argv += [f"--data_dir={char_data}", f"--out_dir={out_dir}", f"--storage_path={tmp_path / 'ray'}"]
+    env = {**os.environ, "RAY_ADDRESS": ray_local, "PYTHONPATH": CODE, "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "raygpt.launch", *argv], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    out = []
+    try:
+        for line in launcher.stdout:
+            out.append(line)
+            if line.startswith("iter 3:"):
+                break
+        launcher.send_signal(signal.SIGTERM)
+        rest, err = launcher.communicate(timeout=120)
+        out.append(rest)
+    finally:
+        launcher.kill()
+    out = "".join(out)
+    assert launcher.returncode == EXIT_TERMINATED, out + err
+    assert "terminating: the workers save a checkpoint and end the run" in err
+    [asked] = lines_matching(r"^SIGTERM to the launcher at iter (\d+): saving a checkpoint", out)
+    [saved] = lines_matching(r"^SIGTERM to the launcher: checkpoint at iter (\d+) saved", out)
+    stop_iter = int(asked.group(1))
+    assert int(saved.group(1)) == stop_iter
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("terminated: the latest checkpoint is "), err
+    assert last.endswith("run the same command again to continue from it"), last
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == stop_iter
+    assert max(int(m.group(1)) for m in lines_matching(r"^iter (\d+):", out)) == stop_iter - 1
