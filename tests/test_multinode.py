@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pyarrow.fs
 import pytest
 from conftest import TINY_RUN
@@ -128,8 +129,16 @@ def nodes_running(cluster, actor: str) -> list[str]:
         name
         for name, node in cluster.nodes.items()
         for process in node.processes()
-        if any(actor in part for part in process.cmdline())
+        if any(actor in part for part in command_line(process))
     ]
+
+
+def command_line(process) -> list[str]:
+    """A process's command line; none for one that has exited (or is a zombie) since it was listed."""
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
 
 
 def test_two_workers_on_two_nodes_each_staging_its_own_copy(ray_nodes, s3_server, shakespeare_path, tmp_path):
