@@ -26,7 +26,7 @@ from raygpt.memory import check_fits
 from raygpt.metrics import Reporter, start_wandb
 from raygpt.model import GPT, GPTConfig
 from raygpt.parallel import weights_in_sync, wrap_model
-from raygpt.preemption import PreemptionWatch, launcher_asked_to_stop, notice_metrics
+from raygpt.preemption import KV_NAMESPACE, PreemptionWatch, launcher_asked_to_stop, notice_metrics
 from raygpt.processes import CompileWorkers
 from raygpt.speed import set_attention_backend
 from raygpt.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
@@ -140,7 +140,7 @@ def first_worker_group(launch_id: str) -> bool | None:
     try:
         from ray.experimental.internal_kv import _internal_kv_put
 
-        return not _internal_kv_put(f"started-{launch_id}", b"1", overwrite=False, namespace="raygpt")
+        return not _internal_kv_put(f"started-{launch_id}", b"1", overwrite=False, namespace=KV_NAMESPACE)
     except Exception:  # noqa: BLE001 - only the start-up line's wording depends on it
         return None
 

@@ -42,6 +42,32 @@ def quiet_watch(poll, every, run_in_order=None):
     return PreemptionWatch(poll, every, run_in_order, say=lambda text: None)
 
 
+class MaxOverRanks:
+    """The loop's MAX all-reduce for ranks run as threads of this process: agree_for(rank) is a rank's
+    `agree`, returning the largest value every rank passed at this call."""
+
+    def __init__(self, world_size: int):
+        self.barrier, self.values = threading.Barrier(world_size, timeout=10), [0] * world_size
+
+    def agree_for(self, rank: int):
+        def agree(value: int) -> int:
+            self.values[rank] = value
+            self.barrier.wait()
+            decided = max(self.values)
+            self.barrier.wait()
+            return decided
+
+        return agree
+
+
+def run_ranks(run, world_size: int = 2) -> None:
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+
 def test_polls_only_every_log_interval():
     polled = []
     watch = quiet_watch(lambda: polled.append(1), every=5)
@@ -119,17 +145,7 @@ def test_every_rank_stops_on_the_same_iteration():
 def test_ranks_whose_answers_come_late_stop_with_the_others_and_never_wait():
     """Rank 1's polls are queued behind a long checkpoint write: its answers have not come, yet both ranks
     stop at the iteration where rank 0 read the notice (the agreement is a MAX all-reduce of the flag)."""
-    barrier, flags, stopped = threading.Barrier(2, timeout=10), [False, False], {}
-
-    def agree_for(rank):
-        def agree(flag: bool) -> bool:
-            flags[rank] = flag
-            barrier.wait()
-            decided = any(flags)
-            barrier.wait()
-            return decided
-
-        return agree
+    ranks, stopped = MaxOverRanks(2), {}
 
     def never_answered(job):
         return Future()  # still queued behind the write
@@ -138,17 +154,13 @@ def test_ranks_whose_answers_come_late_stop_with_the_others_and_never_wait():
         current = {"iter": 0}
         poll = lambda: FakeInfo({"node-x": [1]}) if current["iter"] >= 10 else None  # noqa: E731
         watch = PreemptionWatch(poll, 2, None if rank == 0 else never_answered, say=lambda text: None,
-                                agree=agree_for(rank))  # fmt: skip
+                                agree=ranks.agree_for(rank))  # fmt: skip
         for current["iter"] in range(20):
             if watch.notice(current["iter"]) is not None:
                 stopped[rank] = current["iter"]
                 return
 
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    run_ranks(run)
     assert stopped == {0: 10, 1: 10}
 
 
@@ -174,23 +186,13 @@ def test_sigterm_is_a_notice_at_the_next_boundary_then_terminated():
 def test_the_launchers_sigterm_stops_every_rank_at_once_and_ends_the_loop():
     """Only rank 1 has read the launcher's mark, while rank 0 sees a preemption notice at the same poll:
     the launcher's SIGTERM wins on both (a MAX over the ranks), and stop() returns for the loop to end."""
-    barrier, codes, stopped = threading.Barrier(2, timeout=10), [0, 0], {}
-
-    def agree_for(rank):
-        def agree(code: int) -> int:
-            codes[rank] = code
-            barrier.wait()
-            decided = max(codes)
-            barrier.wait()
-            return decided
-
-        return agree
+    ranks, stopped = MaxOverRanks(2), {}
 
     def run(rank):
         current = {"iter": 0}
         poll = lambda: FakeInfo({"node-x": [1]}) if rank == 0 and current["iter"] >= 6 else None  # noqa: E731
         asked = lambda: rank == 1 and current["iter"] >= 6  # noqa: E731
-        watch = PreemptionWatch(poll, 2, say=lambda text: None, agree=agree_for(rank), stop_asked=asked)
+        watch = PreemptionWatch(poll, 2, say=lambda text: None, agree=ranks.agree_for(rank), stop_asked=asked)
         for current["iter"] in range(20):
             notice = watch.notice(current["iter"])
             if notice is not None:
@@ -198,11 +200,7 @@ def test_the_launchers_sigterm_stops_every_rank_at_once_and_ends_the_loop():
                 stopped[rank] = (current["iter"], notice.reason)
                 return
 
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    run_ranks(run)
     assert stopped == {0: (6, preemption.LAUNCHER_SIGTERM), 1: (6, preemption.LAUNCHER_SIGTERM)}
 
 
