@@ -363,6 +363,42 @@ def copy_to_host(state, buffers: dict, path: tuple = ()):
     return buffer.copy_(state.detach(), non_blocking=state.is_cuda)
 
 
+def kept_host_copy_stager():
+    """A stager for dcp.async_save that copies the shards into host buffers kept from the previous save
+    (pinned on a GPU host, as copy_to_host does for whole models). DCP's default stager allocates pageable
+    memory at every save, most of a large model's pause (benchmarks/RESULTS.md). Its base class's close()
+    keeps the buffers, so it also survives torch versions that close a stager after one save."""
+    from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+    from torch.distributed.checkpoint.staging import BlockingAsyncStager
+
+    class Stager(BlockingAsyncStager):
+        def __init__(self):
+            super().__init__(cache_staged_state_dict=True)
+            self.layout = None
+
+        def stage(self, state_dict):
+            layout = tensor_layout(state_dict)
+            if self.state_dict_cache is None or layout != self.layout:  # e.g. AdamW state appeared
+                pinned = torch.cuda.is_available()
+                self.state_dict_cache = _create_cpu_state_dict(state_dict, pin_memory=pinned)
+                self.layout = layout
+            # Blocking copies: DCP's writer thread reads the copy as soon as this returns.
+            return _copy_state_dict(state_dict, self.state_dict_cache)
+
+    return Stager()
+
+
+def tensor_layout(state, path: tuple = ()) -> list:
+    """(path, shape, dtype) of every tensor in nested dicts and lists: whether a kept copy still fits."""
+    if isinstance(state, dict):
+        return [item for key, value in state.items() for item in tensor_layout(value, (*path, key))]
+    if isinstance(state, (list, tuple)):
+        return [item for i, value in enumerate(state) for item in tensor_layout(value, (*path, i))]
+    if isinstance(state, torch.Tensor):
+        return [(path, tuple(state.shape), state.dtype)]
+    return []
+
+
 class Checkpointer:
     """Writes checkpoints and hands them to Ray, in the background by default.
 
@@ -382,6 +418,7 @@ class Checkpointer:
         self.background = ThreadPoolExecutor(1, thread_name_prefix="raygpt-checkpoint") if asynchronous else None
         self.pending: list[Future] = []
         self.host_buffers: dict = {}
+        self.stager = None  # the sharded saves' host copy, kept between saves like host_buffers
         self.process_group = None
         if asynchronous and sharded and torch.distributed.is_initialized():
             # The background write gathers its plan over gloo, apart from the group the training step uses.
@@ -492,10 +529,11 @@ class Checkpointer:
             if self.rank == 0:
                 save_atomic(progress, upload_dir / PROGRESS_NAME)
             return upload_dir, None
-        # DCP copies the shards to host memory now; the returned future finishes the write. (Its own stager:
-        # torch 2.11 closes a stager passed in after one save, so one cannot be kept to reuse pinned buffers.)
+        # The shards are copied to host memory now (into the buffers of the previous save); the returned
+        # future finishes the write.
+        self.stager = self.stager or kept_host_copy_stager()
         written = dcp.async_save(state.sharded_state_dict(), checkpoint_id=str(upload_dir),
-                                 process_group=self.process_group)  # fmt: skip
+                                 process_group=self.process_group, async_stager=self.stager)  # fmt: skip
         progress = copy.deepcopy(progress)
 
         def finish_write() -> None:

@@ -151,3 +151,59 @@ def test_a_process_killed_mid_write_resumes_from_the_last_complete_checkpoint(tm
     assert "from iter 4" in rerun.stdout, rerun.stdout[-2000:]
     assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 40
     assert not list(out.glob(".ckpt.pt.*")), "the rerun removes what the killed write left"
+
+
+def host_buffers(state) -> set[int]:
+    """Where the tensors of nested dicts and lists live (DTensors: their local shards)."""
+    if isinstance(state, dict):
+        return set().union(*(host_buffers(value) for value in state.values()))
+    if isinstance(state, (list, tuple)):
+        return set().union(*(host_buffers(value) for value in state))
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state
+        return {local.data_ptr()} if local.numel() else set()
+    return set()
+
+
+def test_sharded_background_saves_reuse_one_host_copy_and_write_each_saves_weights(tmp_path):
+    """FSDP's background saves copy the shards into host buffers kept from the previous save; the second
+    save must still write its own weights, not the first's."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    store = dist.FileStore(str(tmp_path / "rendezvous"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        state = tiny_state()
+        for block in state.model.transformer.h:
+            fully_shard(block)
+        fully_shard(state.model)
+        state.optimizer = state.model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", False)
+        state.sharded = True
+        saved_weights = []
+
+        def report(ray_checkpoint):
+            saved, _ = checkpoint.read_checkpoint(ray_checkpoint.path)
+            saved_weights.append((saved["iter_num"], checkpoint.whole_model_state(saved)))
+
+        checkpointer = Checkpointer(tmp_path / "out", rank=0, sharded=True, asynchronous=True)
+        checkpointer.save(state, None, report)
+        checkpointer.wait()
+        first_copy = host_buffers(checkpointer.stager.state_dict_cache)
+        expected = [{k: v.full_tensor().clone() for k, v in state.model.state_dict().items()}]
+        with torch.no_grad():
+            for param in state.model.parameters():
+                param.add_(1.0)
+        state.iter_num = 11
+        checkpointer.save(state, None, report)
+        checkpointer.close()
+        expected.append({k: v.full_tensor().clone() for k, v in state.model.state_dict().items()})
+        second_copy = host_buffers(checkpointer.stager.state_dict_cache)
+    finally:
+        dist.destroy_process_group()
+    assert first_copy == second_copy, "the second save reuses the first one's host buffers"
+    assert [iter_num for iter_num, _ in saved_weights] == [10, 11]
+    for (_, weights), wanted in zip(saved_weights, expected):
+        for key, tensor in wanted.items():
+            assert torch.equal(weights[key], tensor), key
+    assert not torch.equal(saved_weights[0][1]["lm_head.weight"], saved_weights[1][1]["lm_head.weight"])
