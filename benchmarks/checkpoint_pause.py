@@ -1,7 +1,7 @@
 """How long training stops for a checkpoint: synchronous against asynchronous saves, on the GPUs of one host.
 
     python benchmarks/checkpoint_pause.py --work-dir /tmp/pause --gpus 2 \
-        --runs gpt2:ddp:12 gpt2-xl:fsdp:8 [--iters 60 --every 20]
+        --runs gpt2:ddp:12 gpt2-xl:fsdp:8 [--iters 60 --every 20] [--modes sync async]
 
 Each run is `python -m raygpt.launch --num-workers GPUS` on random tokens (bf16, compile) that checkpoints
 every EVERY iterations, once with --async_checkpoint=False and once with True, one after the other on the
@@ -63,6 +63,7 @@ def main() -> None:
                         help="MODEL:PARALLELISM:MICRO_BATCH each")  # fmt: skip
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--every", type=int, default=20)
+    parser.add_argument("--modes", nargs="+", choices=["sync", "async"], default=["sync", "async"])
     parser.add_argument("--out", type=Path, default=Path("checkpoint_pause.md"))
     args = parser.parse_args()
     data = args.work_dir / "data" / "random"
@@ -73,14 +74,14 @@ def main() -> None:
     rows = []
     for spec in args.runs:
         model, parallelism, batch = spec.split(":")
-        for asynchronous in (False, True):
+        for asynchronous in (mode == "async" for mode in args.modes):
             result = run(args.work_dir, args.gpus, model, parallelism, int(batch), args.iters, args.every,
                          asynchronous)  # fmt: skip
             pauses = [pause for _, pause, _ in result["saves"]]
             later = pauses[1:] or pauses
             rows.append(
                 f"| {model}, {parallelism.upper()}, micro-batch {batch} | {'async' if asynchronous else 'sync'} | "
-                f"{pauses[0]:.2f} | {statistics.median(later):.2f} | "
+                f"{pauses[0]:.2f} | {', '.join(f'{p:.2f}' for p in later)} | "
                 f"{statistics.median(w for *_, w in result['saves']):.2f} | {result['step_ms']:.1f} |"
             )
             print(rows[-1], flush=True)
@@ -89,7 +90,7 @@ def main() -> None:
         f"{args.gpus} x {gpu.stdout.splitlines()[0] if gpu.stdout else 'GPU'}, bf16, compile, a checkpoint every "
         f"{args.every} iterations over {args.iters}, random tokens",
         "",
-        "| run | saves | first pause (s) | later pauses, median (s) | write + hand to Ray, median (s) | step (ms) |",
+        "| run | saves | first pause (s) | later pauses (s) | write + hand to Ray, median (s) | step (ms) |",
         "| --- | --- | --- | --- | --- | --- |",
         *rows,
     ]
