@@ -269,6 +269,9 @@ def run_sweep(
             num_samples=num_samples,
             max_concurrent_trials=concurrent,
             scheduler=scheduler,
+            # A finished trial's actor runs the next trial: its process has imported torch, Ray Train and
+            # raygpt already (seconds a trial). Each trial still gets its own Train controller and workers.
+            reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=name or f"{plan.run_name}-tune", storage_path=cfg.storage_path or None, verbose=verbose
