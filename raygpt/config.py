@@ -114,6 +114,12 @@ class TrainConfig:
         "ddp: every worker holds the whole model (DistributedDataParallel); fsdp: weights, gradients and "
         "optimizer state sharded across the workers (FSDP2), with sharded checkpoints",
     )
+    fsdp_reshard_after_forward: bool = key(
+        True,
+        "fsdp: free each block's gathered weights after its forward and gather them again for its backward "
+        "(least memory); False keeps them until the backward, one gather fewer a micro-step for a bf16 copy "
+        "of the weights",
+    )
     activation_checkpointing: str = key(
         "none",
         "recompute activations in the backward pass instead of keeping them: none, full (every block), "

@@ -268,6 +268,7 @@ FREE_TO_CHANGE = {
         "use_gpu",
         "cpus_per_worker",
         "parallelism",
+        "fsdp_reshard_after_forward",
         "activation_checkpointing",
         "max_failures",
     ),

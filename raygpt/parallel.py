@@ -70,10 +70,13 @@ def shard_model(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[dtype], reduce_dtype=torch.float32)
-    for block in model.transformer.h:
+    blocks = model.transformer.h
+    for i, block in enumerate(blocks):
         if cfg.compile:
             block.compile(mode=None if mode == "default" else mode, dynamic=False)
-        fully_shard(block, mp_policy=policy)
+        # The last block's backward comes right after its forward: resharding it would only gather it again.
+        reshard = cfg.fsdp_reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard)
     fully_shard(model, mp_policy=policy)
 
     def set_gradient_sync(enabled: bool) -> None:

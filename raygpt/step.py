@@ -8,11 +8,11 @@ No Ray here.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from contextlib import nullcontext
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from raygpt.errors import RaygptError
 from raygpt.parallel import WrappedModel
@@ -134,6 +134,14 @@ class NonFiniteGuard:
         return in_a_row
 
 
+def is_dtensor(value) -> bool:
+    """isinstance(value, DTensor) without importing torch.distributed.tensor, most of the import time of
+    raygpt.train, which the launcher pays before Ray starts the run: only FSDP makes DTensors, and it has
+    imported the module by then."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(value, module.DTensor)
+
+
 def has_dropout(model: torch.nn.Module) -> bool:
     """Whether training draws random numbers: GPT's attention and residual dropout share config.dropout."""
     return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
@@ -197,7 +205,7 @@ class TrainStep:
             grad_norm = torch.nn.utils.clip_grad_norm_(with_grad, self.grad_clip)
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad])
-        if isinstance(grad_norm, DTensor):  # sharded parameters (FSDP): the norm is replicated on every rank
+        if is_dtensor(grad_norm):  # sharded parameters (FSDP): the norm is replicated on every rank
             grad_norm = grad_norm.full_tensor()
         self.guard.step(self.optimizer, scaler, grad_norm)
         scaler.update()
