@@ -140,3 +140,29 @@ def test_export_refuses_in_one_line(tmp_path, capsys):
     assert "holds no checkpoint" in capsys.readouterr().err
     assert export.main([str(tmp_path / "empty")]) == 2
     assert "nothing to write" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("reshard", [True, False])
+def test_blocks_keep_their_gathered_weights_until_backward_only_when_asked(tmp_path, reshard):
+    """--fsdp_reshard_after_forward=False leaves each block's weights gathered between its forward and its
+    backward; True (the default) frees all but the last block's. The loss is the same either way."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from raygpt.parallel import shard_model
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "rendezvous"), 1), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=8, bias=False, vocab_size=32, dropout=0.0))
+        x = torch.arange(16).reshape(2, 8) % 32
+        unsharded_loss = model(x, x)[1].item()
+        cfg = TrainConfig(**{**RUN, "fsdp_reshard_after_forward": reshard, "parallelism": "fsdp"})
+        shard_model(model, cfg, "default", "float32", cuda_graphs=False, device=torch.device("cpu"))
+        _, loss = model(x, x)
+        gathered = [not isinstance(block.mlp.c_fc.weight, DTensor) for block in model.transformer.h]
+        loss.backward()
+    finally:
+        dist.destroy_process_group()
+    assert gathered == [not reshard, not reshard, True]
+    assert loss.item() == pytest.approx(unsharded_loss, abs=1e-6)
