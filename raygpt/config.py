@@ -125,6 +125,11 @@ class TrainConfig:
         "recompute activations in the backward pass instead of keeping them: none, full (every block), "
         "selective (every other block)",
     )
+    fp8: bool = key(
+        False,
+        "FP8 matmuls in the transformer blocks' Linear layers (torchao float8 training, tensorwise scales; "
+        "pip install raygpt[fp8]): CUDA GPUs of compute capability 8.9+ (H100, H200, L4) with bfloat16",
+    )
     # Ray
     data_dir: str = key("data", "folder holding <dataset>/train.bin, val.bin, meta.json")
     num_workers: int = key(0, "training workers; 0 = one per GPU in the cluster, or 1 on CPU")
@@ -179,6 +184,8 @@ class TrainConfig:
             raise ConfigError("dtype float16 is not supported with parallelism=fsdp; use bfloat16 (or float32)")
         if self.parallelism == "fsdp" and self.local_mode:
             raise ConfigError("parallelism=fsdp shards over Ray workers' process group; local_mode has none")
+        if self.fp8 and self.dtype in ("float32", "float16"):
+            raise ConfigError(f"fp8=True computes the rest of the model in bfloat16; dtype {self.dtype}: use bfloat16")
         choose("device", self.device, ("cuda", "cpu"))
         choose("backend", self.backend, ("nccl", "gloo"))
         choose("compile_mode", self.compile_mode, COMPILE_MODES)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from raygpt.fp8 import convert_linears
 from raygpt.memory import device_memory
 from raygpt.speed import compile_model, uses_cuda_graphs
 
@@ -45,6 +46,8 @@ def wrap_model(model: torch.nn.Module, cfg, world_size: int, device: torch.devic
     """Activation checkpointing, compile (cfg.compile, compile_mode, compile_regions), then DDP when
     world_size > 1, or FSDP2 with parallelism=fsdp."""
     model.recompute_layers = recompute_layers(cfg.activation_checkpointing, len(model.transformer.h))
+    if cfg.fp8:  # FP8 Linears first: compile traces them and DDP or FSDP wraps their (unchanged) Parameters
+        convert_linears(model, device, dtype)
     mode = cfg.compile_mode if device.type == "cuda" else "default"
     cuda_graphs = cfg.compile and uses_cuda_graphs(mode, device.type)
     if cfg.parallelism == "fsdp":
