@@ -37,6 +37,9 @@ def pytest_configure(config):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
+    # Ray Train's controller collects reports and notices a run's end at this interval (the launcher's
+    # 0.5 s, Ray's 2 s): tests wait on both many times. Ray propagates it to the controllers it starts.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -98,9 +101,15 @@ def ray_local():
     from raygpt.launch import quiet_ray
 
     quiet_ray()
-    context = ray.init(num_cpus=4, logging_level="WARNING", log_to_driver=False)
-    yield context.address_info["address"]
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as patch:
+        # As the launcher has it for a Ray it starts itself: no drained nodes to watch for, so no watcher
+        # actor (a process each run) competing with the run for the CPUs. Launchers joining the
+        # loopback clusters of tests/multinode.py decide for themselves (driver_env).
+        patch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # No dashboard: nothing here reads it, and its processes take seconds of CPU to start.
+        context = ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+        yield context.address_info["address"]
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

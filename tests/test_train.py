@@ -49,12 +49,19 @@ def test_bfloat16_on_a_gpu_without_it_is_one_clear_error(monkeypatch):
     assert resolve_dtype("auto", torch.device("cpu")) == "float32"
 
 
-def test_one_worker_learns_and_checkpoints(ray_local, tmp_path, char_data):
-    cfg = tiny_config(tmp_path, char_data, "one")
-    result = launch.run(cfg)
+@pytest.fixture(scope="module")
+def one_worker_run(ray_local, tmp_path_factory, char_data):
+    """One uninterrupted worker to iter 20 on Ray: a test of its own, and what the resume and local-mode tests
+    compare against. Two CPUs (two torch threads, the summation order): local mode can have the same."""
+    cfg = tiny_config(tmp_path_factory.mktemp("one-worker"), char_data, "one", cpus_per_worker=2)
+    return cfg, launch.run(cfg)
+
+
+def test_one_worker_learns_and_checkpoints(one_worker_run):
+    cfg, result = one_worker_run
     first = math.log(65)  # an untrained char model's loss
     assert result.metrics["val_loss"] < first - 0.5
-    assert Path(result.checkpoint.path).parent == tmp_path / "ray" / "one"  # in storage_path/run_name
+    assert Path(result.checkpoint.path).parent == Path(cfg.storage_path) / "one"  # in storage_path/run_name
     ray_state, _ = checkpoint.from_ray(result.checkpoint)
     assert ray_state["iter_num"] == 20
     out_state = final_state(cfg)
@@ -73,14 +80,13 @@ def test_two_workers_stay_in_sync(ray_local, tmp_path, char_data):
     assert len(list((tmp_path / "ray" / "two").glob("checkpoint_*/ckpt.pt"))) >= 1
 
 
-def test_a_run_resumes_exactly_and_on_any_worker_count(ray_local, tmp_path, char_data, capfd):
+def test_a_run_resumes_exactly_and_on_any_worker_count(one_worker_run, tmp_path, char_data, capfd):
     """One uninterrupted worker to iter 20 against: the same run stopped at 10 and continued (bit-identical);
     2 workers to 10, then 1 worker to 20 (the global batch does not depend on the worker count: equal within
     float summation order); and its checkpoint evaluated on 1 and 2 workers (the same numbers)."""
-    alone = tiny_config(tmp_path, char_data, "alone")
-    launch.run(alone)
+    alone, _ = one_worker_run
     # The same run stopped at iter 10, then the same command again (same run_name + storage) to 20.
-    stopped = tiny_config(tmp_path, char_data, "stopped", max_iters=10)
+    stopped = tiny_config(tmp_path, char_data, "stopped", max_iters=10, cpus_per_worker=alone.cpus_per_worker)
     launch.run(stopped)
     resumed = launch.run(stopped.replace(max_iters=20))
     assert resumed.metrics["iter"] == 20
@@ -110,7 +116,7 @@ def test_a_run_resumes_exactly_and_on_any_worker_count(ray_local, tmp_path, char
             )  # fmt: skip
         )
         assert evaluated.checkpoint is None  # eval_only never writes a checkpoint
-        numbers = json.loads((tmp_path / "out-alone" / "eval.json").read_text())
+        numbers = json.loads((Path(alone.out_dir) / "eval.json").read_text())
         assert numbers["iter"] == 20 and numbers["eval_iters"] == 5
         losses.append((numbers["train_loss"], numbers["val_loss"]))
     # Equal up to the order of the sums (~1e-7); other eval windows would differ by ~1e-2.
@@ -168,12 +174,11 @@ def test_wandb_offline_logs_the_keys(ray_local, tmp_path, char_data, monkeypatch
     assert final_state(cfg)["wandb_run_id"]
 
 
-def test_local_mode_trains_in_process_like_one_ray_worker(ray_local, tmp_path, char_data):
+def test_local_mode_trains_in_process_like_one_ray_worker(one_worker_run, tmp_path, char_data):
     """Ray Train's local mode (num_workers=0 underneath) runs the same loop in this process: same weights."""
+    on_ray, _ = one_worker_run
     # The same CPU count gives the same torch thread count, hence the same float summation order.
-    on_ray = tiny_config(tmp_path, char_data, "on-ray", cpus_per_worker=2)
-    launch.run(on_ray)
-    local = tiny_config(tmp_path, char_data, "local", local_mode=True, cpus_per_worker=2)
+    local = tiny_config(tmp_path, char_data, "local", local_mode=True, cpus_per_worker=on_ray.cpus_per_worker)
     result = launch.run(local)
     assert result.path is None  # nothing went through Ray storage
     assert result.metrics["val_loss"] == final_state(on_ray)["best_val_loss"]
