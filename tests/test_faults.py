@@ -31,9 +31,9 @@ FAULT_RUN = dict(
     learning_rate=1e-2,
     min_lr=1e-3,
     warmup_iters=5,
-    lr_decay_iters=400,
-    max_iters=400,  # long enough after the first checkpoint that a stop lands before the end
-    eval_interval=50,
+    lr_decay_iters=200,
+    max_iters=200,  # long enough after the first checkpoint that a stop lands before the end
+    eval_interval=20,  # the first checkpoint early: a stop comes a second or two (~50 steps) after it
     eval_iters=4,
     log_interval=1,
     device="cpu",
@@ -45,16 +45,39 @@ FAULT_RUN = dict(
 )
 
 
-def train_worker_pids(started_after: float) -> list[int]:
-    """The Ray Train worker processes (Ray names them ray::RayTrainWorker...) started after a time: the
-    shared cluster may still hold an earlier run's."""
-    pids = [
-        p.info["pid"]
+def ray_actor_processes(actor: str, started_after: float) -> list[psutil.Process]:
+    """The processes of Ray actor class `actor` (Ray titles them ray::<class>...) started after a time (the
+    shared cluster may still hold an earlier run's) below this process (the test's clusters are; another
+    Ray on the machine is not)."""
+    return [
+        p
         for p in psutil.process_iter(["pid", "cmdline", "create_time"])
-        if any("RayTrainWorker" in part for part in p.info["cmdline"] or ()) and p.info["create_time"] > started_after
+        if any(actor in part for part in p.info["cmdline"] or ())
+        and p.info["create_time"] > started_after
+        and below_this_process(p)
     ]
+
+
+def below_this_process(process: psutil.Process) -> bool:
+    try:
+        return any(parent.pid == os.getpid() for parent in process.parents())
+    except psutil.Error:
+        return False
+
+
+def train_worker_pids(started_after: float) -> list[int]:
+    """The Ray Train worker processes of the run started after a time."""
+    pids = [p.pid for p in ray_actor_processes("RayTrainWorker", started_after)]
     assert pids, "no Ray Train worker of this run is running"
     return pids
+
+
+def wait_until_reaped(started_after: float, timeout: float = 60) -> None:
+    """Until a dead driver's run is gone: Ray ends its controller and workers once it sees the driver go,
+    and a rerun starting before that would wait for their CPUs or race their last writes."""
+    run = [p for actor in ("TrainController", "RayTrainWorker") for p in ray_actor_processes(actor, started_after)]
+    _, alive = psutil.wait_procs(run, timeout=timeout)
+    assert not alive, f"Ray did not end the dead driver's run: {alive}"
 
 
 def cli_args(values: dict) -> list[str]:
@@ -135,7 +158,7 @@ def reference(ray_local, tmp_path_factory, char_data):
 def test_killed_worker_is_replaced_and_the_run_ends_bit_identical(ray_local, tmp_path, char_data, reference):
     started = time.time()
     process = start_cli(tmp_path, char_data, ray_local, "worker-kill", max_failures=1)
-    wait_for(process, r"saved checkpoint")  # the checkpoint at iter 50 ...
+    wait_for(process, r"saved checkpoint")  # the checkpoint at iter 20 ...
     wait_until_registered(process, tmp_path / "ray" / "out-worker-kill")
     wait_for(process, r"iter \d+:")  # ... and before the next
     os.kill(train_worker_pids(started_after=started)[-1], signal.SIGKILL)
@@ -154,6 +177,7 @@ def test_killed_driver_then_same_command_continues_bit_identical(ray_local, tmp_
     name = f"driver-{sig.name}"
     # WandB (offline) rides along: the rerun must continue the same wandb run, not start a new one.
     tracked = dict(wandb_log=True, wandb_project="raygpt-test")
+    started = time.time()
     process = start_cli(tmp_path, char_data, ray_local, name, **tracked)
     wait_for(process, r"saved checkpoint")
     wait_until_registered(process, tmp_path / "ray" / f"out-{name}")
@@ -165,7 +189,7 @@ def test_killed_driver_then_same_command_continues_bit_identical(ray_local, tmp_
         assert last.endswith("run the same command again to continue from it"), last
     # The run stopped part way: the rerun has a checkpoint before the last iteration to continue from.
     assert 0 < checkpoint.load(tmp_path / f"out-{name}" / "ckpt.pt")["iter_num"] < FAULT_RUN["max_iters"]
-    time.sleep(2)  # let the cluster reap the dead driver's workers
+    wait_until_reaped(started)
     rerun = start_cli(tmp_path, char_data, ray_local, name, **tracked)
     returncode, output = finish(rerun)
     assert returncode == 0, output[-3000:]

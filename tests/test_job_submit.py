@@ -76,7 +76,7 @@ def ray_head():
         while not dashboard_up(dashboard):
             if time.time() > deadline or head.poll() is not None:
                 pytest.fail("the Ray head did not come up")
-            time.sleep(2)
+            time.sleep(0.2)
         yield ray_cli, f"http://127.0.0.1:{dashboard}"
     finally:
         # Stop only this cluster: every process started for it names its temp dir.
