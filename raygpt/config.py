@@ -184,6 +184,8 @@ class TrainConfig:
             raise ConfigError("dtype float16 is not supported with parallelism=fsdp; use bfloat16 (or float32)")
         if self.parallelism == "fsdp" and self.local_mode:
             raise ConfigError("parallelism=fsdp shards over Ray workers' process group; local_mode has none")
+        if self.fp8 and self.device == "cpu":
+            raise ConfigError("fp8=True trains on CUDA GPUs with FP8 tensor cores; device is cpu: drop --fp8=True")
         if self.fp8 and self.dtype in ("float32", "float16"):
             raise ConfigError(f"fp8=True computes the rest of the model in bfloat16; dtype {self.dtype}: use bfloat16")
         choose("device", self.device, ("cuda", "cpu"))

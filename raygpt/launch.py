@@ -209,6 +209,8 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPla
         )
     if not use_gpu and cfg.dtype == "float16":
         raise LaunchError("dtype float16 needs a GPU; on CPU use --dtype=float32 (or bfloat16)")
+    if not use_gpu and cfg.fp8:
+        raise LaunchError("fp8=True trains on GPUs with FP8 tensor cores; this run has CPU workers: drop --fp8=True")
     if cfg.data_order == "nanogpt" and num_workers > 1:
         raise LaunchError(
             f"data_order=nanogpt replays one process's random stream; it needs num_workers=1, not {num_workers}"

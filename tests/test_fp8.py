@@ -88,7 +88,8 @@ def refusal(function, *args) -> str:
 
 
 def test_refused_on_cpu_through_wrap_model():
-    cfg = TrainConfig(fp8=True, device="cpu", dtype="bfloat16", compile=False)
+    # A cuda config whose worker got no GPU (the launcher refuses this before Ray; a custom trainer might not).
+    cfg = TrainConfig(fp8=True, dtype="bfloat16", compile=False)
     message = refusal(wrap_model, tiny_gpt(), cfg, 1, torch.device("cpu"), "bfloat16")
     assert message == "fp8=True trains on CUDA GPUs with FP8 tensor cores; this worker's device is cpu"
 
@@ -122,3 +123,13 @@ def test_config_key():
     for dtype in ("float16", "float32"):
         with pytest.raises(ConfigError, match=f"fp8=True computes the rest of the model in bfloat16; dtype {dtype}"):
             TrainConfig(fp8=True, dtype=dtype)
+
+
+def test_cpu_runs_are_refused_before_any_worker_starts():
+    from raygpt import launch
+
+    with pytest.raises(ConfigError, match="^fp8=True trains on CUDA GPUs with FP8 tensor cores; device is cpu"):
+        TrainConfig(fp8=True, device="cpu", dtype="float32")
+    cfg = TrainConfig(fp8=True, dtype="bfloat16", use_gpu=False, local_mode=True)
+    with pytest.raises(launch.LaunchError, match="fp8=True trains on GPUs with FP8 tensor cores; this run has CPU"):
+        launch.plan_resources(cfg)
