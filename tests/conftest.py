@@ -37,9 +37,6 @@ def pytest_configure(config):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
-    # Ray Train's controller collects reports and notices a run's end at this interval (the launcher's
-    # 0.5 s, Ray's 2 s): tests wait on both many times. Ray propagates it to the controllers it starts.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -31,9 +31,9 @@ FAULT_RUN = dict(
     learning_rate=1e-2,
     min_lr=1e-3,
     warmup_iters=5,
-    lr_decay_iters=200,
-    max_iters=200,  # long enough after the first checkpoint that a stop lands before the end
-    eval_interval=20,  # the first checkpoint early: a stop comes a second or two (~50 steps) after it
+    lr_decay_iters=400,
+    max_iters=400,  # long enough after the first checkpoint that a stop lands before the end
+    eval_interval=50,
     eval_iters=4,
     log_interval=1,
     device="cpu",
@@ -158,7 +158,7 @@ def reference(ray_local, tmp_path_factory, char_data):
 def test_killed_worker_is_replaced_and_the_run_ends_bit_identical(ray_local, tmp_path, char_data, reference):
     started = time.time()
     process = start_cli(tmp_path, char_data, ray_local, "worker-kill", max_failures=1)
-    wait_for(process, r"saved checkpoint")  # the checkpoint at iter 20 ...
+    wait_for(process, r"saved checkpoint")  # the checkpoint at iter 50 ...
     wait_until_registered(process, tmp_path / "ray" / "out-worker-kill")
     wait_for(process, r"iter \d+:")  # ... and before the next
     os.kill(train_worker_pids(started_after=started)[-1], signal.SIGKILL)
