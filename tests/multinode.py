@@ -94,23 +94,36 @@ if LOG and WATCHED:
 AUDIT_LOG = "file-audit.log"
 
 
+# Ports handed out here: nodes start together, so a port one was given may not be bound yet when the
+# next one asks; none is handed out twice.
+handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port not in handed_out:
+            handed_out.add(port)
+            return port
 
 
 def free_port_range(count: int) -> range:
-    """`count` consecutive ports in WORKER_PORTS that nothing listens on now (checked by binding each)."""
+    """`count` consecutive ports in WORKER_PORTS that nothing listens on now (checked by binding each)
+    and that no other node was given."""
     for _ in range(100):
         start = random.randrange(WORKER_PORTS.start, WORKER_PORTS.stop - count)
         ports = range(start, start + count)
+        if handed_out.intersection(ports):
+            continue
         try:
             for port in ports:
                 with socket.socket() as probe:
                     probe.bind(("127.0.0.1", port))
         except OSError:
             continue
+        handed_out.update(ports)
         return ports
     raise RuntimeError(f"no {count} free consecutive ports in {WORKER_PORTS}")
 
@@ -169,7 +182,7 @@ class LoopbackCluster:
         """The environment for a driver subprocess (the launcher) joining this cluster: it runs on the
         head's machine, so its file events count as the head's."""
         head = next(iter(self.nodes.values()))
-        return {**os.environ, **self.auth_env, **audit_env(self.root, head.root, self.watched),
+        return {**session_env(), **self.auth_env, **audit_env(self.root, head.root, self.watched),
                 "RAY_ADDRESS": self.address, "PYTHONUNBUFFERED": "1", **extra}  # fmt: skip
 
     def cross_node_reads(self, under: list[Path]) -> list[str]:
@@ -214,7 +227,22 @@ def start_node(
     name: str = "",
     watched: tuple[str, ...] = (),
 ) -> Node:
-    """One node, rooted at cluster_root/folder, named `name` (default: the folder's name)."""
+    """One node, rooted at cluster_root/folder, named `name` (default: the folder's name), once it is up."""
+    node = launch_node(cluster_root, folder, cpus, auth_env, head_address, name, watched)
+    wait_until_started(node)
+    return node
+
+
+def launch_node(
+    cluster_root: Path,
+    folder: str,
+    cpus: int,
+    auth_env: dict,
+    head_address: str | None = None,
+    name: str = "",
+    watched: tuple[str, ...] = (),
+) -> Node:
+    """`ray start` for one node, not waiting for it to come up (wait_until_started)."""
     name = name or folder
     root = cluster_root / folder
     (root / "tmp").mkdir(parents=True)
@@ -245,7 +273,7 @@ def start_node(
     else:
         args += [f"--address={head_address}"]
     env = {
-        **os.environ,
+        **session_env(),
         **auth_env,
         **NODE_SETTINGS,
         **(HEAD_SETTINGS if head_address is None else {}),
@@ -257,9 +285,13 @@ def start_node(
     env.pop("RAY_ADDRESS", None)
     with open(root / "ray-start.log", "w") as log:
         process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    node = Node(name, root, process)
-    wait_until_started(node)
-    return node
+    return Node(name, root, process)
+
+
+def session_env() -> dict[str, str]:
+    """This process's environment, less what the session's `ray_local` cluster sets for itself (its
+    preemption watcher off): a launcher on this cluster decides that itself, as on a real one."""
+    return {name: value for name, value in os.environ.items() if name != "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"}
 
 
 def audit_env(cluster_root: Path, machine_root: Path, watched: tuple[str, ...]) -> dict[str, str]:
@@ -305,8 +337,11 @@ def start_cluster(cpus_per_node: dict[str, int], watch: list[Path] = ()) -> Loop
     try:
         nodes[names[0]] = start_node(cluster_root, names[0], cpus_per_node[names[0]], auth_env, watched=watched)
         address = read_head_address(nodes[names[0]])
+        # The other nodes start together: most of a node's start is waiting (its agents, registration).
         for name in names[1:]:
-            nodes[name] = start_node(cluster_root, name, cpus_per_node[name], auth_env, address, watched=watched)
+            nodes[name] = launch_node(cluster_root, name, cpus_per_node[name], auth_env, address, watched=watched)
+        for name in names[1:]:
+            wait_until_started(nodes[name])
     except BaseException:
         LoopbackCluster(cluster_root, "", nodes, auth_env).stop()
         raise

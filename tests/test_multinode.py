@@ -21,7 +21,7 @@ import psutil
 import pyarrow.fs
 import pytest
 from conftest import TINY_RUN
-from test_faults import FAULT_RUN, assert_bit_identical, cli_args, finish, wait_for
+from test_faults import FAULT_RUN, assert_bit_identical, cli_args, finish, wait_for, wait_until_reaped
 
 from raygpt import checkpoint
 from raygpt.prepare import prepare_dataset
@@ -203,13 +203,14 @@ def test_a_rerun_without_out_dir_continues_from_storage_bit_identical(
     storage = storage_for("s3", s3_server, tmp_path)
     out_dir = tmp_path / "out"
     values = {**FAULT_RUN, "data_dir": s3_data, "storage_path": storage, "out_dir": out_dir}
+    started = time.time()
     process = start_run(ray_nodes, values)
     wait_for(process, r"saved checkpoint")
     wait_until_registered(process, storage, "out")
     os.killpg(process.pid, signal.SIGKILL)  # the launcher only: Ray ends its job's workers
     finish(process)
     shutil.rmtree(out_dir)
-    time.sleep(2)  # let the cluster reap the dead driver's workers
+    wait_until_reaped(started)
     returncode, output = finish(start_run(ray_nodes, values))
     assert returncode == 0, output[-3000:]
     assert "continuing run 'out'" in output, output[-3000:]
