@@ -7,6 +7,7 @@ Train's local mode trains in the test's own process); `pytest -m ray` is the res
 """
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,11 @@ def pytest_configure(config):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
+    # A shell that starts pytest in the background (`pytest &`, or a script run with `&`) makes it ignore
+    # SIGINT, and its children inherit that: the tests that press Ctrl-C on a child would then see it
+    # ignored. Deliver it as a terminal would, however pytest was started.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
