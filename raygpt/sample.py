@@ -327,8 +327,29 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def nanogpt_spelling(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """nanoGPT's sample.py spells its options --num_samples=3 and --compile=True; take those as
+    --num-samples=3 and --compile (or nothing, for --compile=False), so its commands work here as typed."""
+    known = {option for action in parser._actions for option in action.option_strings}
+    spelled = []
+    for arg in argv:
+        name, equals, value = arg.partition("=")
+        hyphenated = name.replace("_", "-")
+        if arg.startswith("--") and name not in known and hyphenated in known:
+            name = hyphenated
+        if name == "--compile" and equals:  # a flag here: --compile=True is --compile
+            if value.lower() in ("true", "1"):
+                spelled.append(name)
+            elif value.lower() not in ("false", "0"):
+                spelled.append(arg)  # let argparse refuse it
+            continue
+        spelled.append(name + equals + value)
+    return spelled
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(nanogpt_spelling(sys.argv[1:] if argv is None else argv, parser))
     try:
         return run_cli(lambda: sample(args))
     except KeyboardInterrupt:

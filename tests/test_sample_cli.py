@@ -305,3 +305,21 @@ def test_help_has_a_usage_line_a_description_and_every_option_with_its_default()
         assert action.help and "(default: " in action.help, action.dest
         assert action.option_strings[0] in result.stdout
     assert "(default: 0.8)" in result.stdout and "(default: '\\n')" in result.stdout
+
+
+def test_nanogpt_sample_py_spellings_work_as_typed(tmp_path, capsys):
+    """nanoGPT's `python sample.py --out_dir=... --num_samples=2 --max_new_tokens=40 --compile=False`."""
+    write_meta(tmp_path / "data" / "tiny_char")
+    write_checkpoint(tmp_path / "out", tmp_path / "data")
+    common = ("--start=KING:", "--temperature=0", "--seed=3")
+    code, ours, err = run(capsys, "--out-dir", str(tmp_path / "out"), "--num-samples", "2", "--max-new-tokens",
+                          "40", *common)  # fmt: skip
+    assert code == 0, err
+    code, theirs, err = run(capsys, f"--out_dir={tmp_path / 'out'}", "--num_samples=2", "--max_new_tokens=40",
+                            "--compile=False", "--init_from=resume", *common)  # fmt: skip
+    assert code == 0, err
+    assert texts(theirs) == texts(ours) and len(texts(ours)) == 2
+    parser = sample.build_parser()
+    assert sample.nanogpt_spelling(["--compile=True", "--top_k=5"], parser) == ["--compile", "--top-k=5"]
+    with pytest.raises(SystemExit):  # still refused: not an option under either spelling
+        parser.parse_args(sample.nanogpt_spelling(["--no_such_option=1"], parser))
