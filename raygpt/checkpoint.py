@@ -413,8 +413,10 @@ class Checkpointer:
     is in flight: the next waits for it, since it reuses its host buffers. Every eval report goes through
     the same thread, so Ray sees them in order."""
 
-    def __init__(self, out_dir: str | Path, rank: int, sharded: bool = False, asynchronous: bool = False):
+    def __init__(self, out_dir: str | Path, rank: int, sharded: bool = False, asynchronous: bool = False,
+                 checkpoint_type: type | None = None):  # fmt: skip
         self.out_dir, self.rank, self.sharded = Path(out_dir), rank, sharded
+        self.checkpoint_type = checkpoint_type  # what report() takes; None: ray.train.Checkpoint
         self.background = ThreadPoolExecutor(1, thread_name_prefix="raygpt-checkpoint") if asynchronous else None
         self.pending: list[Future] = []
         self.host_buffers: dict = {}
@@ -425,9 +427,12 @@ class Checkpointer:
             self.process_group = torch.distributed.new_group(backend="gloo")
 
     def save(self, state: TrainState, next_batch, report: Callable) -> None:
-        """Write `state`, then call report(ray.train.Checkpoint, or None on ranks that hand Ray nothing)."""
-        from ray.train import Checkpoint
+        """Write `state`, then call report(a Ray Checkpoint, or None on ranks that hand Ray nothing)."""
+        if self.checkpoint_type is None:
+            from ray.train import Checkpoint
 
+            self.checkpoint_type = Checkpoint
+        Checkpoint = self.checkpoint_type
         self.raise_background_error()
         if self.background is not None:
             self.wait()  # one save in flight: its buffers are about to be reused

@@ -1,4 +1,5 @@
-"""train_loop_per_worker: nanoGPT's training loop, run by every Ray Train worker.
+"""train_loop_per_worker: nanoGPT's training loop, run by every Ray Train worker (or, for a one-worker
+Tune trial, by the trial itself: train_in_tune_trial; session.py says what differs).
 
 Read top to bottom it is nanoGPT's train.py: set up the device and precision, build or restore the
 model, then loop over eval -> checkpoint -> step -> log, with Ray taking the place of torchrun. Each
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from raygpt import checkpoint
+from raygpt import checkpoint, session
 from raygpt.checkpoint import Checkpointer, TrainState
 from raygpt.compile_cache import CompileCache, graph_settings
 from raygpt.config import TrainConfig
@@ -77,13 +78,11 @@ def build_model(cfg: TrainConfig, meta: dict | None, saved: dict | None, precisi
     return model, model_args
 
 
-def worker_device(cfg: TrainConfig, use_gpu: bool) -> torch.device:
+def worker_device(cfg: TrainConfig, use_gpu: bool, gpu: Callable[[], torch.device]) -> torch.device:
     attention = make_deterministic(cfg.attention) if cfg.deterministic else cfg.attention
     if not use_gpu:
         return torch.device("cpu")
-    import ray.train.torch
-
-    device = ray.train.torch.get_device()
+    device = gpu()
     torch.cuda.set_device(device)
     enable_tf32()
     set_attention_backend(attention)
@@ -207,16 +206,23 @@ class FirstSteps:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    import ray.train
+    """A Ray Train worker's training function (raygpt.launch.build_trainer)."""
+    run_loop(loop_config, session.train_worker())
 
+
+def train_in_tune_trial(loop_config: dict) -> None:
+    """A one-worker Tune trial's training, in the trial's own process (raygpt.tune)."""
+    run_loop(loop_config, session.tune_trial())
+
+
+def run_loop(loop_config: dict, ray_session: session.RaySession) -> None:
     worker_started = time.time()
     cfg, plan = TrainConfig.from_dict(loop_config["config"]), loop_config["plan"]
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    rank, world_size = ray_session.world_rank, ray_session.world_size
     is_rank_zero = rank == 0
     say = print if is_rank_zero else lambda *args, **kwargs: None
     first_group = first_worker_group(plan.get("launch_id", "")) if is_rank_zero else None
-    device = worker_device(cfg, plan["use_gpu"])
+    device = worker_device(cfg, plan["use_gpu"], ray_session.gpu)
     torch.set_num_threads(worker_cpu_count(plan["cpus_per_worker"]))
     compile_workers = CompileWorkers(enabled=cfg.compile and device.type == "cuda")
     compile_workers.start()  # they boot while the model, optimizer and data are set up
@@ -227,11 +233,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)  # on every node: a rank's files never rely on another's disk
     # The first worker of each node says how staging a dataset from object storage goes.
-    dataset_dir = local_dataset(cfg, print if context.get_local_rank() == 0 else lambda *args, **kwargs: None)
+    dataset_dir = local_dataset(cfg, print if ray_session.local_rank == 0 else lambda *args, **kwargs: None)
     say(f"tokens per iteration will be: {tokens_per_iter:,}", flush=True)
 
     # ---- model and train state: from a checkpoint, GPT-2's weights or scratch --------------------
-    saved, source = find_resume(cfg, plan["resume_from"], ray.train.get_checkpoint(), say)
+    saved, source = find_resume(cfg, plan["resume_from"], ray_session.checkpoint, say)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, model_args = build_model(cfg, load_meta(dataset_dir), saved, precision)
     model.to(device)
@@ -268,14 +274,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.wandb_log and is_rank_zero:
         wandb_run, state.wandb_run_id = start_wandb(cfg, out_dir, state.wandb_run_id)
     mfu = lambda dt: model.estimate_mfu(cfg.batch_size * accum_steps, dt, device)  # noqa: E731
-    reporter = Reporter(cfg, is_rank_zero, tokens_per_iter, mfu, device, wandb_run, report_to_ray=ray.train.report,
+    reporter = Reporter(cfg, is_rank_zero, tokens_per_iter, mfu, device, wandb_run, report_to_ray=ray_session.report,
                         results_at=join_uri(storage_root(cfg.storage_path), plan["run_name"]))  # fmt: skip
-    checkpointer = Checkpointer(out_dir, rank, sharded=wrapped.sharded, asynchronous=cfg.async_checkpoint)
+    checkpointer = Checkpointer(out_dir, rank, sharded=wrapped.sharded, asynchronous=cfg.async_checkpoint,
+                                checkpoint_type=ray_session.checkpoint_type)  # fmt: skip
     # Ray's preemption notice, polled at log cadence (a barrier: every rank polls the same iterations),
     # in the checkpointer's thread, in order with the reports (Ray numbers both kinds of collective).
     # SIGTERM to the launcher reaches the workers the same way, read from Ray's key-value store.
     stop_asked = None if cfg.local_mode else functools.partial(launcher_asked_to_stop, plan.get("launch_id", ""))
-    watch = PreemptionWatch(ray.train.get_preemption_info, cfg.log_interval, checkpointer.in_order, reporter.say,
+    watch = PreemptionWatch(ray_session.preemption_info, cfg.log_interval, checkpointer.in_order, reporter.say,
                             agree=functools.partial(largest_over_ranks, world_size=world_size, device=device),
                             stop_asked=stop_asked)  # fmt: skip
 

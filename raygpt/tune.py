@@ -1,10 +1,14 @@
 """`python -m raygpt.tune [CONFIG_FILE] --key=SPEC ... [--num-samples N] [--max-concurrent K] [--asha]`: a sweep.
 
 A SPEC is `loguniform:LOW:HIGH`, `uniform:LOW:HIGH`, `choice:A,B,C` or `grid:A,B,C`; every other
-`--key=value` and the config file are read as by raygpt.launch. Each trial is a Ray Train V2 run
-(`raygpt.launch.build_trainer`) of the base config with the trial's values, its own run_name
-(`<run_name>-<trial_id>`) and out_dir (`<out_dir>/<trial_id>`); its eval metrics reach Tune through
-TuneReportCallback. Tune minimizes val_loss; --asha stops poor trials early (time_attr 'iter').
+`--key=value` and the config file are read as by raygpt.launch. Each trial trains the base config with
+the trial's values, its own run_name (`<run_name>-<trial_id>`) and out_dir (`<out_dir>/<trial_id>`).
+A trial of one worker trains in the trial's own process (raygpt.train.train_in_tune_trial), reporting
+and checkpointing to Tune, which restarts it after a failure (max_failures); Tune reuses the process for
+the next trial, which so starts with torch imported and its graphs compiled. A trial of several workers
+(or FSDP2, or an elastic count) is a Ray Train V2 run (`raygpt.launch.build_trainer`) whose eval metrics
+reach Tune through TuneReportCallback. Tune minimizes val_loss; --asha stops poor trials early
+(time_attr 'iter').
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 import sys
 import time
@@ -186,19 +191,40 @@ def plan_concurrency(cfg: TrainConfig, plan: launch.RunPlan, explicit_keys, conc
     return launch.plan_resources(cfg.replace(use_gpu=plan.use_gpu, **changes))
 
 
+def trains_in_trial(cfg: TrainConfig, plan: launch.RunPlan) -> bool:
+    """Whether each trial trains in its own process instead of starting a Ray Train run: one fixed worker,
+    no process group needed (FSDP2 shards over one; local mode keeps its Train semantics)."""
+    return plan.num_workers == 1 and not plan.max_workers and cfg.parallelism != "fsdp" and not cfg.local_mode
+
+
 def make_trainable(base: TrainConfig, plan: launch.RunPlan):
+    from ray import tune
+
+    in_trial = trains_in_trial(base, plan)
+
     def train_trial(config: dict) -> None:
         from ray import tune
-        from ray.tune.integration.ray_train import TuneReportCallback
 
         trial_id = tune.get_context().get_trial_id()
         cfg = base.replace(**config, out_dir=f"{base.out_dir}/{trial_id}")
         started = time.time()  # a trial's start-up line counts from the trial's own start, not the sweep's
         trial_plan = dataclasses.replace(plan, run_name=f"{plan.run_name}-{trial_id}", launched_at=started,
                                          ray_ready_at=started, launch_id=f"{plan.launch_id}-{trial_id}")  # fmt: skip
-        launch.build_trainer(cfg, trial_plan, callbacks=[TuneReportCallback()]).fit()
+        if in_trial:
+            from raygpt.train import train_in_tune_trial
 
-    return train_trial
+            train_in_tune_trial({"config": cfg.to_dict(), "plan": dataclasses.asdict(trial_plan)})
+        else:
+            from ray.tune.integration.ray_train import TuneReportCallback
+
+            launch.build_trainer(cfg, trial_plan, callbacks=[TuneReportCallback()]).fit()
+
+    if not in_trial:
+        # The trial function only drives the Train run (whose controller takes 0 CPUs); its workers hold the
+        # resources. Tune refuses an all-zero request, and a CPU fraction would leave the workers' planned
+        # CPUs short of the cluster's, so the trial asks for one byte of Ray's memory resource.
+        return tune.with_resources(train_trial, {"memory": 1})
+    return tune.with_resources(train_trial, {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})})
 
 
 def run_sweep(
@@ -221,6 +247,9 @@ def run_sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    # Tune snapshots the experiment whenever a trial has kept checkpoints_to_keep new ones, which is what
+    # ranks them; its warning about that cadence only says so, seconds apart, in every short sweep.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if not specs:
         raise ConfigError(
             "nothing to tune: give at least one --key=SPEC (loguniform:LOW:HIGH, uniform:LOW:HIGH, "
@@ -247,21 +276,19 @@ def run_sweep(
     if concurrent > 1:
         plan = plan_concurrency(cfg, plan, explicit_keys, concurrent)
     workers = launch.count(plan.num_workers, launch.describe_worker(plan))
+    in_trial = trains_in_trial(cfg, plan)
     print(
         f"raygpt.tune: {launch.count(trials, 'trial')} of {workers},"
-        f" {launch.count(plan.cpus_per_worker, 'CPU')} each, up to {concurrent} at a time",
+        f" {launch.count(plan.cpus_per_worker, 'CPU')} each, up to {concurrent} at a time"
+        + (", each training in its Tune trial's process" if in_trial else ", each a Ray Train run"),
         flush=True,
     )
     scheduler = None
     if asha:
         grace = grace_period or min(cfg.max_iters, 2 * cfg.eval_interval)
         scheduler = ASHAScheduler(time_attr="iter", max_t=max(cfg.max_iters, 1), grace_period=max(1, grace))
-    # The trial function only drives the Train run (whose controller takes 0 CPUs); its workers hold the
-    # resources. Tune refuses an all-zero request, and a CPU fraction would leave the workers' planned CPUs
-    # short of the cluster's, so the trial asks for one byte of Ray's memory resource.
-    trainable = tune.with_resources(make_trainable(cfg, plan), {"memory": 1})
     tuner = tune.Tuner(
-        trainable,
+        make_trainable(cfg, plan),
         param_space=space,
         tune_config=tune.TuneConfig(
             metric="val_loss",
@@ -270,18 +297,37 @@ def run_sweep(
             max_concurrent_trials=concurrent,
             scheduler=scheduler,
             # A finished trial's actor runs the next trial: its process has imported torch, Ray Train and
-            # raygpt already (seconds a trial). Each trial still gets its own Train controller and workers.
+            # raygpt already, and one that trained has its GPU set up and its graphs compiled.
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=name or f"{plan.run_name}-tune", storage_path=cfg.storage_path or None, verbose=verbose
+            name=name or f"{plan.run_name}-tune",
+            storage_path=cfg.storage_path or None,
+            verbose=verbose,
+            # A trial that trains in its own process is restarted and checkpointed by Tune, as a Train run
+            # would be by Train.
+            **(trial_run_options(cfg) if in_trial else {}),
         ),
     )
     return tuner.fit()
 
 
+def trial_run_options(cfg: TrainConfig) -> dict:
+    from ray import tune
+
+    return dict(
+        failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=tune.CheckpointConfig(
+            num_to_keep=cfg.checkpoints_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+        ),
+    )
+
+
 def best_checkpoint(result) -> tuple[str | None, dict | None]:
-    """The reported checkpoint with the lowest val_loss (Train keeps it: checkpoints are ranked by val_loss)."""
+    """The reported checkpoint with the lowest val_loss (Train or Tune keeps it: both rank by val_loss)."""
+    if result.best_checkpoints:  # a trial that trained in its own process reported its checkpoints to Tune
+        checkpoint, metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"])
+        return checkpoint.path, metrics
     df = result.metrics_dataframe
     if df is None or "checkpoint_path" not in df or "val_loss" not in df:
         return result.metrics.get("checkpoint_path") if result.metrics else None, result.metrics

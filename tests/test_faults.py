@@ -84,9 +84,9 @@ def cli_args(values: dict) -> list[str]:
     return [f"--{key}={value}" for key, value in values.items()]
 
 
-def reference_weights(tmp_path, char_data) -> dict:
+def reference_weights(tmp_path, char_data, **overrides) -> dict:
     cfg = TrainConfig(
-        **FAULT_RUN,
+        **{**FAULT_RUN, **overrides},
         data_dir=str(char_data),
         out_dir=str(tmp_path / "out-reference"),
         storage_path=str(tmp_path / "ray"),

@@ -1,11 +1,18 @@
-"""raygpt.tune: search-space parsing, one-line refusals, and a real 2-trial Ray Tune sweep of Train V2 runs on CPU."""
+"""raygpt.tune: search-space parsing, one-line refusals, and real Ray Tune sweeps on CPU: one-worker trials
+that train in the trial's process (also killed and restarted by Tune), and a 2-worker trial that is a Train run."""
 
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from conftest import TINY_RUN
+from test_faults import FAULT_RUN, assert_bit_identical, cli_args, ray_actor_processes, reference_weights, wait_for
 
+from raygpt import checkpoint
 from raygpt import tune as rtune
 from raygpt.config import ConfigError, TrainConfig
 
@@ -95,9 +102,10 @@ def test_two_trial_sweep_picks_the_better_learning_rate(ray_local, tmp_path, cha
     for result in grid:
         assert result.metrics["iter"] == 20
         trial_id = result.metrics["trial_id"]
-        # each trial is its own Train run: own run_name and out_dir
+        # each trial has its own out_dir; one worker trains in the trial's process: no Train run of its own
         assert os.path.exists(tmp_path / "out-sweep" / trial_id / "ckpt.pt")
-        assert (tmp_path / "ray" / f"sweep-{trial_id}").is_dir()
+        assert not (tmp_path / "ray" / f"sweep-{trial_id}").exists()
+        assert result.checkpoint is not None and result.checkpoint.path.startswith(result.path)
     assert grid.experiment_path == str(tmp_path / "ray" / "sweep-tune")
     assert by_lr[1e-2].metrics["best_val_loss"] < by_lr[1e-5].metrics["best_val_loss"]
     assert by_lr[1e-2].metrics["best_val_loss"] < math.log(65) - 0.3
@@ -116,3 +124,63 @@ def test_two_trial_sweep_picks_the_better_learning_rate(ray_local, tmp_path, cha
     assert f"best trial {best.metrics['trial_id']}: learning_rate=0.01" in out
     assert f"best val loss {best.metrics['best_val_loss']:.4f}" in out
     assert f"best checkpoint: {ckpt}" in out
+
+
+def test_a_multi_worker_trial_is_a_train_run(ray_local, tmp_path, char_data, capsys):
+    base = TrainConfig(
+        **{
+            **TINY,
+            "max_iters": 10,
+            "data_dir": str(char_data),
+            "out_dir": str(tmp_path / "out"),
+            "storage_path": str(tmp_path / "ray"),
+            "run_name": "wide",
+            "num_workers": 2,
+            "cpus_per_worker": 1,
+        }
+    )
+    _, specs = rtune.split_argv(["--learning_rate=grid:1e-2"])
+    grid = rtune.run_sweep(base, specs, explicit_keys={"num_workers", "cpus_per_worker"}, verbose=0)
+    assert "each a Ray Train run" in capsys.readouterr().out
+    (result,) = grid
+    assert result.error is None and result.metrics["iter"] == 10
+    trial_id = result.metrics["trial_id"]
+    assert (tmp_path / "ray" / f"wide-{trial_id}").is_dir()  # the Train run's own folder in storage
+    ckpt, metrics = rtune.best_checkpoint(result)
+    assert ckpt.startswith(str(tmp_path / "ray" / f"wide-{trial_id}"))
+    assert metrics["val_loss"] == result.metrics["best_val_loss"]
+
+
+def test_killed_trial_is_restarted_by_tune_and_ends_bit_identical(ray_local, tmp_path, char_data):
+    """A one-worker trial trains in Tune's trial process: SIGKILL it after its first checkpoint, and Tune
+    restarts the trial from that checkpoint; the weights end as those of an uninterrupted Train run."""
+    run = {**FAULT_RUN, "num_workers": 1, "max_failures": 1}
+    reference = reference_weights(tmp_path, char_data, num_workers=1)
+    values = {**run, "data_dir": char_data, "out_dir": tmp_path / "out-sweep", "storage_path": tmp_path / "ray"}
+    started = time.time()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "raygpt.tune", *cli_args(values), f"--learning_rate=grid:{run['learning_rate']}"],
+        env={**os.environ, "RAY_ADDRESS": ray_local, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(process, "each training in its Tune trial's process")
+        wait_for(process, r"saved checkpoint at iter 50")
+        deadline = time.time() + 60
+        while not list((tmp_path / "ray").glob("*-tune/*/checkpoint_000000")):  # Tune has registered it
+            assert time.time() < deadline, "Tune never stored the trial's checkpoint"
+            wait_for(process, r"iter \d+:")
+        wait_for(process, r"iter 6\d:")
+        (trial_process,) = ray_actor_processes("ImplicitFunc", started)
+        os.kill(trial_process.pid, signal.SIGKILL)
+        resumed = wait_for(process, r"resuming from \S+ at iter (\d+)")
+        assert int(resumed[1]) >= 50
+        output, _ = process.communicate(timeout=240)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output[-3000:]
+    (trial_checkpoint,) = (tmp_path / "out-sweep").glob("*/ckpt.pt")
+    assert_bit_identical(checkpoint.load(trial_checkpoint), reference)
