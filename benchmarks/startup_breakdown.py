@@ -169,7 +169,18 @@ def phases_from_logs(logs: Path, arrived: dict, started: float, workers: int) ->
         phases["  of which: rank 0 python + import ray"] = core - spawn_times[rank0]
     phases["_rank0_pid"] = rank0
     phases["fresh worker processes (all)"] = len(spawned)
+    phases["  of which: never given an actor or task"] = len(spawned) - len(used_processes(logs))
     return phases
+
+
+def used_processes(logs: Path) -> set[str]:
+    """The worker ids of the processes that ran an actor or a task (Ray names it in the process's .out log);
+    the others were prestarted and left idle."""
+    used = set()
+    for out in logs.glob("worker-*.out"):
+        if re.search(r"^:(actor|task)_name:", out.read_text(errors="replace"), re.MULTILINE):
+            used.add(out.name.split("-")[1])
+    return used
 
 
 def slowest_imports(stderr: str, top: int = 15) -> list[str]:
