@@ -59,7 +59,7 @@ SHAPES = {  # n_layer, n_head, n_embd, block_size
 ITER = re.compile(r"^iter (\d+): loss")
 STARTUP = re.compile(r"^start-up ")
 STARTUP_PARTS = re.compile(r"model and data ([\d.]+)s, first eval and step \(compile\) ([\d.]+)s")
-COMPILE_CACHE = re.compile(r"^compile cache \S+: (hit|miss)\b.*graphs: (\d+) cached, (\d+) compiled")
+COMPILE_CACHE = re.compile(r"^compile cache \S+: (hit|miss)\b.*graphs: ((\d+) cached, (\d+) compiled|none new)")
 RESUMING = re.compile(r"^resuming from \S+ at iter (\d+)")
 TRIAL_STARTED = re.compile(r"^Trial (\S+) started with configuration")
 # Shown as they come and listed under the tables: where the time to a first step went. Ray's controller
@@ -333,7 +333,7 @@ def tune_table(args, trials: list[dict]) -> list[str]:
     for number, trial in enumerate(trials, 1):
         parts = next((STARTUP_PARTS.search(line) for line in trial["lines"] if STARTUP.match(line)), None)
         cache = next((COMPILE_CACHE.match(line) for line in trial["lines"] if COMPILE_CACHE.match(line)), None)
-        cached = f"{cache[1]}, {cache[2]} cached, {cache[3]} compiled" if cache else "off"
+        cached = f"{cache[1]}, {cache[2]}" if cache else "off"
         rows.append(f"| {number} ({trial['name']}) | {trial['first_step_s']:.1f} | "
                     f"{trial['first_step_s'] / first:.2f}x | {parts[1] if parts else '?'} | "
                     f"{parts[2] if parts else '?'} | {cached} |")  # fmt: skip

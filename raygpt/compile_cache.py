@@ -143,6 +143,7 @@ class CompileCache:
         self.known: set[tuple[str, str]] = set()  # the artifacts the file holds
         self.loaded_bytes = self.saved_bytes = 0
         self.load_seconds = self.save_seconds = 0.0
+        self.graphs_before = graph_counts()  # a process may train more than once (Tune reuses trial actors)
 
     @property
     def hit(self) -> bool:
@@ -186,9 +187,19 @@ class CompileCache:
 
     def summary(self) -> str:
         """One line: hit or miss, the graphs taken from a cache against those compiled here, what was saved."""
-        from torch._dynamo.utils import counters
-
         loaded = f"hit, {self.loaded_bytes / 1e6:.1f} MB in {self.load_seconds:.2f} s" if self.hit else "miss"
-        graphs = counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+        cached, compiled = (now - before for now, before in zip(graph_counts(), self.graphs_before))
+        graphs = (
+            f"{cached} cached, {compiled} compiled"
+            if cached or compiled
+            else "none new (compiled earlier in this process)"
+        )
         saved = f"; saved {self.saved_bytes / 1e6:.1f} MB in {self.save_seconds:.2f} s" if self.saved_bytes else ""
-        return f"compile cache {self.key}: {loaded}; graphs: {graphs[0]} cached, {graphs[1]} compiled{saved}"
+        return f"compile cache {self.key}: {loaded}; graphs: {graphs}{saved}"
+
+
+def graph_counts() -> tuple[int, int]:
+    """Inductor's graphs taken from its cache and compiled, so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]

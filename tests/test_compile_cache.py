@@ -42,9 +42,14 @@ COMPILE_ONE_STEP = textwrap.dedent("""
     seconds = time.time() - start
     grads = [p.grad.double().sum().item() for p in model.parameters()]
     saved = cache.save()
+    summary = cache.summary()
+    # A second run in the same process (a Tune trial actor reused) compiles nothing new, and says so.
+    again = CompileCache(root, torch.device("cpu"), settings, environment=environment)
+    torch.compile(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, bias=False)),
+                  dynamic=False)(X, Y)[1].backward()
     print(json.dumps(dict(hit=hit, saved=saved, loss=loss.item(), grads=grads, seconds=seconds,
                           inductor=dict(counters["inductor"]), aot_autograd=dict(counters["aot_autograd"]),
-                          summary=cache.summary(), location=cache.location)))
+                          summary=summary, location=cache.location, summary_again=again.summary())))
 """)
 
 
@@ -77,6 +82,7 @@ def test_a_fresh_process_hits_what_another_compiled_and_computes_the_same(cold_t
     assert not cold["hit"] and cold["saved"] and ": miss; graphs: 0 cached, 2 compiled; saved" in cold["summary"]
     assert cold["inductor"]["fxgraph_cache_miss"] > 0 and "fxgraph_cache_hit" not in cold["inductor"]
     assert warm["hit"] and "graphs: 2 cached, 0 compiled" in warm["summary"]
+    assert cold["summary_again"].endswith("graphs: none new (compiled earlier in this process)")
     # forward and backward graphs come from the file: no graph is lowered again
     assert warm["inductor"]["fxgraph_cache_hit"] == cold["inductor"]["fxgraph_cache_miss"]
     assert "fxgraph_cache_miss" not in warm["inductor"] and warm["aot_autograd"]["autograd_cache_hit"] == 1
