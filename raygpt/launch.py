@@ -94,9 +94,12 @@ def connect(address: str | None, verbose: bool = False) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     local_cluster = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "ray_current_cluster"
     joined = bool(address) or local_cluster.is_file()
+    if not joined:
+        for name, value in LOCAL_RAY_SETTINGS.items():
+            os.environ.setdefault(name, value)
     context = ray.init(
         address=address,
-        runtime_env={"env_vars": storage_credentials()} if storage_credentials() else None,
+        runtime_env=job_runtime_env(joined),
         logging_level=logging.WARNING,
         logging_config=None if verbose else ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
     )
@@ -109,8 +112,26 @@ def connect(address: str | None, verbose: bool = False) -> None:
     start_autoscaling_coordinator()
 
 
+# Settings for a Ray this launcher starts itself (a joined cluster keeps its own); its raylet reads them
+# from this process's environment.
+LOCAL_RAY_SETTINGS = {
+    # Ray starts one idle Python process per CPU for the first driver, with no runtime_env. Every actor of
+    # a Train run has one (Ray Train hands its env vars to the controller and the workers), and Ray gives
+    # an actor only an idle process of the same runtime_env, so none of them is used: they only take CPU
+    # while the run starts (and on a many-core GPU host, one process per core).
+    "RAY_prestart_worker_first_driver": "0",
+}
+
 # Object storage settings the workers and Ray's controller need as much as this process does.
 CREDENTIAL_PREFIXES = ("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_")
+
+
+def job_runtime_env(joined: bool) -> dict | None:
+    """The storage settings for a joined cluster's workers, or None for a Ray started here: its workers
+    inherit this process's environment, and a job runtime_env would keep even the actors Ray Train does
+    not give one (the autoscaling coordinator) off Ray's idle processes."""
+    credentials = storage_credentials()
+    return {"env_vars": credentials} if joined and credentials else None
 
 
 def storage_credentials() -> dict[str, str]:

@@ -1,0 +1,73 @@
+"""What the launcher asks of a Ray it starts itself, for a shorter worker-group start (issue 19)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from raygpt.launch import job_runtime_env
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_joined_cluster_gets_the_storage_settings(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    assert job_runtime_env(joined=True)["env_vars"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9000"
+
+
+def test_ray_started_here_gets_no_runtime_env(monkeypatch):
+    # Its workers inherit this environment; a runtime_env would only keep Ray from reusing idle processes.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
+    assert job_runtime_env(joined=False) is None
+
+
+def test_no_credentials_no_runtime_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_")):
+            monkeypatch.delenv(name)
+    assert job_runtime_env(joined=True) is None
+
+
+# A launcher's Ray, started in a process of its own (the session's shared Ray is already up in this one):
+# what its job carries, and how many Python worker processes its raylet started.
+CONNECT_AND_COUNT = """
+import json, os, re, sys, time
+from pathlib import Path
+import ray
+from raygpt.launch import connect
+connect(None)
+time.sleep(3)
+raylet_log = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "raylet.out"
+started = len(re.findall("Started worker process", raylet_log.read_text()))
+worker_env = ray.get(ray.remote(lambda: os.environ.get("AWS_ENDPOINT_URL")).options(num_cpus=0).remote())
+print(json.dumps(dict(runtime_env=ray.get_runtime_context().runtime_env, worker_env=worker_env, started=started)))
+"""
+
+
+@pytest.mark.ray
+def test_launchers_own_ray_starts_no_idle_processes(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="rg-t-")  # short: Ray's socket paths must be
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "RAY_TMPDIR": ray_tmp,  # no ray_current_cluster there: the launcher starts its own Ray
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+    }
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", CONNECT_AND_COUNT], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["runtime_env"] == {}  # no job runtime_env ...
+    assert found["worker_env"] == "http://127.0.0.1:9000"  # ... and the workers have the settings all the same
+    # Before any task: the autoscaling coordinator's process alone, not one idle process per CPU.
+    assert found["started"] <= 1
