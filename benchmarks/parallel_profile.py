@@ -88,6 +88,9 @@ def worker(rank: int, world_size: int, port: int, args, config_argv: list[str]) 
     started = time.perf_counter()
     for it in range(args.warmup):
         _, _, X, Y = step(X, Y, it)
+        if it == 0:
+            sync()
+            first_step_s = time.perf_counter() - started
     sync()
     warmup_s = time.perf_counter() - started
     times = []
@@ -113,7 +116,10 @@ def worker(rank: int, world_size: int, port: int, args, config_argv: list[str]) 
         mfu = model.estimate_mfu(cfg.batch_size * accum, median, device) if use_cuda else float("nan")
         print(f"{cfg.parallelism} micro-batch {cfg.batch_size} x {accum} on {world_size} {args.device}: "
               f"median step {median * 1000:.1f} ms, {tokens / median:,.0f} tok/s, MFU {mfu * 100:.1f}%, "
-              f"peak {peak:.2f} GiB, warm-up {warmup_s:.1f} s", flush=True)  # fmt: skip
+              f"peak {peak:.2f} GiB, warm-up {warmup_s:.1f} s (first step {first_step_s:.1f} s)",
+              flush=True)  # fmt: skip
+        if args.compile_times:  # where the first step's compile went (torch's own per-phase seconds)
+            print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
         for stream, fraction in sorted(stream_busy(trace).items()):
             print(f"  {stream}: busy {fraction * 100:.1f}% of the profiled span", flush=True)
         sort_by = "device_time_total" if use_cuda else "cpu_time_total"
@@ -130,6 +136,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--compile-times", action="store_true", help="print torch.compile's seconds by phase")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args, config_argv = parser.parse_args(argv[:split]), argv[split + 1 :]
