@@ -72,6 +72,8 @@ def worker(rank: int, world_size: int, port: int, args, config_argv: list[str]) 
         torch.cuda.set_device(device)
         enable_tf32()
     cfg, _ = read_config([*config_argv, f"--device={args.device}"])
+    if args.optimize_ddp is not None:  # how torch.compile meets DDP (torch's default: ddp_optimizer)
+        torch._dynamo.config.optimize_ddp = args.optimize_ddp
     precision = Precision(cfg.dtype, device)
     torch.manual_seed(cfg.seed)
     model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
@@ -120,6 +122,9 @@ def worker(rank: int, world_size: int, port: int, args, config_argv: list[str]) 
               flush=True)  # fmt: skip
         if args.compile_times:  # where the first step's compile went (torch's own per-phase seconds)
             print(torch._dynamo.utils.compile_times(repr="str", aggregate=True), flush=True)
+            counters = torch._dynamo.utils.counters
+            print(f"caches: aot_autograd {dict(counters['aot_autograd'])}, inductor "
+                  f"{ {k: v for k, v in counters['inductor'].items() if 'cache' in k} }", flush=True)  # fmt: skip
         for stream, fraction in sorted(stream_busy(trace).items()):
             print(f"  {stream}: busy {fraction * 100:.1f}% of the profiled span", flush=True)
         sort_by = "device_time_total" if use_cuda else "cpu_time_total"
@@ -137,6 +142,8 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--compile-times", action="store_true", help="print torch.compile's seconds by phase")
+    parser.add_argument("--optimize-ddp", choices=["ddp_optimizer", "no_optimization", "python_reducer"],
+                        help="torch._dynamo.config.optimize_ddp (default: torch's)")  # fmt: skip
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args, config_argv = parser.parse_args(argv[:split]), argv[split + 1 :]
