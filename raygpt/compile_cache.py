@@ -38,7 +38,7 @@ from raygpt.storage import dataset_uri, is_uri, open_filesystem
 CACHE_FOLDER = "compile-cache"
 # TrainConfig keys that change which graphs are compiled (the model's shape comes from model_args).
 GRAPH_KEYS = ("batch_size", "dtype", "compile_mode", "compile_regions", "compile_eval", "parallelism",
-              "activation_checkpointing", "eval_iters", "fp8")  # fmt: skip
+              "activation_checkpointing", "eval_iters", "fp8", "ddp_split_graphs")  # fmt: skip
 
 
 def environment_key(device: torch.device) -> str:

@@ -93,6 +93,11 @@ class TrainConfig:
         "compile each transformer block (one shared graph) instead of the whole "
         "model: compile time stops growing with n_layer; head and loss run eagerly",
     )
+    ddp_split_graphs: bool = key(
+        False,
+        "with DDP, split the compiled model at DDP's gradient buckets (torch's DDPOptimizer) so that the "
+        "all-reduce overlaps the backward; False compiles one graph, whose compile AOTAutograd's cache keeps",
+    )
     compile_eval: bool = key(
         True,
         "also compile the eval forward; False evaluates eagerly, which skips a second compile and suits short runs",

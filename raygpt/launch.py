@@ -298,7 +298,7 @@ FREE_TO_CHANGE = {
     *("max_preemption_failures", "max_iters", "lr_decay_iters", "warmup_iters", "min_lr", "decay_lr"),
     *("eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint", "async_checkpoint"),
     *("checkpoints_to_keep", "wandb_log", "wandb_project", "wandb_run_name"),
-    *("compile", "compile_mode", "compile_regions", "compile_eval", "compile_cache", "attention"),
+    *("compile", "compile_mode", "compile_regions", "ddp_split_graphs", "compile_eval", "compile_cache", "attention"),
     *("deterministic", "check_memory", "local_mode", "storage_path", "run_name", "out_dir", "data_dir"),
     *("init_from", "backend"),
 }

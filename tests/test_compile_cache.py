@@ -151,3 +151,37 @@ def test_a_uri_storage_round_trips_through_pyarrow_without_temporaries(s3_server
     filesystem, path = pyarrow.fs.FileSystem.from_uri(f"{bucket}/runs/compile-cache")
     listing = filesystem.get_file_info(pyarrow.fs.FileSelector(path))
     assert [info.base_name for info in listing] == [f"{cache_key(ENVIRONMENT, SETTINGS)}.bin"]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_ddp_compiles_one_graph_that_autograd_cache_keeps_unless_split(tmp_path, split):
+    """ddp_split_graphs=False (the default) compiles the DDP model as one graph, which AOTAutograd's cache
+    can keep (a restarted worker skips tracing it again); True splits it at DDP's buckets, and that cache
+    refuses the pieces. Both compute the same loss."""
+    import torch.distributed as dist
+    from torch._dynamo.utils import counters
+
+    from raygpt.config import TrainConfig
+    from raygpt.model import GPT, GPTConfig
+    from raygpt.parallel import wrap_model
+
+    torch._dynamo.reset()
+    counters.clear()
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "rendezvous"), 1), rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        # Weights over DDP's 25 MB bucket: two buckets, so a split graph really splits.
+        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=8, vocab_size=50304, bias=False))
+        x = torch.arange(16).reshape(2, 8) % 32
+        eager_loss = model(x, x)[1].item()
+        cfg = TrainConfig(device="cpu", dtype="float32", compile=True, ddp_split_graphs=split)
+        wrapped = wrap_model(model, cfg, 2, torch.device("cpu"), "float32")  # DDP, here over a 1-rank group
+        _, loss = wrapped.train(x, x)
+        loss.backward()
+    finally:
+        dist.destroy_process_group()
+        torch._dynamo.config.optimize_ddp = True  # torch's default, for the tests after this one
+    aot = counters["aot_autograd"]
+    assert (aot["autograd_cache_bypass"] > 0) == split
+    assert (aot["autograd_cache_miss"] + aot["autograd_cache_hit"] > 0) != split
+    assert loss.item() == pytest.approx(eager_loss, abs=1e-5)
