@@ -143,8 +143,8 @@ def finish(process, timeout: float = 240) -> tuple[int, str]:
     return process.returncode, output
 
 
-def assert_bit_identical(state: dict, reference: dict):
-    assert state["iter_num"] == reference["iter_num"] == FAULT_RUN["max_iters"]
+def assert_bit_identical(state: dict, reference: dict, max_iters: int = FAULT_RUN["max_iters"]):
+    assert state["iter_num"] == reference["iter_num"] == max_iters
     for key, tensor in reference["model"].items():
         assert torch.equal(state["model"][key], tensor), key
     assert state["best_val_loss"] == reference["best_val_loss"]
