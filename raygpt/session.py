@@ -24,6 +24,7 @@ class RaySession:
     checkpoint_type: type  # what report() takes: ray.train.Checkpoint or ray.tune.Checkpoint
     preemption_info: Callable | None  # ray.train.get_preemption_info; None where Ray gives no notice
     gpu: Callable[[], torch.device]  # this worker's GPU
+    stop_requested: Callable[[], bool] = lambda: False  # Tune stopped the trial (ASHA): end the loop now
 
 
 def train_worker() -> RaySession:
@@ -57,4 +58,18 @@ def tune_trial() -> RaySession:
         checkpoint_type=tune.Checkpoint,
         preemption_info=None,
         gpu=lambda: torch.device("cuda", 0),
+        stop_requested=tune_stop_requested(),
     )
+
+
+def tune_stop_requested() -> Callable[[], bool]:
+    """Whether Tune has stopped this trial (a scheduler such as ASHA, or the end of the sweep).
+
+    Tune ends a function trial at its next tune.report, an eval interval away, and in the thread that
+    reports (raygpt's checkpoint thread), not the loop's; meanwhile Tune gives the trial's process 2 s to
+    finish before it starts the next trial there. Its session's stop event says so at once (a private
+    attribute: where it is missing, trials end at their next report as Tune means them to)."""
+    from ray.train._internal.session import get_session
+
+    stop_event = getattr(get_session(), "stop_event", None)
+    return stop_event.is_set if stop_event is not None else (lambda: False)

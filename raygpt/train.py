@@ -290,7 +290,11 @@ def run_loop(loop_config: dict, ray_session: session.RaySession) -> None:
     X, Y = batches.train_batch(state.iter_num, 0) if resumed_batch is None else (t.to(device) for t in resumed_batch)
     start_iter, local_iter_num, t0 = state.iter_num, 0, time.time()
     first_steps = FirstSteps(plan, worker_started, t0, device, compile_cache, compile_workers, first_group, say)
+    stopped = False  # by a Tune scheduler (ASHA): the trial ends now, reporting nothing more
     while True:
+        if ray_session.stop_requested():
+            stopped = True
+            break
         lr = get_lr(state.iter_num, cfg)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
@@ -337,5 +341,12 @@ def run_loop(loop_config: dict, ray_session: session.RaySession) -> None:
         if state.iter_num % cfg.log_interval == 0:
             guard.check(state.iter_num - 1)
             reporter.step(state.iter_num - 1, loss_sum.item(), lr, dt, state.last_eval["val"])
-    checkpointer.close()  # the last checkpoint is written and reported before the run ends
+    try:
+        checkpointer.close()  # the last checkpoint is written and reported before the run ends
+    except SystemExit as stop:  # Tune ends a stopped trial in its report (code 0); the checkpoint is written
+        if stop.code not in (0, None):
+            raise
+        stopped = True
     reporter.finish()
+    if stopped:  # as Tune ends a stopped trial; a return would hand it one more result, which it never reads
+        raise SystemExit(0)

@@ -83,7 +83,10 @@ def test_bad_spec_is_one_line_exit_2(capsys):
     assert capsys.readouterr().err.startswith("error: nothing to tune")
 
 
-def test_two_trial_sweep_picks_the_better_learning_rate(ray_local, tmp_path, char_data, capsys):
+def test_sweep_picks_the_better_learning_rate_and_asha_stops_the_worse(ray_local, tmp_path, char_data, capsys):
+    """One trial after the other in one Tune process: the later two, far worse at the grace period, are
+    stopped by ASHA there, and the process goes on to the next trial (a stopped trial's loop must end at
+    once: Tune gives it 2 s before it gives up on the process, and the sweep then waited forever)."""
     base = TrainConfig(
         **{
             **TINY,
@@ -94,13 +97,14 @@ def test_two_trial_sweep_picks_the_better_learning_rate(ray_local, tmp_path, cha
             "num_workers": 1,
         }
     )
-    _, specs = rtune.split_argv(["--learning_rate=grid:1e-5,1e-2"])
-    grid = rtune.run_sweep(base, specs, explicit_keys={"num_workers"}, max_concurrent=2, verbose=0)
-    assert len(grid) == 2 and not grid.errors
+    _, specs = rtune.split_argv(["--learning_rate=grid:1e-2,1e-5,1e-6"])
+    grid = rtune.run_sweep(base, specs, explicit_keys={"num_workers"}, max_concurrent=1, asha=True,
+                           grace_period=10, verbose=0)  # fmt: skip
+    assert len(grid) == 3 and not grid.errors
     by_lr = {r.config["learning_rate"]: r for r in grid}
-    assert set(by_lr) == {1e-5, 1e-2}
+    assert set(by_lr) == {1e-6, 1e-5, 1e-2}
+    assert [by_lr[lr].metrics["iter"] for lr in (1e-2, 1e-5, 1e-6)] == [20, 10, 10]
     for result in grid:
-        assert result.metrics["iter"] == 20
         trial_id = result.metrics["trial_id"]
         # each trial has its own out_dir; one worker trains in the trial's process: no Train run of its own
         assert os.path.exists(tmp_path / "out-sweep" / trial_id / "ckpt.pt")
@@ -120,7 +124,7 @@ def test_two_trial_sweep_picks_the_better_learning_rate(ray_local, tmp_path, cha
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].split() == ["trial", "learning_rate", "val_loss", "best_val_loss", "iter", "status"]
-    assert sum(" DONE" in line for line in lines[1:3]) == 2
+    assert sorted(line.split()[-1] for line in lines[1:4]) == ["DONE", "STOPPED", "STOPPED"]
     assert f"best trial {best.metrics['trial_id']}: learning_rate=0.01" in out
     assert f"best val loss {best.metrics['best_val_loss']:.4f}" in out
     assert f"best checkpoint: {ckpt}" in out
