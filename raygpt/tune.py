@@ -296,9 +296,10 @@ def run_sweep(
             num_samples=num_samples,
             max_concurrent_trials=concurrent,
             scheduler=scheduler,
-            # A finished trial's actor runs the next trial: its process has imported torch, Ray Train and
-            # raygpt already, and one that trained has its GPU set up and its graphs compiled.
-            reuse_actors=True,
+            # A finished trial's process runs the next trial: torch imported, its GPU set up and its graphs
+            # compiled. Only where the trial trained itself: a Train run that a scheduler stopped goes on in
+            # the trial's thread, Tune cannot hand that process on, and the sweep waited forever.
+            reuse_actors=in_trial,
         ),
         run_config=tune.RunConfig(
             name=name or f"{plan.run_name}-tune",

@@ -130,11 +130,12 @@ def test_sweep_picks_the_better_learning_rate_and_asha_stops_the_worse(ray_local
     assert f"best checkpoint: {ckpt}" in out
 
 
-def test_a_multi_worker_trial_is_a_train_run(ray_local, tmp_path, char_data, capsys):
+def test_multi_worker_trials_are_train_runs_and_asha_stops_them(ray_local, tmp_path, char_data, capsys):
+    """A trial of 2 workers is a Train run of its own; one that ASHA stops ends, and the next trial starts
+    (with its process reused, the stopped Train run went on and the sweep waited forever)."""
     base = TrainConfig(
         **{
             **TINY,
-            "max_iters": 10,
             "data_dir": str(char_data),
             "out_dir": str(tmp_path / "out"),
             "storage_path": str(tmp_path / "ray"),
@@ -143,16 +144,35 @@ def test_a_multi_worker_trial_is_a_train_run(ray_local, tmp_path, char_data, cap
             "cpus_per_worker": 1,
         }
     )
-    _, specs = rtune.split_argv(["--learning_rate=grid:1e-2"])
-    grid = rtune.run_sweep(base, specs, explicit_keys={"num_workers", "cpus_per_worker"}, verbose=0)
+    _, specs = rtune.split_argv(["--learning_rate=grid:1e-2,1e-6"])
+    keys = {"num_workers", "cpus_per_worker"}
+    try:
+        grid = rtune.run_sweep(base, specs, keys, max_concurrent=1, asha=True, grace_period=10, verbose=0)
+    finally:
+        remove_leftover_placement_groups()
     assert "each a Ray Train run" in capsys.readouterr().out
-    (result,) = grid
-    assert result.error is None and result.metrics["iter"] == 10
+    assert len(grid) == 2 and not grid.errors
+    by_lr = {r.config["learning_rate"]: r for r in grid}
+    assert by_lr[1e-2].metrics["iter"] == 20 and by_lr[1e-6].metrics["iter"] == 10
+    result = by_lr[1e-2]
     trial_id = result.metrics["trial_id"]
     assert (tmp_path / "ray" / f"wide-{trial_id}").is_dir()  # the Train run's own folder in storage
     ckpt, metrics = rtune.best_checkpoint(result)
     assert ckpt.startswith(str(tmp_path / "ray" / f"wide-{trial_id}"))
     assert metrics["val_loss"] == result.metrics["best_val_loss"]
+
+
+def remove_leftover_placement_groups() -> None:
+    """Tune ends each trial by killing its process, and with it the trial's Train controller. Ray Train's
+    placement group cleaner then removes the run's group, but it asks Ray's State API, which needs the
+    dashboard this test cluster does not start: the groups would hold the cluster's CPUs until the
+    session ends (a real sweep's Ray has its dashboard)."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    for group_id, info in placement_group_table().items():
+        if info["state"] == "CREATED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
 
 
 def test_killed_trial_is_restarted_by_tune_and_ends_bit_identical(ray_local, tmp_path, char_data):
