@@ -413,12 +413,16 @@ def check_wandb(cfg: TrainConfig) -> None:
         )
 
 
-def check_data(cfg: TrainConfig, run_name: str, explicit_keys, prepare_input: str | None) -> tuple[Path | None, int]:
+def check_data(cfg: TrainConfig, run_name: str, explicit_keys, prepare_input: str | None,
+               new_runs: bool = False) -> tuple[Path | None, int]:  # fmt: skip
     """Data present (prepared here when the launcher knows how) and sane, and what to resume from;
-    needs no cluster. Returns the resume checkpoint (or None) and the model's vocab_size."""
+    needs no cluster. Returns the resume checkpoint (or None) and the model's vocab_size. new_runs: the
+    config is a sweep's base, whose trials are new runs of their own: a run under its names is neither
+    continued nor in the way (unless init_from=resume asks every trial to start from it)."""
     remote = is_uri(cfg.data_dir)
     meta = remote_dataset_meta(cfg, prepare_input) if remote else local_dataset_meta(cfg, prepare_input)
-    resume_from = plan_resume(cfg, run_name, explicit_keys, meta)
+    resumes = not new_runs or cfg.init_from == "resume"
+    resume_from = plan_resume(cfg, run_name, explicit_keys, meta) if resumes else None
     if resume_from is not None:
         vocab_size = checkpoint.read_summary(resume_from)["model_args"]["vocab_size"]
     elif cfg.init_from.startswith("gpt2") or Path(cfg.init_from).is_dir():
@@ -569,7 +573,7 @@ class LauncherOptions:
 
 
 def prepare_run(
-    cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherOptions()
+    cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherOptions(), new_runs: bool = False
 ) -> tuple[TrainConfig, RunPlan]:
     """Everything before fit(). What needs no cluster comes first (paths, the run lock, data, resume,
     wandb), so a bad input costs no Ray start; then Ray, and the resources planned from what it has."""
@@ -583,7 +587,7 @@ def prepare_run(
     _run_lock = lock_run(cfg.out_dir, cfg.storage_path, run_name)
     for leftover in checkpoint.remove_leftovers(cfg.out_dir):
         print(f"raygpt: removed {leftover.name}, left by a run killed while saving", flush=True)
-    resume_from, vocab_size = check_data(cfg, run_name, explicit_keys, options.prepare_input)
+    resume_from, vocab_size = check_data(cfg, run_name, explicit_keys, options.prepare_input, new_runs)
     check_wandb(cfg)
     if not cfg.local_mode:
         connect(options.address, options.verbose)

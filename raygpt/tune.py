@@ -268,7 +268,7 @@ def run_sweep(
     # Specs (from split_argv) are checked against the base config; a ready param_space is used as given.
     space = search_space(check_specs(base, specs)) if all(isinstance(s, Spec) for s in specs.values()) else specs
     explicit_keys = set(explicit_keys) | set(specs)
-    cfg, plan = launch.prepare_run(base, explicit_keys, options)
+    cfg, plan = launch.prepare_run(base, explicit_keys, options, new_runs=True)  # each trial is a run of its own
     trials = trial_count(space, num_samples)
     concurrent = min(max_concurrent or trials, trials)
     if not options.wait_for_resources:

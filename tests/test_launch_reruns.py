@@ -18,6 +18,7 @@ import torch
 from conftest import TINY_LOCAL_RUN as TINY
 
 from raygpt import checkpoint, launch
+from raygpt.config import read_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,6 +51,18 @@ def test_rerun_at_max_iters_says_so_and_how_to_go_on(run_args, capsys):
     code, _, err = cli(argv, capsys)
     assert_refused(code, err, "already at iter 4 (max_iters 4)", "--max_iters", "--fresh")
     assert (out / "ckpt.pt").stat().st_mtime_ns == before
+
+
+def test_a_sweeps_trials_neither_continue_nor_are_refused_by_a_finished_run(run_args, capsys):
+    """A sweep of the same config (raygpt.tune) makes new runs, one a trial: the finished run under the
+    base config's names does not refuse it, and no trial continues it."""
+    argv, out = run_args
+    assert cli(argv, capsys)[0] == 0
+    cfg, keys = read_config(argv)
+    cfg = launch.absolute_paths(cfg)
+    with pytest.raises(launch.LaunchError, match="already at iter 4"):
+        launch.check_data(cfg, out.name, keys, None)
+    assert launch.check_data(cfg, out.name, keys, None, new_runs=True)[0] is None
 
 
 def test_rerun_with_more_iters_continues_and_names_what_changed(run_args, capsys):
