@@ -26,6 +26,7 @@ from raygpt.data import validate_dataset
 from raygpt.errors import EXIT_INTERRUPTED, RaygptError, refuse
 from raygpt.metrics import EVAL_NAME
 from raygpt.preemption import EXIT_TERMINATED, Terminated, ask_workers_to_stop, handle_sigterm
+from raygpt.processes import packages_without_bytecode
 from raygpt.runlock import RunLock, lock_run
 from raygpt.storage import (
     DatasetNotFoundError,
@@ -413,6 +414,19 @@ def check_wandb(cfg: TrainConfig) -> None:
         )
 
 
+def check_bytecode() -> None:
+    """A container trap: torch installed without compiled bytecode (`pip install --no-compile`) where
+    Python may not write any (PYTHONDONTWRITEBYTECODE=1). Every worker process, and every one Ray
+    restarts after a failure, then compiles torch's Python source again before it can train."""
+    folders = packages_without_bytecode()
+    if folders:
+        names = ", ".join(Path(folder).name for folder in folders)
+        print(f"raygpt: warning: {names} have no compiled bytecode (.pyc) here and Python writes none "
+              "(PYTHONDONTWRITEBYTECODE, or read-only folders): each worker process, and each restart, "
+              f"compiles them anew, seconds every time. Once: python -m compileall -q -j 0 {' '.join(folders)}",
+              flush=True)  # fmt: skip
+
+
 def check_data(cfg: TrainConfig, run_name: str, explicit_keys, prepare_input: str | None,
                new_runs: bool = False) -> tuple[Path | None, int]:  # fmt: skip
     """Data present (prepared here when the launcher knows how) and sane, and what to resume from;
@@ -529,8 +543,9 @@ def in_main_thread() -> bool:
 
 def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from raygpt.process_group import NoTeardownTorchConfig
     from raygpt.train import train_loop_per_worker
 
     # num_workers=0 is Ray Train's local mode: train_loop_per_worker runs in this process.
@@ -556,7 +571,7 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
     return interruptible(TorchTrainer, functools.partial(ask_workers_to_stop, plan.launch_id))(
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)},
-        torch_config=TorchConfig(backend=cfg.backend if plan.use_gpu else "gloo"),
+        torch_config=NoTeardownTorchConfig(backend=cfg.backend if plan.use_gpu else "gloo"),
         scaling_config=scaling,
         run_config=run_config,
     )
@@ -589,6 +604,7 @@ def prepare_run(
         print(f"raygpt: removed {leftover.name}, left by a run killed while saving", flush=True)
     resume_from, vocab_size = check_data(cfg, run_name, explicit_keys, options.prepare_input, new_runs)
     check_wandb(cfg)
+    check_bytecode()
     if not cfg.local_mode:
         connect(options.address, options.verbose)
     plan = plan_resources(cfg, options.wait_for_resources)

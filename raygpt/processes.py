@@ -9,6 +9,7 @@ import atexit
 import os
 import sys
 import threading
+import time
 from typing import NoReturn
 
 
@@ -70,3 +71,42 @@ def exit_without_teardown(code: int) -> NoReturn:
         except (OSError, ValueError):
             pass
     os._exit(code)
+
+
+def process_started_at() -> float | None:
+    """When this process started, in time.time() seconds (to 0.01 s); None where /proc cannot say."""
+    try:
+        with open("/proc/self/stat") as stat:
+            # Field 22 is the start time in clock ticks since boot; the name (field 2) may hold spaces.
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as uptime:
+            since_boot = float(uptime.read().split()[0])
+        return time.time() - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# The packages every training process imports, largest first; torch.compile adds sympy and triton.
+IMPORTED_PACKAGES = ("torch", "sympy", "triton", "numpy")
+
+
+def packages_without_bytecode() -> list[str]:
+    """The folders of IMPORTED_PACKAGES that have no compiled bytecode (.pyc) for this Python and will
+    get none (PYTHONDONTWRITEBYTECODE, or a read-only folder, after `pip install --no-compile`): every
+    new process, each worker and each restarted one, compiles their source again, seconds for torch."""
+    import importlib.util
+
+    folders = []
+    for name in IMPORTED_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        cached = importlib.util.cache_from_source(spec.origin)
+        if os.path.exists(cached):
+            continue
+        existing = os.path.dirname(cached)
+        while existing and not os.path.isdir(existing):
+            existing = os.path.dirname(existing)
+        if sys.dont_write_bytecode or not os.access(existing, os.W_OK):
+            folders.append(os.path.dirname(spec.origin))
+    return folders

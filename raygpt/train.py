@@ -28,7 +28,7 @@ from raygpt.metrics import Reporter, start_wandb
 from raygpt.model import GPT, GPTConfig
 from raygpt.parallel import weights_in_sync, wrap_model
 from raygpt.preemption import KV_NAMESPACE, PreemptionWatch, launcher_asked_to_stop, notice_metrics
-from raygpt.processes import CompileWorkers
+from raygpt.processes import CompileWorkers, process_started_at
 from raygpt.speed import set_attention_backend
 from raygpt.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
 from raygpt.storage import dataset_uri, default_cache_root, is_uri, join_uri, stage_dataset, storage_root
@@ -144,21 +144,42 @@ def first_worker_group(launch_id: str) -> bool | None:
         return None
 
 
+class Laps:
+    """The seconds each named part of the worker's set-up took, for the start-up line."""
+
+    def __init__(self, start: float):
+        self.last, self.parts = start, []
+
+    def __call__(self, name: str) -> None:
+        now = time.time()
+        self.parts.append((name, now - self.last))
+        self.last = now
+
+    def summary(self, shortest_s: float = 0.05) -> str:
+        return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.parts if seconds >= shortest_s)
+
+
 def startup_line(plan: dict, worker_started: float, ready: float, first_step_done: float,
-                 peak_gib: float | None = None, first_group: bool | None = None) -> str:  # fmt: skip
+                 peak_gib: float | None = None, first_group: bool | None = None, parts: str = "",
+                 process_started: float | None = None) -> str:  # fmt: skip
     """Where the time to the first step went, and on a GPU the training step's memory peak, known before
-    a long run goes on.
-    A worker group restarted after a failure (first_group False) counts from its restart; when that is
-    unknown (None), a group starting long after the launcher was ready is taken for a restart."""
+    a long run goes on; `parts` breaks "model and data" down (Laps.summary).
+    A worker group restarted after a failure (first_group False) counts from its restart, beginning
+    with its worker process's start where known; when first_group is unknown (None), a group starting
+    long after the launcher was ready is taken for a restart."""
     model = (
         f"model and data {ready - worker_started:.1f}s, first eval and step (compile) {first_step_done - ready:.1f}s"
     )
     if peak_gib is not None:
         model += f"; peak memory {peak_gib:.2f} GiB"
+    if parts:
+        model += f"; model and data: {parts}"
     since_ray = worker_started - plan.get("ray_ready_at", 0.0)
     if first_group is None:
         first_group = 0 <= since_ray < RESTART_AFTER_S
     if not plan.get("launched_at") or not first_group:
+        if process_started is not None and process_started <= worker_started:
+            model = f"worker process to the loop {worker_started - process_started:.1f}s, {model}"
         return f"start-up after a restart: {model}"
     return (f"start-up {first_step_done - plan['launched_at']:.1f}s: launcher checks and Ray "
             f"{plan['ray_ready_at'] - plan['launched_at']:.1f}s, worker group {since_ray:.1f}s, {model}")  # fmt: skip
@@ -188,6 +209,7 @@ class FirstSteps:
     compile_workers: CompileWorkers
     first_group: bool | None
     say: Callable
+    laps: Laps
     first_step_done: float = 0.0
 
     def after_step(self, local_iter_num: int, now: float, last: bool) -> None:
@@ -199,7 +221,7 @@ class FirstSteps:
         if local_iter_num == 2 or (local_iter_num == 1 and last):
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
             line = startup_line(self.plan, self.worker_started, self.ready, self.first_step_done, peak,
-                                self.first_group)  # fmt: skip
+                                self.first_group, self.laps.summary(), process_started_at())  # fmt: skip
             self.say(line, flush=True)
         if local_iter_num == 3:
             self.compile_workers.stop_in_background()
@@ -217,6 +239,7 @@ def train_in_tune_trial(loop_config: dict) -> None:
 
 def run_loop(loop_config: dict, ray_session: session.RaySession) -> None:
     worker_started = time.time()
+    laps = Laps(worker_started)
     cfg, plan = TrainConfig.from_dict(loop_config["config"]), loop_config["plan"]
     rank, world_size = ray_session.world_rank, ray_session.world_size
     is_rank_zero = rank == 0
@@ -224,6 +247,7 @@ def run_loop(loop_config: dict, ray_session: session.RaySession) -> None:
     first_group = first_worker_group(plan.get("launch_id", "")) if is_rank_zero else None
     device = worker_device(cfg, plan["use_gpu"], ray_session.gpu)
     torch.set_num_threads(worker_cpu_count(plan["cpus_per_worker"]))
+    laps("device")
     compile_workers = CompileWorkers(enabled=cfg.compile and device.type == "cuda")
     compile_workers.start()  # they boot while the model, optimizer and data are set up
     precision = Precision(cfg.dtype, device)
@@ -235,23 +259,29 @@ def run_loop(loop_config: dict, ray_session: session.RaySession) -> None:
     # The first worker of each node says how staging a dataset from object storage goes.
     dataset_dir = local_dataset(cfg, print if ray_session.local_rank == 0 else lambda *args, **kwargs: None)
     say(f"tokens per iteration will be: {tokens_per_iter:,}", flush=True)
+    laps("data")
 
     # ---- model and train state: from a checkpoint, GPT-2's weights or scratch --------------------
     saved, source = find_resume(cfg, plan["resume_from"], ray_session.checkpoint, say)
+    laps("checkpoint read")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model, model_args = build_model(cfg, load_meta(dataset_dir), saved, precision)
     model.to(device)
+    laps("model")
     # Graphs compiled by an earlier process of this run, a rerun or another trial, shared through storage.
     compile_cache = open_compile_cache(cfg, device, model_args, world_size, writer=is_rank_zero, warn=say)
+    laps("compile cache")
     if cfg.compile:
         say("compiling the model... (takes a ~minute)", flush=True)
     wrapped = wrap_model(model, cfg, world_size, device, precision.dtype)  # before the optimizer: FSDP shards
+    laps("wrap")
     betas = (cfg.beta1, cfg.beta2)
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device.type, is_rank_zero)
     nanogpt_order = cfg.data_order == "nanogpt"
     state = TrainState(model, optimizer, precision.scaler, model_args, cfg.to_dict(), nanogpt_order, wrapped.sharded)
     resumed_batch = state.load_state_dict(saved, source) if saved is not None else None
     saved = None  # free the checkpoint's copy of the weights
+    laps("optimizer and state")
     if source is not None:
         say(
             f"resuming from {source} at iter {state.iter_num} (best val loss {state.best_val_loss:.4f}) "
@@ -289,7 +319,8 @@ def run_loop(loop_config: dict, ray_session: session.RaySession) -> None:
     # ---- the loop ---------------------------------------------------------------------------------
     X, Y = batches.train_batch(state.iter_num, 0) if resumed_batch is None else (t.to(device) for t in resumed_batch)
     start_iter, local_iter_num, t0 = state.iter_num, 0, time.time()
-    first_steps = FirstSteps(plan, worker_started, t0, device, compile_cache, compile_workers, first_group, say)
+    laps("the rest")
+    first_steps = FirstSteps(plan, worker_started, t0, device, compile_cache, compile_workers, first_group, say, laps)
     stopped = False  # by a Tune scheduler (ASHA): the trial ends now, reporting nothing more
     while True:
         if ray_session.stop_requested():

@@ -53,6 +53,23 @@ def test_the_start_up_line_counts_a_restarted_worker_group_from_its_restart():
     early_restart = startup_line(plan, 130.0, 135.0, 140.0, first_group=False)
     assert early_restart == "start-up after a restart: model and data 5.0s, first eval and step (compile) 5.0s"
     assert startup_line(plan, 5000.0, 5004.0, 5010.0, first_group=True).startswith("start-up 4910.0s: ")
+    # A restarted worker's own process start, and the parts of "model and data", where known.
+    detailed = startup_line(plan, 5000.0, 5004.0, 5010.0, parts="checkpoint read 2.5s", process_started=4993.5)
+    assert detailed == (
+        "start-up after a restart: worker process to the loop 6.5s, model and data 4.0s, "
+        "first eval and step (compile) 6.0s; model and data: checkpoint read 2.5s"
+    )
+
+
+def test_laps_name_the_parts_of_set_up_that_took_time(monkeypatch):
+    from raygpt import train
+
+    clock = iter([101.0, 101.01, 104.5])
+    monkeypatch.setattr(train.time, "time", lambda: next(clock))
+    laps = train.Laps(100.0)
+    for name in ("device", "data", "checkpoint read"):
+        laps(name)
+    assert laps.summary() == "device 1.0s, checkpoint read 3.5s"  # data's 0.01 s is left out
 
 
 @pytest.mark.ray

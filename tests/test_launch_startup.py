@@ -71,3 +71,57 @@ def test_launchers_own_ray_starts_no_idle_processes(tmp_path):
     assert found["worker_env"] == "http://127.0.0.1:9000"  # ... and the workers have the settings all the same
     # Before any task: the autoscaling coordinator's process alone, not one idle process per CPU.
     assert found["started"] <= 1
+
+
+def test_torch_without_bytecode_is_named_with_the_fix(tmp_path):
+    # A container's torch: no .pyc beside its source (pip --no-compile) and none written
+    # (PYTHONDONTWRITEBYTECODE); an empty pycache prefix stands in for the missing .pyc files.
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": str(tmp_path / "none")}
+    probe = "from raygpt.launch import check_bytecode; check_bytecode()"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.startswith("raygpt: warning: torch, sympy") and "compiles them anew" in out, out
+    folders = out.split("python -m compileall -q -j 0 ")[1].split()
+    assert Path(folders[0]).name == "torch" and (Path(folders[0]) / "__init__.py").is_file()
+    # The fix it names, run (on numpy alone, to be quick) into that prefix, silences the warning for it.
+    numpy_folder = next(folder for folder in folders if Path(folder).name == "numpy")
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", numpy_folder], env=env, check=True)
+    again = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert "numpy" not in again and again.startswith("raygpt: warning: torch, sympy"), again
+    # Where Python writes bytecode itself, the first process does it: nothing to say.
+    env.pop("PYTHONDONTWRITEBYTECODE")
+    writes = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert writes.stdout == "", writes.stdout
+
+
+class RecordingWorkerGroup:
+    """Stands in for Ray's worker group: records what a backend asks the workers to run."""
+
+    def __init__(self):
+        self.asked = []
+
+    def __len__(self):
+        return 2
+
+    def execute_async(self, fn, *args, **kwargs):
+        self.asked.append(fn.__name__)
+        return []
+
+
+@pytest.mark.ray
+def test_a_failed_group_is_not_held_up_by_tearing_down_its_process_group(ray_local):
+    # Ray's own backend asks every worker to destroy its process group, and a survivor of a dead rank
+    # blocks there under NCCL; raygpt's leaves the group to the kill that follows, with Ray's set-up.
+    from ray.train.torch import TorchConfig
+
+    from raygpt.launch import build_trainer  # noqa: F401 - the trainer the launcher builds uses it
+    from raygpt.process_group import NoTeardownTorchConfig
+
+    stock = RecordingWorkerGroup()
+    TorchConfig(backend="gloo").backend_cls().on_shutdown(stock, TorchConfig(backend="gloo"))
+    assert stock.asked == ["_shutdown_torch"]
+    ours = RecordingWorkerGroup()
+    config = NoTeardownTorchConfig(backend="gloo")
+    config.backend_cls().on_shutdown(ours, config)
+    assert ours.asked == []
+    assert config.backend_cls.on_start is TorchConfig(backend="gloo").backend_cls.on_start
+    assert isinstance(config, TorchConfig) and config.backend == "gloo"

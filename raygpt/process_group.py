@@ -1,0 +1,35 @@
+"""The torch process group Ray Train sets up for the workers, ended without waiting on a dead peer.
+
+Ray Train ends a worker group (after a failure, for an elastic resize, at the end of the run) by asking
+each worker to destroy its process group and then killing every worker process anyway. After a worker
+died, a survivor's destroy waits on collectives the dead rank never joins (NCCL), and the worker cannot
+answer Ray's shutdown call until it returns: Ray waits out its patience (5 s) before it kills the worker
+and starts the new group. The process is killed either way, so raygpt's backend leaves the group to die
+with it; set-up is Ray's own.
+"""
+
+from __future__ import annotations
+
+from ray.train.torch import TorchConfig
+
+try:  # a private class: where it moves, Ray's own backend (and its shutdown) is used
+    from ray.train.torch.config import _TorchBackend
+except ImportError:  # pragma: no cover - depends on the Ray version
+    _TorchBackend = None
+
+
+class NoTeardownTorchConfig(TorchConfig):
+    """Ray's TorchConfig, whose backend leaves the process group to die with the killed worker."""
+
+    @property
+    def backend_cls(self):
+        return NoTeardownBackend if _TorchBackend is not None else super().backend_cls
+
+
+if _TorchBackend is not None:
+
+    class NoTeardownBackend(_TorchBackend):
+        """Ray's torch backend: the same set-up, no teardown (Ray kills the workers right after)."""
+
+        def on_shutdown(self, worker_group, backend_config) -> None:
+            pass
