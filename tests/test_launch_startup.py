@@ -73,24 +73,41 @@ def test_launchers_own_ray_starts_no_idle_processes(tmp_path):
     assert found["started"] <= 1
 
 
-def test_torch_without_bytecode_is_named_with_the_fix(tmp_path):
+def test_packages_without_bytecode_are_found_and_the_fix_silences_them(tmp_path):
     # A container's torch: no .pyc beside its source (pip --no-compile) and none written
     # (PYTHONDONTWRITEBYTECODE); an empty pycache prefix stands in for the missing .pyc files.
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": str(tmp_path / "none")}
-    probe = "from raygpt.launch import check_bytecode; check_bytecode()"
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.startswith("raygpt: warning: torch, sympy") and "compiles them anew" in out, out
-    folders = out.split("python -m compileall -q -j 0 ")[1].split()
-    assert Path(folders[0]).name == "torch" and (Path(folders[0]) / "__init__.py").is_file()
-    # The fix it names, run (on numpy alone, to be quick) into that prefix, silences the warning for it.
-    numpy_folder = next(folder for folder in folders if Path(folder).name == "numpy")
-    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j", "0", numpy_folder], env=env, check=True)
-    again = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
-    assert "numpy" not in again and again.startswith("raygpt: warning: torch, sympy"), again
-    # Where Python writes bytecode itself, the first process does it: nothing to say.
+    probe = "from raygpt.processes import packages_without_bytecode as p; print(' '.join(p()))"
+
+    def without_bytecode() -> list[str]:
+        done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+        return done.stdout.split()
+
+    folders = without_bytecode()
+    assert [Path(folder).name for folder in folders][:2] == ["torch", "sympy"], folders
+    assert (Path(folders[0]) / "__init__.py").is_file()
+    # The fix the launcher names, compileall, writes the bytecode Python reads (for numpy's __init__.py
+    # alone here, to be quick): numpy is no longer named.
+    numpy_init = Path(next(folder for folder in folders if Path(folder).name == "numpy")) / "__init__.py"
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(numpy_init)], env=env, check=True)
+    assert [Path(folder).name for folder in without_bytecode()][:2] == ["torch", "sympy"]
+    assert "numpy" not in [Path(folder).name for folder in without_bytecode()]
+    # Where Python writes bytecode itself, the first process does it: nothing to name.
     env.pop("PYTHONDONTWRITEBYTECODE")
-    writes = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
-    assert writes.stdout == "", writes.stdout
+    assert without_bytecode() == []
+
+
+def test_the_launcher_names_the_fix_for_missing_bytecode(monkeypatch, capsys):
+    from raygpt import launch
+
+    monkeypatch.setattr(launch, "packages_without_bytecode", lambda: ["/site/torch", "/site/sympy"])
+    launch.check_bytecode()
+    out = capsys.readouterr().out
+    assert out.startswith("raygpt: warning: torch, sympy have no compiled bytecode") and out.count("\n") == 1
+    assert out.rstrip().endswith("Once: python -m compileall -q -j 0 /site/torch /site/sympy")
+    monkeypatch.setattr(launch, "packages_without_bytecode", lambda: [])
+    launch.check_bytecode()
+    assert capsys.readouterr().out == ""
 
 
 class RecordingWorkerGroup:

@@ -83,20 +83,17 @@ def test_bad_spec_is_one_line_exit_2(capsys):
     assert capsys.readouterr().err.startswith("error: nothing to tune")
 
 
+def sweep_base(tmp_path, char_data, run_name: str, **keys) -> TrainConfig:
+    """The tiny config a sweep test starts from, its outputs under tmp_path."""
+    paths = dict(data_dir=str(char_data), out_dir=str(tmp_path / "out"), storage_path=str(tmp_path / "ray"))
+    return TrainConfig(**{**TINY, **paths, "run_name": run_name, **keys})
+
+
 def test_sweep_picks_the_better_learning_rate_and_asha_stops_the_worse(ray_local, tmp_path, char_data, capsys):
     """One trial after the other in one Tune process: the later two, far worse at the grace period, are
     stopped by ASHA there, and the process goes on to the next trial (a stopped trial's loop must end at
     once: Tune gives it 2 s before it gives up on the process, and the sweep then waited forever)."""
-    base = TrainConfig(
-        **{
-            **TINY,
-            "data_dir": str(char_data),
-            "out_dir": str(tmp_path / "out-sweep"),
-            "storage_path": str(tmp_path / "ray"),
-            "run_name": "sweep",
-            "num_workers": 1,
-        }
-    )
+    base = sweep_base(tmp_path, char_data, "sweep", out_dir=str(tmp_path / "out-sweep"), num_workers=1)
     _, specs = rtune.split_argv(["--learning_rate=grid:1e-2,1e-5,1e-6"])
     grid = rtune.run_sweep(base, specs, explicit_keys={"num_workers"}, max_concurrent=1, asha=True,
                            grace_period=10, verbose=0)  # fmt: skip
@@ -133,17 +130,7 @@ def test_sweep_picks_the_better_learning_rate_and_asha_stops_the_worse(ray_local
 def test_multi_worker_trials_are_train_runs_and_asha_stops_them(ray_local, tmp_path, char_data, capsys):
     """A trial of 2 workers is a Train run of its own; one that ASHA stops ends, and the next trial starts
     (with its process reused, the stopped Train run went on and the sweep waited forever)."""
-    base = TrainConfig(
-        **{
-            **TINY,
-            "data_dir": str(char_data),
-            "out_dir": str(tmp_path / "out"),
-            "storage_path": str(tmp_path / "ray"),
-            "run_name": "wide",
-            "num_workers": 2,
-            "cpus_per_worker": 1,
-        }
-    )
+    base = sweep_base(tmp_path, char_data, "wide", num_workers=2, cpus_per_worker=1)
     _, specs = rtune.split_argv(["--learning_rate=grid:1e-2,1e-6"])
     keys = {"num_workers", "cpus_per_worker"}
     try:
