@@ -6,9 +6,10 @@ Triton kernels bundled in) are saved once compilation has happened, to
 <storage_path>/compile-cache/<key>.bin, and loaded into the process's own inductor cache before the
 next process compiles. torch keys each artifact by the graph, its inputs and the compiler's own
 version, so a changed model or graph is a cache miss, never a wrong kernel. The file's key keeps apart
-what must never share a file (torch, Python, the GPU or CPU) and what decides the set of graphs (model
-shape, compile options, worker count): a file holds the artifacts of the last process that compiled
-something new under its key, which are what every run with that key needs. On CPU a hit still
+what must never share a file (torch, Python, the GPU or CPU, and the GPU's index, which torch's keys
+hold) and what decides the set of graphs (model shape, compile options, worker count): a file holds the
+artifacts of the last process that compiled something new under its key, which are what every run with
+that key needs. On CPU a hit still
 compiles the C++ kernels' source (torch keeps no binary of them); on GPU it skips Triton's compile too.
 
 Storage is a local path or a URI (s3://, gs://, any pyarrow.fs). Failures to read or write are one-line
@@ -42,11 +43,14 @@ GRAPH_KEYS = ("batch_size", "dtype", "compile_mode", "compile_regions", "compile
 
 
 def environment_key(device: torch.device) -> str:
-    """torch, Python and the device: artifacts made under one never serve another."""
+    """torch, Python and the device: artifacts made under one never serve another. On a GPU the
+    device's index too: torch keys each graph by its inputs' device, so the graphs of a worker on
+    cuda:1 are not those of one on cuda:0, and each index gets a file of its own."""
     python = f"py{sys.version_info.major}{sys.version_info.minor}"
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
-        where = f"cuda{torch.version.cuda}-{torch.cuda.get_device_name(device)}-sm{major}{minor}"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        where = f"cuda{torch.version.cuda}-{torch.cuda.get_device_name(device)}-sm{major}{minor}-gpu{index}"
     else:
         where = f"{device.type}-{platform.machine()}"
     return f"torch{torch.__version__}-{python}-{where}"
@@ -56,6 +60,13 @@ def graph_settings(cfg, model_args: dict, world_size: int) -> dict:
     """What decides the set of graphs a run compiles: the model's shape, compile options, worker count
     (DDP splits the graph at its buckets; eval's batch grouping depends on each rank's share)."""
     return {**model_args, **{key: getattr(cfg, key) for key in GRAPH_KEYS}, "world_size": world_size}
+
+
+def cache_writer(rank: int, local_rank: int, device: torch.device) -> bool:
+    """Whether this rank saves the run's compile cache: one rank per file. On CPU every rank compiles
+    the same graphs (rank 0 writes); on GPUs each device index has its own file, written by the first
+    node's rank on that index (Ray numbers the first node's workers 0..n-1, local ranks alike)."""
+    return rank == (local_rank if device.type == "cuda" else 0)
 
 
 def cache_key(environment: str, settings: dict) -> str:
@@ -131,9 +142,9 @@ class CompileCache:
     """load() before the model's first compiled call, save() once its graphs have compiled (after the
     first training step and the first eval); summary() says what happened, in one line.
 
-    Every rank loads; only the writer (rank 0: its graphs are every rank's) saves, and only when this
-    process compiled an artifact the file lacks, so warm runs never rewrite it. Two runs saving at once
-    is safe: each write is whole, and the last one wins."""
+    Every rank loads; only a writer (cache_writer: one rank per file) saves, and only when this process
+    compiled an artifact the file lacks, so warm runs never rewrite it. Two runs saving at once is safe:
+    each write is whole, and the last one wins."""
 
     def __init__(self, storage_root: str, device: torch.device, settings: dict, writer: bool = True,
                  warn: Callable[[str], None] = print, environment: str | None = None):  # fmt: skip

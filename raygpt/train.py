@@ -20,7 +20,7 @@ import torch
 
 from raygpt import checkpoint, session
 from raygpt.checkpoint import Checkpointer, TrainState
-from raygpt.compile_cache import CompileCache, graph_settings
+from raygpt.compile_cache import CompileCache, cache_writer, graph_settings
 from raygpt.config import TrainConfig
 from raygpt.data import Batches, NanoGPTOrderBatches, validate_dataset
 from raygpt.memory import check_fits
@@ -269,7 +269,8 @@ def run_loop(loop_config: dict, ray_session: session.RaySession) -> None:
     model.to(device)
     laps("model")
     # Graphs compiled by an earlier process of this run, a rerun or another trial, shared through storage.
-    compile_cache = open_compile_cache(cfg, device, model_args, world_size, writer=is_rank_zero, warn=say)
+    writer = cache_writer(rank, ray_session.local_rank, device)
+    compile_cache = open_compile_cache(cfg, device, model_args, world_size, writer=writer, warn=say)
     laps("compile cache")
     if cfg.compile:
         say("compiling the model... (takes a ~minute)", flush=True)

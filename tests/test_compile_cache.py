@@ -13,7 +13,14 @@ import textwrap
 import pytest
 import torch
 
-from raygpt.compile_cache import CompileCache, cache_key, environment_key, read_if_present, write_atomic
+from raygpt.compile_cache import (
+    CompileCache,
+    cache_key,
+    cache_writer,
+    environment_key,
+    read_if_present,
+    write_atomic,
+)
 
 ENVIRONMENT = "test-environment"  # stands for environment_key(): the subprocesses share it
 SETTINGS = {"n_layer": 1, "batch_size": 2}
@@ -104,6 +111,23 @@ def test_another_torch_or_device_is_a_miss(cold_then_warm, tmp_path, monkeypatch
     assert environment_key(torch.device("cpu")) != here
     changed_model = dict(SETTINGS, n_layer=2)
     assert cache_key(ENVIRONMENT, changed_model) != cache_key(ENVIRONMENT, SETTINGS)
+
+
+def test_each_gpu_index_has_its_own_file_written_by_one_rank(monkeypatch):
+    """torch keys a graph by its inputs' device: a worker on cuda:1 compiles other graphs than one on
+    cuda:0 (measured: a restarted 2-GPU run whose rank 1 found only rank 0's graphs compiled again for
+    17 s). So the file is per device index, and the first node's rank on each index writes it."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    first, second = (environment_key(torch.device("cuda", index)) for index in (0, 1))
+    assert first.endswith("-sm90-gpu0") and second.endswith("-sm90-gpu1")
+    # 2 nodes of 2 GPUs: ranks 0 and 1 (node 0) write; ranks 2 and 3 (node 1, local ranks 0 and 1) read.
+    gpu = [cache_writer(rank, local, torch.device("cuda", local)) for rank, local in ((0, 0), (1, 1), (2, 0), (3, 1))]
+    assert gpu == [True, True, False, False]
+    # On CPU every rank's graphs are the same: rank 0 alone writes.
+    cpu = [cache_writer(rank, local, torch.device("cpu")) for rank, local in ((0, 0), (1, 1), (2, 0), (3, 1))]
+    assert cpu == [True, False, False, False]
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
