@@ -55,7 +55,8 @@ def wrap_model(model: torch.nn.Module, cfg, world_size: int, device: torch.devic
     # torch.compile meets DDP here. Split at the buckets, each piece is its own compile, and AOTAutograd's
     # cache refuses them (they are traced on fake inputs first), so every process traces them again; one
     # graph all-reduces after its backward instead. benchmarks/RESULTS.md has both measured.
-    torch._dynamo.config.optimize_ddp = "ddp_optimizer" if cfg.ddp_split_graphs else "no_optimization"
+    if cfg.compile:  # torch._dynamo's import alone takes seconds: only a compiled run pays it
+        torch._dynamo.config.optimize_ddp = "ddp_optimizer" if cfg.ddp_split_graphs else "no_optimization"
     compiled = compile_model(model, mode, cfg.compile_regions) if cfg.compile else model
     if world_size == 1:
         return WrappedModel(model, compiled, compiled, None, cuda_graphs, sharded=False)

@@ -142,3 +142,21 @@ def test_a_failed_group_is_not_held_up_by_tearing_down_its_process_group(ray_loc
     assert ours.asked == []
     assert config.backend_cls.on_start is TorchConfig(backend="gloo").backend_cls.on_start
     assert isinstance(config, TorchConfig) and config.backend == "gloo"
+
+
+def test_a_run_without_compile_never_imports_dynamo():
+    # torch._dynamo's import takes seconds in every worker process (more without bytecode); a run with
+    # compile=False has no use for it.
+    probe = """
+import sys, torch
+from raygpt.config import TrainConfig
+from raygpt.model import GPT, GPTConfig
+from raygpt.parallel import wrap_model
+import raygpt.train
+model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=65))
+wrapped = wrap_model(model, TrainConfig(compile=False), 1, torch.device("cpu"), "float32")
+assert wrapped.train is model
+print("torch._dynamo" in sys.modules)
+"""
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False", done.stdout + done.stderr[-2000:]
