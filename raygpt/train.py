@@ -28,7 +28,7 @@ from raygpt.metrics import Reporter, start_wandb
 from raygpt.model import GPT, GPTConfig
 from raygpt.parallel import weights_in_sync, wrap_model
 from raygpt.preemption import KV_NAMESPACE, PreemptionWatch, launcher_asked_to_stop, notice_metrics
-from raygpt.processes import CompileWorkers, process_started_at
+from raygpt.processes import CompileWorkers, exit_waits_for_block, process_started_at
 from raygpt.speed import set_attention_backend
 from raygpt.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
 from raygpt.storage import dataset_uri, default_cache_root, is_uri, join_uri, stage_dataset, storage_root
@@ -232,9 +232,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     run_loop(loop_config, session.train_worker())
 
 
+TRIAL_EXIT_WAIT_S = 10.0  # at most, for a stopped trial's loop to end before its process does
+
+
 def train_in_tune_trial(loop_config: dict) -> None:
-    """A one-worker Tune trial's training, in the trial's own process (raygpt.tune)."""
-    run_loop(loop_config, session.tune_trial())
+    """A one-worker Tune trial's training, in the trial's own process (raygpt.tune).
+
+    Tune ends a process it will not reuse (the sweep's last trial, a stopped one) right after it sets
+    the trial's stop event, while the loop, in Tune's daemon thread, may be inside a torch call. Python's
+    exit then stops that thread as it takes the GIL back, which aborts the process with a fatal error
+    and a stack on the user's console. The exit waits for the loop, which ends at its next iteration."""
+    with exit_waits_for_block(TRIAL_EXIT_WAIT_S):
+        run_loop(loop_config, session.tune_trial())
 
 
 def run_loop(loop_config: dict, ray_session: session.RaySession) -> None:

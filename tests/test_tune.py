@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import TINY_RUN
@@ -125,6 +126,23 @@ def test_sweep_picks_the_better_learning_rate_and_asha_stops_the_worse(ray_local
     assert f"best trial {best.metrics['trial_id']}: learning_rate=0.01" in out
     assert f"best val loss {best.metrics['best_val_loss']:.4f}" in out
     assert f"best checkpoint: {ckpt}" in out
+    # Tune ends the process of the last trial, a stopped one, right after setting its stop event: the
+    # exit waits for the loop instead of stopping it inside a torch call ("Fatal Python error: Aborted").
+    assert_trial_processes_ended_cleanly(grid)
+
+
+def assert_trial_processes_ended_cleanly(grid, timeout: float = 60) -> None:
+    import psutil
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    for pid in {result.metrics["pid"] for result in grid}:
+        deadline = time.time() + timeout
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.time() < deadline, f"trial process {pid} still running"
+            time.sleep(0.2)
+        errors = "".join(path.read_text(errors="replace") for path in logs.glob(f"worker-*-{pid}.err"))
+        assert "Fatal Python error" not in errors, errors[-3000:]
 
 
 def test_multi_worker_trials_are_train_runs_and_asha_stops_them(ray_local, tmp_path, char_data, capsys):
