@@ -53,6 +53,11 @@ def test_the_start_up_line_counts_a_restarted_worker_group_from_its_restart():
     early_restart = startup_line(plan, 130.0, 135.0, 140.0, first_group=False)
     assert early_restart == "start-up after a restart: model and data 5.0s, first eval and step (compile) 5.0s"
     assert startup_line(plan, 5000.0, 5004.0, 5010.0, first_group=True).startswith("start-up 4910.0s: ")
+    # A Tune trial training in its own process: no launcher, Ray or worker group of its own to count.
+    trial = {"launched_at": 300.0, "ray_ready_at": 300.0}
+    assert startup_line(trial, 300.0, 301.5, 302.0) == (
+        "start-up 2.0s: model and data 1.5s, first eval and step (compile) 0.5s"
+    )
     # A restarted worker's own process start, and the parts of "model and data", where known.
     detailed = startup_line(plan, 5000.0, 5004.0, 5010.0, parts="checkpoint read 2.5s", process_started=4993.5)
     assert detailed == (
