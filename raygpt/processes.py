@@ -1,4 +1,6 @@
-"""Process management that makes runs start and end sooner: Inductor's compile workers, a fast exit.
+"""Process management that makes runs start and end sooner, and cleanly: Inductor's compile workers, a
+fast exit, an exit that waits for a Tune trial's loop, when this process started (for the start-up
+line), and the packages whose missing bytecode every new process pays for.
 
 Nothing here changes what is computed; each function falls back to torch's or Python's own behaviour.
 """
