@@ -177,35 +177,46 @@ def test_a_uri_storage_round_trips_through_pyarrow_without_temporaries(s3_server
     assert [info.base_name for info in listing] == [f"{cache_key(ENVIRONMENT, SETTINGS)}.bin"]
 
 
+# DDP over a 1-rank gloo group, compiled; in a process of its own, which ends without tearing the group
+# down: freeing DDP's reducer after destroy_process_group once left the group's destructor waiting
+# forever for its threads, and a CI run hung there.
+DDP_GRAPHS = """
+import json, os, sys
+import torch
+import torch.distributed as dist
+from torch._dynamo.utils import counters
+from raygpt.config import TrainConfig
+from raygpt.model import GPT, GPTConfig
+from raygpt.parallel import wrap_model
+
+split, rendezvous = sys.argv[1] == "True", sys.argv[2]
+dist.init_process_group("gloo", store=dist.FileStore(rendezvous, 1), rank=0, world_size=1)
+torch.manual_seed(0)
+# Weights over DDP's 25 MB bucket: two buckets, so a split graph really splits.
+model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=8, vocab_size=50304, bias=False))
+x = torch.arange(16).reshape(2, 8) % 32
+eager_loss = model(x, x)[1].item()
+cfg = TrainConfig(device="cpu", dtype="float32", compile=True, ddp_split_graphs=split)
+wrapped = wrap_model(model, cfg, 2, torch.device("cpu"), "float32")  # DDP, here over a 1-rank group
+_, loss = wrapped.train(x, x)
+loss.backward()
+aot = counters["aot_autograd"]
+kept = aot["autograd_cache_miss"] + aot["autograd_cache_hit"]
+found = dict(bypassed=aot["autograd_cache_bypass"], kept=kept, loss=loss.item(), eager_loss=eager_loss)
+print(json.dumps(found), flush=True)
+os._exit(0)
+"""
+
+
 @pytest.mark.parametrize("split", [False, True])
 def test_ddp_compiles_one_graph_that_autograd_cache_keeps_unless_split(tmp_path, split):
     """ddp_split_graphs=False (the default) compiles the DDP model as one graph, which AOTAutograd's cache
     can keep (a restarted worker skips tracing it again); True splits it at DDP's buckets, and that cache
     refuses the pieces. Both compute the same loss."""
-    import torch.distributed as dist
-    from torch._dynamo.utils import counters
-
-    from raygpt.config import TrainConfig
-    from raygpt.model import GPT, GPTConfig
-    from raygpt.parallel import wrap_model
-
-    torch._dynamo.reset()
-    counters.clear()
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "rendezvous"), 1), rank=0, world_size=1)
-    try:
-        torch.manual_seed(0)
-        # Weights over DDP's 25 MB bucket: two buckets, so a split graph really splits.
-        model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=128, block_size=8, vocab_size=50304, bias=False))
-        x = torch.arange(16).reshape(2, 8) % 32
-        eager_loss = model(x, x)[1].item()
-        cfg = TrainConfig(device="cpu", dtype="float32", compile=True, ddp_split_graphs=split)
-        wrapped = wrap_model(model, cfg, 2, torch.device("cpu"), "float32")  # DDP, here over a 1-rank group
-        _, loss = wrapped.train(x, x)
-        loss.backward()
-    finally:
-        dist.destroy_process_group()
-        torch._dynamo.config.optimize_ddp = True  # torch's default, for the tests after this one
-    aot = counters["aot_autograd"]
-    assert (aot["autograd_cache_bypass"] > 0) == split
-    assert (aot["autograd_cache_miss"] + aot["autograd_cache_hit"] > 0) != split
-    assert loss.item() == pytest.approx(eager_loss, abs=1e-5)
+    command = [sys.executable, "-c", DDP_GRAPHS, str(split), str(tmp_path / "rendezvous")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (found["bypassed"] > 0) == split
+    assert (found["kept"] > 0) != split
+    assert found["loss"] == pytest.approx(found["eager_loss"], abs=1e-5)
