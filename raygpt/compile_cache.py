@@ -9,8 +9,8 @@ version, so a changed model or graph is a cache miss, never a wrong kernel. The 
 what must never share a file (torch, Python, the GPU or CPU, and the GPU's index, which torch's keys
 hold) and what decides the set of graphs (model shape, compile options, worker count): a file holds the
 artifacts of the last process that compiled something new under its key, which are what every run with
-that key needs. On CPU a hit still
-compiles the C++ kernels' source (torch keeps no binary of them); on GPU it skips Triton's compile too.
+that key needs. On CPU a hit still compiles the C++ kernels' source (torch keeps no binary of them); on
+GPU it skips Triton's compile too.
 
 Storage is a local path or a URI (s3://, gs://, any pyarrow.fs). Failures to read or write are one-line
 warnings: a cache can only ever cost a compile, never a run.

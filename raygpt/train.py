@@ -181,10 +181,10 @@ def startup_line(plan: dict, worker_started: float, ready: float, first_step_don
         if process_started is not None and process_started <= worker_started:
             model = f"worker process to the loop {worker_started - process_started:.1f}s, {model}"
         return f"start-up after a restart: {model}"
-    ray_parts = [f"launcher checks and Ray {plan['ray_ready_at'] - plan['launched_at']:.1f}s",
-                 f"worker group {since_ray:.1f}s"]  # fmt: skip
-    ray_parts = [part for part in ray_parts if not part.endswith(" 0.0s")]  # a Tune trial in its own process
-    return f"start-up {first_step_done - plan['launched_at']:.1f}s: {', '.join([*ray_parts, model])}"
+    ray_parts = {"launcher checks and Ray": plan["ray_ready_at"] - plan["launched_at"], "worker group": since_ray}
+    # A Tune trial training in its own process has neither a launcher nor a worker group of its own.
+    shown = [f"{name} {seconds:.1f}s" for name, seconds in ray_parts.items() if seconds >= 0.05]
+    return f"start-up {first_step_done - plan['launched_at']:.1f}s: {', '.join([*shown, model])}"
 
 
 def largest_over_ranks(value: int, world_size: int, device: torch.device) -> int:
