@@ -61,9 +61,7 @@ def load(path: str | Path, mmap: bool = False, required: tuple[str, ...] = REQUI
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        # mmap: tensors are read from the file when touched, so reading a checkpoint's small values
-        # (model_args, iter_num) does not read its gigabytes of weights.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        state = _torch_load(path, mmap)
     except pickle.UnpicklingError as e:
         # weights_only refuses anything that would import or call code; say what it was.
         refused = re.search(r"GLOBAL (\S+)", str(e), re.IGNORECASE)
@@ -78,6 +76,21 @@ def load(path: str | Path, mmap: bool = False, required: tuple[str, ...] = REQUI
     if not isinstance(state, dict) or any(key not in state for key in required):
         raise CheckpointError(f"{path} is not a GPT checkpoint (needs keys {', '.join(required)})")
     return normalized(state, path)
+
+
+def _torch_load(path: Path, mmap: bool) -> dict:
+    """mmap: tensors are read from the file as they are first touched (by the copy into the model or
+    the optimizer, or never, for a checkpoint's small values alone), not into a second copy in memory
+    first. torch.load checks no checksum either way. A file that cannot be mapped (torch's pre-zip
+    format, a file system without mmap) is read whole."""
+    if mmap:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            raise
+        except Exception:  # noqa: BLE001 - read whole below, which says what is wrong if anything is
+            pass
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def plain_number(value, what: str, path) -> float | int:
@@ -222,7 +235,7 @@ def from_ray(checkpoint) -> tuple[dict, str]:
     """A ray.train.Checkpoint in remote storage, downloaded to a local folder that stays until the
     process ends (a sharded checkpoint's weights are read from it after this returns)."""
     directory = checkpoint.to_directory(tempfile.mkdtemp(prefix="raygpt-checkpoint-"))
-    state, _ = read_checkpoint(directory)
+    state, _ = read_checkpoint(directory, mmap=True)
     return state, str(checkpoint.path)  # where it is kept, not the temporary copy
 
 
@@ -581,7 +594,7 @@ def load_resume_state(ray_checkpoint=None, fallback: str | Path | None = None, w
         candidates.append(Path(fallback))
     for candidate in candidates:
         try:
-            return read_checkpoint(candidate) if isinstance(candidate, Path) else from_ray(candidate)
+            return read_checkpoint(candidate, mmap=True) if isinstance(candidate, Path) else from_ray(candidate)
         except CheckpointError as e:
             warn(f"warning: skipping checkpoint: {e}")
     raise CheckpointError(

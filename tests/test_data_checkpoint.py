@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -87,6 +88,21 @@ def test_checkpoint_round_trip_and_atomic_replace(tmp_path):
     checkpoint.save_atomic(good_state(), path)
     assert torch.equal(checkpoint.load(path)["model"]["w"], torch.arange(4.0))
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp files left behind
+
+
+def test_a_resume_maps_the_checkpoint_file_and_reads_the_old_format_whole(tmp_path):
+    """A resume maps the file (its tensors are read as they are copied into the model and optimizer, not
+    into a second copy first); torch's pre-zip format cannot be mapped and is read whole."""
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_atomic(good_state(), path)
+    state, source = checkpoint.load_resume_state(fallback=path)
+    assert source == str(path) and torch.equal(state["model"]["w"], torch.arange(4.0))
+    assert str(path) in Path("/proc/self/maps").read_text()
+    old_format = tmp_path / "old.pt"
+    torch.save(good_state(), old_format, _use_new_zipfile_serialization=False)
+    state, _ = checkpoint.load_resume_state(fallback=old_format)
+    assert state["iter_num"] == 3 and torch.equal(state["model"]["w"], torch.arange(4.0))
+    assert str(old_format) not in Path("/proc/self/maps").read_text()
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
