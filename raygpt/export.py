@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         source = checkpoint.download(args.checkpoint) if is_uri(args.checkpoint) else Path(args.checkpoint).expanduser()
         if not source.exists():
             raise ExportError(f"no checkpoint at {source}")
-        saved, where = checkpoint.read_checkpoint(source)
+        saved, where = checkpoint.read_checkpoint(source, mmap=True)  # --hf alone never reads the optimizer's state
         if args.ckpt:
             checkpoint.save_atomic(whole_checkpoint(saved), Path(args.ckpt).expanduser())
             print(f"wrote {args.ckpt} (nanoGPT's layout) from {where}")
