@@ -545,7 +545,7 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raygpt.process_group import NoTeardownTorchConfig
+    from raygpt.process_group import FailureClock, NoTeardownTorchConfig
     from raygpt.train import train_loop_per_worker
 
     # num_workers=0 is Ray Train's local mode: train_loop_per_worker runs in this process.
@@ -566,7 +566,7 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
         checkpoint_config=CheckpointConfig(
             num_to_keep=cfg.checkpoints_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
         ),
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), FailureClock(plan.launch_id)],
     )
     return interruptible(TorchTrainer, functools.partial(ask_workers_to_stop, plan.launch_id))(
         train_loop_per_worker,

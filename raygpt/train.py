@@ -159,14 +159,33 @@ class Laps:
         return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.parts if seconds >= shortest_s)
 
 
+def failure_seen_at(launch_id: str) -> float | None:
+    """When Ray Train saw this launch's last worker group fail (process_group.FailureClock), taken once:
+    a group restarted for another reason (an elastic resize) finds none. None where unknown."""
+    if not launch_id:
+        return None
+    try:
+        from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get
+
+        from raygpt.process_group import failure_key
+
+        seen = _internal_kv_get(failure_key(launch_id), namespace=KV_NAMESPACE)
+        if seen is None:
+            return None
+        _internal_kv_del(failure_key(launch_id), namespace=KV_NAMESPACE)
+        return float(seen)
+    except Exception:  # noqa: BLE001 - a private Ray API; only the start-up line depends on it
+        return None
+
+
 def startup_line(plan: dict, worker_started: float, ready: float, first_step_done: float,
                  peak_gib: float | None = None, first_group: bool | None = None, parts: str = "",
-                 process_started: float | None = None) -> str:  # fmt: skip
+                 process_started: float | None = None, failed_at: float | None = None) -> str:  # fmt: skip
     """Where the time to the first step went, and on a GPU the training step's memory peak, known before
     a long run goes on; `parts` breaks "model and data" down (Laps.summary).
-    A worker group restarted after a failure (first_group False) counts from its restart, beginning
-    with its worker process's start where known; when first_group is unknown (None), a group starting
-    long after the launcher was ready is taken for a restart."""
+    A worker group restarted after a failure (first_group False) counts from the failure Ray Train saw
+    (failed_at) and from its worker process's start, where known; when first_group is unknown (None), a
+    group starting long after the launcher was ready is taken for a restart."""
     model = (
         f"model and data {ready - worker_started:.1f}s, first eval and step (compile) {first_step_done - ready:.1f}s"
     )
@@ -180,6 +199,9 @@ def startup_line(plan: dict, worker_started: float, ready: float, first_step_don
     if not plan.get("launched_at") or not first_group:
         if process_started is not None and process_started <= worker_started:
             model = f"worker process to the loop {worker_started - process_started:.1f}s, {model}"
+            if failed_at is not None and failed_at <= process_started:
+                model = f"failure seen to the new worker process {process_started - failed_at:.1f}s, {model}"
+                return f"start-up after a restart {first_step_done - failed_at:.1f}s: {model}"
         return f"start-up after a restart: {model}"
     ray_parts = {"launcher checks and Ray": plan["ray_ready_at"] - plan["launched_at"], "worker group": since_ray}
     # A Tune trial training in its own process has neither a launcher nor a worker group of its own.
@@ -222,8 +244,9 @@ class FirstSteps:
                 self.say(self.compile_cache.summary(), flush=True)
         if local_iter_num == 2 or (local_iter_num == 1 and last):
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
+            failed_at = failure_seen_at(self.plan.get("launch_id", "")) if self.first_group is False else None
             line = startup_line(self.plan, self.worker_started, self.ready, self.first_step_done, peak,
-                                self.first_group, self.laps.summary(), process_started_at())  # fmt: skip
+                                self.first_group, self.laps.summary(), process_started_at(), failed_at)  # fmt: skip
             self.say(line, flush=True)
         if local_iter_num == 3:
             self.compile_workers.stop_in_background()

@@ -64,6 +64,17 @@ def test_the_start_up_line_counts_a_restarted_worker_group_from_its_restart():
         "start-up after a restart: worker process to the loop 6.5s, model and data 4.0s, "
         "first eval and step (compile) 6.0s; model and data: checkpoint read 2.5s"
     )
+    # From the failure Ray Train saw: the whole restart, and the wait for the new worker process.
+    timed = startup_line(plan, 5000.0, 5004.0, 5010.0, process_started=4993.5, failed_at=4991.0)
+    assert timed == (
+        "start-up after a restart 19.0s: failure seen to the new worker process 2.5s, worker process to the "
+        "loop 6.5s, model and data 4.0s, first eval and step (compile) 6.0s"
+    )
+    # A failure seen after the process started belongs to another restart: left out.
+    assert startup_line(plan, 5000.0, 5004.0, 5010.0, process_started=4993.5, failed_at=4995.0) == (
+        "start-up after a restart: worker process to the loop 6.5s, model and data 4.0s, "
+        "first eval and step (compile) 6.0s"
+    )
 
 
 def test_laps_name_the_parts_of_set_up_that_took_time(monkeypatch):

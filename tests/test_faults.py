@@ -164,6 +164,13 @@ def test_killed_worker_is_replaced_and_the_run_ends_bit_identical(ray_local, tmp
     os.kill(train_worker_pids(started_after=started)[-1], signal.SIGKILL)
     returncode, output = finish(process)
     assert returncode == 0, output[-3000:]
+    # The restarted group's start-up line counts from the failure Ray Train saw, and its parts add up.
+    restart = re.search(r"^start-up after a restart ([\d.]+)s: failure seen to the new worker process ([\d.]+)s, "
+                        r"worker process to the loop ([\d.]+)s, model and data ([\d.]+)s, "
+                        r"first eval and step \(compile\) ([\d.]+)s", output, re.MULTILINE)  # fmt: skip
+    assert restart, output[-3000:]
+    total, *parts = (float(seconds) for seconds in restart.groups())
+    assert abs(total - sum(parts)) <= 0.25 and parts[0] < 30, restart.group(0)
     state = checkpoint.load(tmp_path / "out-worker-kill" / "ckpt.pt")
     # The restarted group continued from a Ray checkpoint (the lineage each checkpoint records) ...
     assert "checkpoint_" in (state["resumed_from"] or ""), output[-3000:]
