@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import glob
 import hashlib
 import http.client
@@ -38,9 +39,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, RaygptError, one_line, run_cli
+from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, RaygptError, one_line, refuse, run_cli
 from raygpt.files import DiskFullError, remove_orphaned_temporaries, write_atomic, write_bytes_atomic, write_text_atomic
-from raygpt.storage import check_destination, dataset_uri, is_uri, upload_dataset
+from raygpt.storage import check_destination, check_local_path, dataset_uri, is_uri, upload_dataset
 from raygpt.tokenizer import EOT_TOKEN, MAX_VOCAB_SIZE, TOKEN_DTYPE, gpt2_encoding
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -53,6 +54,8 @@ MIN_SPLIT_TOKENS = 2
 USEFUL_VAL_TOKENS = 10_000
 OUTPUT_NAMES = ("train.bin", "val.bin", "meta.json", "input.txt")
 MAX_THREADS = 1024  # more tokenizer threads than any machine has cores only costs memory
+# Options of a corpus (the Shakespeare sets refuse them), by their argparse names.
+CORPUS_OPTIONS = ("text_column", "one_doc_per_line", "val_fraction", "seed", "num_threads", "ray", "address")
 
 
 class PrepareError(RaygptError):
@@ -92,8 +95,10 @@ def dataset_folder(data_dir: str | Path, name: str) -> Path:
 
 @contextlib.contextmanager
 def output_folder(dataset_dir: Path) -> Iterator[None]:
-    """Create dataset_dir (and missing parents) for outputs that are ready to be written. If the block
-    fails, the folders made here are removed while still empty: nothing is left that looks prepared."""
+    """Create dataset_dir (and missing parents) for outputs that are ready to be written, and hold it
+    locked for the block: what another preparation killed there left (its temporary files) is removed
+    first, and a second preparation of the same folder at the same time is refused. If the block fails,
+    the folders made here are removed while still empty: nothing is left that looks prepared."""
     created = []
     for path in (dataset_dir, *dataset_dir.parents):
         if os.path.lexists(path):
@@ -104,22 +109,52 @@ def output_folder(dataset_dir: Path) -> Iterator[None]:
     except OSError as e:
         raise PrepareError(f"cannot create {dataset_dir}: {e.strerror}") from None
     try:
-        yield
-    except BaseException as e:
-        # write_atomic removes its temporary file, unless the failure (a Ctrl-C) came between its creation
-        # and write_atomic's own cleanup; no other process writes this dataset at the same time.
-        for name in OUTPUT_NAMES:
-            remove_orphaned_temporaries(dataset_dir, name)
-        for path in created:  # deepest first; one that is not empty stops the climb
+        with folder_lock(dataset_dir):
+            left = [tmp for name in OUTPUT_NAMES for tmp in remove_orphaned_temporaries(dataset_dir, name)]
+            if left:
+                print(f"removed {len(left)} temporary file(s) a killed run left in {dataset_dir}", file=sys.stderr)
             try:
-                path.rmdir()
-            except OSError:
-                break
+                yield
+            except BaseException:
+                # write_atomic removes its temporary file, unless the failure (a Ctrl-C) came between its
+                # creation and write_atomic's own cleanup.
+                for name in OUTPUT_NAMES:
+                    remove_orphaned_temporaries(dataset_dir, name)
+                raise
+    except BaseException as e:
+        remove_empty_folders(created)
         if isinstance(e, DiskFullError):
             raise PrepareError(e.strerror) from None
         if isinstance(e, OSError):
             raise PrepareError(f"cannot write to {dataset_dir}: {e.strerror or e}") from None
         raise
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock on the folder itself (flock on its descriptor): it leaves no file behind, and the
+    kernel releases it when the process dies, however it dies."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PrepareError(
+            f"another raygpt.prepare is writing {folder}; wait for it to finish, or choose another --name"
+        ) from None
+    try:
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove folders this run created, deepest first; one that is not empty stops the climb."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:
+            break
 
 
 class ChecksummedWriter:
@@ -202,14 +237,33 @@ def check_input_file(path: Path, input_flag: str, glob_ok: bool = False) -> int:
     return info.st_size
 
 
+def decode_text(data: bytes, path: Path) -> str:
+    """A text file's bytes as text: strict UTF-8 without NULs, a leading byte order mark dropped (an
+    encoding marker, not a character of the text)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{path} is not UTF-8 text (byte {e.start:,}); convert it, e.g. iconv -t utf-8") from None
+    return check_no_nul(text, path)
+
+
+def check_no_nul(text: str, path: Path) -> str:
+    """Refuse text with a NUL character: UTF-16 without a byte order mark decodes as UTF-8 with a NUL after
+    every ASCII character, and binary files are full of them; either would be trained on without a word."""
+    if "\0" in text:
+        raise PrepareError(
+            f"{path} holds NUL characters: it is binary or UTF-16, not UTF-8 text; convert it "
+            "(e.g. iconv -f utf-16 -t utf-8) or leave it out"
+        )
+    return text
+
+
 def read_text_file(path: Path, input_flag: str) -> str:
     check_input_file(path, input_flag)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = decode_text(path.read_bytes(), path)
     except OSError as e:
         raise PrepareError(f"cannot read input {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise PrepareError(f"{path} is not UTF-8 text (byte {e.start:,}); convert it, e.g. iconv -t utf-8") from None
     if not text:
         raise PrepareError(f"input file {path} is empty")
     return text
@@ -362,26 +416,33 @@ def iter_documents(
             except (pa.ArrowException, OSError) as e:
                 raise PrepareError(f"cannot read {path}: {one_line(str(e))}") from None
             continue
-        try:
-            with open(path, encoding="utf-8") as f:
-                if not one_doc_per_line:
-                    text = f.read()
-                    yield ([text] if text else []), len(text.encode("utf-8"))
-                    continue
-                docs, size = [], 0
-                for line in f:
-                    size += len(line.encode("utf-8"))
-                    if line.strip():
-                        docs.append(line.rstrip("\n"))
-                    if len(docs) == batch_rows:
-                        yield docs, size
-                        docs, size = [], 0
-                if docs or size:
+        yield from iter_text_documents(path, one_doc_per_line, batch_rows)
+
+
+def iter_text_documents(path: Path, one_doc_per_line: bool, batch_rows: int) -> Iterator[tuple[list[str], int]]:
+    """iter_documents for one text file, read as decode_text reads it (streamed: a corpus file may be
+    larger than memory)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            if not one_doc_per_line:
+                text = check_no_nul(f.read(), path)
+                yield ([text] if text else []), len(text.encode("utf-8"))
+                return
+            docs, size = [], 0
+            for line in f:
+                check_no_nul(line, path)
+                size += len(line.encode("utf-8"))
+                if line.strip():
+                    docs.append(line.rstrip("\n"))
+                if len(docs) == batch_rows:
                     yield docs, size
-        except UnicodeDecodeError:
-            raise PrepareError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8) or leave it out") from None
-        except OSError as e:
-            raise PrepareError(f"cannot read {path}: {e.strerror}") from None
+                    docs, size = [], 0
+            if docs or size:
+                yield docs, size
+    except UnicodeDecodeError:
+        raise PrepareError(f"{path} is not UTF-8 text; convert it (e.g. iconv -t utf-8) or leave it out") from None
+    except OSError as e:
+        raise PrepareError(f"cannot read {path}: {e.strerror}") from None
 
 
 @contextlib.contextmanager
@@ -542,21 +603,36 @@ def prepare_dataset(
     """Prepare a dataset by name into DATA_DIR/(output_name or name): the two Shakespeare sets, or a
     corpus of text/parquet files. `input_flag` is how the caller's users pass input_path, for hints.
     A URI data_dir returns the dataset's URI instead of its folder."""
+    check_places(data_dir, input_path, input_flag)
+    output_name = name if output_name is None else output_name
     if is_uri(data_dir):
         return prepare_to_uri(name, str(data_dir), input_path, input_flag, output_name, **corpus_options)
     if name == "shakespeare_char":
-        return prepare_shakespeare_char(data_dir, input_path, output_name or name, input_flag)
+        return prepare_shakespeare_char(data_dir, input_path, output_name, input_flag)
     if name == "shakespeare":
-        return prepare_shakespeare_bpe(data_dir, input_path, output_name or name, input_flag)
-    return prepare_corpus(output_name or name, data_dir, input_path, input_flag=input_flag, **corpus_options)
+        return prepare_shakespeare_bpe(data_dir, input_path, output_name, input_flag)
+    return prepare_corpus(output_name, data_dir, input_path, input_flag=input_flag, **corpus_options)
+
+
+def check_places(data_dir: str | Path, input_path: str | Path | None, input_flag: str) -> None:
+    """Refuse, before any work, an output place that is empty or a URI with a slash missing (s3:/bucket
+    would be a local folder named 's3:'), and an input that is a URL: inputs are local files."""
+    if not str(data_dir):
+        raise PrepareError("--data-dir is empty: give the folder (or URI) the dataset goes to, e.g. --data-dir data")
+    check_local_path(data_dir, "--data-dir")
+    if input_path is not None and (is_uri(input_path) or str(input_path).startswith(("http:/", "https:/"))):
+        raise PrepareError(
+            f"{input_flag} {input_path} is a URL, but inputs are local files: download it first "
+            f"(e.g. curl -o FILE URL) and pass {input_flag} FILE"
+        )
 
 
 def prepare_to_uri(
     name: str, data_dir: str, input_path, input_flag: str, output_name: str | None, **corpus_options
 ) -> str:
     """Prepare into a local temporary folder (under $TMPDIR: it needs room for the outputs), then upload."""
-    check_dataset_name(output_name or name)
-    uri = dataset_uri(data_dir, output_name or name)
+    check_dataset_name(output_name)
+    uri = dataset_uri(data_dir, output_name)
     check_destination(uri)  # before the work: a missing bucket is found in a second, not after an hour
     with tempfile.TemporaryDirectory(prefix="raygpt-prepare-") as tmp:
         local = prepare_dataset(name, tmp, input_path, input_flag, output_name, **corpus_options)
@@ -635,24 +711,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    corpus_options = {}
-    if args.dataset in SHAKESPEARE_SETS and (args.ray or args.address):
-        print(f"error: --ray and --address apply to corpus datasets, not {args.dataset}", file=sys.stderr)
-        return EXIT_REFUSED
-    if args.address and not args.ray:
-        print("error: --address is the Ray cluster for --ray; add --ray", file=sys.stderr)
-        return EXIT_REFUSED
-    if args.dataset not in SHAKESPEARE_SETS:
-        corpus_options = dict(
-            text_column=args.text_column,
-            one_doc_per_line=args.one_doc_per_line,
-            val_fraction=args.val_fraction,
-            seed=args.seed,
-            num_threads=args.num_threads,
-            use_ray=args.ray,
-            address=args.address,
-        )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    corpus_options = {dest: getattr(args, dest) for dest in CORPUS_OPTIONS}
+    if args.dataset in SHAKESPEARE_SETS:
+        # The Shakespeare sets split 90/10 by characters, as nanoGPT's do: a corpus option would be ignored.
+        given = [
+            f"--{dest.replace('_', '-')}" for dest in CORPUS_OPTIONS if getattr(args, dest) != parser.get_default(dest)
+        ]
+        if given:
+            return refuse(PrepareError(f"{', '.join(given)} apply to corpus datasets, not {args.dataset} (split "
+                                       "90/10 by characters, as nanoGPT's): leave them out"))  # fmt: skip
+        corpus_options = {}
+    elif args.address and not args.ray:
+        return refuse(PrepareError("--address is the Ray cluster for --ray; add --ray"))
+    corpus_options["use_ray"] = corpus_options.pop("ray", False)
 
     def prepare() -> int:
         prepare_dataset(args.dataset, args.data_dir, args.input, output_name=args.name, **corpus_options)

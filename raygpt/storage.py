@@ -32,6 +32,8 @@ CHUNK_BYTES = 32 << 20
 PROGRESS_INTERVAL_S = 5.0
 STAMP_NAME = ".staged.json"  # what was staged and verified, so a rerun need not hash the copy again
 CACHE_ENV = "RAYGPT_DATA_CACHE"
+# Schemes whose URIs are commonly given (pyarrow's filesystems, and web URLs people paste).
+URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "az", "file", "http", "https")
 
 
 class StorageError(RaygptError):
@@ -48,9 +50,45 @@ def is_uri(path: str | Path) -> bool:
 
 
 def dataset_uri(data_dir: str, name: str) -> str:
-    """data_dir/name for a URI data_dir, keeping any ?query (e.g. endpoint_override) at the end."""
+    """data_dir/name for a URI data_dir, keeping any ?query (e.g. endpoint_override) at the end. A URI
+    that names no bucket (s3://) is refused: the name would silently become the bucket."""
+    check_names_bucket(data_dir)
     base, sep, query = data_dir.partition("?")
-    return f"{base.rstrip('/')}/{name}{sep}{query}"
+    scheme, scheme_sep, rest = base.partition("://")
+    base = f"{scheme}://{rest.rstrip('/')}" if scheme_sep else base.rstrip("/")
+    return f"{base}/{name}{sep}{query}"
+
+
+def check_names_bucket(uri: str) -> None:
+    """Refuse a URI with nothing after its scheme (s3://, gs://): there is no bucket to read or write."""
+    scheme, scheme_sep, rest = uri.partition("?")[0].partition("://")
+    if scheme_sep and not rest.strip("/") and scheme.lower() != "file":
+        raise StorageError(f"{uri} names no bucket: write {scheme}://BUCKET/PREFIX")
+
+
+def check_local_path(path: str | Path, flag: str) -> None:
+    """Refuse a local path that is a URI with a slash missing (s3:/bucket/x, gs:bucket): used as given,
+    it would be a folder named 's3:' in the current directory."""
+    scheme, colon, rest = str(path).partition(":")
+    if colon and scheme.lower() in URI_SCHEMES and not is_uri(path):
+        raise StorageError(f"{flag} {path} looks like a URI with a slash missing: write {scheme}://{rest.lstrip('/')}")
+
+
+def check_storage_path(storage_path: str) -> None:
+    """Before Ray starts: a storage_path URI must open and name a bucket that exists; a local one must not
+    be a file (or a mistyped URI)."""
+    if not storage_path:
+        return
+    if is_uri(storage_path):
+        check_names_bucket(storage_path)
+        check_destination(storage_path)
+        return
+    check_local_path(storage_path, "storage_path")
+    for path in (Path(storage_path).expanduser(), *Path(storage_path).expanduser().parents):
+        if path.exists():
+            if not path.is_dir():
+                raise StorageError(f"storage_path {storage_path}: {path} is a file, not a folder")
+            return
 
 
 def default_cache_root() -> Path:
@@ -302,15 +340,21 @@ def stage_files(filesystem, path: str, uri: str, local: Path, expected: dict, pr
 
 
 def check_destination(uri: str) -> None:
-    """Before a long preparation: the URI's filesystem opens and its bucket (or top folder) exists."""
+    """Before a long preparation: the URI's filesystem opens, its bucket (or top folder) exists, and no
+    part of the path below it is a file."""
     import pyarrow.fs
 
     filesystem, path = open_filesystem(uri)
-    top = path.split("/", 1)[0] if not path.startswith("/") else "/"
+    parts = path.strip("/").split("/")
+    root = "/" if path.startswith("/") else ""
+    prefixes = [root + "/".join(parts[: i + 1]) for i in range(len(parts))]
     with remote_errors(uri):
-        info = filesystem.get_file_info(top)
-    if info.type != pyarrow.fs.FileType.Directory:
-        raise StorageError(f"{uri}: bucket or folder {top!r} does not exist; create it first")
+        infos = filesystem.get_file_info(prefixes)
+    if infos[0].type != pyarrow.fs.FileType.Directory and root != "/":
+        raise StorageError(f"{uri}: bucket or folder {prefixes[0]!r} does not exist; create it first")
+    for prefix, info in zip(prefixes, infos):
+        if info.type == pyarrow.fs.FileType.File:
+            raise StorageError(f"{uri}: {prefix!r} is a file, not a folder")
 
 
 def upload_file(filesystem, local_path: Path, remote_path: str, uri: str, meter: Meter) -> None:

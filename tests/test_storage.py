@@ -241,3 +241,65 @@ def launch_cli(*argv) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     return subprocess.run([sys.executable, "-m", "raygpt.launch", *map(str, argv)], capture_output=True, text=True,
                           env=env, timeout=300)  # fmt: skip
+
+
+# --- malformed URIs and storage paths: refused in one line before any work (no server needed)
+
+
+@pytest.mark.parametrize("data_dir", ["s3://", "gs:///", "s3://?endpoint_override=http://127.0.0.1:1"])
+def test_a_uri_that_names_no_bucket_is_refused_not_used_with_the_name_as_bucket(data_dir):
+    with pytest.raises(StorageError, match=r"names no bucket: write (s3|gs)://BUCKET/PREFIX"):
+        storage.dataset_uri(data_dir, "shakespeare_char")
+
+
+@pytest.mark.parametrize(
+    "data_dir, joined",
+    [("s3://b", "s3://b/d"), ("s3://b/p/", "s3://b/p/d"), ("file:///", "file:///d"), ("/", "/d"), ("data", "data/d")],
+)
+def test_uris_and_paths_that_name_a_place_join_as_before(data_dir, joined):
+    assert storage.dataset_uri(data_dir, "d") == joined
+
+
+@pytest.mark.parametrize("path", ["s3:/bucket/data", "gs:bucket", "S3:/b", "https:/example.com/x", "file:/tmp/x"])
+def test_a_uri_with_a_slash_missing_is_not_taken_as_a_local_folder(path):
+    scheme = path.partition(":")[0]
+    with pytest.raises(
+        StorageError, match=rf"--data-dir {path} looks like a URI with a slash missing: write {scheme}://"
+    ):
+        storage.check_local_path(path, "--data-dir")
+
+
+@pytest.mark.parametrize("path", ["data", "C:/data", "run:1/out", "/tmp/x"])
+def test_local_paths_with_or_without_colons_are_left_alone(path):
+    storage.check_local_path(path, "--data-dir")
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("{tmp}/afile", "storage_path {tmp}/afile: {tmp}/afile is a file, not a folder"),
+        ("{tmp}/afile/runs", "storage_path {tmp}/afile/runs: {tmp}/afile is a file, not a folder"),
+        ("file://{tmp}/afile/runs", "file://{tmp}/afile/runs: '{tmp}/afile' is a file, not a folder"),
+        ("s3:/bucket/runs", "looks like a URI with a slash missing: write s3://bucket/runs"),
+        ("s3://", "s3:// names no bucket"),
+        ("ftp://host/runs", "cannot open ftp://host/runs: Unrecognized filesystem type"),
+    ],
+)
+def test_storage_paths_that_cannot_hold_runs_are_one_line(tmp_path, where, message):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(StorageError) as refused:
+        storage.check_storage_path(where.format(tmp=tmp_path))
+    assert message.format(tmp=tmp_path) in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("where", ["", "{tmp}/new/runs", "file://{tmp}/new/runs", "{tmp}"])
+def test_storage_paths_that_can_hold_runs_pass(tmp_path, where):
+    storage.check_storage_path(where.format(tmp=tmp_path))
+    assert not (tmp_path / "new").exists()  # checked, not created
+
+
+def test_prepare_to_a_uri_under_a_file_is_refused_before_any_work(tmp_path, shakespeare_path):
+    (tmp_path / "afile").write_text("not a folder")
+    with pytest.raises(StorageError, match=r"'.*/afile' is a file, not a folder"):
+        prepare_dataset("shakespeare_char", f"file://{tmp_path}/afile/data", shakespeare_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
