@@ -640,15 +640,17 @@ def prepare_to_uri(
     return uri
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad option refused in one line as every refusal is (argparse prints the usage
+    first); the companion CLIs (sample, export, bench, tune) use it too."""
+
     def error(self, message: str):
-        """A bad option is one line, as every refusal is (argparse would print the usage first)."""
         self.exit(EXIT_REFUSED, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
     description, _, details = __doc__.partition("\n\n")
-    parser = _Parser(
+    parser = OneLineParser(
         prog="python -m raygpt.prepare",
         description=description,
         epilog=details,

@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 
 from raygpt import checkpoint
+from raygpt.config import SEED_LIMIT
 from raygpt.errors import EXIT_INTERRUPTED, RaygptError, one_line, run_cli
 from raygpt.model import GPT, GPTConfig
+from raygpt.prepare import OneLineParser
 from raygpt.step import Precision
 from raygpt.storage import StorageError, check_remote_dataset, dataset_uri, is_uri
 from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, Tokenizer, load_meta, vocabulary
@@ -49,6 +51,8 @@ def check_options(args) -> None:
         problems.append(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.max_new_tokens < 1:
         problems.append(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not 0 <= args.seed < SEED_LIMIT:  # training's range; torch.manual_seed fails past 2**64
+        problems.append(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.init_from != "resume" and (args.checkpoint or args.meta):
         problems.append("--checkpoint and --meta are for --init-from resume (GPT-2 weights decode with GPT-2 BPE)")
     if problems:
@@ -103,6 +107,9 @@ def load_checkpoint_model(ckpt_path: Path) -> tuple[GPT, dict]:
     except RuntimeError as e:  # torch lists every missing, unexpected or misshapen weight: name the first
         detail = [line.strip() for line in str(e).splitlines() if line.strip()][1:2] or [one_line(str(e))]
         raise SampleError(f"{ckpt_path}: its weights do not fit its model_args: {detail[0]}") from None
+    broken = next((name for name, p in model.state_dict().items() if not torch.isfinite(p).all()), None)
+    if broken is not None:  # a diverged run's weights: every token's probability would be nan
+        raise SampleError(f"{ckpt_path}: weight {broken} holds nan or inf values; sample from an earlier checkpoint")
     config = state.get("config")
     return model, config if isinstance(config, dict) else {}
 
@@ -175,13 +182,12 @@ def load_model(args) -> tuple[GPT, Tokenizer]:
 def prompt_ids(start: str, tokenizer: Tokenizer) -> list[int]:
     """--start (or the file it names) as token ids."""
     if start.startswith("FILE:"):
-        path = Path(start[5:]).expanduser()
+        start = read_prompt_file(start[5:])
+    else:
         try:
-            start = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise SampleError(f"the prompt file {path} is not UTF-8 text") from None
-        except OSError as e:
-            raise SampleError(f"cannot read the prompt file {path}: {e.strerror}") from None
+            start.encode("utf-8")
+        except UnicodeEncodeError as e:  # bytes the shell passed that are not UTF-8 arrive as lone surrogates
+            raise SampleError(f"--start is not UTF-8 text (character {e.start}); give it as UTF-8") from None
     try:
         ids = tokenizer.encode(start)
     except ValueError as e:
@@ -189,6 +195,23 @@ def prompt_ids(start: str, tokenizer: Tokenizer) -> list[int]:
     if not ids:
         raise SampleError("the prompt is empty after tokenization: give some text with --start")
     return ids
+
+
+def read_prompt_file(name: str) -> str:
+    """The text of --start FILE:name: UTF-8 (a leading byte order mark dropped), with no NUL characters,
+    which UTF-16 and binary files hold and no tokenizer table has."""
+    if not name:
+        raise SampleError("--start FILE: names no file: write --start FILE:path/to/prompt.txt")
+    path = Path(name).expanduser()
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise SampleError(f"the prompt file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise SampleError(f"cannot read the prompt file {path}: {e.strerror}") from None
+    if "\0" in text:
+        raise SampleError(f"the prompt file {path} holds NUL characters: it is binary or UTF-16, not UTF-8 text")
+    return text
 
 
 def decode(tokenizer: Tokenizer, ids: list[int]) -> str:
@@ -227,15 +250,29 @@ def sample(args) -> int:
     with torch.no_grad(), precision.autocast():
         for _ in range(args.num_samples):
             # A prompt longer than block_size is fine: generate conditions on its last block_size tokens.
-            y = model.generate(x, args.max_new_tokens, **options)
+            y = generate(model, x, args, options, precision.dtype)
             print(decode(tokenizer, y[0].tolist()))
             print("---------------")
     return 0
 
 
+def generate(model: GPT, x: torch.Tensor, args, options: dict, dtype: str) -> torch.Tensor:
+    """model.generate; weights are finite (load_checkpoint_model checked), so probabilities that are not can
+    only come from scores divided by a temperature so small that they overflow the precision."""
+    try:
+        return model.generate(x, args.max_new_tokens, **options)
+    except RuntimeError as e:
+        if "probability tensor contains" not in str(e):
+            raise
+        raise SampleError(
+            f"--temperature {args.temperature}: the model's scores divided by it overflow {dtype}; "
+            "use a larger temperature, or 0 for greedy decoding"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     *about, examples = __doc__.strip().split("\n\n")
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m raygpt.sample",
         usage="%(prog)s [--out-dir DIR | --checkpoint PATH | --init-from gpt2] [--start TEXT] [options]",
         description="\n\n".join(about),

@@ -323,3 +323,58 @@ def test_nanogpt_sample_py_spellings_work_as_typed(tmp_path, capsys):
     assert sample.nanogpt_spelling(["--compile=True", "--top_k=5"], parser) == ["--compile", "--top-k=5"]
     with pytest.raises(SystemExit):  # still refused: not an option under either spelling
         parser.parse_args(sample.nanogpt_spelling(["--no_such_option=1"], parser))
+
+
+# --- 6. round three of bad input: one line, exit 2, nothing printed
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+        (["--seed", str(2**64)], f"--seed must be in [0, 2**32), got {2**64}"),
+        (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
+        (["--top-k", "many"], "argument --top-k: invalid int value: 'many'"),
+        (["--temperature", "1e-300"], "--temperature 1e-300: the model's scores divided by it overflow float32"),
+        (["--start", "FILE:"], "--start FILE: names no file"),
+        (["--start", "caf\udce9"], "--start is not UTF-8 text (character 3)"),  # b'caf\xe9' from a shell
+    ],
+)
+def test_more_values_no_sampling_can_use_are_one_line(capsys, char_run, args, message):
+    try:
+        code, out, err = run(capsys, "--out-dir", str(char_run[0]), "--num-samples", "1", *args)
+    except SystemExit as e:  # argparse's refusal, now one line too
+        code, (out, err) = e.code, capsys.readouterr()
+    assert message in refused(code, err) and out == ""
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "binary"])
+def test_a_utf16_or_binary_prompt_file_is_named_as_such(tmp_path, capsys, char_run, encoding):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes("ROMEO:".encode("utf-16-le") if encoding == "utf-16-le" else b"ROMEO\0\0\x01:")
+    line = refused(*run(capsys, "--out-dir", str(char_run[0]), "--start", f"FILE:{prompt}")[::2])
+    assert line == f"error: the prompt file {prompt} holds NUL characters: it is binary or UTF-16, not UTF-8 text"
+
+
+def test_a_byte_order_mark_is_not_part_of_a_prompt_file(tmp_path, capsys, char_run):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_bytes(b"\xef\xbb\xbfROMEO:")
+    code, out, err = run(capsys, "--out-dir", str(char_run[0]), "--start", f"FILE:{prompt}", "--num-samples", "1",
+                         "--max-new-tokens", "4")  # fmt: skip
+    assert code == 0, err
+    assert texts(out)[0].startswith("ROMEO:") and len(texts(out)[0]) == 10
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_checkpoint_with_non_finite_weights_is_refused_before_sampling(tmp_path, capsys, char_run, value):
+    state = checkpoint.load(char_run[0] / "ckpt.pt")
+    state["model"]["_orig_mod.transformer.h.0.mlp.c_fc.weight"][0, 0] = value
+    checkpoint.save_atomic(state, tmp_path / "diverged.pt")
+    code, out, err = run(
+        capsys, "--checkpoint", str(tmp_path / "diverged.pt"), "--meta", str(char_run[1] / "tiny_char")
+    )
+    line = refused(code, err)
+    assert line.endswith(
+        "weight transformer.h.0.mlp.c_fc.weight holds nan or inf values; sample from an earlier checkpoint"
+    )
+    assert out == ""
