@@ -10,8 +10,8 @@ sharded checkpoint is gathered on the CPU without any process group.
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,10 +21,12 @@ from raygpt import checkpoint
 from raygpt.errors import RaygptError, run_cli
 from raygpt.files import write_atomic, write_text_atomic
 from raygpt.model import GPT, GPTConfig
+from raygpt.prepare import OneLineParser
 from raygpt.storage import is_uri
 from raygpt.tokenizer import EOT_TOKEN
 
 # Hugging Face's GPT-2 keeps these as Conv1D weights: the transpose of nn.Linear's.
+HF_FILES = ("config.json", "model.safetensors")
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
@@ -103,13 +105,14 @@ def export_hf(saved: dict, directory: Path) -> None:
     model_args = checkpoint.architecture(saved, "checkpoint")
     weights = hf_weights(checkpoint.whole_model_state(saved), model_args)
     directory.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(directory / "config.json", json.dumps(hf_config(model_args), indent=2) + "\n")
+    config_json, weights_file = (directory / name for name in HF_FILES)
+    write_text_atomic(config_json, json.dumps(hf_config(model_args), indent=2) + "\n")
     data = save(weights, metadata={"format": "pt"})
-    write_atomic(directory / "model.safetensors", lambda f: f.write(data))
+    write_atomic(weights_file, lambda f: f.write(data))
 
 
 def parse_args(argv: list[str]):
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m raygpt.export",
         usage="%(prog)s CHECKPOINT [--ckpt FILE] [--hf DIR]",
         description="Write any raygpt checkpoint (a ckpt.pt, a Ray checkpoint folder, sharded or not, or a "
@@ -121,22 +124,51 @@ def parse_args(argv: list[str]):
     return parser.parse_args(argv)
 
 
+def output_path(given: str | None, flag: str, folder: bool) -> Path | None:
+    """Where --ckpt FILE (folder=False) or --hf DIR (folder=True) goes, checked before the checkpoint is
+    read: not empty, not a folder for a file or a file for a folder, under a writable folder."""
+    if given is None:
+        return None
+    if not given or is_uri(given):
+        raise ExportError(f"{flag} {given!r}: give a local {'folder' if folder else 'file'} path")
+    path = Path(given).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise ExportError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    if not folder and path.is_dir():
+        raise ExportError(f"{flag} {path} is a folder; give a file path such as {path / checkpoint.CKPT_NAME}")
+    for parent in path.parents:
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            raise ExportError(f"{flag} {path}: {parent} is a file, not a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ExportError(f"{flag} {path}: {parent} is not writable")
+        break
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
 
     def export() -> int:
-        if not (args.ckpt or args.hf):
+        ckpt, hf = output_path(args.ckpt, "--ckpt", folder=False), output_path(args.hf, "--hf", folder=True)
+        if not (ckpt or hf):
             raise ExportError("nothing to write: give --ckpt FILE and/or --hf DIR")
+        if ckpt and hf and ckpt.resolve() in [hf.resolve(), *(hf.resolve() / name for name in HF_FILES)]:
+            raise ExportError(f"--ckpt {ckpt} is --hf {hf} or one of its files: give them separate places")
         source = checkpoint.download(args.checkpoint) if is_uri(args.checkpoint) else Path(args.checkpoint).expanduser()
         if not source.exists():
             raise ExportError(f"no checkpoint at {source}")
         saved, where = checkpoint.read_checkpoint(source, mmap=True)  # --hf alone never reads the optimizer's state
-        if args.ckpt:
-            checkpoint.save_atomic(whole_checkpoint(saved), Path(args.ckpt).expanduser())
-            print(f"wrote {args.ckpt} (nanoGPT's layout) from {where}")
-        if args.hf:
-            export_hf(saved, Path(args.hf).expanduser())
-            print(f"wrote {args.hf}/config.json and model.safetensors (GPT2LMHeadModel) from {where}")
+        try:
+            if ckpt:
+                checkpoint.save_atomic(whole_checkpoint(saved), ckpt)
+                print(f"wrote {ckpt} (nanoGPT's layout) from {where}")
+            if hf:
+                export_hf(saved, hf)
+                print(f"wrote {hf}/config.json and model.safetensors (GPT2LMHeadModel) from {where}")
+        except OSError as e:  # a full disk (files.DiskFullError says so), or the place changed since the check
+            raise ExportError(f"cannot write the export: {e.strerror or e}") from None
         return 0
 
     return run_cli(export)

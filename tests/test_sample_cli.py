@@ -378,3 +378,44 @@ def test_a_checkpoint_with_non_finite_weights_is_refused_before_sampling(tmp_pat
         "weight transformer.h.0.mlp.c_fc.weight holds nan or inf values; sample from an earlier checkpoint"
     )
     assert out == ""
+
+
+# --- 7. raygpt.export's outputs, checked before the checkpoint is read (it reads the same checkpoints)
+
+
+@pytest.mark.parametrize(
+    "outputs, message",
+    [
+        (
+            ["--ckpt", "{tmp}/afolder"],
+            "--ckpt {tmp}/afolder is a folder; give a file path such as {tmp}/afolder/ckpt.pt",
+        ),
+        (["--ckpt", "{tmp}/afile/x.pt"], "--ckpt {tmp}/afile/x.pt: {tmp}/afile is a file, not a folder"),
+        (["--hf", "{tmp}/afile"], "--hf {tmp}/afile is a file, not a folder"),
+        (["--hf", "{tmp}/afile/hf"], "--hf {tmp}/afile/hf: {tmp}/afile is a file, not a folder"),
+        (["--ckpt", ""], "--ckpt '': give a local file path"),
+        (["--hf", "s3://bucket/hf"], "--hf 's3://bucket/hf': give a local folder path"),
+        (["--ckpt", "{tmp}/hf/config.json", "--hf", "{tmp}/hf"], "is --hf {tmp}/hf or one of its files"),
+        (["--ckpt", "{tmp}/out.pt", "--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_export_outputs_that_cannot_be_written_are_one_line(tmp_path, capsys, char_run, outputs, message):
+    from raygpt import export
+
+    (tmp_path / "afolder").mkdir()
+    (tmp_path / "afile").write_text("not a folder")
+    before = sorted(tmp_path.rglob("*"))
+    try:
+        code = export.main([str(char_run[0]), *(arg.format(tmp=tmp_path) for arg in outputs)])
+    except SystemExit as e:  # argparse's refusal
+        code = e.code
+    assert message.format(tmp=tmp_path) in refused(code, capsys.readouterr().err)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_export_makes_the_folders_its_outputs_need(tmp_path, capsys, char_run):
+    from raygpt import export
+
+    ckpt, hf = tmp_path / "new" / "deep" / "ckpt.pt", tmp_path / "new" / "hf"
+    assert export.main([str(char_run[0]), "--ckpt", str(ckpt), "--hf", str(hf)]) == 0, capsys.readouterr().err
+    assert ckpt.is_file() and sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
