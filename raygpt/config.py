@@ -198,7 +198,10 @@ class TrainConfig:
         choose("compile_mode", self.compile_mode, COMPILE_MODES)
         choose("attention", self.attention, ATTENTION_BACKENDS)
         choose("data_order", self.data_order, ("seeded", "nanogpt"))
-        if self.init_from not in INIT_CHOICES and not Path(self.init_from).expanduser().is_dir():
+        check_names(self)
+        if self.init_from not in INIT_CHOICES and not (
+            self.init_from.strip() and Path(self.init_from).expanduser().is_dir()  # '' would be '.'
+        ):
             raise ConfigError(
                 f"init_from must be one of {', '.join(INIT_CHOICES)} or a local GPT-2 folder, "
                 f"got {shown(self.init_from)}"
@@ -293,6 +296,7 @@ SEED_LIMIT = 2**32
 INT64_LIMIT = 2**63  # ints end up in numpy and torch int64s
 MAX_STR_LEN = 4096  # a path's length limit on Linux (PATH_MAX); no name or path in a config is longer
 MAX_SMALL_FILE_BYTES = 1 << 20  # a config file or a GPT-2 config.json is a few lines
+CONTROL_CHARACTER = re.compile(r"[\x01-\x1f\x7f]")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -305,6 +309,19 @@ def check_known(name: str) -> None:
         close = difflib.get_close_matches(name, DEFAULTS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"unknown config key '{name}'{hint}")
+
+
+def check_names(cfg: TrainConfig) -> None:
+    """Paths and names that would quietly mean something else: an empty out_dir or data_dir is the
+    current folder, an empty dataset is data_dir itself, a run_name with a '/' or '..' puts Ray's run
+    folder outside storage_path."""
+    for name in ("out_dir", "data_dir"):
+        if not getattr(cfg, name).strip():
+            raise ConfigError(f"{name} must not be empty (use '.' for the current folder)")
+    if not cfg.dataset.strip():
+        raise ConfigError("dataset must not be empty: it names the dataset's folder under data_dir")
+    if cfg.run_name and ("/" in cfg.run_name or cfg.run_name.strip() in (".", "..")):
+        raise ConfigError(f"run_name must be a plain name, not a path, got {shown(cfg.run_name)}")
 
 
 def choose(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -333,6 +350,14 @@ def check_usable(name: str, value: Any) -> None:
         raise ConfigError(f"{name} must be a finite number, got {value}")
     if isinstance(value, str) and "\0" in value:
         raise ConfigError(f"{name} must not contain a NUL character, got {shown(value)}")
+    if isinstance(value, str) and CONTROL_CHARACTER.search(value):
+        # A newline or escape in a name or path would break the one-line messages and the console.
+        raise ConfigError(f"{name} must not contain control characters (newline, tab, escape), got {shown(value)}")
+    if isinstance(value, str):
+        try:
+            os.fsencode(value)  # a lone surrogate ('\ud800') has no bytes a path or a log could hold
+        except UnicodeEncodeError:
+            raise ConfigError(f"{name} is not valid text (a lone surrogate), got {shown(value)}") from None
     if isinstance(value, str) and len(value) > MAX_STR_LEN:
         raise ConfigError(f"{name} is {len(value):,} characters long; at most {MAX_STR_LEN:,}")
 
@@ -427,6 +452,31 @@ MAX_INT_BITS = 1024  # past a float's range (2**1024): no config value needs a l
 MAX_NUMBER_CHARS = 400  # int('...') and float('...') of longer strings: a 1024-bit int has 309 digits
 
 
+# What a config value may be, for the refusal of anything else.
+ALLOWED = "a value is a literal, + - * / // % ** of values, str(), int() or float() of one, or an earlier key"
+UNSUPPORTED_KINDS = {
+    ast.JoinedStr: "an f-string",
+    ast.List: "a list",
+    ast.Tuple: "a tuple",
+    ast.Dict: "a dict",
+    ast.Set: "a set",
+    ast.Attribute: "an attribute",
+    ast.Subscript: "indexing",
+    ast.Compare: "a comparison",
+    ast.BoolOp: "and/or",
+    ast.IfExp: "a conditional",
+    ast.Lambda: "a lambda",
+    ast.NamedExpr: "an assignment expression",
+    ast.ListComp: "a comprehension",
+    ast.SetComp: "a comprehension",
+    ast.DictComp: "a comprehension",
+    ast.GeneratorExp: "a generator",
+    ast.BinOp: "an operator other than + - * / // % **",
+    ast.UnaryOp: "an operator other than - + not",
+    ast.Call: "a call with keyword arguments",
+}
+
+
 class _Evaluator:
     """Evaluates one config value. Every result is at most MAX_INT_BITS or MAX_STR_LEN long, and the
     sizes of powers and repetitions are checked before they are computed."""
@@ -438,7 +488,15 @@ class _Evaluator:
         raise ConfigError(f"{self.where}:{getattr(node, 'lineno', '?')}: {what}")
 
     def fail(self, node, what: str) -> typing.NoReturn:
-        self.refuse(node, f"{what} is not allowed in a config file")
+        self.refuse(node, f"{what} is not allowed in a config file ({ALLOWED})")
+
+    def unsupported(self, node) -> typing.NoReturn:
+        """Refuse an expression the evaluator does not take, named as the user wrote it."""
+        if isinstance(node, ast.Constant):
+            kind = {bytes: "a bytes value", complex: "a complex number"}.get(type(node.value), "this constant")
+        else:
+            kind = UNSUPPORTED_KINDS.get(type(node), "this expression")
+        self.fail(node, f"{self.text(node)} ({kind})")
 
     def text(self, node) -> str:
         return shorten(ast.get_source_segment(self.source, node) or type(node).__name__, 60)
@@ -460,7 +518,7 @@ class _Evaluator:
             return self.compute(node, UNARY_OPS[type(node.op)], self.eval(node.operand))
         if isinstance(node, ast.Call) and not node.keywords:
             return self.call(node)
-        self.fail(node, type(node).__name__)
+        self.unsupported(node)
 
     def check_binary(self, node: ast.BinOp, left, right) -> None:
         """Refuse, before computing it, an operation on strings other than + and repetition, and a
@@ -508,7 +566,9 @@ class _Evaluator:
     def call(self, node: ast.Call):
         func = node.func
         args = [self.eval(arg) for arg in node.args]
-        if isinstance(func, ast.Name) and func.id in CONVERSIONS and len(args) == 1:
+        if isinstance(func, ast.Name) and func.id in CONVERSIONS and len(args) != 1:
+            self.refuse(node, f"{self.text(node)}: {func.id}() takes exactly one argument in a config file")
+        if isinstance(func, ast.Name) and func.id in CONVERSIONS:
             if func.id in ("int", "float") and isinstance(args[0], str) and len(args[0]) > MAX_NUMBER_CHARS:
                 self.refuse(node, f"{self.text(node)}: a {len(args[0]):,}-character string is too long for a number")
             return self.bounded(node, self.compute(node, CONVERSIONS[func.id], args[0]))
@@ -542,14 +602,21 @@ def read_source(path: Path) -> str:
 
 
 def check_statement_lengths(path: Path, source: str) -> None:
-    """Refuse a statement of more than MAX_STATEMENT_TOKENS tokens before it is parsed: Python's parser
-    and this evaluator recurse once per level of nesting (`-(-(-(...)))`, `not not ...`, `1+1+...`)."""
+    """Refuse a statement of more than MAX_STATEMENT_TOKENS tokens, or a number literal of more than
+    MAX_NUMBER_CHARS characters, before it is parsed: Python's parser and this evaluator recurse once per
+    level of nesting (`-(-(-(...)))`, `not not ...`, `1+1+...`)."""
     count, start = 0, None
     skip = (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING)
     try:
         for token in tokenize.generate_tokens(io.StringIO(source).readline):
-            if token.type in (tokenize.NEWLINE, tokenize.ENDMARKER):
+            if token.type in (tokenize.NEWLINE, tokenize.ENDMARKER) or token.string == ";":
                 count, start = 0, None
+            elif token.type == tokenize.NUMBER and len(token.string) > MAX_NUMBER_CHARS:
+                # Before the parser converts it: a decimal literal of 300,000 digits takes it seconds.
+                raise ConfigError(
+                    f"{path}:{token.start[0]}: a {len(token.string):,}-character number is too large for a "
+                    f"config value (ints up to {MAX_INT_BITS} bits)"
+                )
             elif token.type not in skip:
                 start = start or token.start[0]
                 count += 1
@@ -623,9 +690,14 @@ def parse_overrides(argv: list[str]) -> dict:
         name = name.replace("-", "_")
         check_known(name)
         if name == "num_workers" and re.fullmatch(r"\d+-\d+", text):  # --num-workers MIN-MAX: elastic
-            values["num_workers"], values["max_workers"] = map(int, text.split("-"))
+            least, most = map(int, text.split("-"))
+            if most == 0:  # max_workers=0 would quietly make it a fixed count; validate() checks the rest
+                raise ConfigError(f"--num-workers MIN-MAX needs 1 <= MIN <= MAX, got {text}")
+            values["num_workers"], values["max_workers"] = least, most
         else:
             values[name] = parse_value(text)
+            if FIELD_TYPES[name] is str and not isinstance(values[name], str):
+                values[name] = text  # --out_dir=123, --run_name=2024: a name that reads as a number
         i += 1
     return values
 

@@ -196,6 +196,84 @@ def test_cli_values_nested_or_huge_are_one_line(argv, needle):
     assert needle in one_line(error.value)
 
 
+@pytest.mark.parametrize(
+    "line, needle",
+    [
+        ("out_dir = f'{1:>999999999}'", "f'{1:>999999999}' (an f-string) is not allowed"),
+        ("out_dir = b'abc'", "b'abc' (a bytes value) is not allowed"),
+        ("learning_rate = 2j", "2j (a complex number) is not allowed"),
+        ("batch_size = [1, 2]", "[1, 2] (a list) is not allowed"),
+        ("batch_size = {'a': 1}", "{'a': 1} (a dict) is not allowed"),
+        ("max_iters = 1 << 10**9", "1 << 10**9 (an operator other than + - * / // % **) is not allowed"),
+        ("max_iters = [i for i in range(10**9)]", "(a comprehension) is not allowed"),
+        ("max_iters = time.time", "time.time (an attribute) is not allowed"),
+        ("out_dir = 'abc'[0]", "'abc'[0] (indexing) is not allowed"),
+        ("max_iters = int(x='5')", "int(x='5') (a call with keyword arguments) is not allowed"),
+        ("max_iters = int('ff', 16)", "int('ff', 16): int() takes exactly one argument"),
+        ("max_iters = int()", "int(): int() takes exactly one argument"),
+    ],
+)
+def test_what_a_config_value_cannot_be_is_named_as_written(tmp_path, line, needle):
+    path = tmp_path / "cfg.py"
+    path.write_text(f"max_iters = 5\n{line}\n")
+    with pytest.raises(ConfigError) as error:
+        parse_config_file(path)
+    message = one_line(error.value)
+    assert message.startswith(f"{path}:2: ") and needle in message
+    assert "JoinedStr" not in message and "Constant" not in message and "BinOp" not in message
+
+
+@pytest.mark.parametrize("literal", ["9" * 300_000, "0x" + "f" * 300_000, "1" + "0" * 500 + ".5"])
+def test_long_number_literals_are_refused_before_the_parser_reads_them(tmp_path, literal):
+    path = tmp_path / "cfg.py"
+    path.write_text(f"batch_size = 4\nmax_iters = {literal}\n")
+    with pytest.raises(ConfigError) as error:
+        parse_config_file(path)
+    message = one_line(error.value)
+    assert message.startswith(f"{path}:2: a ") and "-character number is too large" in message
+    assert "set_int_max_str_digits" not in message
+
+
+def test_statements_on_one_line_are_counted_one_by_one(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text("; ".join(f"max_iters = {i}" for i in range(300)) + "\n")
+    assert parse_config_file(path) == {"max_iters": 299}
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--out_dir="], "out_dir must not be empty (use '.' for the current folder)"),
+        (["--data_dir= "], "data_dir must not be empty"),
+        (["--dataset="], "dataset must not be empty: it names the dataset's folder under data_dir"),
+        (["--init_from="], "init_from must be one of scratch, resume"),
+        (["--run_name=.."], "run_name must be a plain name, not a path, got '..'"),
+        (["--run_name=runs/a"], "run_name must be a plain name, not a path, got 'runs/a'"),
+        (["--out_dir=a\nb"], "out_dir must not contain control characters"),
+        (["--wandb_run_name=a\x1b[31mred"], "wandb_run_name must not contain control characters"),
+        (["--out_dir=\ud800"], "out_dir is not valid text (a lone surrogate)"),
+        (["--num-workers=1-0"], "--num-workers MIN-MAX needs 1 <= MIN <= MAX, got 1-0"),
+        (["--num-workers=3-0"], "--num-workers MIN-MAX needs 1 <= MIN <= MAX, got 3-0"),
+    ],
+)
+def test_names_that_would_quietly_mean_something_else_are_refused(argv, needle):
+    with pytest.raises(ConfigError) as error:
+        load_config(argv)
+    assert needle in one_line(error.value)
+
+
+def test_a_surrogate_escape_from_the_command_line_is_still_a_path():
+    """Bytes that are not UTF-8 in argv arrive as surrogate escapes: a real file name, kept."""
+    name = os.fsdecode(b"out-\xff")
+    assert load_config([f"--out_dir={name}"]).out_dir == name
+
+
+def test_a_string_key_takes_a_value_that_reads_as_a_number_as_its_text(tmp_path):
+    cfg = load_config(["--out_dir=123", "--run_name=2024", "--wandb_run_name=1.5", "--wandb_project=None"])
+    assert (cfg.out_dir, cfg.run_name, cfg.wandb_run_name, cfg.wandb_project) == ("123", "2024", "1.5", "None")
+    assert load_config(["--out_dir='quoted'"]).out_dir == "quoted"
+
+
 # ---- B. values --------------------------------------------------------------------------------------
 
 
