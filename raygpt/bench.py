@@ -10,7 +10,7 @@ torch profiler trace of a few steps (open it in Perfetto or chrome://tracing).
 
 from __future__ import annotations
 
-import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -23,15 +23,19 @@ import torch
 from raygpt.config import read_config
 from raygpt.data import Batches
 from raygpt.errors import RaygptError, refuse
+from raygpt.memory import check_fits
 from raygpt.model import GPT, GPTConfig
 from raygpt.parallel import wrap_model
+from raygpt.prepare import OneLineParser
 from raygpt.speed import set_attention_backend
 from raygpt.step import NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
-from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta
+from raygpt.tokenizer import GPT2_VOCAB_SIZE, MAX_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta
+
+RANDOM_TOKENS = 2_000_000  # of each split: what the batches are drawn from
 
 
 def parse_args(argv: list[str]):
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m raygpt.bench",
         usage="%(prog)s [CONFIG_FILE] [--key=value ...] [--steps N] [--warmup N] [--vocab-size V] [--profile DIR]",
         description="Tokens/s, MFU and peak memory of raygpt's training step on one device, on random tokens. "
@@ -58,16 +62,29 @@ def dataset_vocab_size(cfg) -> int:
     return meta["vocab_size"] if meta else PADDED_GPT2_VOCAB_SIZE
 
 
+def check_args(args) -> None:
+    """Refuse, before anything is built, what cannot be benchmarked: the sizes of the run, the profile's folder."""
+    if args.steps < 1 or args.warmup < 0:
+        raise RaygptError(f"--steps must be at least 1 and --warmup at least 0, got {args.steps}, {args.warmup}")
+    if args.vocab_size is not None and not 1 <= args.vocab_size <= MAX_VOCAB_SIZE:
+        raise RaygptError(
+            f"--vocab-size must be from 1 to {MAX_VOCAB_SIZE:,} (token ids are uint16), got {args.vocab_size}"
+        )
+    if args.profile is not None:
+        profile = Path(args.profile).expanduser()
+        if not args.profile or (profile.exists() and not profile.is_dir()):
+            raise RaygptError(f"--profile {args.profile!r} must name a folder for the trace")
+        parent = next(p for p in profile.parents if p.exists())  # the first one that exists: '.' or '/' at last
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise RaygptError(f"--profile {profile}: {parent} is not a writable folder")
+
+
 def main(argv: list[str] | None = None) -> int:
     args, config_argv = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg, _ = read_config(config_argv)
-        if args.steps < 1 or args.warmup < 0:
-            raise RaygptError(f"--steps must be at least 1 and --warmup at least 0, got {args.steps}, {args.warmup}")
-    except RaygptError as e:
-        return refuse(e)
-    try:
-        vocab_size = args.vocab_size or dataset_vocab_size(cfg)
+        check_args(args)
+        vocab_size = dataset_vocab_size(cfg) if args.vocab_size is None else args.vocab_size
     except RaygptError as e:
         return refuse(e)
     use_cuda = cfg.device == "cuda" and torch.cuda.is_available()
@@ -76,9 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     if use_cuda:
         enable_tf32()
         set_attention_backend(attention)
-    precision = Precision(cfg.dtype, device)
-    torch.manual_seed(cfg.seed)
     model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
+    try:
+        precision = Precision(cfg.dtype, device)
+        if cfg.check_memory:  # as training does: an absurd size is refused before it is allocated
+            check_fits({**model_args, "vocab_size": vocab_size}, cfg.batch_size, precision.dtype, device)
+    except RaygptError as e:
+        return refuse(e)
+    torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**model_args, bias=cfg.bias, vocab_size=vocab_size, dropout=cfg.dropout)).to(device)
     optimizer = model.configure_optimizers(
         cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device.type, verbose=False
@@ -88,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         # Random tokens: the step's speed does not depend on what the tokens say.
         rng = np.random.default_rng(0)
         for split in ("train", "val"):
-            tokens = rng.integers(0, min(vocab_size, GPT2_VOCAB_SIZE), 2_000_000, dtype=np.uint16)
+            count = max(RANDOM_TOKENS, cfg.block_size + 1)  # a longer block_size still has one batch
+            tokens = rng.integers(0, min(vocab_size, GPT2_VOCAB_SIZE), count, dtype=np.uint16)
             tokens.tofile(Path(data_dir) / f"{split}.bin")
         batches = Batches(data_dir, cfg.block_size, cfg.batch_size, cfg.seed, device=device)
         guard = NonFiniteGuard(cfg.max_nonfinite_steps, device, announce=False)
