@@ -13,7 +13,6 @@ reach Tune through TuneReportCallback. Tune minimizes val_loss; --asha stops poo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -26,6 +25,8 @@ from pathlib import Path
 from raygpt import launch
 from raygpt.config import FIELD_TYPES, ConfigError, TrainConfig, check_known, config_help, parse_value, read_config
 from raygpt.errors import EXIT_INTERRUPTED, RaygptError, refuse
+from raygpt.prepare import OneLineParser
+from raygpt.storage import check_storage_path
 
 KINDS = ("loguniform", "uniform", "choice", "grid")
 SPEC_RE = re.compile(rf"^({'|'.join(KINDS)}):(.*)$", re.DOTALL)
@@ -114,6 +115,10 @@ def split_argv(config_argv: list[str]) -> tuple[list[str], dict[str, Spec]]:
                 continue
         rest.append(arg)
         i += 1
+    fixed = {arg[2:].partition("=")[0].replace("-", "_") for arg in rest if arg.startswith("--")}
+    both = sorted(fixed & specs.keys())
+    if both:  # the sampled value would silently win
+        raise ConfigError(f"--{both[0]} is both sampled ({specs[both[0]]}) and set: give it once")
     return rest, specs
 
 
@@ -261,6 +266,7 @@ def run_sweep(
         raise ConfigError(f"--max-concurrent must be at least 1, got {max_concurrent}")
     if base.eval_only:
         raise ConfigError("eval_only=True has nothing to tune")
+    check_sweep_options(base, asha, grace_period, name)
     for key in specs:
         check_known(key)
         if key in NOT_SAMPLED:
@@ -311,6 +317,21 @@ def run_sweep(
         ),
     )
     return tuner.fit()
+
+
+def check_sweep_options(base: TrainConfig, asha: bool, grace_period: int | None, name: str | None) -> None:
+    """What Ray would refuse (or quietly ignore) only after it started: ASHA's grace period, the experiment's
+    folder name, and where its results go."""
+    if grace_period is not None and not asha:
+        raise ConfigError("--grace-period is ASHA's: add --asha, or leave it out")
+    if grace_period is not None and not 1 <= grace_period <= base.max_iters:
+        raise ConfigError(
+            f"--grace-period must be from 1 to max_iters ({base.max_iters}): ASHA may stop a trial only after it, "
+            f"got {grace_period}"
+        )
+    if name is not None and (name in ("", ".", "..") or "/" in name):
+        raise ConfigError(f"--name {name!r} must be a plain folder name (no '/', not '.' or '..')")
+    check_storage_path(base.storage_path)
 
 
 def trial_run_options(cfg: TrainConfig) -> dict:
@@ -394,8 +415,23 @@ def summarize(grid, specs: dict[str, Spec], max_iters: int) -> int:
     return 0
 
 
+def read_base(config_argv: list[str], specs: dict[str, Spec]) -> tuple[TrainConfig, set]:
+    """The sweep's base config, each sampled key at its first value: a sampled key's default is never
+    trained, and must not make the base invalid (n_head=12 beside a small n_embd and a sampled n_head)."""
+    first_values = [f"--{name}={spec.values[0]!r}" for name, spec in specs.items()]
+    try:
+        return read_config(config_argv + first_values)
+    except ConfigError as first_error:
+        try:
+            base, _ = read_config(config_argv)
+        except ConfigError:
+            raise first_error from None
+        check_specs(base, specs)  # names the sampled value that made the base invalid
+        raise
+
+
 def parse_args(argv: list[str]):
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m raygpt.tune",
         usage="%(prog)s [CONFIG_FILE] --key=SPEC ... [--key=value ...] [--num-samples N] [--max-concurrent K] "
         "[--asha] [launcher options]",
@@ -441,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config_argv, specs = split_argv(config_argv)
-        base, explicit_keys = read_config(config_argv)
+        base, explicit_keys = read_base(config_argv, specs)
         grid = run_sweep(
             base,
             specs,

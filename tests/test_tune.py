@@ -214,3 +214,52 @@ def test_killed_trial_is_restarted_by_tune_and_ends_bit_identical(ray_local, tmp
     assert process.returncode == 0, output[-3000:]
     (trial_checkpoint,) = (tmp_path / "out-sweep").glob("*/ckpt.pt")
     assert_bit_identical(checkpoint.load(trial_checkpoint), reference, max_iters=run["max_iters"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed=grid:1,2", "--seed=3"], "--seed is both sampled (grid:1,2) and set: give it once"),
+        (["--learning_rate", "loguniform:1e-4:1e-3", "--learning-rate", "1e-3"], "--learning_rate is both sampled"),
+        (
+            ["--n_head=grid:2,3", "--n_embd=16"],
+            "bad search space for n_head (grid:2,3): n_embd (16) must be divisible by n_head (3)",
+        ),
+        (["--lr_g=grid:1,2"], "unknown config key"),
+        (
+            ["--learning_rate=grid:1e-3,1e-2", "--asha", "--grace-period", "100"],
+            "--grace-period must be from 1 to max_iters (20)",
+        ),
+        (
+            ["--learning_rate=grid:1e-3,1e-2", "--asha", "--grace-period", "0"],
+            "--grace-period must be from 1 to max_iters",
+        ),
+        (["--learning_rate=grid:1e-3,1e-2", "--grace-period", "5"], "--grace-period is ASHA's: add --asha"),
+        (["--learning_rate=grid:1e-3,1e-2", "--num-samples", "-4"], "--num-samples must be at least 1, got -4"),
+        (["--learning_rate=grid:1e-3,1e-2", "--num-samples", "x"], "argument --num-samples: invalid int value: 'x'"),
+        (["--learning_rate=grid:1e-3,1e-2", "--max-concurrent", "0"], "--max-concurrent must be at least 1, got 0"),
+        (["--learning_rate=grid:1e-3,1e-2", "--name=a/b"], "--name 'a/b' must be a plain folder name"),
+        (["--learning_rate=grid:1e-3,1e-2", "--name="], "--name '' must be a plain folder name"),
+        (["--learning_rate=grid:1e-3,1e-2", "--storage_path=ftp://host/runs"], "cannot open ftp://host/runs"),
+        (["--learning_rate=grid:1e-3,1e-2", "--storage_path=s3://"], "s3:// names no bucket"),
+        (["--learning_rate=grid:1e-3,1e-2", "--storage_path=s3:/bucket/runs"], "looks like a URI with a slash missing"),
+        (["--learning_rate=grid:1e-3,1e-2", "--storage_path={tmp}/afile"], "{tmp}/afile is a file, not a folder"),
+    ],
+)
+def test_sweeps_that_cannot_run_are_one_line_before_ray_starts(tmp_path, capsys, monkeypatch, argv, message):
+    def ray_would_start(*args, **kwargs):
+        raise AssertionError("reached launch.prepare_run: the refusal came too late")
+
+    monkeypatch.setattr(rtune.launch, "prepare_run", ray_would_start)
+    (tmp_path / "afile").write_text("not a folder")
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    assert rtune.main([*argv, "--max_iters=20", "--device=cpu", f"--out_dir={tmp_path / 'out'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message.format(tmp=tmp_path) in err
+
+
+def test_the_base_holds_each_sampled_key_at_its_first_value():
+    _, specs = rtune.split_argv(["--n_head=grid:2,4", "--learning_rate=loguniform:1e-4:1e-3"])
+    base, explicit = rtune.read_base(["--n_embd=16"], specs)
+    assert (base.n_head, base.learning_rate, base.n_embd) == (2, 1e-4, 16) and {"n_head", "n_embd"} <= explicit
