@@ -28,6 +28,7 @@ from raygpt.metrics import Reporter, start_wandb
 from raygpt.model import GPT, GPTConfig
 from raygpt.parallel import weights_in_sync, wrap_model
 from raygpt.preemption import KV_NAMESPACE, PreemptionWatch, launcher_asked_to_stop, notice_metrics
+from raygpt.process_group import CommunicatorWarmup
 from raygpt.processes import CompileWorkers, exit_waits_for_block, process_started_at
 from raygpt.speed import set_attention_backend
 from raygpt.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
@@ -282,6 +283,8 @@ def run_loop(loop_config: dict, ray_session: session.RaySession) -> None:
     device = worker_device(cfg, plan["use_gpu"], ray_session.gpu)
     torch.set_num_threads(worker_cpu_count(plan["cpus_per_worker"]))
     laps("device")
+    communicator = CommunicatorWarmup.for_worker(world_size, device)
+    communicator.start()  # NCCL's set-up runs while the data is checked and the model built
     compile_workers = CompileWorkers(enabled=cfg.compile and device.type == "cuda")
     compile_workers.start()  # they boot while the model, optimizer and data are set up
     precision = Precision(cfg.dtype, device)
@@ -306,6 +309,8 @@ def run_loop(loop_config: dict, ray_session: session.RaySession) -> None:
     writer = cache_writer(rank, ray_session.local_rank, device)
     compile_cache = open_compile_cache(cfg, device, model_args, world_size, writer=writer, warn=say)
     laps("compile cache")
+    communicator.wait()  # before the wrap's first collective
+    laps("communicator")
     if cfg.compile:
         say("compiling the model... (takes a ~minute)", flush=True)
     wrapped = wrap_model(model, cfg, world_size, device, precision.dtype)  # before the optimizer: FSDP shards
