@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -83,22 +84,25 @@ def _torch_load(path: Path, mmap: bool) -> dict:
     the optimizer, or never, for a checkpoint's small values alone), not into a second copy in memory
     first. torch.load checks no checksum either way. A file that cannot be mapped (torch's pre-zip
     format, a file system without mmap) is read whole."""
-    if mmap:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except pickle.UnpicklingError:
-            raise
-        except Exception:  # noqa: BLE001 - read whole below, which says what is wrong if anything is
-            pass
-    return torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # torch warns about a foreign pickle's protocol: the error says enough
+        warnings.simplefilter("ignore")
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError:
+                raise
+            except Exception:  # noqa: BLE001 - read whole below, which says what is wrong if anything is
+                pass
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def plain_number(value, what: str, path) -> float | int:
     """A number read from a checkpoint as a Python int or float (0-dim tensors and numpy scalars included)."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    elif hasattr(value, "item") and not isinstance(value, (bool, int, float)):
-        value = value.item()
+    if hasattr(value, "item") and not isinstance(value, (bool, int, float)):  # a tensor or a numpy scalar
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError, TypeError):  # more than one element
+            raise CheckpointError(f"{path}: {what} must be a number, got {type(value).__name__}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise CheckpointError(f"{path}: {what} must be a number, got {type(value).__name__}")
     return value
@@ -143,6 +147,47 @@ def architecture(state: dict, where) -> dict:
     return args
 
 
+def check_resumable(state: dict, where) -> None:
+    """A whole-model checkpoint's weights are those GPT(model_args) has, in its shapes, and it has an
+    optimizer state: what load_state_dict needs, checked from the tensors' shapes alone (a mapped
+    checkpoint's data is not read), so that a checkpoint every worker would fail on is refused first."""
+    if SHARDED_DIR in state:
+        return  # torch.distributed.checkpoint checks its own files as it loads them
+    weights, optimizer = state.get("model"), state.get("optimizer")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{where}: 'model' must be a dict of tensors, got {type(weights).__name__}")
+    if not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+            and isinstance(optimizer.get("param_groups"), list)):  # fmt: skip
+        raise CheckpointError(f"{where}: 'optimizer' must be an optimizer's state_dict (state and param_groups)")
+    args = architecture(state, where)
+    if args["n_layer"] > len(weights):  # every block has tensors: and a model of 10**9 blocks takes long to build
+        raise CheckpointError(
+            f"{where}: model_args n_layer {args['n_layer']}, but 'model' holds {len(weights)} tensors"
+        )
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        expected = {k: tuple(v.shape) for k, v in GPT(GPTConfig(**args)).state_dict().items()}
+    saved = clean_state_dict(weights)
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: its weights are not those of its model_args ({len(missing)} missing"
+            + (f", e.g. {missing[0]}" if missing else "")
+            + f"; {len(unexpected)} unexpected"
+            + (f", e.g. {shown_key(unexpected[0])}" if unexpected else "")
+            + ")"
+        )
+    for name, shape in expected.items():
+        value = saved[name]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise CheckpointError(f"{where}: weight {name} is {got}, but its model_args make it {shape}")
+
+
+def shown_key(key) -> str:
+    text = str(key)
+    return text if len(text) <= 60 else f"{text[:50]}..."
+
+
 def read_checkpoint(path: str | Path, mmap: bool = False) -> tuple[dict, str]:
     """A checkpoint by path: a ckpt.pt file, or a folder holding ckpt.pt or a sharded checkpoint.
 
@@ -170,6 +215,7 @@ def read_summary(path: str | Path) -> dict:
     if is_uri(path):
         return read_remote_summary(str(path))
     state, _ = read_checkpoint(path, mmap=True)
+    check_resumable(state, path)
     return {
         "model_args": architecture(state, path),
         "iter_num": state["iter_num"],

@@ -25,9 +25,15 @@ def one_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
+MAX_LINE = 1000  # characters: a message that echoes a 5,000-character path still reads as one line
+
+
 def refuse(error: BaseException) -> int:
     """Print `error: <message>` and return the refusal exit status."""
-    print(f"error: {one_line(str(error)) or type(error).__name__}", file=sys.stderr, flush=True)
+    line = one_line(str(error)) or type(error).__name__
+    if len(line) > MAX_LINE:
+        line = f"{line[: MAX_LINE - 40]}... ({len(line):,} characters)"
+    print(f"error: {line}", file=sys.stderr, flush=True)
     return EXIT_REFUSED
 
 

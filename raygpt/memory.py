@@ -26,6 +26,11 @@ def parameter_count(n_layer: int, n_embd: int, vocab_size: int, block_size: int)
     return 12 * n_layer * n_embd**2 + (vocab_size + block_size) * n_embd
 
 
+def millions(n: int) -> str:
+    """'124M', '0.02M': a small model is not '0M'."""
+    return f"{n / 1e6:,.0f}M" if n >= 1e7 else f"{n / 1e6:.2g}M"
+
+
 def estimate_bytes(model_args: dict, batch_size: int, dtype: str) -> int:
     L, d, V, T = model_args["n_layer"], model_args["n_embd"], model_args["vocab_size"], model_args["block_size"]
     activation_bytes = 4 if dtype == "float32" else 2
@@ -52,7 +57,7 @@ def check_fits(model_args: dict, batch_size: int, dtype: str, device: torch.devi
             model_args["n_layer"], model_args["n_embd"], model_args["vocab_size"], model_args["block_size"]
         )
         raise WontFitError(
-            f"this run needs about {needed / 2**30:,.0f} GiB ({params / 1e6:,.0f}M parameters, micro-batch "
+            f"this run needs about {needed / 2**30:,.0f} GiB ({millions(params)} parameters, micro-batch "
             f"{batch_size} x {model_args['block_size']} tokens) but {name} has {have / 2**30:,.0f} GiB: lower "
             "batch_size (and raise gradient_accumulation_steps), block_size or the model, or pass "
             "--check_memory=False to try anyway"
