@@ -682,13 +682,13 @@ def parse_overrides(argv: list[str]) -> dict:
         if not arg.startswith("--") or arg == "--":
             raise ConfigError(f"expected --key=value, got {arg!r}")
         name, has_value, text = arg[2:].partition("=")
+        check_known(name.replace("-", "_"))  # a typo is named as one, not as a key without a value
         if not has_value:
             if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                 raise ConfigError(f"--{name} needs a value (--{name}=VALUE)")
             i += 1
             text = argv[i]
         name = name.replace("-", "_")
-        check_known(name)
         if name == "num_workers" and re.fullmatch(r"\d+-\d+", text):  # --num-workers MIN-MAX: elastic
             least, most = map(int, text.split("-"))
             if most == 0:  # max_workers=0 would quietly make it a fixed count; validate() checks the rest

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -23,7 +24,7 @@ from pathlib import Path
 from raygpt import checkpoint
 from raygpt.config import DEFAULTS, TrainConfig, config_help, read_config
 from raygpt.data import validate_dataset
-from raygpt.errors import EXIT_INTERRUPTED, RaygptError, refuse
+from raygpt.errors import EXIT_INTERRUPTED, RaygptError, one_line, refuse
 from raygpt.metrics import EVAL_NAME
 from raygpt.preemption import EXIT_TERMINATED, Terminated, ask_workers_to_stop, handle_sigterm
 from raygpt.processes import packages_without_bytecode
@@ -92,18 +93,25 @@ def connect(address: str | None, verbose: bool = False) -> None:
         logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     # Ray's own rule: an address (or RAY_ADDRESS) joins that cluster; without one, a cluster started on
     # this machine with `ray start` is joined (Ray records it in its temp folder), else one starts here.
+    source = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_address(address, source)
     local_cluster = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "ray_current_cluster"
     joined = bool(address) or local_cluster.is_file()
     if not joined:
         for name, value in LOCAL_RAY_SETTINGS.items():
             os.environ.setdefault(name, value)
-    context = ray.init(
-        address=address,
-        runtime_env=job_runtime_env(joined),
-        logging_level=logging.WARNING,
-        logging_config=None if verbose else ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
-    )
+    try:
+        context = ray.init(
+            address=address,
+            runtime_env=job_runtime_env(joined),
+            logging_level=logging.WARNING,
+            logging_config=None if verbose else ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
+        )
+    except (ConnectionError, ValueError, TimeoutError) as e:  # Ray's own words, on one line
+        where = f"the Ray cluster at {address}" if address else "the Ray cluster started on this machine"
+        raise LaunchError(f"cannot join {where}: {one_line(str(e)) or type(e).__name__}") from None
     # Ray's preemption watcher (drained nodes -> the loop's notice checkpoint) matters only on a cluster
     # joined here; on the Ray started here it would only log an error line at each start.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1" if joined else "0")
@@ -111,6 +119,31 @@ def connect(address: str | None, verbose: bool = False) -> None:
     how = "joined the Ray cluster" if joined else "started a Ray instance here (it stops with this run)"
     print(f"raygpt: {how} at {gcs}", flush=True)
     start_autoscaling_coordinator()
+
+
+ADDRESS_TIMEOUT_S = 5  # a head that does not answer a TCP connect in this long is not there
+
+
+def check_address(address: str, source: str) -> None:
+    """A Ray address is HOST:PORT (or ray://HOST:PORT, or Ray's words auto and local) and something
+    listens there: ray.init retries an address that does not answer for minutes, logging as it goes."""
+    if address in ("auto", "local") or ("://" in address and not address.startswith("ray://")):
+        return  # Ray's own lookups, or a scheme Ray decides on (its error is caught in connect)
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if not (colon and host and port.isdigit() and 0 < int(port) < 65536):
+        raise LaunchError(
+            f"{source} {address!r} is not a Ray address: use HOST:PORT, the address `ray start --head` "
+            "printed (e.g. 10.0.0.1:6379), or leave it out to start Ray here"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as e:
+        reason = e.strerror or str(e) or type(e).__name__
+        raise LaunchError(
+            f"cannot reach the Ray cluster at {address} ({source}): {reason}; is `ray start --head` running "
+            "there, on that port?"
+        ) from None
 
 
 # Settings for a Ray this launcher starts itself (a joined cluster keeps its own); its raylet reads them
@@ -233,6 +266,13 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPla
         raise LaunchError("dtype float16 needs a GPU; on CPU use --dtype=float32 (or bfloat16)")
     if not use_gpu and cfg.fp8:
         raise LaunchError("fp8=True trains on GPUs with FP8 tensor cores; this run has CPU workers: drop --fp8=True")
+    check_workers(cfg, num_workers)
+    run_name = cfg.run_name or Path(cfg.out_dir).name
+    return RunPlan(num_workers, use_gpu, float(cpus_per_worker), run_name, max_workers=cfg.max_workers)
+
+
+def check_workers(cfg: TrainConfig, num_workers: int) -> None:
+    """What the worker count (the least, for an elastic run) must suit: the data order, the batch split."""
     if cfg.data_order == "nanogpt" and num_workers > 1:
         raise LaunchError(
             f"data_order=nanogpt replays one process's random stream; it needs num_workers=1, not {num_workers}"
@@ -241,8 +281,6 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPla
         check_elastic_range(cfg)
     else:
         check_divisible(cfg, num_workers)
-    run_name = cfg.run_name or Path(cfg.out_dir).name
-    return RunPlan(num_workers, use_gpu, float(cpus_per_worker), run_name, max_workers=cfg.max_workers)
 
 
 def check_elastic_range(cfg: TrainConfig) -> None:
@@ -331,7 +369,10 @@ def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | Non
         raise LaunchError(f"init_from=scratch, but {where} has checkpoints: {ways_out}")
     # The newest that reads, as the workers will choose (Ray's checkpoints newest first, then out_dir's).
     candidates = list(reversed(ray_dirs)) + ([] if ray_dirs else [out_ckpt])
-    source, summary = checkpoint.newest_readable(candidates, warn=lambda text: print(text, flush=True))
+    try:
+        source, summary = checkpoint.newest_readable(candidates, warn=lambda text: print(text, flush=True))
+    except checkpoint.CheckpointError as e:
+        raise LaunchError(f"{e}; --fresh starts a new run beside it (nothing is deleted)") from None
     saved_args, saved_config = summary["model_args"], summary["config"]
     conflicts = [
         f"{key}={getattr(cfg, key)} (checkpoint: {saved_args[key]})"
@@ -385,15 +426,44 @@ def is_prepared(dataset_dir: Path) -> bool:
     return has_meta and all((dataset_dir / f"{split}.bin").is_file() for split in ("train", "val"))
 
 
-def check_outputs(cfg: TrainConfig) -> None:
-    for path in (cfg.out_dir, cfg.storage_path):
-        if path and "://" not in path:
-            try:
-                Path(path).mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise LaunchError(f"cannot create {path}: {e.strerror}") from None
-            if not os.access(path, os.W_OK):
-                raise LaunchError(f"{path} is not writable")
+def check_outputs(cfg: TrainConfig) -> list[Path]:
+    """out_dir and a local storage_path exist (made here) and are writable folders. Returns the folders
+    made, deepest first, for undo_outputs to remove if the launch is refused."""
+    created: list[Path] = []
+    try:
+        for name in ("out_dir", "storage_path"):
+            path = getattr(cfg, name)
+            if path and "://" not in path:
+                created += make_folder(name, Path(path))
+    except LaunchError:
+        undo_outputs(created)
+        raise
+    return created
+
+
+def make_folder(name: str, path: Path) -> list[Path]:
+    """mkdir -p `path` (the folder of config key `name`); returns the folders it made, deepest first."""
+    missing = [p for p in (path, *path.parents) if not os.path.lexists(p)]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise LaunchError(f"{name} {path} is a file, not a folder: pass another --{name}") from None
+    except OSError as e:
+        undo_outputs([p for p in missing if p.is_dir()])
+        raise LaunchError(f"cannot create {name} {path}: {e.strerror}") from None
+    if not os.access(path, os.W_OK):
+        undo_outputs(missing)
+        raise LaunchError(f"{name} {path} is not writable: pass another --{name} or change its permissions")
+    return missing
+
+
+def undo_outputs(created: list[Path]) -> None:
+    """Remove the folders a refused launch made, if they are still empty."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def check_wandb(cfg: TrainConfig) -> None:
@@ -596,18 +666,27 @@ def prepare_run(
     launched_at = time.time()
     cfg = absolute_paths(cfg)
     run_name = cfg.run_name or Path(cfg.out_dir).name
-    check_outputs(cfg)
+    if cfg.num_workers and not cfg.local_mode:  # a count given: checked now, not after Ray has started
+        check_workers(cfg, cfg.num_workers)
+    created = check_outputs(cfg)
     if _run_lock is not None:  # a second run from this process (tests, notebooks): the first one has ended
         _run_lock.release()
-    _run_lock = lock_run(cfg.out_dir, cfg.storage_path, run_name)
-    for leftover in checkpoint.remove_leftovers(cfg.out_dir):
-        print(f"raygpt: removed {leftover.name}, left by a run killed while saving", flush=True)
-    resume_from, vocab_size = check_data(cfg, run_name, explicit_keys, options.prepare_input, new_runs)
-    check_wandb(cfg)
-    check_bytecode()
-    if not cfg.local_mode:
-        connect(options.address, options.verbose)
-    plan = plan_resources(cfg, options.wait_for_resources)
+    try:
+        _run_lock = lock_run(cfg.out_dir, cfg.storage_path, run_name)
+        for leftover in checkpoint.remove_leftovers(cfg.out_dir):
+            print(f"raygpt: removed {leftover.name}, left by a run killed while saving", flush=True)
+        resume_from, vocab_size = check_data(cfg, run_name, explicit_keys, options.prepare_input, new_runs)
+        check_wandb(cfg)
+        check_bytecode()
+        if not cfg.local_mode:
+            connect(options.address, options.verbose)
+        plan = plan_resources(cfg, options.wait_for_resources)
+    except BaseException:  # a refusal (or Ctrl-C) leaves no lock file or empty folder behind
+        if _run_lock is not None:
+            _run_lock.discard()
+            _run_lock = None
+        undo_outputs(created)
+        raise
     plan = dataclasses.replace(plan, launched_at=launched_at, ray_ready_at=time.time(), launch_id=uuid.uuid4().hex)
     if resume_from is not None and not ray_checkpoint_dirs(cfg, run_name):
         plan = dataclasses.replace(plan, resume_from=str(resume_from))
@@ -754,9 +833,17 @@ def add_launcher_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with raygpt's refusals: one `error:` line and exit 2, not the usage block first."""
+
+    def error(self, message: str):
+        raise LaunchError(f"{message} (--help lists the options and every config key)")
+
+
 def parse_args(argv: list[str]):
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python -m raygpt.launch",
+        allow_abbrev=False,  # --f would be --fresh, --add=... --address: config keys are never abbreviated
         usage="%(prog)s [CONFIG_FILE] [--num-workers N] [--key=value ...] [launcher options]",
         add_help=False,
         description="Train a GPT with Ray Train. CONFIG_FILE is a nanoGPT-format config (key = value lines); "
@@ -774,7 +861,10 @@ def parse_args(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser, args, config_argv = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        parser, args, config_argv = parse_args(sys.argv[1:] if argv is None else argv)
+    except LaunchError as e:
+        return refuse(e)
     if args.help:
         print(parser.format_help())
         print(config_help())

@@ -23,34 +23,65 @@ class RunLockedError(RaygptError):
 
 
 class RunLock:
-    """Held locks on `paths` (lock files); release() or process exit lets them go."""
+    """Held locks on lock files; release() or process exit lets them go, discard() also removes the
+    files this lock created (a refused launch leaves nothing behind)."""
 
     def __init__(self):
         self.files: list = []
+        self.created: list[Path] = []
 
     def acquire(self, lock_path: Path, what: str) -> None:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(lock_path, "a+")  # noqa: SIM115 - held open for the whole run: closing it releases the lock
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise RunLockedError(
-                f"{what} is in use by another raygpt run ({holder}); wait for it to end, or use another "
-                "--out_dir / --run_name"
-            ) from None
+        for _ in range(10):
+            existed = lock_path.exists()
+            f = open(lock_path, "a+")  # noqa: SIM115 - held open for the whole run: closing it releases the lock
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise RunLockedError(
+                    f"{what} is in use by another raygpt run ({holder}); wait for it to end, or use another "
+                    "--out_dir / --run_name"
+                ) from None
+            if same_file(f, lock_path):
+                break
+            f.close()  # a refused launch removed the file we opened before we locked it: lock the new one
+        else:
+            raise RunLockedError(f"{what}: its lock file {lock_path} keeps being replaced; try again")
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}")
         f.flush()
         self.files.append(f)
+        if not existed:
+            self.created.append(lock_path)
 
     def release(self) -> None:
         for f in self.files:
             f.close()
         self.files.clear()
+        self.created.clear()
+
+    def discard(self) -> None:
+        """Release, removing the lock files this lock created. Each is removed while still locked, and a
+        launch that opened it meanwhile finds, once it has the lock, that it is not the file at the path."""
+        for path in self.created:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+        self.release()
+
+
+def same_file(f, path: Path) -> bool:
+    """Whether the open file `f` is still the file at `path`."""
+    try:
+        on_path, opened = os.stat(path), os.fstat(f.fileno())
+        return (on_path.st_dev, on_path.st_ino) == (opened.st_dev, opened.st_ino)
+    except OSError:
+        return False
 
 
 def lock_run(out_dir: str, storage_path: str, run_name: str) -> RunLock:

@@ -814,3 +814,206 @@ def test_prepare_help_reads_once():
     options = text.split("options:")[1].split("examples:")[0]
     # every option but --help says its default
     assert options.count("(default:") + options.count("default: ") >= 8
+
+
+# ---- F. the launcher: its options, outputs and resume checkpoints, refused before Ray starts ------------
+
+
+def launch_refusal(argv, capsys) -> str:
+    from raygpt import launch
+
+    code = launch.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_REFUSED and err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.fixture
+def launch_args(tmp_path, char_data):
+    from conftest import TINY_LOCAL_RUN
+
+    out, storage = tmp_path / "out", tmp_path / "ray"
+    return [*TINY_LOCAL_RUN, f"--data_dir={char_data}", f"--out_dir={out}", f"--storage_path={storage}"]
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--address"], "argument --address: expected one argument"),
+        (["--prepare-input"], "argument --prepare-input: expected one argument"),
+        (["--fresh=yes"], "argument --fresh: ignored explicit argument 'yes'"),
+        (["--verbose=1"], "argument --verbose: ignored explicit argument '1'"),
+        (["--f"], "unknown config key 'f'"),  # not an abbreviation of --fresh
+        (["--add=10.0.0.1:6379"], "unknown config key 'add'"),  # nor of --address
+        (["--lerning_rate"], "unknown config key 'lerning_rate' (did you mean 'learning_rate'?)"),
+    ],
+)
+def test_launcher_option_mistakes_are_one_line(capsys, argv, needle):
+    assert needle in launch_refusal(argv, capsys)
+
+
+@pytest.mark.parametrize(
+    "address, needle",
+    [
+        ("garbage", "--address 'garbage' is not a Ray address: use HOST:PORT"),
+        (":6379", "--address ':6379' is not a Ray address"),
+        ("head:http", "--address 'head:http' is not a Ray address"),
+        ("10.0.0.1:70000", "--address '10.0.0.1:70000' is not a Ray address"),
+        ("127.0.0.1:{port}", "cannot reach the Ray cluster at 127.0.0.1:{port} (--address): Connection refused"),
+        ("ray://127.0.0.1:{port}", "cannot reach the Ray cluster at ray://127.0.0.1:{port} (--address)"),
+    ],
+)
+def test_a_bad_or_unreachable_ray_address_is_refused_at_once(tmp_path, capsys, launch_args, address, needle):
+    """ray.init retries an address nobody answers on for minutes, logging all the while."""
+    port = closed_port()
+    argv = [a for a in launch_args if a != "--local_mode=True"]
+    start = time.time()
+    err = launch_refusal([*argv, f"--address={address.format(port=port)}"], capsys)
+    assert needle.format(port=port) in err and time.time() - start < 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither out_dir nor storage_path was left
+
+
+def test_ray_address_from_the_environment_is_checked_too(tmp_path, capsys, launch_args, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{closed_port()}")
+    argv = [a for a in launch_args if a != "--local_mode=True"]
+    assert "(RAY_ADDRESS): Connection refused" in launch_refusal(argv, capsys)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--num-workers=3", "--gradient_accumulation_steps=4"], "must be divisible by the number of workers (3)"),
+        (["--num-workers=2-3", "--gradient_accumulation_steps=4"], "--num-workers 2-3 includes 3"),
+        (["--num-workers=2", "--data_order=nanogpt", "--gradient_accumulation_steps=2"], "needs num_workers=1"),
+    ],
+)
+def test_a_given_worker_count_is_checked_before_ray_starts(tmp_path, capsys, launch_args, extra, needle):
+    argv = [a for a in launch_args if a != "--local_mode=True"]
+    assert needle in launch_refusal([*argv, *extra], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_refused_launch_leaves_no_folder_or_lock_file_behind(tmp_path, capsys, launch_args):
+    err = launch_refusal([*launch_args, "--init_from=resume"], capsys)
+    assert "init_from=resume but there is no checkpoint" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "out").mkdir()
+    (tmp_path / "ray").mkdir()
+    launch_refusal([*launch_args, "--init_from=resume"], capsys)
+    assert tree(tmp_path) == {"out": None, "ray": None}  # kept, as they were: empty
+
+
+@pytest.mark.parametrize("key", ["out_dir", "storage_path"])
+def test_an_output_folder_that_is_a_file(tmp_path, capsys, launch_args, key):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep me")
+    err = launch_refusal([*launch_args, f"--{key}={blocker}"], capsys)
+    assert f"{key} {blocker} is a file, not a folder: pass another --{key}" in err
+    assert tree(tmp_path) == {"blocker": b"keep me"}
+
+
+def tiny_checkpoint(**changes) -> dict:
+    """A real checkpoint of TINY_LOCAL_RUN's model (what a run of it saves), with `changes`."""
+    from raygpt.model import GPT, GPTConfig
+
+    model_args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, bias=False, vocab_size=65, dropout=0.0)
+    model = GPT(GPTConfig(**model_args))
+    optimizer = torch.optim.AdamW(model.parameters())
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+             "iter_num": 2, "best_val_loss": 4.0, "config": {"dataset": "shakespeare_char"}}  # fmt: skip
+    return {**state, **changes}
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        ("model_text", "'model' must be a dict of tensors, got str"),
+        ("model_empty", "model_args n_layer 1, but 'model' holds 0 tensors"),
+        (
+            "weight_missing",
+            "its weights are not those of its model_args (1 missing, e.g. lm_head.weight; 0 unexpected)",
+        ),
+        ("extra_weight", "(0 missing; 1 unexpected, e.g. junk)"),
+        ("wrong_shape", "weight transformer.wte.weight is (3,), but its model_args make it (65, 16)"),
+        ("no_optimizer", "'optimizer' must be an optimizer's state_dict (state and param_groups)"),
+        ("optimizer_list", "'optimizer' must be an optimizer's state_dict"),
+        ("iter_two_numbers", "iter_num must be a number, got Tensor"),
+        ("a_billion_layers", "model_args n_layer 1000000000, but 'model' holds 10 tensors"),
+        ("pickled_list", "is damaged or truncated and cannot be read (not a torch checkpoint)"),
+    ],
+)
+def test_a_resume_checkpoint_every_worker_would_fail_on_is_refused_first(tmp_path, capsys, launch_args, damage, needle):
+    import pickle
+
+    out = tmp_path / "out"
+    out.mkdir()
+    state = tiny_checkpoint()
+    if damage == "model_text":
+        state["model"] = "weights"
+    elif damage == "model_empty":
+        state["model"] = {}
+    elif damage == "weight_missing":
+        del state["model"]["lm_head.weight"]
+    elif damage == "extra_weight":
+        state["model"]["junk"] = torch.zeros(1)
+    elif damage == "wrong_shape":
+        state["model"]["transformer.wte.weight"] = torch.zeros(3)
+    elif damage == "no_optimizer":
+        del state["optimizer"]
+    elif damage == "optimizer_list":
+        state["optimizer"] = [1, 2]
+    elif damage == "iter_two_numbers":
+        state["iter_num"] = torch.tensor([1, 2])
+    elif damage == "a_billion_layers":
+        state["model_args"]["n_layer"] = 10**9
+    if damage == "pickled_list":
+        (out / "ckpt.pt").write_bytes(pickle.dumps([1, 2, 3], protocol=4))
+    else:
+        torch.save(state, out / "ckpt.pt")
+    before = tree(tmp_path)
+    err = launch_refusal([*launch_args, "--init_from=resume"], capsys)
+    assert needle in err and "--fresh starts a new run beside it" in err
+    assert tree(tmp_path) == before
+
+
+def test_a_whole_checkpoint_passes_the_check():
+    from raygpt.checkpoint import check_resumable
+
+    check_resumable(tiny_checkpoint(), "ckpt.pt")
+    compiled = tiny_checkpoint()
+    compiled["model"] = {f"_orig_mod.{k}": v for k, v in compiled["model"].items()}  # torch.compile's names
+    check_resumable(compiled, "ckpt.pt")
+
+
+def test_a_discarded_lock_file_is_removed_and_a_replaced_one_is_not_trusted(tmp_path):
+    from raygpt.runlock import RunLock
+
+    path = tmp_path / ".raygpt.lock"
+    first = RunLock()
+    first.acquire(path, "out_dir")
+    stale = open(path, "a+")  # another launch opened the file before the first one removed it
+    first.discard()
+    assert not path.exists()
+    second = RunLock()
+    second.acquire(path, "out_dir")  # a new file: the stale handle's inode is not the lock any more
+    assert path.exists() and second.created == [path]
+    second.release()
+    assert path.exists()  # release alone keeps it: a rerun's lock file is not removed by a later run
+    stale.close()
+
+
+def test_an_overlong_refusal_is_cut_to_one_readable_line(capsys):
+    from raygpt.errors import MAX_LINE, refuse
+
+    assert refuse(RaygptError("cannot read " + "x" * 10_000)) == EXIT_REFUSED
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot read xxx") and err.endswith("(10,012 characters)")
+    assert len(err) <= MAX_LINE + len("error: ") and "\n" not in err
