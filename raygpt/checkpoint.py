@@ -63,6 +63,8 @@ def load(path: str | Path, mmap: bool = False, required: tuple[str, ...] = REQUI
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         state = _torch_load(path, mmap)
+    except PermissionError as e:  # not damage: the file may be fine for its owner
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
     except pickle.UnpicklingError as e:
         # weights_only refuses anything that would import or call code; say what it was.
         refused = re.search(r"GLOBAL (\S+)", str(e), re.IGNORECASE)

@@ -56,7 +56,10 @@ def validate_dataset(dataset_dir: str | Path, block_size: int, vocab_size: int) 
             raise DataError(
                 f"{path} has {n_tokens} tokens, too few for block_size {block_size} (needs at least {needed})"
             )
-        chunks = _sample_chunks(np.memmap(path, dtype=np.uint16, mode="r"))
+        try:
+            chunks = _sample_chunks(np.memmap(path, dtype=np.uint16, mode="r"))
+        except OSError as e:  # unreadable (permissions) or unmappable
+            raise DataError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
         if declared_dtype is None:  # prepared elsewhere (nanoGPT): the width is not written down
             bits = _wider_token_bits(chunks)
             if bits:

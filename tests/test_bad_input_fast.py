@@ -7,6 +7,7 @@ behind: no output, no temporary file, no half-made dataset folder.
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -1017,3 +1018,40 @@ def test_an_overlong_refusal_is_cut_to_one_readable_line(capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot read xxx") and err.endswith("(10,012 characters)")
     assert len(err) <= MAX_LINE + len("error: ") and "\n" not in err
+
+
+UNPRIVILEGED = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="drops root's file access with setpriv")
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        ("train.bin", "cannot read {data}/shakespeare_char/train.bin: Permission denied"),
+        ("ckpt.pt", "cannot read {out}/ckpt.pt: Permission denied; --fresh starts a new run"),
+        ("out_dir", "out_dir {out} is not writable: pass another --out_dir or change its permissions"),
+    ],
+)
+def test_unreadable_inputs_are_one_line(tmp_path, char_data, damage, needle):
+    """chmod 000 / 555 as a user sees it: root without the capabilities that bypass file permissions."""
+    from conftest import TINY_LOCAL_RUN
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    shutil.copytree(char_data, data)
+    out.mkdir()
+    if damage == "train.bin":
+        (data / "shakespeare_char" / "train.bin").chmod(0)
+    elif damage == "ckpt.pt":
+        torch.save(tiny_checkpoint(), out / "ckpt.pt")
+        (out / "ckpt.pt").chmod(0)
+    else:
+        out.chmod(0o555)
+    argv = [*TINY_LOCAL_RUN, f"--data_dir={data}", f"--out_dir={out}", f"--storage_path={tmp_path / 'ray'}"]
+    if damage == "ckpt.pt":
+        argv.append("--init_from=resume")
+    result = subprocess.run([*UNPRIVILEGED, sys.executable, "-m", "raygpt.launch", *argv],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == EXIT_REFUSED, result.stderr[-2000:]
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and needle.format(data=data, out=out) in err
+    assert not (tmp_path / "ray").exists()
