@@ -2,13 +2,16 @@
 
 A crash, a kill or a full disk at any moment leaves either the old file or the new one, never a
 half-written file under the real name. The temporary names are `.<name>.<random>.tmp`, so
-`remove_orphaned_temporaries` can clean what a killed process left behind.
+`remove_orphaned_temporaries` can clean what a killed process left behind. The file gets the mode a
+plain open() would give it (the umask's for a new file, the old file's when it replaces one), not the
+owner-only mode of a temporary file: datasets and checkpoints on a shared file system stay readable.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +31,7 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     tmp, writer = None, None
     try:  # from the moment the temporary file exists: a Ctrl-C anywhere after it still removes it
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+        os.fchmod(fd, mode_for(path))
         with os.fdopen(fd, "wb") as f:
             writer = _ErrorRecordingWriter(f)
             write(writer)
@@ -48,6 +52,26 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             }[e.errno]
             raise DiskFullError(e.errno, f"cannot write {path}: {reason}") from None
         raise
+
+
+def mode_for(path: Path) -> int:
+    """The permission bits open(path, "w") would leave: the existing file's, else 0o666 less the umask."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    try:  # Linux shows it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, then set it back
+    os.umask(mask)
+    return mask
 
 
 class _ErrorRecordingWriter:

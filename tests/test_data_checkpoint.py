@@ -1,5 +1,6 @@
 """Batch sampling, dataset checks and checkpoint files: plain numpy/torch, no Ray."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +173,30 @@ def test_a_malicious_pickle_in_ckpt_is_refused(tmp_path, monkeypatch):
     with pytest.raises(checkpoint.CheckpointError, match="refused"):
         checkpoint.load(path)
     assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_files_get_the_mode_open_would_give_them(tmp_path, umask, expected):
+    # A temporary file is owner-only; a dataset or checkpoint on a shared file system must not be.
+    from raygpt.files import write_bytes_atomic
+
+    old = os.umask(umask)
+    try:
+        write_bytes_atomic(tmp_path / "train.bin", b"\x00\x01")
+        torch.save({"x": 1}, tmp_path / "plain.pt")  # what a plain open() gives, for comparison
+        checkpoint.save_atomic({"x": 1}, tmp_path / "ckpt.pt")
+    finally:
+        os.umask(old)
+    for name in ("train.bin", "plain.pt", "ckpt.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
+def test_a_replaced_file_keeps_its_mode(tmp_path):
+    from raygpt.files import write_bytes_atomic
+
+    target = tmp_path / "meta.json"
+    target.write_bytes(b"{}")
+    target.chmod(0o640)
+    write_bytes_atomic(target, b'{"vocab_size": 65}')
+    assert target.stat().st_mode & 0o777 == 0o640
+    assert target.read_bytes() == b'{"vocab_size": 65}'
