@@ -22,11 +22,10 @@ import torch
 
 from raygpt.config import read_config
 from raygpt.data import Batches
-from raygpt.errors import RaygptError, refuse
+from raygpt.errors import OneLineParser, RaygptError, refuse
 from raygpt.memory import check_fits
 from raygpt.model import GPT, GPTConfig
 from raygpt.parallel import wrap_model
-from raygpt.prepare import OneLineParser
 from raygpt.speed import set_attention_backend
 from raygpt.step import NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
 from raygpt.tokenizer import GPT2_VOCAB_SIZE, MAX_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta

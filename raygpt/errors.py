@@ -7,6 +7,7 @@ tell them apart.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
@@ -35,6 +36,18 @@ def refuse(error: BaseException) -> int:
         line = f"{line[: MAX_LINE - 40]}... ({len(line):,} characters)"
     print(f"error: {line}", file=sys.stderr, flush=True)
     return EXIT_REFUSED
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a bad option refused as every refusal is: one `error:` line and exit 2 (argparse
+    prints its usage block first). `hint` says where to look next (default: the tool's --help)."""
+
+    def __init__(self, *args, hint: str = "", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hint = hint or f"see {self.prog} --help"
+
+    def error(self, message: str):
+        self.exit(EXIT_REFUSED, f"error: {one_line(message)} ({self.hint})\n")
 
 
 def run_cli(main: Callable[[], int]) -> int:

@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 from raygpt import checkpoint
-from raygpt.errors import RaygptError, run_cli
+from raygpt.errors import OneLineParser, RaygptError, run_cli
 from raygpt.files import write_atomic, write_text_atomic
 from raygpt.model import GPT, GPTConfig
-from raygpt.prepare import OneLineParser
 from raygpt.storage import is_uri
 from raygpt.tokenizer import EOT_TOKEN
 

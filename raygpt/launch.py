@@ -24,14 +24,16 @@ from pathlib import Path
 from raygpt import checkpoint
 from raygpt.config import DEFAULTS, TrainConfig, config_help, read_config
 from raygpt.data import validate_dataset
-from raygpt.errors import EXIT_INTERRUPTED, RaygptError, one_line, refuse
+from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, OneLineParser, RaygptError, one_line, refuse
 from raygpt.metrics import EVAL_NAME
 from raygpt.preemption import EXIT_TERMINATED, Terminated, ask_workers_to_stop, handle_sigterm
 from raygpt.processes import packages_without_bytecode
 from raygpt.runlock import RunLock, lock_run
 from raygpt.storage import (
     DatasetNotFoundError,
+    check_local_path,
     check_remote_dataset,
+    check_storage_path,
     dataset_uri,
     is_uri,
     join_uri,
@@ -51,12 +53,19 @@ class LaunchError(RaygptError, RuntimeError):
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray workers chdir into a session folder, so every path must be absolute in the driver."""
 
-    def resolve(path: str) -> str:
-        return path if is_uri(path) else str(Path(path).expanduser().resolve())
+    def resolve(key: str) -> str:
+        path = getattr(cfg, key)
+        if is_uri(path) and key == "out_dir":
+            raise LaunchError(f"out_dir {path} is a URI, but out_dir is each node's local folder: "
+                              "pass a local --out_dir, and the URI as --storage_path")  # fmt: skip
+        if is_uri(path):
+            return path
+        check_local_path(path, key)  # s3:/bucket resolved would be a local folder named 's3:'
+        return str(Path(path).expanduser().resolve())
 
-    changes = dict(out_dir=resolve(cfg.out_dir), data_dir=resolve(cfg.data_dir))
+    changes = dict(out_dir=resolve("out_dir"), data_dir=resolve("data_dir"))
     if cfg.storage_path:
-        changes["storage_path"] = resolve(cfg.storage_path)
+        changes["storage_path"] = resolve("storage_path")
     return cfg.replace(**changes)
 
 
@@ -428,7 +437,10 @@ def is_prepared(dataset_dir: Path) -> bool:
 
 def check_outputs(cfg: TrainConfig) -> list[Path]:
     """out_dir and a local storage_path exist (made here) and are writable folders. Returns the folders
-    made, deepest first, for undo_outputs to remove if the launch is refused."""
+    made, deepest first, for undo_outputs to remove if the launch is refused. A storage_path URI must
+    name a bucket that opens, a local one hold no file on its way (local mode keeps no Ray storage)."""
+    if not cfg.local_mode:
+        check_storage_path(cfg.storage_path)
     created: list[Path] = []
     try:
         for name in ("out_dir", "storage_path"):
@@ -833,16 +845,10 @@ def add_launcher_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with raygpt's refusals: one `error:` line and exit 2, not the usage block first."""
-
-    def error(self, message: str):
-        raise LaunchError(f"{message} (--help lists the options and every config key)")
-
-
 def parse_args(argv: list[str]):
     parser = OneLineParser(
         prog="python -m raygpt.launch",
+        hint="--help lists the options and every config key",
         allow_abbrev=False,  # --f would be --fresh, --add=... --address: config keys are never abbreviated
         usage="%(prog)s [CONFIG_FILE] [--num-workers N] [--key=value ...] [launcher options]",
         add_help=False,
@@ -863,8 +869,8 @@ def parse_args(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     try:
         parser, args, config_argv = parse_args(sys.argv[1:] if argv is None else argv)
-    except LaunchError as e:
-        return refuse(e)
+    except SystemExit as e:  # the parser printed its one line
+        return EXIT_REFUSED if e.code else 0
     if args.help:
         print(parser.format_help())
         print(config_help())

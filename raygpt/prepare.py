@@ -39,7 +39,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, RaygptError, one_line, refuse, run_cli
+from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, one_line, refuse, run_cli
 from raygpt.files import DiskFullError, remove_orphaned_temporaries, write_atomic, write_bytes_atomic, write_text_atomic
 from raygpt.storage import check_destination, check_local_path, dataset_uri, is_uri, upload_dataset
 from raygpt.tokenizer import EOT_TOKEN, MAX_VOCAB_SIZE, TOKEN_DTYPE, gpt2_encoding
@@ -638,14 +638,6 @@ def prepare_to_uri(
         local = prepare_dataset(name, tmp, input_path, input_flag, output_name, **corpus_options)
         upload_dataset(local, uri)
     return uri
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, with a bad option refused in one line as every refusal is (argparse prints the usage
-    first); the companion CLIs (sample, export, bench, tune) use it too."""
-
-    def error(self, message: str):
-        self.exit(EXIT_REFUSED, f"error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

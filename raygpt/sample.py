@@ -25,9 +25,8 @@ import torch
 
 from raygpt import checkpoint
 from raygpt.config import SEED_LIMIT
-from raygpt.errors import EXIT_INTERRUPTED, RaygptError, one_line, run_cli
+from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, one_line, run_cli
 from raygpt.model import GPT, GPTConfig
-from raygpt.prepare import OneLineParser
 from raygpt.step import Precision
 from raygpt.storage import StorageError, check_remote_dataset, dataset_uri, is_uri
 from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, Tokenizer, load_meta, vocabulary

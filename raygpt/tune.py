@@ -24,8 +24,7 @@ from pathlib import Path
 
 from raygpt import launch
 from raygpt.config import FIELD_TYPES, ConfigError, TrainConfig, check_known, config_help, parse_value, read_config
-from raygpt.errors import EXIT_INTERRUPTED, RaygptError, refuse
-from raygpt.prepare import OneLineParser
+from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, refuse
 from raygpt.storage import check_storage_path
 
 KINDS = ("loguniform", "uniform", "choice", "grid")

@@ -303,3 +303,27 @@ def test_prepare_to_a_uri_under_a_file_is_refused_before_any_work(tmp_path, shak
     with pytest.raises(StorageError, match=r"'.*/afile' is a file, not a folder"):
         prepare_dataset("shakespeare_char", f"file://{tmp_path}/afile/data", shakespeare_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("--storage_path=s3:/bucket/runs", "storage_path s3:/bucket/runs looks like a URI with a slash missing"),
+        ("--data_dir=gs:bucket/data", "data_dir gs:bucket/data looks like a URI with a slash missing"),
+        ("--out_dir=s3:/bucket/out", "out_dir s3:/bucket/out looks like a URI with a slash missing"),
+        ("--out_dir=s3://bucket/out", "out_dir s3://bucket/out is a URI, but out_dir is each node's local folder"),
+        ("--storage_path=s3://", "s3:// names no bucket"),  # checked before Ray starts, not once it runs
+        ("--storage_path=ftp://host/runs", "cannot open ftp://host/runs"),
+    ],
+)
+def test_the_launcher_refuses_places_that_are_not_what_they_look_like_before_anything_is_made(
+    tmp_path, monkeypatch, capsys, where, message
+):
+    from raygpt import launch
+
+    monkeypatch.chdir(tmp_path)  # a mistyped URI taken as a path would be a folder named 's3:' or 'gs:' here
+    argv = [*TINY_LOCAL_RUN, "--local_mode=False", "--out_dir=out", f"--data_dir={tmp_path / 'data'}", where]
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert list(tmp_path.iterdir()) == []
