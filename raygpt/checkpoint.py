@@ -642,7 +642,9 @@ def load_resume_state(ray_checkpoint=None, fallback: str | Path | None = None, w
         candidates.append(Path(fallback))
     for candidate in candidates:
         try:
-            return read_checkpoint(candidate, mmap=True) if isinstance(candidate, Path) else from_ray(candidate)
+            state, where = read_checkpoint(candidate, mmap=True) if isinstance(candidate, Path) else from_ray(candidate)
+            check_resumable(state, where)  # as the launcher's read_summary: both skip the same checkpoints
+            return state, where
         except CheckpointError as e:
             warn(f"warning: skipping checkpoint: {e}")
     raise CheckpointError(

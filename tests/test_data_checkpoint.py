@@ -91,19 +91,51 @@ def test_checkpoint_round_trip_and_atomic_replace(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temp files left behind
 
 
+def resumable_state(iter_num: int = 3) -> dict:
+    """A tiny GPT's checkpoint as training writes one: weights, model_args and an optimizer state."""
+    from raygpt.model import GPT, GPTConfig
+
+    model_args = dict(n_layer=1, n_head=2, n_embd=8, block_size=8, bias=False, vocab_size=16)
+    torch.manual_seed(iter_num)
+    model = GPT(GPTConfig(**model_args))
+    optimizer = torch.optim.AdamW(model.parameters())
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+            "iter_num": iter_num, "config": {}}  # fmt: skip
+
+
 def test_a_resume_maps_the_checkpoint_file_and_reads_the_old_format_whole(tmp_path):
     """A resume maps the file (its tensors are read as they are copied into the model and optimizer, not
     into a second copy first); torch's pre-zip format cannot be mapped and is read whole."""
-    path = tmp_path / "ckpt.pt"
-    checkpoint.save_atomic(good_state(), path)
+    path, saved = tmp_path / "ckpt.pt", resumable_state()
+    checkpoint.save_atomic(saved, path)
     state, source = checkpoint.load_resume_state(fallback=path)
-    assert source == str(path) and torch.equal(state["model"]["w"], torch.arange(4.0))
+    assert source == str(path) and torch.equal(state["model"]["lm_head.weight"], saved["model"]["lm_head.weight"])
     assert str(path) in Path("/proc/self/maps").read_text()
     old_format = tmp_path / "old.pt"
-    torch.save(good_state(), old_format, _use_new_zipfile_serialization=False)
+    torch.save(saved, old_format, _use_new_zipfile_serialization=False)
     state, _ = checkpoint.load_resume_state(fallback=old_format)
-    assert state["iter_num"] == 3 and torch.equal(state["model"]["w"], torch.arange(4.0))
+    assert state["iter_num"] == 3 and torch.equal(state["model"]["lm_head.weight"], saved["model"]["lm_head.weight"])
     assert str(old_format) not in Path("/proc/self/maps").read_text()
+
+
+def test_a_worker_skips_the_checkpoints_the_launcher_skips(tmp_path):
+    # The launcher refuses a checkpoint whose weights are not its model_args' (read_summary); a restarted
+    # worker, handed Ray's latest, must pass it over for the same reason, not fail in load_state_dict.
+    from types import SimpleNamespace
+
+    run = tmp_path / "run"
+    older, latest = run / "checkpoint_2026-11-26_10-00-00.000000", run / "checkpoint_2026-11-26_10-05-00.000000"
+    checkpoint.save_atomic(resumable_state(iter_num=20), older / "ckpt.pt")
+    mismatched = resumable_state(iter_num=40)
+    mismatched["model_args"]["n_embd"] = 16
+    checkpoint.save_atomic(mismatched, latest / "ckpt.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="not those of its model_args|but its model_args make it"):
+        checkpoint.read_summary(latest)
+    warnings = []
+    ray_latest = SimpleNamespace(path=str(latest), filesystem=SimpleNamespace(type_name="local"))
+    state, source = checkpoint.load_resume_state(ray_latest, warn=warnings.append)
+    assert state["iter_num"] == 20 and source == str(older / "ckpt.pt")
+    assert len(warnings) == 1 and "skipping checkpoint" in warnings[0] and str(latest) in warnings[0]
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
