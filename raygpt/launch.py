@@ -102,8 +102,7 @@ def connect(address: str | None, verbose: bool = False) -> None:
         logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
     # Ray's own rule: an address (or RAY_ADDRESS) joins that cluster; without one, a cluster started on
     # this machine with `ray start` is joined (Ray records it in its temp folder), else one starts here.
-    source = "--address" if address else "RAY_ADDRESS"
-    address = address or os.environ.get("RAY_ADDRESS")
+    address, source = given_address(address)
     if address:
         check_address(address, source)
     local_cluster = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "ray_current_cluster"
@@ -128,6 +127,13 @@ def connect(address: str | None, verbose: bool = False) -> None:
     how = "joined the Ray cluster" if joined else "started a Ray instance here (it stops with this run)"
     print(f"raygpt: {how} at {gcs}", flush=True)
     start_autoscaling_coordinator()
+
+
+def given_address(address: str | None) -> tuple[str | None, str]:
+    """The cluster to join, --address or else RAY_ADDRESS (None: start one here), and which named it."""
+    if address:
+        return address, "--address"
+    return os.environ.get("RAY_ADDRESS") or None, "RAY_ADDRESS"
 
 
 ADDRESS_TIMEOUT_S = 5  # a head that does not answer a TCP connect in this long is not there
@@ -680,6 +686,9 @@ def prepare_run(
     run_name = cfg.run_name or Path(cfg.out_dir).name
     if cfg.num_workers and not cfg.local_mode:  # a count given: checked now, not after Ray has started
         check_workers(cfg, cfg.num_workers)
+    address, source = given_address(options.address)
+    if address and not cfg.local_mode:  # also where this process is already connected (a notebook, tests)
+        check_address(address, source)
     created = check_outputs(cfg)
     if _run_lock is not None:  # a second run from this process (tests, notebooks): the first one has ended
         _run_lock.release()
