@@ -166,8 +166,7 @@ def check_resumable(state: dict, where) -> None:
         raise CheckpointError(
             f"{where}: model_args n_layer {args['n_layer']}, but 'model' holds {len(weights)} tensors"
         )
-    with torch.device("meta"):  # shapes only: nothing is allocated
-        expected = {k: tuple(v.shape) for k, v in GPT(GPTConfig(**args)).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in GPT.on_meta(GPTConfig(**args)).state_dict().items()}
     saved = clean_state_dict(weights)
     missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
     if missing or unexpected:

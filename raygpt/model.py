@@ -131,6 +131,18 @@ class KVCache:
         return k, v
 
 
+class SkipRandomInit(torch.overrides.TorchFunctionMode):
+    """Within it, the random fills that module constructors and GPT's init use do nothing."""
+
+    FILLS = frozenset({nn.init.normal_, nn.init.uniform_, nn.init.kaiming_uniform_, nn.init.trunc_normal_,
+                       torch.Tensor.normal_, torch.Tensor.uniform_})  # fmt: skip
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.FILLS:  # the tensor to fill, as given: nn.init's by keyword
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -156,11 +168,17 @@ class GPT(nn.Module):
                 torch.nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @classmethod
+    def on_meta(cls, config: GPTConfig) -> GPT:
+        """A GPT on the meta device: shapes, no memory, no init (a meta tensor has no values to draw, and
+        drawing them imports torch._dynamo: a second or more in the launcher, which has no other use for it)."""
+        with torch.device("meta"), SkipRandomInit():
+            return cls(config)
+
+    @classmethod
     def uninitialized(cls, config: GPTConfig, device: torch.device) -> GPT:
         """A GPT whose weights are allocated on `device` but hold whatever memory held: for a checkpoint to
         overwrite. Skips the random init, which takes the CPU about a minute and a half at 6.7B."""
-        with torch.device("meta"):
-            model = cls(config)
+        model = cls.on_meta(config)
         if any(True for _ in model.buffers()):  # none with PyTorch 2's fused attention; else keep them right
             return cls(config).to(device)
         model.to_empty(device=device)

@@ -82,6 +82,32 @@ def test_an_uninitialized_model_is_tied_and_takes_a_checkpoint_exactly():
     assert sum(p.numel() for p in empty.parameters()) == sum(p.numel() for p in trained.parameters())
 
 
+META_PROBE = """
+import sys, torch
+from raygpt.checkpoint import check_resumable
+from raygpt.model import GPT, GPTConfig
+args = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, bias=True)
+meta = GPT.on_meta(GPTConfig(**args))
+real = GPT(GPTConfig(**args))
+assert {k: v.shape for k, v in meta.state_dict().items()} == {k: v.shape for k, v in real.state_dict().items()}
+assert meta.lm_head.weight.is_meta and meta.transformer.wte.weight is meta.lm_head.weight
+optimizer = {"state": {}, "param_groups": []}  # torch.optim's own classes import dynamo
+check_resumable({"model": real.state_dict(), "optimizer": optimizer, "model_args": args}, "probe")
+GPT.uninitialized(GPTConfig(**args), torch.device("cpu"))
+print("torch._dynamo" in sys.modules)
+"""
+
+
+def test_a_meta_model_has_the_real_shapes_and_never_imports_dynamo():
+    # Drawing random values into meta tensors imports torch._dynamo (a second or more). The launcher checks
+    # a resume checkpoint's shapes on a meta model, and has no other use for dynamo.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", META_PROBE], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stdout + done.stderr[-2000:]
+
+
 def test_crop_block_size():
     model = GPT(GPTConfig(**TINY))
     model.crop_block_size(8)
