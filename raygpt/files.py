@@ -125,3 +125,12 @@ def remove_orphaned_temporaries(directory: str | Path, name: str) -> list[Path]:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove the folders a refused or failed command made (deepest first), those still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass

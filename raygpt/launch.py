@@ -25,6 +25,7 @@ from raygpt import checkpoint
 from raygpt.config import DEFAULTS, TrainConfig, config_help, read_config
 from raygpt.data import validate_dataset
 from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, OneLineParser, RaygptError, one_line, refuse
+from raygpt.files import remove_empty_folders
 from raygpt.metrics import EVAL_NAME
 from raygpt.preemption import EXIT_TERMINATED, Terminated, ask_workers_to_stop, handle_sigterm
 from raygpt.processes import packages_without_bytecode
@@ -443,8 +444,8 @@ def is_prepared(dataset_dir: Path) -> bool:
 
 def check_outputs(cfg: TrainConfig) -> list[Path]:
     """out_dir and a local storage_path exist (made here) and are writable folders. Returns the folders
-    made, deepest first, for undo_outputs to remove if the launch is refused. A storage_path URI must
-    name a bucket that opens, a local one hold no file on its way (local mode keeps no Ray storage)."""
+    made, deepest first, to remove if the launch is refused. A storage_path URI must name a bucket that
+    opens, a local one hold no file on its way (local mode keeps no Ray storage)."""
     if not cfg.local_mode:
         check_storage_path(cfg.storage_path)
     created: list[Path] = []
@@ -454,7 +455,7 @@ def check_outputs(cfg: TrainConfig) -> list[Path]:
             if path and "://" not in path:
                 created += make_folder(name, Path(path))
     except LaunchError:
-        undo_outputs(created)
+        remove_empty_folders(created)
         raise
     return created
 
@@ -467,21 +468,12 @@ def make_folder(name: str, path: Path) -> list[Path]:
     except FileExistsError:
         raise LaunchError(f"{name} {path} is a file, not a folder: pass another --{name}") from None
     except OSError as e:
-        undo_outputs([p for p in missing if p.is_dir()])
+        remove_empty_folders([p for p in missing if p.is_dir()])
         raise LaunchError(f"cannot create {name} {path}: {e.strerror}") from None
     if not os.access(path, os.W_OK):
-        undo_outputs(missing)
+        remove_empty_folders(missing)
         raise LaunchError(f"{name} {path} is not writable: pass another --{name} or change its permissions")
     return missing
-
-
-def undo_outputs(created: list[Path]) -> None:
-    """Remove the folders a refused launch made, if they are still empty."""
-    for folder in created:
-        try:
-            folder.rmdir()
-        except OSError:
-            pass
 
 
 def check_wandb(cfg: TrainConfig) -> None:
@@ -706,7 +698,7 @@ def prepare_run(
         if _run_lock is not None:
             _run_lock.discard()
             _run_lock = None
-        undo_outputs(created)
+        remove_empty_folders(created)
         raise
     plan = dataclasses.replace(plan, launched_at=launched_at, ray_ready_at=time.time(), launch_id=uuid.uuid4().hex)
     if resume_from is not None and not ray_checkpoint_dirs(cfg, run_name):

@@ -40,7 +40,14 @@ from typing import BinaryIO
 import numpy as np
 
 from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, one_line, refuse, run_cli
-from raygpt.files import DiskFullError, remove_orphaned_temporaries, write_atomic, write_bytes_atomic, write_text_atomic
+from raygpt.files import (
+    DiskFullError,
+    remove_empty_folders,
+    remove_orphaned_temporaries,
+    write_atomic,
+    write_bytes_atomic,
+    write_text_atomic,
+)
 from raygpt.storage import check_destination, check_local_path, dataset_uri, is_uri, upload_dataset
 from raygpt.tokenizer import EOT_TOKEN, MAX_VOCAB_SIZE, TOKEN_DTYPE, gpt2_encoding
 
@@ -146,15 +153,6 @@ def folder_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
-
-
-def remove_empty_folders(folders: list[Path]) -> None:
-    """Remove folders this run created, deepest first; one that is not empty stops the climb."""
-    for path in folders:
-        try:
-            path.rmdir()
-        except OSError:
-            break
 
 
 class ChecksummedWriter:
