@@ -27,6 +27,7 @@ from raygpt.data import validate_dataset
 from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, OneLineParser, RaygptError, one_line, refuse
 from raygpt.files import remove_empty_folders
 from raygpt.metrics import EVAL_NAME
+from raygpt.model import HF_REPOS, check_gpt2_available
 from raygpt.preemption import EXIT_TERMINATED, Terminated, ask_workers_to_stop, handle_sigterm
 from raygpt.processes import packages_without_bytecode
 from raygpt.runlock import RunLock, lock_run
@@ -520,6 +521,11 @@ def check_data(cfg: TrainConfig, run_name: str, explicit_keys, prepare_input: st
     if resume_from is not None:
         vocab_size = checkpoint.read_summary(resume_from)["model_args"]["vocab_size"]
     elif cfg.init_from.startswith("gpt2") or Path(cfg.init_from).is_dir():
+        if cfg.init_from in HF_REPOS:  # found now, not by every worker after Ray has started
+            try:
+                check_gpt2_available(cfg.init_from)
+            except RuntimeError as e:
+                raise LaunchError(str(e)) from None
         vocab_size = GPT2_VOCAB_SIZE
     else:
         vocab_size = meta["vocab_size"] if meta else PADDED_GPT2_VOCAB_SIZE

@@ -387,6 +387,9 @@ HF_REPOS = {
 }
 
 
+HF_FILES = ("config.json", "model.safetensors")
+
+
 def download_gpt2(model_type: str) -> Path:
     """The local folder of a GPT-2 checkpoint from the HF hub (downloaded once, then cached)."""
     if model_type not in HF_REPOS:
@@ -396,13 +399,32 @@ def download_gpt2(model_type: str) -> Path:
     except ImportError:
         raise RuntimeError("GPT-2 weights need huggingface_hub: pip install 'raygpt[hf]'") from None
     try:
-        return Path(snapshot_download(HF_REPOS[model_type], allow_patterns=["config.json", "model.safetensors"]))
+        return Path(snapshot_download(HF_REPOS[model_type], allow_patterns=list(HF_FILES)))
     except Exception as e:  # noqa: BLE001 - offline, hub down, no cache: all get the same advice
-        raise RuntimeError(
-            f"cannot get {model_type} weights ({type(e).__name__}): they are not cached and the hub "
-            f"is unreachable; pass a local directory with config.json and model.safetensors "
-            f"(init_from=/path/to/{model_type})"
-        ) from None
+        raise RuntimeError(gpt2_unavailable(model_type, e)) from None
+
+
+def check_gpt2_available(model_type: str, timeout_s: float = 5.0) -> None:
+    """Before any worker starts: GPT-2's weights are in this machine's HF cache, or the hub answers (the
+    workers download them). Raises RuntimeError with download_gpt2's advice otherwise."""
+    try:
+        from huggingface_hub import HfApi, try_to_load_from_cache
+    except ImportError:
+        raise RuntimeError("GPT-2 weights need huggingface_hub: pip install 'raygpt[hf]'") from None
+    repo = HF_REPOS[model_type]
+    if all(isinstance(try_to_load_from_cache(repo, name), str) for name in HF_FILES):
+        return
+    try:
+        HfApi().model_info(repo, timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - offline (HF_HUB_OFFLINE too), no DNS, hub down
+        raise RuntimeError(gpt2_unavailable(model_type, e)) from None
+
+
+def gpt2_unavailable(model_type: str, error: Exception) -> str:
+    return (
+        f"cannot get {model_type} weights ({type(error).__name__}): they are not cached and the hub is "
+        f"unreachable; pass a local directory with config.json and model.safetensors (init_from=/path/to/{model_type})"
+    )
 
 
 def read_hf_weights(directory: Path) -> dict:

@@ -1055,3 +1055,19 @@ def test_unreadable_inputs_are_one_line(tmp_path, char_data, damage, needle):
     err = result.stderr.strip()
     assert err.startswith("error: ") and "\n" not in err and needle.format(data=data, out=out) in err
     assert not (tmp_path / "ray").exists()
+
+
+def test_gpt2_weights_neither_cached_nor_reachable_are_refused_before_ray_starts(tmp_path, char_data):
+    # Each worker would find out after Ray's start (and the run end as a failure); the launcher asks the
+    # HF cache, then the hub, first. A subprocess: huggingface_hub reads HF_HUB_OFFLINE when imported.
+    from conftest import TINY_LOCAL_RUN
+
+    argv = [a for a in TINY_LOCAL_RUN if a != "--local_mode=True"]
+    argv += ["--init_from=gpt2", f"--data_dir={char_data}", f"--out_dir={tmp_path / 'out'}"]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "raygpt.launch", *argv], capture_output=True, text=True, env=env,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == EXIT_REFUSED, done.stdout + done.stderr
+    assert done.stderr.startswith("error: cannot get gpt2 weights (OfflineModeIsEnabled)"), done.stderr
+    assert done.stderr.count("\n") == 1 and "init_from=/path/to/gpt2" in done.stderr
+    assert "Ray" not in done.stdout and not (tmp_path / "out").exists()
