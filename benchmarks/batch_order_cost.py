@@ -37,14 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raygpt.config import read_config
-from raygpt.data import TRAIN_STREAM, Batches, window_starts
-from raygpt.model import GPT, GPTConfig
-from raygpt.parallel import wrap_model
+from raygpt.config.schema import read_config
+from raygpt.core.data import TRAIN_STREAM, Batches, window_starts
+from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.parallel import wrap_model
+from raygpt.core.speed import set_attention_backend
+from raygpt.core.step import NonFiniteGuard, Precision, TrainStep, enable_tf32
+from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE
 from raygpt.processes import CompileWorkers
-from raygpt.speed import set_attention_backend
-from raygpt.step import NonFiniteGuard, Precision, TrainStep, enable_tf32
-from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"shakespeare_char (64 x 256)": (64, 256), "gpt2 (12 x 1024)": (12, 1024)}

@@ -1,4 +1,4 @@
-"""Compile time on CPU (or --device cuda), cold against warm through raygpt's compile cache (raygpt/compile_cache.py).
+"""Compile time on CPU (or --device cuda), cold against warm through raygpt's compile cache (raygpt/worker/compile.py).
 
     python benchmarks/compile_cache_cpu.py [--repeats 2] [--n_layer 6 --n_embd 384 --block_size 256]
 
@@ -33,9 +33,9 @@ def one_process(args) -> None:
     import torch
     from torch._dynamo.utils import counters
 
-    from raygpt.compile_cache import CompileCache
-    from raygpt.model import GPT, GPTConfig
-    from raygpt.speed import compile_model
+    from raygpt.core.model import GPT, GPTConfig
+    from raygpt.core.speed import compile_model
+    from raygpt.worker.compile import CompileCache
 
     shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
     device = torch.device(args.device)

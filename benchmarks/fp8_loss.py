@@ -15,7 +15,7 @@ Shape: 6 layers of 768 (a GPT-2-small width, every Linear dimension a multiple o
 micro-batch 16, compiled: 300 steps of each of the four runs take under 3 minutes on an H100. --tiny is
 a 2-layer, 64-wide model, micro-batch 4 x 32, for 10 steps (under a minute on 2 CPU cores). raygpt
 refuses fp8 off CUDA, so on --device cpu the fp8 runs swap the Linears themselves
-(raygpt.fp8.float8_block_linears, torch's CPU float8 matmul) and are skipped where that matmul does not
+(raygpt.core.fp8.float8_block_linears, torch's CPU float8 matmul) and are skipped where that matmul does not
 exist.
 """
 
@@ -28,14 +28,14 @@ from pathlib import Path
 
 import torch
 
-from raygpt.config import read_config
-from raygpt.data import Batches
-from raygpt.fp8 import float8_block_linears
-from raygpt.model import GPT, GPTConfig
-from raygpt.parallel import wrap_model
+from raygpt.config.schema import read_config
+from raygpt.core.data import Batches
+from raygpt.core.fp8 import float8_block_linears
+from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.parallel import wrap_model
+from raygpt.core.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32
+from raygpt.core.tokenizer import PADDED_GPT2_VOCAB_SIZE
 from raygpt.prepare import prepare_shakespeare_bpe
-from raygpt.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32
-from raygpt.tokenizer import PADDED_GPT2_VOCAB_SIZE
 
 SHAPES = {
     "full": ["--n_layer=6", "--n_head=12", "--n_embd=768", "--block_size=512", "--batch_size=16"],

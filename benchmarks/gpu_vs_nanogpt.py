@@ -124,8 +124,8 @@ def shakespeare(args, env) -> list[str]:
     sys.path.insert(0, str(REPO))
     import pickle
 
+    from raygpt.core.tokenizer import load_meta
     from raygpt.prepare import prepare_shakespeare_char
-    from raygpt.tokenizer import load_meta
 
     dataset_dir = prepare_shakespeare_char(args.work_dir / "data", args.corpus)
     nanogpt_data = args.nanogpt / "data" / "shakespeare_char"

@@ -28,11 +28,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from raygpt.config import read_config
-from raygpt.data import Batches
-from raygpt.model import GPT, GPTConfig
-from raygpt.parallel import wrap_model
-from raygpt.step import NonFiniteGuard, Precision, TrainStep, enable_tf32
+from raygpt.config.schema import read_config
+from raygpt.core.data import Batches
+from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.parallel import wrap_model
+from raygpt.core.step import NonFiniteGuard, Precision, TrainStep, enable_tf32
 
 VOCAB = 50304
 

@@ -20,15 +20,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raygpt.config import read_config
-from raygpt.data import Batches
+from raygpt.config.schema import read_config
+from raygpt.core.data import Batches
+from raygpt.core.memory import check_fits
+from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.parallel import wrap_model
+from raygpt.core.speed import set_attention_backend
+from raygpt.core.step import NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
+from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, MAX_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta
 from raygpt.errors import OneLineParser, RaygptError, refuse
-from raygpt.memory import check_fits
-from raygpt.model import GPT, GPTConfig
-from raygpt.parallel import wrap_model
-from raygpt.speed import set_attention_backend
-from raygpt.step import NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
-from raygpt.tokenizer import GPT2_VOCAB_SIZE, MAX_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta
 
 RANDOM_TOKENS = 2_000_000  # of each split: what the batches are drawn from
 

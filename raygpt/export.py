@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from raygpt import checkpoint
+from raygpt.core import checkpoint
+from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.tokenizer import EOT_TOKEN
 from raygpt.errors import OneLineParser, RaygptError, run_cli
-from raygpt.files import write_atomic, write_text_atomic
-from raygpt.model import GPT, GPTConfig
-from raygpt.storage import is_uri
-from raygpt.tokenizer import EOT_TOKEN
+from raygpt.storage.files import write_atomic, write_text_atomic
+from raygpt.storage.uri import is_uri
 
 # Hugging Face's GPT-2 keeps these as Conv1D weights: the transpose of nn.Linear's.
 HF_FILES = ("config.json", "model.safetensors")

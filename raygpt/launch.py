@@ -21,17 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from raygpt import checkpoint
-from raygpt.config import DEFAULTS, TrainConfig, config_help, read_config
-from raygpt.data import validate_dataset
+from raygpt.config.schema import DEFAULTS, TrainConfig, config_help, read_config
+from raygpt.core import checkpoint
+from raygpt.core.data import validate_dataset
+from raygpt.core.model import HF_REPOS, check_gpt2_available
+from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta, vocabulary
+from raygpt.driver.runlock import RunLock, lock_run
 from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, OneLineParser, RaygptError, one_line, refuse
-from raygpt.files import remove_empty_folders
-from raygpt.metrics import EVAL_NAME
-from raygpt.model import HF_REPOS, check_gpt2_available
-from raygpt.preemption import EXIT_TERMINATED, Terminated, ask_workers_to_stop, handle_sigterm
 from raygpt.processes import packages_without_bytecode
-from raygpt.runlock import RunLock, lock_run
-from raygpt.storage import (
+from raygpt.storage.files import remove_empty_folders
+from raygpt.storage.uri import (
     DatasetNotFoundError,
     check_local_path,
     check_remote_dataset,
@@ -43,7 +42,8 @@ from raygpt.storage import (
     read_small_file,
     storage_root,
 )
-from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta, vocabulary
+from raygpt.worker.preemption import EXIT_TERMINATED, Terminated, ask_workers_to_stop, handle_sigterm
+from raygpt.worker.reporting import EVAL_NAME
 
 PREPARABLE = ("shakespeare_char", "shakespeare")
 
@@ -631,8 +631,8 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raygpt.process_group import FailureClock, NoTeardownTorchConfig
-    from raygpt.train import train_loop_per_worker
+    from raygpt.worker.loop import train_loop_per_worker
+    from raygpt.worker.process_group import FailureClock, NoTeardownTorchConfig
 
     # num_workers=0 is Ray Train's local mode: train_loop_per_worker runs in this process.
     workers = (plan.num_workers, plan.max_workers) if plan.max_workers else plan.num_workers  # (min, max): elastic

@@ -9,11 +9,11 @@ examples:
     python -m raygpt.prepare shakespeare_char --data-dir s3://bucket/data   # straight to object storage
 
 Tokens are uint16 (GPT-2's 50257 fit); meta.json says so. Inputs are checked before anything is
-written; every output goes to a temporary file that is renamed into place (raygpt.files), so a failed
+written; every output goes to a temporary file that is renamed into place (raygpt.storage.files), so a failed
 or interrupted run leaves no partial train.bin and no temporary file, and a dataset folder it created
 but could not fill is removed again. No pickle is written. meta.json records each .bin's size and
 sha256, so a copy elsewhere can be verified. A URI --data-dir (s3://, gs://, any pyarrow filesystem) is
-prepared in a local temporary folder and uploaded, meta.json last (raygpt.storage).
+prepared in a local temporary folder and uploaded, meta.json last (raygpt.storage.uri).
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ from typing import BinaryIO
 
 import numpy as np
 
+from raygpt.core.tokenizer import EOT_TOKEN, MAX_VOCAB_SIZE, TOKEN_DTYPE, gpt2_encoding
 from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, one_line, refuse, run_cli
-from raygpt.files import (
+from raygpt.storage.files import (
     DiskFullError,
     remove_empty_folders,
     remove_orphaned_temporaries,
@@ -48,8 +49,7 @@ from raygpt.files import (
     write_bytes_atomic,
     write_text_atomic,
 )
-from raygpt.storage import check_destination, check_local_path, dataset_uri, is_uri, upload_dataset
-from raygpt.tokenizer import EOT_TOKEN, MAX_VOCAB_SIZE, TOKEN_DTYPE, gpt2_encoding
+from raygpt.storage.uri import check_destination, check_local_path, dataset_uri, is_uri, upload_dataset
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SETS = ("shakespeare_char", "shakespeare")
@@ -522,7 +522,7 @@ def ray_connection(use_ray: bool, address: str | None) -> Iterator[None]:
         return
     import ray
 
-    from raygpt.prepare_ray import connect_ray
+    from raygpt.prep.corpus_ray import connect_ray
 
     connected_here = connect_ray(address)
     try:
@@ -546,7 +546,7 @@ def prepare_corpus(
     address: str | None = None,
 ) -> Path:
     """GPT-2 BPE over many documents, EOT after each, each document to val with probability val_fraction.
-    use_ray tokenizes on the Ray cluster at `address` (raygpt.prepare_ray), with the same outputs."""
+    use_ray tokenizes on the Ray cluster at `address` (raygpt.prep.corpus_ray), with the same outputs."""
     if not 0.0 < val_fraction < 1.0:
         raise PrepareError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     if seed < 0:
@@ -567,7 +567,7 @@ def prepare_corpus(
         outputs = {"train": train_file, "val": val_file}
         reading = (name, paths, outputs, work, text_column, one_doc_per_line, val_fraction, rng)
         if use_ray:
-            from raygpt.prepare_ray import tokenize_documents_on_ray
+            from raygpt.prep.corpus_ray import tokenize_documents_on_ray
 
             docs, counts = tokenize_documents_on_ray(*reading)
         else:

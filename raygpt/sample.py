@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 
-from raygpt import checkpoint
-from raygpt.config import SEED_LIMIT
+from raygpt.config.schema import SEED_LIMIT
+from raygpt.core import checkpoint
+from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.step import Precision
+from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, Tokenizer, load_meta, vocabulary
 from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, one_line, run_cli
-from raygpt.model import GPT, GPTConfig
-from raygpt.step import Precision
-from raygpt.storage import StorageError, check_remote_dataset, dataset_uri, is_uri
-from raygpt.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, Tokenizer, load_meta, vocabulary
+from raygpt.storage.uri import StorageError, check_remote_dataset, dataset_uri, is_uri
 
 WHAT_CHECKPOINT_IS = f"pass a Ray checkpoint folder, a {checkpoint.CKPT_NAME} file or a training run's out_dir"
 FIX_META = "pass the dataset's with --meta PATH/meta.json"

@@ -3,7 +3,7 @@
 A SPEC is `loguniform:LOW:HIGH`, `uniform:LOW:HIGH`, `choice:A,B,C` or `grid:A,B,C`; every other
 `--key=value` and the config file are read as by raygpt.launch. Each trial trains the base config with
 the trial's values, its own run_name (`<run_name>-<trial_id>`) and out_dir (`<out_dir>/<trial_id>`).
-A trial of one worker trains in the trial's own process (raygpt.train.train_in_tune_trial), reporting
+A trial of one worker trains in the trial's own process (raygpt.worker.loop.train_in_tune_trial), reporting
 and checkpointing to Tune, which restarts it after a failure (max_failures); Tune reuses the process for
 the next trial, which so starts with torch imported and its graphs compiled. A trial of several workers
 (or FSDP2, or an elastic count) is a Ray Train V2 run (`raygpt.launch.build_trainer`) whose eval metrics
@@ -23,9 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raygpt import launch
-from raygpt.config import FIELD_TYPES, ConfigError, TrainConfig, check_known, config_help, parse_value, read_config
+from raygpt.config.schema import (
+    FIELD_TYPES,
+    ConfigError,
+    TrainConfig,
+    check_known,
+    config_help,
+    parse_value,
+    read_config,
+)
 from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, refuse
-from raygpt.storage import check_storage_path
+from raygpt.storage.uri import check_storage_path
 
 KINDS = ("loguniform", "uniform", "choice", "grid")
 SPEC_RE = re.compile(rf"^({'|'.join(KINDS)}):(.*)$", re.DOTALL)
@@ -215,7 +223,7 @@ def make_trainable(base: TrainConfig, plan: launch.RunPlan):
         trial_plan = dataclasses.replace(plan, run_name=f"{plan.run_name}-{trial_id}", launched_at=started,
                                          ray_ready_at=started, launch_id=f"{plan.launch_id}-{trial_id}")  # fmt: skip
         if in_trial:
-            from raygpt.train import train_in_tune_trial
+            from raygpt.worker.loop import train_in_tune_trial
 
             train_in_tune_trial({"config": cfg.to_dict(), "plan": dataclasses.asdict(trial_plan)})
         else:

@@ -14,9 +14,9 @@ import pytest
 import torch
 from conftest import TINY_LOCAL_RUN
 
-from raygpt import checkpoint
-from raygpt.checkpoint import Checkpointer, TrainState
-from raygpt.model import GPT, GPTConfig
+from raygpt.core import checkpoint
+from raygpt.core.checkpoint import Checkpointer, TrainState
+from raygpt.core.model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,9 @@ def test_a_failed_background_write_stops_training_at_the_next_save(tmp_path):
 STALLED_WRITE = """
 import sys, time
 from pathlib import Path
-from raygpt import checkpoint, files, launch
+from raygpt import launch
+from raygpt.core import checkpoint
+from raygpt.storage import files
 
 marker, writes = Path(sys.argv[1]), []
 original = checkpoint.save_atomic

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from raygpt import checkpoint, launch
+from raygpt import launch
+from raygpt.core import checkpoint
 
 QUICK = [
     "--dataset=chars",  # not a name the launcher prepares itself, so damage is reported, not re-prepared

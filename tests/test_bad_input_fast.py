@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from raygpt.config import ConfigError, TrainConfig, load_config, parse_config_file
-from raygpt.data import DataError, _sample_chunks, _wider_token_bits, validate_dataset
+from raygpt.config.schema import ConfigError, TrainConfig, load_config, parse_config_file
+from raygpt.core.data import DataError, _sample_chunks, _wider_token_bits, validate_dataset
+from raygpt.core.tokenizer import MetaError, declared_token_dtype, load_meta
 from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, RaygptError
 from raygpt.prepare import PrepareError, main, prepare_corpus, prepare_dataset, prepare_shakespeare_char
-from raygpt.tokenizer import MetaError, declared_token_dtype, load_meta
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def parse_in_subprocess(tmp_path, line: str) -> str:
     path = tmp_path / "cfg.py"
     path.write_text(f"max_iters = 5\n{line}\n")
     code = textwrap.dedent(f"""
-        from raygpt.config import ConfigError, parse_config_file
+        from raygpt.config.schema import ConfigError, parse_config_file
         try:
             parse_config_file({str(path)!r})
         except ConfigError as e:
@@ -923,7 +923,7 @@ def test_an_output_folder_that_is_a_file(tmp_path, capsys, launch_args, key):
 
 def tiny_checkpoint(**changes) -> dict:
     """A real checkpoint of TINY_LOCAL_RUN's model (what a run of it saves), with `changes`."""
-    from raygpt.model import GPT, GPTConfig
+    from raygpt.core.model import GPT, GPTConfig
 
     model_args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, bias=False, vocab_size=65, dropout=0.0)
     model = GPT(GPTConfig(**model_args))
@@ -986,7 +986,7 @@ def test_a_resume_checkpoint_every_worker_would_fail_on_is_refused_first(tmp_pat
 
 
 def test_a_whole_checkpoint_passes_the_check():
-    from raygpt.checkpoint import check_resumable
+    from raygpt.core.checkpoint import check_resumable
 
     check_resumable(tiny_checkpoint(), "ckpt.pt")
     compiled = tiny_checkpoint()
@@ -995,7 +995,7 @@ def test_a_whole_checkpoint_passes_the_check():
 
 
 def test_a_discarded_lock_file_is_removed_and_a_replaced_one_is_not_trusted(tmp_path):
-    from raygpt.runlock import RunLock
+    from raygpt.driver.runlock import RunLock
 
     path = tmp_path / ".raygpt.lock"
     first = RunLock()

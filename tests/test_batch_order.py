@@ -9,11 +9,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import TINY_RUN
 
-from raygpt.config import TrainConfig
-from raygpt.data import Batches
-from raygpt.model import GPT, GPTConfig
-from raygpt.parallel import wrap_model
-from raygpt.step import NonFiniteGuard, Precision, TrainStep
+from raygpt.config.schema import TrainConfig
+from raygpt.core.data import Batches
+from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.parallel import wrap_model
+from raygpt.core.step import NonFiniteGuard, Precision, TrainStep
 
 MICRO_BATCHES = 4  # global micro-batches per iteration (gradient_accumulation_steps)
 

@@ -6,7 +6,7 @@ import re
 import pytest
 
 from raygpt import bench
-from raygpt.model import GPT, GPTConfig
+from raygpt.core.model import GPT, GPTConfig
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2", "--device=cpu",
         "--compile=False", "--gradient_accumulation_steps=1", "--steps", "2", "--warmup", "1"]  # fmt: skip

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from raygpt.compile_cache import (
+from raygpt.worker.compile import (
     CompileCache,
     cache_key,
     cache_writer,
@@ -33,8 +33,8 @@ COMPILE_ONE_STEP = textwrap.dedent("""
     import json, sys, time
     import torch
     from torch._dynamo.utils import counters
-    from raygpt.compile_cache import CompileCache
-    from raygpt.model import GPT, GPTConfig
+    from raygpt.worker.compile import CompileCache
+    from raygpt.core.model import GPT, GPTConfig
 
     root, environment, settings = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     cache = CompileCache(root, torch.device("cpu"), settings, environment=environment)
@@ -185,9 +185,9 @@ import json, os, sys
 import torch
 import torch.distributed as dist
 from torch._dynamo.utils import counters
-from raygpt.config import TrainConfig
-from raygpt.model import GPT, GPTConfig
-from raygpt.parallel import wrap_model
+from raygpt.config.schema import TrainConfig
+from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.parallel import wrap_model
 
 split, rendezvous = sys.argv[1] == "True", sys.argv[2]
 dist.init_process_group("gloo", store=dist.FileStore(rendezvous, 1), rank=0, world_size=1)

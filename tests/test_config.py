@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from raygpt.config import ConfigError, TrainConfig, config_help, load_config, parse_config_file
+from raygpt.config.schema import ConfigError, TrainConfig, config_help, load_config, parse_config_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,7 +196,7 @@ def test_round_trip_and_help():
 
 
 def test_num_workers_min_max_is_an_elastic_range():
-    from raygpt.config import read_config
+    from raygpt.config.schema import read_config
 
     cfg, keys = read_config(["--num-workers", "2-4"])
     assert (cfg.num_workers, cfg.max_workers) == (2, 4) and {"num_workers", "max_workers"} <= keys

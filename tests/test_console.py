@@ -38,7 +38,7 @@ def test_a_default_run_reads_like_nanogpt(ray_local, tmp_path, char_data):
 
 
 def test_the_start_up_line_counts_a_restarted_worker_group_from_its_restart():
-    from raygpt.train import startup_line
+    from raygpt.worker.loop import startup_line
 
     plan = {"launched_at": 100.0, "ray_ready_at": 112.0}
     assert startup_line(plan, 120.0, 125.0, 160.0) == (
@@ -78,7 +78,7 @@ def test_the_start_up_line_counts_a_restarted_worker_group_from_its_restart():
 
 
 def test_laps_name_the_parts_of_set_up_that_took_time(monkeypatch):
-    from raygpt import train
+    from raygpt.worker import loop as train
 
     clock = iter([101.0, 101.01, 104.5])
     monkeypatch.setattr(train.time, "time", lambda: next(clock))
@@ -90,7 +90,7 @@ def test_laps_name_the_parts_of_set_up_that_took_time(monkeypatch):
 
 @pytest.mark.ray
 def test_only_the_first_worker_group_of_a_launch_is_its_first(ray_local):
-    from raygpt.train import first_worker_group
+    from raygpt.worker.loop import first_worker_group
 
     launch_id = uuid.uuid4().hex
     assert first_worker_group(launch_id) is True

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from raygpt import checkpoint
-from raygpt.data import Batches, DataError, validate_dataset
+from raygpt.core import checkpoint
+from raygpt.core.data import Batches, DataError, validate_dataset
 
 
 def write_dataset(directory, n_train=5000, n_val=1000, vocab=65):
@@ -93,7 +93,7 @@ def test_checkpoint_round_trip_and_atomic_replace(tmp_path):
 
 def resumable_state(iter_num: int = 3) -> dict:
     """A tiny GPT's checkpoint as training writes one: weights, model_args and an optimizer state."""
-    from raygpt.model import GPT, GPTConfig
+    from raygpt.core.model import GPT, GPTConfig
 
     model_args = dict(n_layer=1, n_head=2, n_embd=8, block_size=8, bias=False, vocab_size=16)
     torch.manual_seed(iter_num)
@@ -154,7 +154,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path):
 
 DISK_FULL_SAVE = """
 import resource, sys, torch
-from raygpt import checkpoint
+from raygpt.core import checkpoint
 # The kernel refuses writes past 1 MiB in this process, as a full disk would (Python ignores SIGXFSZ).
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
 checkpoint.save_atomic({"model": {"w": torch.zeros(1 << 20)}, "model_args": {}, "iter_num": 4, "config": {}},
@@ -168,7 +168,9 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, "-c", DISK_FULL_SAVE, str(path)], capture_output=True, text=True)
     # torch.save wraps the failed write in a RuntimeError; the one line names the cause underneath it.
     last = result.stderr.strip().splitlines()[-1]
-    assert result.returncode != 0 and last.startswith("raygpt.files.DiskFullError: [Errno 27] cannot write "), last
+    assert result.returncode != 0 and last.startswith("raygpt.storage.files.DiskFullError: [Errno 27] cannot write "), (
+        last
+    )
     assert last.endswith("ckpt.pt: file too large for the file system"), last
     assert checkpoint.load(path)["iter_num"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
@@ -210,7 +212,7 @@ def test_a_malicious_pickle_in_ckpt_is_refused(tmp_path, monkeypatch):
 @pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_get_the_mode_open_would_give_them(tmp_path, umask, expected):
     # A temporary file is owner-only; a dataset or checkpoint on a shared file system must not be.
-    from raygpt.files import write_bytes_atomic
+    from raygpt.storage.files import write_bytes_atomic
 
     old = os.umask(umask)
     try:
@@ -224,7 +226,7 @@ def test_written_files_get_the_mode_open_would_give_them(tmp_path, umask, expect
 
 
 def test_a_replaced_file_keeps_its_mode(tmp_path):
-    from raygpt.files import write_bytes_atomic
+    from raygpt.storage.files import write_bytes_atomic
 
     target = tmp_path / "meta.json"
     target.write_bytes(b"{}")

@@ -15,8 +15,9 @@ import psutil
 import pytest
 import torch
 
-from raygpt import checkpoint, launch
-from raygpt.config import TrainConfig
+from raygpt import launch
+from raygpt.config.schema import TrainConfig
+from raygpt.core import checkpoint
 
 pytestmark = pytest.mark.ray  # the launcher joins a Ray cluster as a subprocess
 

@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 
-from raygpt import fp8
-from raygpt.config import ConfigError, TrainConfig, read_config
-from raygpt.model import GPT, GPTConfig
-from raygpt.parallel import wrap_model
+from raygpt.core import fp8
+from raygpt.config.schema import ConfigError, TrainConfig, read_config
+from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.parallel import wrap_model
 
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 

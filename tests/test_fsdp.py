@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from raygpt import checkpoint, export, launch
-from raygpt.config import TrainConfig
-from raygpt.model import GPT, GPTConfig
+from raygpt import export, launch
+from raygpt.config.schema import TrainConfig
+from raygpt.core import checkpoint
+from raygpt.core.model import GPT, GPTConfig
 
 RUN = dict(
     dataset="shakespeare_char",
@@ -46,7 +47,7 @@ def whole_weights(result) -> dict:
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_activation_checkpointing_recomputes_the_same_loss_and_gradients(mode):
-    from raygpt.parallel import recompute_layers
+    from raygpt.core.parallel import recompute_layers
 
     config = GPTConfig(n_layer=4, n_head=2, n_embd=32, block_size=16, vocab_size=65, dropout=0.1)
     torch.manual_seed(0)
@@ -149,7 +150,7 @@ def test_blocks_keep_their_gathered_weights_until_backward_only_when_asked(tmp_p
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from raygpt.parallel import shard_model
+    from raygpt.core.parallel import shard_model
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "rendezvous"), 1), rank=0, world_size=1)
     try:

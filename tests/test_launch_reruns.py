@@ -17,8 +17,9 @@ import pytest
 import torch
 from conftest import TINY_LOCAL_RUN as TINY
 
-from raygpt import checkpoint, launch
-from raygpt.config import read_config
+from raygpt import launch
+from raygpt.config.schema import read_config
+from raygpt.core import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,7 +237,7 @@ def test_launch_help_reads_like_a_tool(capsys):
     # Every key is listed with its default, and every description starts in the same column.
     import dataclasses
 
-    from raygpt.config import TrainConfig
+    from raygpt.config.schema import TrainConfig
 
     columns = set()
     for field in dataclasses.fields(TrainConfig):

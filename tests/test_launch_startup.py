@@ -131,7 +131,7 @@ def test_a_failed_group_is_not_held_up_by_tearing_down_its_process_group(ray_loc
     from ray.train.torch import TorchConfig
 
     from raygpt.launch import build_trainer  # noqa: F401 - the trainer the launcher builds uses it
-    from raygpt.process_group import NoTeardownTorchConfig
+    from raygpt.worker.process_group import NoTeardownTorchConfig
 
     stock = RecordingWorkerGroup()
     TorchConfig(backend="gloo").backend_cls().on_shutdown(stock, TorchConfig(backend="gloo"))
@@ -149,10 +149,10 @@ def test_a_run_without_compile_never_imports_dynamo():
     # compile=False has no use for it.
     probe = """
 import sys, torch
-from raygpt.config import TrainConfig
-from raygpt.model import GPT, GPTConfig
-from raygpt.parallel import wrap_model
-import raygpt.train
+from raygpt.config.schema import TrainConfig
+from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.parallel import wrap_model
+import raygpt.worker.loop
 model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=65))
 wrapped = wrap_model(model, TrainConfig(compile=False), 1, torch.device("cpu"), "float32")
 assert wrapped.train is model

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from raygpt.model import GPT, GPTConfig, KVCache, _peak_for_name, clean_state_dict, peak_flops
+from raygpt.core.model import GPT, GPTConfig, KVCache, _peak_for_name, clean_state_dict, peak_flops
 
 TINY = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
 
@@ -84,8 +84,8 @@ def test_an_uninitialized_model_is_tied_and_takes_a_checkpoint_exactly():
 
 META_PROBE = """
 import sys, torch
-from raygpt.checkpoint import check_resumable
-from raygpt.model import GPT, GPTConfig
+from raygpt.core.checkpoint import check_resumable
+from raygpt.core.model import GPT, GPTConfig
 args = dict(block_size=16, vocab_size=50, n_layer=2, n_head=2, n_embd=16, bias=True)
 meta = GPT.on_meta(GPTConfig(**args))
 real = GPT(GPTConfig(**args))

@@ -18,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import TINY_RUN
 
-from raygpt import checkpoint, launch
-from raygpt.config import TrainConfig
+from raygpt import launch
+from raygpt.config.schema import TrainConfig
+from raygpt.core import checkpoint
 
 
 def nanogpt_lr(it: int, cfg: TrainConfig) -> float:
@@ -160,7 +161,7 @@ def train_like_nanogpt(cfg: TrainConfig, dataset_dir) -> tuple[list, dict]:
 
 
 def test_get_lr_matches_nanogpt_at_the_edges():
-    from raygpt.train import get_lr
+    from raygpt.worker.loop import get_lr
 
     cfg = TrainConfig(learning_rate=6e-4, min_lr=6e-5, warmup_iters=100, lr_decay_iters=1000)
     for it in (0, 1, 99, 100, 101, 550, 999, 1000, 1001, 5000):

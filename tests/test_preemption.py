@@ -17,8 +17,8 @@ import torch
 from conftest import TINY_LOCAL_RUN, TINY_RUN
 
 import raygpt
-from raygpt import preemption
-from raygpt.preemption import EXIT_TERMINATED, PreemptionWatch, Terminated
+from raygpt.worker import preemption
+from raygpt.worker.preemption import EXIT_TERMINATED, PreemptionWatch, Terminated
 
 CODE = str(Path(raygpt.__file__).resolve().parents[1])  # the raygpt under test, for subprocesses and nodes
 

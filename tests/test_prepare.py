@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
+from raygpt.core.tokenizer import EOT_TOKEN, Tokenizer, gpt2_encoding, load_meta
 from raygpt.prepare import PrepareError, prepare_corpus, prepare_dataset, prepare_shakespeare_char
-from raygpt.tokenizer import EOT_TOKEN, Tokenizer, gpt2_encoding, load_meta
 
 
 def test_shakespeare_char_matches_nanogpt(tmp_path, shakespeare_path):

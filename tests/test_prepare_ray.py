@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from raygpt import prepare_ray
 from raygpt.errors import EXIT_REFUSED
+from raygpt.prep import corpus_ray as prepare_ray
 from raygpt.prepare import main, prepare_corpus
 
 pytestmark = pytest.mark.ray

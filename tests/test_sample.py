@@ -5,8 +5,8 @@ import sys
 
 import torch
 
-from raygpt import checkpoint
-from raygpt.model import GPT, GPTConfig
+from raygpt.core import checkpoint
+from raygpt.core.model import GPT, GPTConfig
 
 
 def write_char_checkpoint(out_dir, data_dir):

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from raygpt import checkpoint, sample
-from raygpt.model import GPT, GPTConfig
-from raygpt.tokenizer import GPT2_VOCAB_SIZE, Tokenizer
+from raygpt import sample
+from raygpt.core import checkpoint
+from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, Tokenizer
 
 CHARS = sorted(set("\n !',.:;?-" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ" + "abcdefghijklmnopqrstuvwxyz"))
 VOCAB_SIZE = len(CHARS)

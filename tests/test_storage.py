@@ -15,9 +15,8 @@ import pyarrow.fs
 import pytest
 from conftest import TINY_LOCAL_RUN
 
-from raygpt import storage
 from raygpt.prepare import prepare_dataset
-from raygpt.storage import (
+from raygpt.storage.uri import (
     DatasetNotFoundError,
     StorageError,
     cache_folder,
@@ -26,6 +25,7 @@ from raygpt.storage import (
     stage_dataset,
     upload_dataset,
 )
+from raygpt.storage import uri as storage
 
 TOKEN_FILES = ("train.bin", "val.bin", "meta.json")
 
@@ -163,7 +163,7 @@ def test_prepare_to_a_missing_bucket_is_refused_before_any_work(s3_server, shake
 
 
 STAGE = (
-    "import sys; from pathlib import Path; from raygpt.storage import stage_dataset; "
+    "import sys; from pathlib import Path; from raygpt.storage.uri import stage_dataset; "
     "print(stage_dataset(sys.argv[1], Path(sys.argv[2]), progress=lambda line: print(line, flush=True)), flush=True)"
 )
 

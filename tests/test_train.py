@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import TINY_RUN
 
-from raygpt import checkpoint, launch
-from raygpt.config import TrainConfig
-from raygpt.model import GPT, GPTConfig
-from raygpt.step import resolve_dtype
+from raygpt import launch
+from raygpt.config.schema import TrainConfig
+from raygpt.core import checkpoint
+from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.step import resolve_dtype
 
 TINY = TINY_RUN
 

@@ -13,9 +13,9 @@ import pytest
 from conftest import TINY_RUN
 from test_faults import FAULT_RUN, assert_bit_identical, cli_args, ray_actor_processes, reference_weights, wait_for
 
-from raygpt import checkpoint
 from raygpt import tune as rtune
-from raygpt.config import ConfigError, TrainConfig
+from raygpt.config.schema import ConfigError, TrainConfig
+from raygpt.core import checkpoint
 
 TINY = {**TINY_RUN, "min_lr": 1e-6}
 

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
+from raygpt.core.model import GPT, GPTConfig, clean_state_dict
 from raygpt.errors import RaygptError
-from raygpt.files import remove_orphaned_temporaries, write_atomic, write_text_atomic
-from raygpt.model import GPT, GPTConfig, clean_state_dict
-from raygpt.storage import StorageError, download_folder, is_uri, join_uri, read_small_file
+from raygpt.storage.files import remove_orphaned_temporaries, write_atomic, write_text_atomic
+from raygpt.storage.uri import StorageError, download_folder, is_uri, join_uri, read_small_file
 
 CKPT_NAME = "ckpt.pt"
 REQUIRED_KEYS = ("model", "model_args", "iter_num")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from raygpt.files import write_text_atomic
-from raygpt.storage import join_uri, write_small_file
+from raygpt.storage.files import write_text_atomic
+from raygpt.storage.uri import join_uri, write_small_file
 
 EVAL_NAME = "eval.json"  # what an eval_only run found, in out_dir and in the run's folder in storage
 

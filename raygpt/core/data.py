@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raygpt.core.tokenizer import MetaError, declared_token_dtype
 from raygpt.errors import RaygptError
-from raygpt.tokenizer import MetaError, declared_token_dtype
 
 # Stream ids keep the training draws, the eval draws of each split, and anything added later apart.
 TRAIN_STREAM, EVAL_TRAIN_STREAM, EVAL_VAL_STREAM = 0, 1, 2

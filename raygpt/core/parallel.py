@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from raygpt.fp8 import convert_linears
-from raygpt.memory import device_memory
-from raygpt.speed import compile_model, uses_cuda_graphs
+from raygpt.core.fp8 import convert_linears
+from raygpt.core.memory import device_memory
+from raygpt.core.speed import compile_model, uses_cuda_graphs
 
 PARAM_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 UNSHARDED_COPY_LIMIT = 0.2  # of the device's memory, for keeping weights gathered between micro-steps

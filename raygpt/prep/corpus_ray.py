@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from raygpt.tokenizer import EOT_TOKEN
+from raygpt.core.tokenizer import EOT_TOKEN
 
 # Characters of text per task: large enough that a task's overhead is small next to its BPE work,
 # small enough that a few in flight per CPU keep every core busy and the driver's memory bounded.
@@ -41,7 +41,7 @@ def connect_ray(address: str | None) -> bool:
 
 def tokenize_group(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Every document's GPT-2 tokens and an EOT, concatenated, and each document's token count."""
-    from raygpt.tokenizer import gpt2_encoding
+    from raygpt.core.tokenizer import gpt2_encoding
 
     encoding = gpt2_encoding()
     # One CPU per task: a plain loop, as tiktoken's batch encoder costs a thread pool hand-off per document.

@@ -18,22 +18,23 @@ from pathlib import Path
 
 import torch
 
-from raygpt import checkpoint, session
-from raygpt.checkpoint import Checkpointer, TrainState
-from raygpt.compile_cache import CompileCache, cache_writer, graph_settings
-from raygpt.config import TrainConfig
-from raygpt.data import Batches, NanoGPTOrderBatches, validate_dataset
-from raygpt.memory import check_fits
-from raygpt.metrics import Reporter, start_wandb
-from raygpt.model import GPT, GPTConfig
-from raygpt.parallel import weights_in_sync, wrap_model
-from raygpt.preemption import KV_NAMESPACE, PreemptionWatch, launcher_asked_to_stop, notice_metrics
-from raygpt.process_group import CommunicatorWarmup
+from raygpt.config.schema import TrainConfig
+from raygpt.core import checkpoint
+from raygpt.core.checkpoint import Checkpointer, TrainState
+from raygpt.core.data import Batches, NanoGPTOrderBatches, validate_dataset
+from raygpt.core.memory import check_fits
+from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.parallel import weights_in_sync, wrap_model
+from raygpt.core.speed import set_attention_backend
+from raygpt.core.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
+from raygpt.core.tokenizer import PADDED_GPT2_VOCAB_SIZE, load_meta
 from raygpt.processes import CompileWorkers, exit_waits_for_block, process_started_at
-from raygpt.speed import set_attention_backend
-from raygpt.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
-from raygpt.storage import dataset_uri, default_cache_root, is_uri, join_uri, stage_dataset, storage_root
-from raygpt.tokenizer import PADDED_GPT2_VOCAB_SIZE, load_meta
+from raygpt.storage.uri import dataset_uri, default_cache_root, is_uri, join_uri, stage_dataset, storage_root
+from raygpt.worker import session
+from raygpt.worker.compile import CompileCache, cache_writer, graph_settings
+from raygpt.worker.preemption import KV_NAMESPACE, PreemptionWatch, launcher_asked_to_stop, notice_metrics
+from raygpt.worker.process_group import CommunicatorWarmup
+from raygpt.worker.reporting import Reporter, start_wandb
 
 
 def get_lr(it: int, cfg: TrainConfig) -> float:
@@ -168,7 +169,7 @@ def failure_seen_at(launch_id: str) -> float | None:
     try:
         from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get
 
-        from raygpt.process_group import failure_key
+        from raygpt.worker.process_group import failure_key
 
         seen = _internal_kv_get(failure_key(launch_id), namespace=KV_NAMESPACE)
         if seen is None:

@@ -33,8 +33,8 @@ from contextlib import contextmanager
 import torch
 
 from raygpt.errors import one_line
-from raygpt.files import TEMP_SUFFIX, write_bytes_atomic
-from raygpt.storage import dataset_uri, is_uri, open_filesystem
+from raygpt.storage.files import TEMP_SUFFIX, write_bytes_atomic
+from raygpt.storage.uri import dataset_uri, is_uri, open_filesystem
 
 CACHE_FOLDER = "compile-cache"
 # TrainConfig keys that change which graphs are compiled (the model's shape comes from model_args).

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from raygpt.errors import RaygptError
-from raygpt.storage import storage_root
+from raygpt.storage.uri import storage_root
 
 LOCK_NAME = ".raygpt.lock"
 

@@ -22,9 +22,9 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from raygpt.core.tokenizer import MAX_META_BYTES, meta_from_json
 from raygpt.errors import RaygptError, one_line
-from raygpt.files import remove_orphaned_temporaries, write_atomic, write_bytes_atomic, write_text_atomic
-from raygpt.tokenizer import MAX_META_BYTES, meta_from_json
+from raygpt.storage.files import remove_orphaned_temporaries, write_atomic, write_bytes_atomic, write_text_atomic
 
 TOKEN_FILES = ("train.bin", "val.bin")  # meta.json is read before them and written after them
 # One ranged GET per read: 32 MiB staged 1.7x faster than 8 MiB from moto on loopback (request overhead).

@@ -14,9 +14,9 @@ from contextlib import nullcontext
 
 import torch
 
+from raygpt.core.parallel import WrappedModel
+from raygpt.core.speed import eval_group_size
 from raygpt.errors import RaygptError
-from raygpt.parallel import WrappedModel
-from raygpt.speed import eval_group_size
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -136,7 +136,7 @@ class NonFiniteGuard:
 
 def is_dtensor(value) -> bool:
     """isinstance(value, DTensor) without importing torch.distributed.tensor, most of the import time of
-    raygpt.train, which the launcher pays before Ray starts the run: only FSDP makes DTensors, and it has
+    raygpt.worker.loop, which the launcher pays before Ray starts the run: only FSDP makes DTensors, and it has
     imported the module by then."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(value, module.DTensor)

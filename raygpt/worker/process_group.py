@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ray.train import UserCallback
 from ray.train.torch import TorchConfig
 
-from raygpt.preemption import KV_NAMESPACE
+from raygpt.worker.preemption import KV_NAMESPACE
 
 try:  # a private class: where it moves, Ray's own backend (and its shutdown) is used
     from ray.train.torch.config import _TorchBackend
@@ -95,7 +95,7 @@ def failure_key(launch_id: str) -> str:
 
 class FailureClock(UserCallback):
     """In Ray Train's controller: when it saw a worker fail, kept in Ray's key-value store under the
-    launch, so the restarted group's start-up line can count from the failure (raygpt.train)."""
+    launch, so the restarted group's start-up line can count from the failure (raygpt.worker.loop)."""
 
     def __init__(self, launch_id: str):
         self.launch_id = launch_id

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
-from raygpt.tokenizer import PADDED_GPT2_VOCAB_SIZE
+from raygpt.core.tokenizer import PADDED_GPT2_VOCAB_SIZE
 
 
 @dataclass
