@@ -26,6 +26,7 @@ from raygpt.core import checkpoint
 from raygpt.core.data import validate_dataset
 from raygpt.core.model import HF_REPOS, check_gpt2_available
 from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta, vocabulary
+from raygpt.driver.plan import RunPlan
 from raygpt.driver.runlock import RunLock, lock_run
 from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, OneLineParser, RaygptError, one_line, refuse
 from raygpt.processes import packages_without_bytecode
@@ -230,22 +231,6 @@ def this_machine() -> dict:
     import torch
 
     return {"CPU": float(len(os.sched_getaffinity(0))), "GPU": torch.cuda.device_count()}
-
-
-@dataclass(frozen=True)
-class RunPlan:
-    """What the launcher decided for a run, kept apart from what the user asked (the TrainConfig)."""
-
-    num_workers: int  # the least, for an elastic run
-    use_gpu: bool
-    cpus_per_worker: float
-    run_name: str
-    resume_from: str | None = None  # out_dir/ckpt.pt to continue from when Ray holds no checkpoint of the run
-    # time.time() when the launcher started and when Ray was ready: the start-up line the loop prints
-    launched_at: float = 0.0
-    ray_ready_at: float = 0.0
-    max_workers: int = 0  # an elastic run grows up to this many; 0: a fixed count
-    launch_id: str = ""  # new at each launch: a worker group tells Ray's restart of it from its first start
 
 
 def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPlan:
