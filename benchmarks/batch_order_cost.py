@@ -40,9 +40,8 @@ import torch
 from raygpt.config.schema import read_config
 from raygpt.core.data import TRAIN_STREAM, Batches, window_starts
 from raygpt.core.model import GPT, GPTConfig
-from raygpt.core.parallel import wrap_model
-from raygpt.core.speed import set_attention_backend
-from raygpt.core.step import NonFiniteGuard, Precision, TrainStep, enable_tf32
+from raygpt.core.parallel import enable_tf32, set_attention_backend, wrap_model
+from raygpt.core.step import NonFiniteGuard, Precision, TrainStep
 from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE
 from raygpt.processes import CompileWorkers
 

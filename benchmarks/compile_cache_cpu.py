@@ -3,7 +3,7 @@
     python benchmarks/compile_cache_cpu.py [--repeats 2] [--n_layer 6 --n_embd 384 --block_size 256]
 
 Each run is a fresh process with its own empty TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR, as a
-restarted worker on another node would be. It compiles the model as training does (speed.compile_model),
+restarted worker on another node would be. It compiles the model as training does (parallel.compile_model),
 then times the first training forward+backward and the first eval forward (what a run pays before its
 first step), and saves the artifacts. Cold runs start from an empty storage root; warm runs load the
 root the first cold run saved. The table gives medians over the repeats. The default model is
@@ -34,7 +34,7 @@ def one_process(args) -> None:
     from torch._dynamo.utils import counters
 
     from raygpt.core.model import GPT, GPTConfig
-    from raygpt.core.speed import compile_model
+    from raygpt.core.parallel import compile_model
     from raygpt.worker.compile import CompileCache
 
     shape = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)

@@ -32,8 +32,8 @@ from raygpt.config.schema import read_config
 from raygpt.core.data import Batches
 from raygpt.core.fp8 import float8_block_linears
 from raygpt.core.model import GPT, GPTConfig
-from raygpt.core.parallel import wrap_model
-from raygpt.core.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32
+from raygpt.core.parallel import enable_tf32, wrap_model
+from raygpt.core.step import Evaluator, NonFiniteGuard, Precision, TrainStep
 from raygpt.core.tokenizer import PADDED_GPT2_VOCAB_SIZE
 from raygpt.prepare import prepare_shakespeare_bpe
 

@@ -31,8 +31,8 @@ import torch.multiprocessing as mp
 from raygpt.config.schema import read_config
 from raygpt.core.data import Batches
 from raygpt.core.model import GPT, GPTConfig
-from raygpt.core.parallel import wrap_model
-from raygpt.core.step import NonFiniteGuard, Precision, TrainStep, enable_tf32
+from raygpt.core.parallel import enable_tf32, wrap_model
+from raygpt.core.step import NonFiniteGuard, Precision, TrainStep
 
 VOCAB = 50304
 

@@ -24,9 +24,8 @@ from raygpt.config.schema import read_config
 from raygpt.core.data import Batches
 from raygpt.core.memory import check_fits
 from raygpt.core.model import GPT, GPTConfig
-from raygpt.core.parallel import wrap_model
-from raygpt.core.speed import set_attention_backend
-from raygpt.core.step import NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
+from raygpt.core.parallel import setup_device, wrap_model
+from raygpt.core.step import NonFiniteGuard, Precision, TrainStep
 from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, MAX_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta
 from raygpt.errors import OneLineParser, RaygptError, refuse
 
@@ -88,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(e)
     use_cuda = cfg.device == "cuda" and torch.cuda.is_available()
     device = torch.device("cuda" if use_cuda else "cpu")
-    attention = make_deterministic(cfg.attention) if cfg.deterministic else cfg.attention
-    if use_cuda:
-        enable_tf32()
-        set_attention_backend(attention)
+    setup_device(cfg, device)
     model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size)
     try:
         precision = Precision(cfg.dtype, device)

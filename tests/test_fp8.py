@@ -6,8 +6,8 @@ import sys
 import pytest
 import torch
 
-from raygpt.core import fp8
 from raygpt.config.schema import ConfigError, TrainConfig, read_config
+from raygpt.core import fp8
 from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.parallel import wrap_model
 

@@ -161,7 +161,7 @@ def train_like_nanogpt(cfg: TrainConfig, dataset_dir) -> tuple[list, dict]:
 
 
 def test_get_lr_matches_nanogpt_at_the_edges():
-    from raygpt.worker.loop import get_lr
+    from raygpt.core.step import get_lr
 
     cfg = TrainConfig(learning_rate=6e-4, min_lr=6e-5, warmup_iters=100, lr_decay_iters=1000)
     for it in (0, 1, 99, 100, 101, 550, 999, 1000, 1001, 5000):

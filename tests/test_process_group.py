@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from raygpt.worker.process_group import CommunicatorWarmup
+from raygpt.core.parallel import CommunicatorWarmup
 
 
 def wait_for(path: Path, timeout_s: float = 60.0) -> None:

@@ -1,4 +1,4 @@
-"""Speed options (raygpt.core.speed): they must not change what is computed."""
+"""Speed options (raygpt.core.parallel, raygpt.core.step): they must not change what is computed."""
 
 import os
 import subprocess
@@ -11,8 +11,8 @@ import torch
 from raygpt.config.schema import ConfigError, TrainConfig, load_config
 from raygpt.core.data import Batches
 from raygpt.core.model import GPT, GPTConfig
-from raygpt.core.speed import eval_group_size, set_attention_backend, uses_cuda_graphs
-from raygpt.core.step import NonFiniteGuard
+from raygpt.core.parallel import set_attention_backend, uses_cuda_graphs
+from raygpt.core.step import NonFiniteGuard, eval_group_size
 
 
 def test_eval_group_size_bounds_memory_and_divides():
@@ -103,7 +103,7 @@ def test_eager_eval_of_a_compiled_model_compiles_nothing_and_matches_the_model()
     """compile_eval=False: eval runs the compiled model under torch.compiler's force_eager stance."""
     from torch._dynamo.utils import counters
 
-    from raygpt.core.speed import compile_model
+    from raygpt.core.parallel import compile_model
 
     for regions in (False, True):
         torch._dynamo.reset()
@@ -122,7 +122,7 @@ def test_eager_eval_of_a_compiled_model_compiles_nothing_and_matches_the_model()
 
 
 def test_regional_compile_compiles_each_block_in_place_and_keeps_nanogpt_keys():
-    from raygpt.core.speed import compile_model
+    from raygpt.core.parallel import compile_model
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=3, n_head=2, n_embd=16, block_size=16, vocab_size=65))

@@ -1,5 +1,7 @@
-"""Wrap the model for the run: activation checkpointing, compile, then DDP or FSDP2. The one place
-that knows how.
+"""The device and the model's parallel form: the device's options (`setup_device`, for the worker and
+raygpt.bench alike, so that what is benchmarked is what trains), NCCL's communicator made early
+(`CommunicatorWarmup`), and the wrap of the model for the run: activation checkpointing, compile, then DDP
+or FSDP2. The one place that knows how.
 
 The loop gets two handles: `train` runs the training step's forward and backward, `eval` runs
 evaluation's forward. Under DDP `eval` is the compiled model without the DDP wrapper (eval needs no
@@ -10,18 +12,86 @@ wrapping, since FSDP replaces its parameters with sharded ones.
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from raygpt.core.fp8 import convert_linears
 from raygpt.core.memory import device_memory
-from raygpt.core.speed import compile_model, uses_cuda_graphs
 
 PARAM_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 UNSHARDED_COPY_LIMIT = 0.2  # of the device's memory, for keeping weights gathered between micro-steps
+
+
+def setup_device(cfg, device: torch.device) -> None:
+    """The device options of a training process, the same for the worker and raygpt.bench: deterministic
+    kernels (cfg.deterministic), then on a GPU TF32 matmuls and the attention backend (cfg.attention)."""
+    attention = make_deterministic(cfg.attention) if cfg.deterministic else cfg.attention
+    if device.type == "cuda":
+        enable_tf32()
+        set_attention_backend(attention)
+
+
+def enable_tf32() -> None:
+    """TF32 matmuls and convolutions on Ampere and newer GPUs, as nanoGPT."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def make_deterministic(attention: str) -> str:
+    """Deterministic kernels everywhere, so that the same inputs give bit-identical results run after run.
+
+    Returns the attention backend to use: 'auto' lets PyTorch pick fused kernels whose backward passes
+    accumulate with atomics (flash, cuDNN, memory-efficient), so it becomes 'math'."""
+    # cuBLAS reads this when it creates its handle: before the first matmul on this process's GPU.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    return "math" if attention == "auto" else attention
+
+
+# Config name -> the torch.backends.cuda switch that enables it.
+_ATTENTION_SWITCHES = {
+    "flash": "enable_flash_sdp",
+    "cudnn": "enable_cudnn_sdp",
+    "efficient": "enable_mem_efficient_sdp",
+    "math": "enable_math_sdp",
+}
+
+
+def set_attention_backend(name: str) -> None:
+    """Restrict scaled_dot_product_attention to one CUDA backend ('auto' leaves PyTorch's choice).
+
+    The math backend stays enabled as the fallback for inputs the chosen kernel does not support."""
+    if name == "auto":
+        return
+    for backend, switch in _ATTENTION_SWITCHES.items():
+        getattr(torch.backends.cuda, switch)(backend in (name, "math"))
+
+
+def compile_model(model: torch.nn.Module, mode: str, regions: bool = False) -> torch.nn.Module:
+    """torch.compile with fixed shapes: the batch shapes of training and of eval never change.
+
+    regions=True compiles each transformer block in place instead of the whole model: the blocks are
+    identical, so one block's graph is compiled once and reused by all of them, and compile time no longer
+    grows with n_layer (benchmarks/RESULTS.md has the measurement). The
+    embeddings, final LayerNorm, head and loss then run eagerly."""
+    options = dict(mode=None if mode == "default" else mode, dynamic=False)
+    if not regions:
+        return torch.compile(model, **options)
+    for block in model.transformer.h:
+        block.compile(**options)
+    return model
+
+
+def uses_cuda_graphs(mode: str, device_type: str) -> bool:
+    return device_type == "cuda" and mode in ("reduce-overhead", "max-autotune")
 
 
 @dataclass
@@ -112,3 +182,46 @@ def weights_in_sync(wrapped: WrappedModel, world_size: int) -> bool | None:
     fingerprints = [torch.zeros_like(fingerprint) for _ in range(world_size)]
     torch.distributed.all_gather(fingerprints, fingerprint)
     return all(torch.equal(f, fingerprints[0]) for f in fingerprints)
+
+
+class CommunicatorWarmup:
+    """NCCL makes a process group's communicator at its first collective, which blocks that rank until
+    every rank has joined (DDP's first broadcast in the wrap, FSDP's first all-gather). start() makes it
+    now, in a thread: the collective releases the GIL, so the checkpoint read and the model build go on
+    meanwhile. wait() before any other collective: the warm-up must be each rank's first."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device, self.enabled = device, enabled
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    @classmethod
+    def for_worker(cls, world_size: int, device: torch.device) -> CommunicatorWarmup:
+        """Gloo connects at init_process_group: only an NCCL group has anything left to make."""
+        nccl = world_size > 1 and dist.is_initialized() and dist.get_backend() == "nccl"
+        return cls(device, enabled=nccl and device.type == "cuda")
+
+    def start(self) -> None:
+        if self.enabled:
+            # A daemon: a rank stuck here because a peer died must not keep its process alive.
+            self.thread = threading.Thread(target=self._warm, name="communicator-warmup", daemon=True)
+            self.thread.start()
+
+    def _warm(self) -> None:
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)  # the current device is per thread
+            one = torch.ones(1, device=self.device)
+            dist.all_reduce(one)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except BaseException as error:  # noqa: BLE001 - raised again by wait(), in the loop's thread
+            self.error = error
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error

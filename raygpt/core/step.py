@@ -1,4 +1,5 @@
-"""One training step, shared by the training loop, raygpt.bench and raygpt.sample.
+"""One training step, shared by the training loop, raygpt.bench and raygpt.sample, and nanoGPT's
+learning-rate schedule (`get_lr`).
 
 Device and precision set up once (`Precision`), gradients of one iteration over its micro-batches
 (`forward_backward`), and the optimizer step guarded against non-finite gradients (`NonFiniteGuard`).
@@ -7,7 +8,7 @@ No Ray here.
 
 from __future__ import annotations
 
-import os
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -15,7 +16,6 @@ from contextlib import nullcontext
 import torch
 
 from raygpt.core.parallel import WrappedModel
-from raygpt.core.speed import eval_group_size
 from raygpt.errors import RaygptError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,25 +56,6 @@ class Precision:
 
     def autocast(self):
         return self._autocast
-
-
-def enable_tf32() -> None:
-    """TF32 matmuls and convolutions on Ampere and newer GPUs, as nanoGPT."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
-
-def make_deterministic(attention: str) -> str:
-    """Deterministic kernels everywhere, so that the same inputs give bit-identical results run after run.
-
-    Returns the attention backend to use: 'auto' lets PyTorch pick fused kernels whose backward passes
-    accumulate with atomics (flash, cuDNN, memory-efficient), so it becomes 'math'."""
-    # cuBLAS reads this when it creates its handle: before the first matmul on this process's GPU.
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-    return "math" if attention == "auto" else attention
 
 
 class NonFiniteGuard:
@@ -155,6 +136,21 @@ def default_generator(device: torch.device) -> torch.Generator:
     return torch.default_generator
 
 
+def get_lr(it: int, cfg) -> float:
+    """nanoGPT's schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not cfg.decay_lr:
+        return cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= cfg.lr_decay_iters:
+        # nanoGPT uses `>`; at it == lr_decay_iters the cosine is already at min_lr, and `>=` also
+        # avoids its division by zero when warmup_iters == lr_decay_iters.
+        return cfg.min_lr
+    decay_ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
+
+
 class TrainStep:
     """One iteration: forward/backward over the micro-batches, clip, guarded optimizer step, zero grads.
 
@@ -213,12 +209,24 @@ class TrainStep:
         return loss_sum, grad_norm, X, Y
 
 
+def eval_group_size(n_batches: int, batch_size: int, block_size: int, vocab_size: int, n_embd: int) -> int:
+    """How many eval batches to run as one forward pass.
+
+    A small model is launch-bound: 200 eval batches of 64 x 256 tokens cost 200 launches of a few
+    milliseconds each, while one pass over 10 of them costs barely more than one. The group is bounded
+    so its largest activation (logits or the MLP's hidden layer) stays under 2**28 elements, and it
+    divides n_batches so every pass has the same shape (no recompiles). GPT-2 sizes stay at 1."""
+    largest_row = batch_size * block_size * max(vocab_size, 4 * n_embd)
+    limit = max(1, min(n_batches, (1 << 28) // largest_row))
+    return max(g for g in range(1, limit + 1) if n_batches % g == 0)
+
+
 class Evaluator:
     """nanoGPT's estimate_loss: the mean loss over the fixed eval windows of each split.
 
     Each rank takes every world_size-th window and the per-window losses are summed across ranks, so
     the result does not depend on the worker count. Small models run several windows as one forward
-    pass (speed.eval_group_size). Under FSDP each forward gathers weights from every rank, so every rank
+    pass (eval_group_size). Under FSDP each forward gathers weights from every rank, so every rank
     makes the same number of forward passes: one with fewer windows than the others (eval_iters not a
     multiple of the worker count) makes extra passes whose losses it does not count."""
 

@@ -24,32 +24,15 @@ from raygpt.core.checkpoint import Checkpointer, TrainState
 from raygpt.core.data import Batches, NanoGPTOrderBatches, validate_dataset
 from raygpt.core.memory import check_fits
 from raygpt.core.model import GPT, GPTConfig
-from raygpt.core.parallel import weights_in_sync, wrap_model
-from raygpt.core.speed import set_attention_backend
-from raygpt.core.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
+from raygpt.core.parallel import CommunicatorWarmup, setup_device, weights_in_sync, wrap_model
+from raygpt.core.step import Evaluator, NonFiniteGuard, Precision, TrainStep, get_lr
 from raygpt.core.tokenizer import PADDED_GPT2_VOCAB_SIZE, load_meta
 from raygpt.processes import CompileWorkers, exit_waits_for_block, process_started_at
 from raygpt.storage.uri import dataset_uri, default_cache_root, is_uri, join_uri, stage_dataset, storage_root
 from raygpt.worker import session
 from raygpt.worker.compile import CompileCache, cache_writer, graph_settings
 from raygpt.worker.preemption import KV_NAMESPACE, PreemptionWatch, launcher_asked_to_stop, notice_metrics
-from raygpt.worker.process_group import CommunicatorWarmup
 from raygpt.worker.reporting import Reporter, start_wandb
-
-
-def get_lr(it: int, cfg: TrainConfig) -> float:
-    """nanoGPT's schedule: linear warmup, cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    if not cfg.decay_lr:
-        return cfg.learning_rate
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    if it >= cfg.lr_decay_iters:
-        # nanoGPT uses `>`; at it == lr_decay_iters the cosine is already at min_lr, and `>=` also
-        # avoids its division by zero when warmup_iters == lr_decay_iters.
-        return cfg.min_lr
-    decay_ratio = (it - cfg.warmup_iters) / (cfg.lr_decay_iters - cfg.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
-    return cfg.min_lr + coeff * (cfg.learning_rate - cfg.min_lr)
 
 
 def build_model(cfg: TrainConfig, meta: dict | None, saved: dict | None, precision: Precision) -> tuple[GPT, dict]:
@@ -81,13 +64,12 @@ def build_model(cfg: TrainConfig, meta: dict | None, saved: dict | None, precisi
 
 
 def worker_device(cfg: TrainConfig, use_gpu: bool, gpu: Callable[[], torch.device]) -> torch.device:
-    attention = make_deterministic(cfg.attention) if cfg.deterministic else cfg.attention
     if not use_gpu:
-        return torch.device("cpu")
-    device = gpu()
-    torch.cuda.set_device(device)
-    enable_tf32()
-    set_attention_backend(attention)
+        device = torch.device("cpu")
+    else:
+        device = gpu()
+        torch.cuda.set_device(device)
+    setup_device(cfg, device)
     return device
 
 

@@ -7,17 +7,13 @@ answer Ray's shutdown call until it returns: Ray waits out its patience (5 s) be
 and starts the new group. The process is killed either way, so raygpt's backend leaves the group to die
 with it; set-up is Ray's own.
 
-CommunicatorWarmup makes NCCL's communicator while the worker builds its model, not at DDP's wrap.
 FailureClock notes when Ray Train saw a worker group fail, for the restarted group's start-up line.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 
-import torch
-import torch.distributed as dist
 from ray.train import UserCallback
 from ray.train.torch import TorchConfig
 
@@ -44,49 +40,6 @@ if _TorchBackend is not None:
 
         def on_shutdown(self, worker_group, backend_config) -> None:
             pass
-
-
-class CommunicatorWarmup:
-    """NCCL makes a process group's communicator at its first collective, which blocks that rank until
-    every rank has joined (DDP's first broadcast in the wrap, FSDP's first all-gather). start() makes it
-    now, in a thread: the collective releases the GIL, so the checkpoint read and the model build go on
-    meanwhile. wait() before any other collective: the warm-up must be each rank's first."""
-
-    def __init__(self, device: torch.device, enabled: bool):
-        self.device, self.enabled = device, enabled
-        self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
-
-    @classmethod
-    def for_worker(cls, world_size: int, device: torch.device) -> CommunicatorWarmup:
-        """Gloo connects at init_process_group: only an NCCL group has anything left to make."""
-        nccl = world_size > 1 and dist.is_initialized() and dist.get_backend() == "nccl"
-        return cls(device, enabled=nccl and device.type == "cuda")
-
-    def start(self) -> None:
-        if self.enabled:
-            # A daemon: a rank stuck here because a peer died must not keep its process alive.
-            self.thread = threading.Thread(target=self._warm, name="communicator-warmup", daemon=True)
-            self.thread.start()
-
-    def _warm(self) -> None:
-        try:
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)  # the current device is per thread
-            one = torch.ones(1, device=self.device)
-            dist.all_reduce(one)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-        except BaseException as error:  # noqa: BLE001 - raised again by wait(), in the loop's thread
-            self.error = error
-
-    def wait(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
 
 
 def failure_key(launch_id: str) -> str:
