@@ -43,7 +43,7 @@ from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.parallel import enable_tf32, set_attention_backend, wrap_model
 from raygpt.core.step import NonFiniteGuard, Precision, TrainStep
 from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE
-from raygpt.processes import CompileWorkers
+from raygpt.worker.compile import CompileWorkers
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {"shakespeare_char (64 x 256)": (64, 256), "gpt2 (12 x 1024)": (12, 1024)}

@@ -617,7 +617,8 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
     from ray.train.torch import TorchTrainer
 
     from raygpt.worker.loop import train_loop_per_worker
-    from raygpt.worker.process_group import FailureClock, NoTeardownTorchConfig
+    from raygpt.worker.session import NoTeardownTorchConfig
+    from raygpt.worker.startup import FailureClock
 
     # num_workers=0 is Ray Train's local mode: train_loop_per_worker runs in this process.
     workers = (plan.num_workers, plan.max_workers) if plan.max_workers else plan.num_workers  # (min, max): elastic

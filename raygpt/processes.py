@@ -1,6 +1,5 @@
-"""Process management that makes runs start and end sooner, and cleanly: Inductor's compile workers, a
-fast exit, an exit that waits for a Tune trial's loop, when this process started (for the start-up
-line), and the packages whose missing bytecode every new process pays for.
+"""Process management that makes runs start and end sooner, and cleanly: a fast exit, an exit that waits
+for a Tune trial's loop, and the packages whose missing bytecode every new process pays for.
 
 Nothing here changes what is computed; each function falls back to torch's or Python's own behaviour.
 """
@@ -11,51 +10,8 @@ import atexit
 import os
 import sys
 import threading
-import time
 from contextlib import contextmanager
 from typing import NoReturn
-
-
-class CompileWorkers:
-    """Inductor's pool of compile-worker processes, started early and stopped as soon as it is done.
-
-    start(): each worker imports torch and Triton, which takes seconds; started before the model is
-    built, they boot while the optimizer, the data and the first eval are set up, and the compile finds
-    them ready (Inductor compiles kernels in the main process, one at a time, while its pool is not
-    ready). stop_in_background(): once the graphs are compiled, shut the pool down in a thread, instead
-    of at interpreter exit after the run's last line. ready_for_compile(): a later compile (a recompile,
-    an eval graph first used after a resume) starts a new pool; it must not pick up the one being shut
-    down. Private torch APIs: on any failure torch manages its pool itself, as without this class."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.stopping: threading.Thread | None = None
-
-    def start(self) -> None:
-        if not self.enabled:
-            return
-        try:
-            from torch._inductor.async_compile import maybe_warm_pool
-
-            maybe_warm_pool()
-        except Exception:  # noqa: BLE001 - an optimization only
-            pass
-
-    def stop_in_background(self) -> None:
-        if not self.enabled or self.stopping is not None:
-            return
-        try:
-            from torch._inductor.async_compile import shutdown_compile_workers
-        except Exception:  # noqa: BLE001
-            return
-        # Not a daemon: exit waits for a clean shutdown rather than killing the thread halfway through it.
-        self.stopping = threading.Thread(target=shutdown_compile_workers, name="stop-compile-workers")
-        self.stopping.start()
-
-    def ready_for_compile(self) -> None:
-        if self.stopping is not None:
-            self.stopping.join()
-
 
 _block_ended = threading.Event()
 _block_ended.set()
@@ -96,19 +52,6 @@ def exit_without_teardown(code: int) -> NoReturn:
         except (OSError, ValueError):
             pass
     os._exit(code)
-
-
-def process_started_at() -> float | None:
-    """When this process started, in time.time() seconds (to 0.01 s); None where /proc cannot say."""
-    try:
-        with open("/proc/self/stat") as stat:
-            # Field 22 is the start time in clock ticks since boot; the name (field 2) may hold spaces.
-            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/uptime") as uptime:
-            since_boot = float(uptime.read().split()[0])
-        return time.time() - (since_boot - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 # The packages every training process imports, largest first; torch.compile adds sympy and triton.

@@ -15,8 +15,9 @@ import torch
 from conftest import TINY_LOCAL_RUN
 
 from raygpt.core import checkpoint
-from raygpt.core.checkpoint import Checkpointer, TrainState
+from raygpt.core.checkpoint import TrainState
 from raygpt.core.model import GPT, GPTConfig
+from raygpt.worker.checkpointer import Checkpointer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_the_host_copy_is_written_not_the_weights_training_goes_on_changing(tmp_
             param.add_(1.0)  # what the next optimizer steps do to the live weights
     state.iter_num = 11
     release.set()
-    checkpointer.close()
+    checkpointer.calls.close()
     saved = reported[0]
     assert saved["iter_num"] == 10
     for key, tensor in before.items():
@@ -71,7 +72,7 @@ def test_reports_keep_their_order_and_one_save_is_in_flight(tmp_path):
 
     checkpointer = Checkpointer(tmp_path, rank=0, asynchronous=True)
     checkpointer.save(state, None, slow_report)
-    checkpointer.report(lambda ray_checkpoint: order.append(("eval", ray_checkpoint)))
+    checkpointer.calls.report(lambda ray_checkpoint: order.append(("eval", ray_checkpoint)))
     second = threading.Thread(target=checkpointer.save, args=(state, None, lambda c: order.append(("save 2", 1))))
     second.start()
     second.join(0.5)
@@ -79,7 +80,7 @@ def test_reports_keep_their_order_and_one_save_is_in_flight(tmp_path):
     assert order == []
     release.set()
     second.join(30)
-    checkpointer.close()
+    checkpointer.calls.close()
     assert order == [("save", True), ("eval", None), ("save 2", 1)]
 
 
@@ -89,7 +90,7 @@ def test_a_failed_background_write_stops_training_at_the_next_save(tmp_path):
     checkpointer = Checkpointer(tmp_path, rank=0, asynchronous=True)
     checkpointer.save(state, None, lambda c: None)
     deadline = time.time() + 30
-    while checkpointer.pending and not checkpointer.pending[0].done() and time.time() < deadline:
+    while checkpointer.calls.pending and not checkpointer.calls.pending[0].done() and time.time() < deadline:
         time.sleep(0.05)
     with pytest.raises(OSError):
         checkpointer.save(state, None, lambda c: None)
@@ -190,7 +191,7 @@ def test_sharded_background_saves_reuse_one_host_copy_and_write_each_saves_weigh
 
         checkpointer = Checkpointer(tmp_path / "out", rank=0, sharded=True, asynchronous=True)
         checkpointer.save(state, None, report)
-        checkpointer.wait()
+        checkpointer.calls.wait()
         first_copy = host_buffers(checkpointer.stager.state_dict_cache)
         expected = [{k: v.full_tensor().clone() for k, v in state.model.state_dict().items()}]
         with torch.no_grad():
@@ -198,7 +199,7 @@ def test_sharded_background_saves_reuse_one_host_copy_and_write_each_saves_weigh
                 param.add_(1.0)
         state.iter_num = 11
         checkpointer.save(state, None, report)
-        checkpointer.close()
+        checkpointer.calls.close()
         expected.append({k: v.full_tensor().clone() for k, v in state.model.state_dict().items()})
         second_copy = host_buffers(checkpointer.stager.state_dict_cache)
     finally:

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_LOCAL_RUN
 
+from raygpt.driver.plan import RunPlan
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -38,9 +40,9 @@ def test_a_default_run_reads_like_nanogpt(ray_local, tmp_path, char_data):
 
 
 def test_the_start_up_line_counts_a_restarted_worker_group_from_its_restart():
-    from raygpt.worker.loop import startup_line
+    from raygpt.worker.startup import startup_line
 
-    plan = {"launched_at": 100.0, "ray_ready_at": 112.0}
+    plan = RunPlan(1, False, 1.0, "run", launched_at=100.0, ray_ready_at=112.0)
     assert startup_line(plan, 120.0, 125.0, 160.0) == (
         "start-up 60.0s: launcher checks and Ray 12.0s, worker group 8.0s, model and data 5.0s, "
         "first eval and step (compile) 35.0s"
@@ -54,7 +56,7 @@ def test_the_start_up_line_counts_a_restarted_worker_group_from_its_restart():
     assert early_restart == "start-up after a restart: model and data 5.0s, first eval and step (compile) 5.0s"
     assert startup_line(plan, 5000.0, 5004.0, 5010.0, first_group=True).startswith("start-up 4910.0s: ")
     # A Tune trial training in its own process: no launcher, Ray or worker group of its own to count.
-    trial = {"launched_at": 300.0, "ray_ready_at": 300.0}
+    trial = RunPlan(1, False, 1.0, "run-trial", launched_at=300.0, ray_ready_at=300.0)
     assert startup_line(trial, 300.0, 301.5, 302.0) == (
         "start-up 2.0s: model and data 1.5s, first eval and step (compile) 0.5s"
     )
@@ -78,11 +80,11 @@ def test_the_start_up_line_counts_a_restarted_worker_group_from_its_restart():
 
 
 def test_laps_name_the_parts_of_set_up_that_took_time(monkeypatch):
-    from raygpt.worker import loop as train
+    from raygpt.worker import startup
 
     clock = iter([101.0, 101.01, 104.5])
-    monkeypatch.setattr(train.time, "time", lambda: next(clock))
-    laps = train.Laps(100.0)
+    monkeypatch.setattr(startup.time, "time", lambda: next(clock))
+    laps = startup.Laps(100.0)
     for name in ("device", "data", "checkpoint read"):
         laps(name)
     assert laps.summary() == "device 1.0s, checkpoint read 3.5s"  # data's 0.01 s is left out
@@ -90,7 +92,7 @@ def test_laps_name_the_parts_of_set_up_that_took_time(monkeypatch):
 
 @pytest.mark.ray
 def test_only_the_first_worker_group_of_a_launch_is_its_first(ray_local):
-    from raygpt.worker.loop import first_worker_group
+    from raygpt.worker.startup import first_worker_group
 
     launch_id = uuid.uuid4().hex
     assert first_worker_group(launch_id) is True

@@ -131,7 +131,7 @@ def test_a_failed_group_is_not_held_up_by_tearing_down_its_process_group(ray_loc
     from ray.train.torch import TorchConfig
 
     from raygpt.launch import build_trainer  # noqa: F401 - the trainer the launcher builds uses it
-    from raygpt.worker.process_group import NoTeardownTorchConfig
+    from raygpt.worker.session import NoTeardownTorchConfig
 
     stock = RecordingWorkerGroup()
     TorchConfig(backend="gloo").backend_cls().on_shutdown(stock, TorchConfig(backend="gloo"))

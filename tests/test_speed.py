@@ -161,7 +161,7 @@ def test_fast_exit_keeps_what_a_normal_exit_does(tmp_path):
 def test_compile_workers_start_and_stop_are_safe_without_a_pool():
     """On a torch without Triton (this CPU build) there is no pool: both calls must be harmless no-ops,
     and a compile afterwards still works."""
-    from raygpt.processes import CompileWorkers
+    from raygpt.worker.compile import CompileWorkers
 
     workers = CompileWorkers(enabled=True)
     workers.start()

@@ -14,6 +14,9 @@ GPU it skips Triton's compile too.
 
 Storage is a local path or a URI (s3://, gs://, any pyarrow.fs). Failures to read or write are one-line
 warnings: a cache can only ever cost a compile, never a run.
+
+Inductor's compile-worker processes (CompileWorkers) are started early and stopped once the graphs are
+compiled; `Compiles.after_step` is what the loop's first steps do for compiling (cache save, workers' stop).
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import os
 import platform
 import re
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -214,3 +219,66 @@ def graph_counts() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
     return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+class CompileWorkers:
+    """Inductor's pool of compile-worker processes, started early and stopped as soon as it is done.
+
+    start(): each worker imports torch and Triton, which takes seconds; started before the model is
+    built, they boot while the optimizer, the data and the first eval are set up, and the compile finds
+    them ready (Inductor compiles kernels in the main process, one at a time, while its pool is not
+    ready). stop_in_background(): once the graphs are compiled, shut the pool down in a thread, instead
+    of at interpreter exit after the run's last line. ready_for_compile(): a later compile (a recompile,
+    an eval graph first used after a resume) starts a new pool; it must not pick up the one being shut
+    down. Private torch APIs: on any failure torch manages its pool itself, as without this class."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.stopping: threading.Thread | None = None
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        try:
+            from torch._inductor.async_compile import maybe_warm_pool
+
+            maybe_warm_pool()
+        except Exception:  # noqa: BLE001 - an optimization only
+            pass
+
+    def stop_in_background(self) -> None:
+        if not self.enabled or self.stopping is not None:
+            return
+        try:
+            from torch._inductor.async_compile import shutdown_compile_workers
+        except Exception:  # noqa: BLE001
+            return
+        # Not a daemon: exit waits for a clean shutdown rather than killing the thread halfway through it.
+        self.stopping = threading.Thread(target=shutdown_compile_workers, name="stop-compile-workers")
+        self.stopping.start()
+
+    def ready_for_compile(self) -> None:
+        if self.stopping is not None:
+            self.stopping.join()
+
+
+@dataclass
+class Compiles:
+    """The run's compiles as the loop sees them, after its first steps (the loop's hook point): share the
+    newly compiled graphs after the first, stop the compile workers after the third, when forward and
+    backward are compiled."""
+
+    cache: CompileCache | None  # None: compile or the cache is off
+    workers: CompileWorkers
+    say: Callable
+
+    def after_step(self, local_iter_num: int, now: float, last: bool) -> None:
+        if local_iter_num == 1 and self.cache is not None:
+            self.cache.save()  # the training step (and a fresh run's first eval) are compiled now
+            self.say(self.cache.summary(), flush=True)
+        if local_iter_num == 3:
+            self.workers.stop_in_background()
+
+    def after_eval(self, local_iter_num: int) -> None:
+        if self.cache is not None and local_iter_num > 0:
+            self.cache.save()  # a resumed run compiles eval here; nothing is written if nothing is new

@@ -31,6 +31,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from raygpt import ray_compat
+
 EXIT_TERMINATED = 128 + signal.SIGTERM  # as a shell reports a process stopped by SIGTERM
 # Ray restarts the run at the deadline (or 120 s after a notice without one); a loop still waiting this long
 # after that has been forgotten, and fails rather than hang.
@@ -42,7 +44,6 @@ stop_requested = threading.Event()
 # What the ranks agree on (the largest wins): nothing, a preemption notice, the launcher's SIGTERM.
 NOTHING, PREEMPTED, LAUNCHER_STOPPED = 0, 1, 2
 LAUNCHER_SIGTERM = "SIGTERM to the launcher"  # a Notice's reason
-KV_NAMESPACE = "raygpt"
 
 
 class Terminated(KeyboardInterrupt):
@@ -175,33 +176,19 @@ def handle_sigterm() -> Callable[[], None]:
     return restore
 
 
-def stop_key(launch_id: str) -> str:
-    return f"stop-{launch_id}"
-
-
 def ask_workers_to_stop(launch_id: str) -> bool:
     """The launcher's SIGTERM, handed to the run's workers through Ray's key-value store. False where that
     cannot be done (no launch id; a private Ray API, which may move): the launcher then stops the workers
     at once, as on Ctrl-C."""
     if not launch_id:
         return False
-    try:
-        from ray.experimental.internal_kv import _internal_kv_put
-
-        _internal_kv_put(stop_key(launch_id), b"1", overwrite=True, namespace=KV_NAMESPACE)
-        return True
-    except Exception:  # noqa: BLE001 - the launcher falls back to stopping the workers at once
-        return False
+    return ray_compat.kv_put(ray_compat.stop_key(launch_id), b"1")
 
 
 def launcher_asked_to_stop(launch_id: str) -> bool:
-    """Whether the launcher of this launch got SIGTERM (a worker asks at its poll cadence, ~1 ms)."""
-    try:
-        from ray.experimental.internal_kv import _internal_kv_exists
-
-        return bool(_internal_kv_exists(stop_key(launch_id), namespace=KV_NAMESPACE))
-    except Exception:  # noqa: BLE001 - no mark to read: train on
-        return False
+    """Whether the launcher of this launch got SIGTERM (a worker asks at its poll cadence, ~1 ms); where the
+    mark cannot be read, no: train on."""
+    return ray_compat.kv_exists(ray_compat.stop_key(launch_id))
 
 
 def notice_metrics(state, lr: float, tokens_per_iter: int, notice: Notice) -> dict:

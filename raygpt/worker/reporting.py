@@ -35,6 +35,23 @@ WANDB_KEYS = {
 WARMUP_STEPS = 5  # the first steps of a process (compile, allocator warm-up) are left out of MFU and the ETA
 
 
+class Say:
+    """The worker's one console channel: every line a run prints goes through it, on rank 0 (or, for a
+    dataset's staging, the first worker of each node) and nowhere else. Called as print is, so each line
+    keeps its own flush; core code gets it as a callable, or its `enabled` as a flag."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    def __call__(self, *args, **kwargs) -> None:
+        if self.enabled:
+            print(*args, **kwargs)
+
+    def line(self, text: str) -> None:
+        """One line, flushed at once."""
+        self(text, flush=True)
+
+
 def format_eta(seconds: float) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
@@ -64,7 +81,7 @@ class Reporter:
     def __init__(
         self,
         cfg,
-        is_rank_zero: bool,
+        say: Say,
         tokens_per_iter: int,
         estimate_mfu: Callable[[float], float | None],
         device: torch.device,
@@ -72,17 +89,14 @@ class Reporter:
         report_to_ray: Callable | None = None,
         results_at: str | None = None,
     ):
-        self.cfg, self.is_rank_zero, self.tokens_per_iter, self.device = cfg, is_rank_zero, tokens_per_iter, device
+        self.cfg, self.say, self.tokens_per_iter, self.device = cfg, say.line, tokens_per_iter, device
+        self.is_rank_zero = say.enabled
         self.estimate_mfu, self.wandb_run, self.report_to_ray = estimate_mfu, wandb_run, report_to_ray
         self.results_at = results_at  # the run's folder in Ray storage (a path or a URI)
         self.running_mfu = -1.0
         self.step_times: list[float] = []
         self.eval_seconds = 0.0
         self.steps_seen = 0
-
-    def say(self, text: str) -> None:
-        if self.is_rank_zero:
-            print(text, flush=True)
 
     def _wandb(self, metrics: dict) -> None:
         if self.wandb_run is not None:

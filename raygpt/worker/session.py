@@ -1,4 +1,6 @@
-"""What the training loop asks of Ray, wherever it runs: its rank, the checkpoint to resume, where reports go.
+"""What the training loop asks of Ray, wherever it runs: its rank, the checkpoint to resume, where reports go;
+the torch backend Ray Train sets the workers' process group up with (NoTeardownTorchConfig); and the one
+thread that keeps the worker's Ray Train calls in order (OrderedRayCalls).
 
 A Ray Train worker (`train_worker()`) is the usual place. A one-worker Tune trial can run the loop in the
 trial's own process (`tune_trial()`): Tune then restarts, checkpoints and ranks it, and each trial after
@@ -9,9 +11,13 @@ the trial actor), instead of starting a Train controller and a worker process of
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+from ray.train.torch import TorchConfig
+
+from raygpt import ray_compat
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,72 @@ def tune_stop_requested() -> Callable[[], bool]:
     reports (raygpt's checkpoint thread), not the loop's; meanwhile Tune gives the trial's process 2 s to
     finish before it starts the next trial there. Its session's stop event says so at once (a private
     attribute: where it is missing, trials end at their next report as Tune means them to)."""
-    from ray.train._internal.session import get_session
+    return ray_compat.tune_stop_event()
 
-    stop_event = getattr(get_session(), "stop_event", None)
-    return stop_event.is_set if stop_event is not None else (lambda: False)
+
+class NoTeardownTorchConfig(TorchConfig):
+    """Ray's TorchConfig, whose backend leaves the process group to die with the killed worker.
+
+    Ray Train ends a worker group (after a failure, for an elastic resize, at the end of the run) by asking
+    each worker to destroy its process group and then killing every worker process anyway. After a worker
+    died, a survivor's destroy waits on collectives the dead rank never joins (NCCL), and the worker cannot
+    answer Ray's shutdown call until it returns: Ray waits out its patience (5 s) before it kills the worker
+    and starts the new group. The process is killed either way, so raygpt's backend leaves the group to die
+    with it; set-up is Ray's own."""
+
+    @property
+    def backend_cls(self):
+        return ray_compat.torch_backend_without_teardown() or super().backend_cls
+
+
+class OrderedRayCalls:
+    """The one background thread that makes this worker's Ray Train calls, in the order they are submitted.
+
+    Invariant: ray.train.report and ray.train.get_preemption_info are collectives, numbered per process,
+    so every rank must make them in the same order. Every call the loop makes to them goes through here:
+    the Checkpointer's writes and their reports, the reports of evals without a checkpoint, and
+    PreemptionWatch's polls. Synchronous (background=False): each job runs at once, in the caller's thread.
+    A job's error is raised in the loop's thread at the next raise_error(), wait() or close()."""
+
+    def __init__(self, background: bool):
+        self.background = ThreadPoolExecutor(1, thread_name_prefix="raygpt-checkpoint") if background else None
+        self.pending: list[Future] = []
+
+    def submit(self, job: Callable) -> None:
+        """Run `job` after every job submitted so far; its error is the loop's (raise_error, wait)."""
+        if self.background is None:
+            job()
+        else:
+            self.pending = [f for f in self.pending if not f.done() or f.exception() is not None]
+            self.pending.append(self.background.submit(job))
+
+    def report(self, report: Callable) -> None:
+        """An eval without a checkpoint: report(None), after any save still in flight."""
+        self.raise_error()
+        self.submit(lambda: report(None))
+
+    def in_order(self, job: Callable) -> Future:
+        """Run `job` after every job submitted so far (now, if synchronous); its result and error are the
+        Future's, for the caller to read."""
+        if self.background is not None:
+            return self.background.submit(job)
+        future = Future()
+        future.set_result(job())
+        return future
+
+    def raise_error(self) -> None:
+        """A failed background job (a full disk) stops training at the next eval, not at the run's end."""
+        for future in self.pending:
+            if future.done() and future.exception() is not None:
+                self.wait()
+
+    def wait(self) -> None:
+        """Block until every submitted job has finished; raise the first one's error."""
+        for future in self.pending:
+            future.result()
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.wait()
+        if self.background is not None:
+            self.background.shutdown()

@@ -1,0 +1,103 @@
+"""Every private Ray API raygpt uses, each in one small function with its fallback: one file to audit on a
+Ray upgrade. Nothing else in raygpt names them. Ray is imported inside each function, so importing this
+module costs nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+# ---------------------------------------------------------------------------------------------------------
+# worker side
+# ---------------------------------------------------------------------------------------------------------
+
+# Ray's key-value store (ray.experimental.internal_kv) carries three marks per launch, under raygpt's
+# namespace: a worker group's start, a failure Ray Train saw, and the launcher's SIGTERM.
+KV_NAMESPACE = "raygpt"
+
+
+def started_key(launch_id: str) -> str:
+    """Set by the launch's first worker group (raygpt.worker.startup.first_worker_group)."""
+    return f"started-{launch_id}"
+
+
+def failure_key(launch_id: str) -> str:
+    """When Ray Train saw the launch's worker group fail (raygpt.worker.startup.FailureClock)."""
+    return f"failed-{launch_id}"
+
+
+def stop_key(launch_id: str) -> str:
+    """The launcher got SIGTERM (raygpt.worker.preemption.ask_workers_to_stop)."""
+    return f"stop-{launch_id}"
+
+
+def kv_put_once(key: str) -> bool | None:
+    """Mark `key`: True where this call set it, False where it was set already, None where the store
+    cannot be asked (a private Ray API, which may move)."""
+    try:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        return not _internal_kv_put(key, b"1", overwrite=False, namespace=KV_NAMESPACE)
+    except Exception:  # noqa: BLE001 - the caller's fallback: unknown
+        return None
+
+
+def kv_put(key: str, value: bytes) -> bool:
+    """Set `key` to `value`; False where that cannot be done."""
+    try:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(key, value, overwrite=True, namespace=KV_NAMESPACE)
+        return True
+    except Exception:  # noqa: BLE001 - the caller's fallback
+        return False
+
+
+def kv_take(key: str) -> bytes | None:
+    """The value of `key`, deleted as it is read; None where there is none or the store cannot be asked."""
+    try:
+        from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get
+
+        value = _internal_kv_get(key, namespace=KV_NAMESPACE)
+        if value is not None:
+            _internal_kv_del(key, namespace=KV_NAMESPACE)
+        return value
+    except Exception:  # noqa: BLE001 - the caller's fallback: none
+        return None
+
+
+def kv_exists(key: str) -> bool:
+    """Whether `key` is set; False where the store cannot be asked."""
+    try:
+        from ray.experimental.internal_kv import _internal_kv_exists
+
+        return bool(_internal_kv_exists(key, namespace=KV_NAMESPACE))
+    except Exception:  # noqa: BLE001 - the caller's fallback: not set
+        return False
+
+
+def _leave_process_group(self, worker_group, backend_config) -> None:
+    pass
+
+
+@functools.cache
+def torch_backend_without_teardown() -> type | None:
+    """Ray's torch backend (ray.train.torch.config._TorchBackend) with the same set-up and no teardown;
+    None where the private class moved (the caller then keeps Ray's own backend and its shutdown)."""
+    try:
+        from ray.train.torch.config import _TorchBackend
+    except ImportError:  # pragma: no cover - depends on the Ray version
+        return None
+    return type("NoTeardownBackend", (_TorchBackend,), {"on_shutdown": _leave_process_group, "__module__": __name__})
+
+
+def tune_stop_event() -> Callable[[], bool]:
+    """Whether Tune has stopped this trial, read from its session's stop event (ray.train._internal.session,
+    a private attribute); where it is missing, never (trials end at their next report, as Tune means them to)."""
+    try:
+        from ray.train._internal.session import get_session
+    except ImportError:  # pragma: no cover - depends on the Ray version
+        return lambda: False
+    stop_event = getattr(get_session(), "stop_event", None)
+    return stop_event.is_set if stop_event is not None else (lambda: False)
