@@ -1,5 +1,5 @@
-"""Process management that makes runs start and end sooner, and cleanly: a fast exit, an exit that waits
-for a Tune trial's loop, and the packages whose missing bytecode every new process pays for.
+"""Process management that makes runs start and end sooner, and cleanly: a fast exit, and the packages
+whose missing bytecode every new process pays for.
 
 Nothing here changes what is computed; each function falls back to torch's or Python's own behaviour.
 """
@@ -10,29 +10,7 @@ import atexit
 import os
 import sys
 import threading
-from contextlib import contextmanager
 from typing import NoReturn
-
-_block_ended = threading.Event()
-_block_ended.set()
-_exit_waits_for_blocks = False
-
-
-@contextmanager
-def exit_waits_for_block(timeout_s: float):
-    """While the block runs (in any thread), this process's exit waits for it to end, for at most
-    timeout_s (the first block's), before Python stops daemon threads: one stopped inside a torch call
-    that released the GIL aborts the process ("Fatal Python error: Aborted"). atexit handlers run
-    before that; one handler serves every block of the process."""
-    global _exit_waits_for_blocks
-    if not _exit_waits_for_blocks:
-        atexit.register(_block_ended.wait, timeout_s)
-        _exit_waits_for_blocks = True
-    _block_ended.clear()
-    try:
-        yield
-    finally:
-        _block_ended.set()
 
 
 def exit_without_teardown(code: int) -> NoReturn:

@@ -18,6 +18,7 @@ from raygpt.core import checkpoint
 from raygpt.core.checkpoint import TrainState
 from raygpt.core.model import GPT, GPTConfig
 from raygpt.worker.checkpointer import Checkpointer
+from raygpt.worker.session import OrderedRayCalls
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +46,7 @@ def test_the_host_copy_is_written_not_the_weights_training_goes_on_changing(tmp_
         folder = Path(ray_checkpoint.path)
         reported.append(checkpoint.load(folder / "ckpt.pt"))  # complete when reported
 
-    checkpointer = Checkpointer(tmp_path, rank=0, asynchronous=True)
+    checkpointer = Checkpointer(tmp_path, rank=0, calls=OrderedRayCalls(background=True))
     checkpointer.save(state, None, report)
     with torch.no_grad():
         for param in state.model.parameters():
@@ -70,7 +71,7 @@ def test_reports_keep_their_order_and_one_save_is_in_flight(tmp_path):
         release.wait(30)
         order.append(("save", ray_checkpoint is not None))
 
-    checkpointer = Checkpointer(tmp_path, rank=0, asynchronous=True)
+    checkpointer = Checkpointer(tmp_path, rank=0, calls=OrderedRayCalls(background=True))
     checkpointer.save(state, None, slow_report)
     checkpointer.calls.report(lambda ray_checkpoint: order.append(("eval", ray_checkpoint)))
     second = threading.Thread(target=checkpointer.save, args=(state, None, lambda c: order.append(("save 2", 1))))
@@ -87,7 +88,7 @@ def test_reports_keep_their_order_and_one_save_is_in_flight(tmp_path):
 def test_a_failed_background_write_stops_training_at_the_next_save(tmp_path):
     state = tiny_state()
     (tmp_path / "ckpt.pt").mkdir()  # the atomic rename onto a folder fails
-    checkpointer = Checkpointer(tmp_path, rank=0, asynchronous=True)
+    checkpointer = Checkpointer(tmp_path, rank=0, calls=OrderedRayCalls(background=True))
     checkpointer.save(state, None, lambda c: None)
     deadline = time.time() + 30
     while checkpointer.calls.pending and not checkpointer.calls.pending[0].done() and time.time() < deadline:
@@ -189,7 +190,7 @@ def test_sharded_background_saves_reuse_one_host_copy_and_write_each_saves_weigh
             saved, _ = checkpoint.read_checkpoint(ray_checkpoint.path)
             saved_weights.append((saved["iter_num"], checkpoint.whole_model_state(saved)))
 
-        checkpointer = Checkpointer(tmp_path / "out", rank=0, sharded=True, asynchronous=True)
+        checkpointer = Checkpointer(tmp_path / "out", rank=0, calls=OrderedRayCalls(background=True), sharded=True)
         checkpointer.save(state, None, report)
         checkpointer.calls.wait()
         first_copy = host_buffers(checkpointer.stager.state_dict_cache)

@@ -184,6 +184,15 @@ def weights_in_sync(wrapped: WrappedModel, world_size: int) -> bool | None:
     return all(torch.equal(f, fingerprints[0]) for f in fingerprints)
 
 
+def largest_over_ranks(value: int, world_size: int, device: torch.device) -> int:
+    """The largest of `value` over the ranks (every rank calls it)."""
+    if world_size == 1:
+        return value
+    values = torch.tensor([value], device=device)
+    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+    return int(values.item())
+
+
 class CommunicatorWarmup:
     """NCCL makes a process group's communicator at its first collective, which blocks that rank until
     every rank has joined (DDP's first broadcast in the wrap, FSDP's first all-gather). start() makes it

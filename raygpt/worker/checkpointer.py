@@ -89,18 +89,17 @@ class Checkpointer:
     is in flight: the next waits for it, since it reuses its host buffers. The thread is the worker's
     OrderedRayCalls: every eval report and preemption poll goes through it too, so Ray sees them in order."""
 
-    def __init__(self, out_dir: str | Path, rank: int, sharded: bool = False, asynchronous: bool = False,
-                 checkpoint_type: type | None = None, calls: OrderedRayCalls | None = None,
-                 say: Say | None = None):  # fmt: skip
+    def __init__(self, out_dir: str | Path, rank: int, calls: OrderedRayCalls, sharded: bool = False,
+                 checkpoint_type: type | None = None, say: Say | None = None):  # fmt: skip
         self.out_dir, self.rank, self.sharded = Path(out_dir), rank, sharded
         self.checkpoint_type = checkpoint_type  # what report() takes; None: ray.train.Checkpoint
-        self.calls = calls or OrderedRayCalls(asynchronous)  # writes and reports, in order with the polls
-        self.background = self.calls.background is not None
+        self.calls = calls  # writes and reports, in order with the preemption polls
+        self.background = calls.background is not None  # asynchronous: written by the calls' thread
         self.say = say or Say(rank == 0)
         self.host_buffers: dict = {}
         self.stager = None  # the sharded saves' host copy, kept between saves like host_buffers
         self.process_group = None
-        if asynchronous and sharded and torch.distributed.is_initialized():
+        if self.background and sharded and torch.distributed.is_initialized():
             # The background write gathers its plan over gloo, apart from the group the training step uses.
             self.process_group = torch.distributed.new_group(backend="gloo")
 

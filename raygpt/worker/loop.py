@@ -27,18 +27,23 @@ from raygpt.core.checkpoint import TrainState
 from raygpt.core.data import Batches, NanoGPTOrderBatches, validate_dataset
 from raygpt.core.memory import check_fits
 from raygpt.core.model import GPT, GPTConfig
-from raygpt.core.parallel import CommunicatorWarmup, WrappedModel, setup_device, weights_in_sync, wrap_model
+from raygpt.core.parallel import (
+    CommunicatorWarmup,
+    WrappedModel,
+    largest_over_ranks,
+    setup_device,
+    weights_in_sync,
+    wrap_model,
+)
 from raygpt.core.step import Evaluator, NonFiniteGuard, Precision, TrainStep, get_lr
 from raygpt.core.tokenizer import PADDED_GPT2_VOCAB_SIZE, load_meta
 from raygpt.driver.plan import RunPlan
-from raygpt.processes import exit_waits_for_block
 from raygpt.storage.uri import dataset_uri, default_cache_root, is_uri, join_uri, stage_dataset, storage_root
-from raygpt.worker import session
 from raygpt.worker.checkpointer import Checkpointer
 from raygpt.worker.compile import CompileCache, Compiles, CompileWorkers, cache_writer, graph_settings
 from raygpt.worker.preemption import Notice, PreemptionWatch, launcher_asked_to_stop, notice_metrics
 from raygpt.worker.reporting import Reporter, Say, start_wandb
-from raygpt.worker.session import OrderedRayCalls, RaySession
+from raygpt.worker.session import OrderedRayCalls, RaySession, exit_waits_for_block, train_worker, tune_trial
 from raygpt.worker.startup import Startup
 
 
@@ -71,6 +76,7 @@ def build_model(cfg: TrainConfig, meta: dict | None, saved: dict | None, precisi
 
 
 def worker_device(cfg: TrainConfig, use_gpu: bool, gpu: Callable[[], torch.device]) -> torch.device:
+    """This worker's device (the GPU Ray gave it, or the CPU), set up as raygpt.bench sets its own."""
     if not use_gpu:
         device = torch.device("cpu")
     else:
@@ -116,15 +122,6 @@ def open_compile_cache(cfg: TrainConfig, device, model_args: dict, world_size: i
     cache = CompileCache(storage_root(cfg.storage_path), device, settings, writer=writer, warn=warn)
     cache.load()
     return cache
-
-
-def largest_over_ranks(value: int, world_size: int, device: torch.device) -> int:
-    """The largest of `value` over the ranks (every rank calls it)."""
-    if world_size == 1:
-        return value
-    values = torch.tensor([value], device=device)
-    torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
-    return int(values.item())
 
 
 class StepHooks:
@@ -284,8 +281,8 @@ def report_and_stop(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, sa
     reporter = Reporter(cfg, say, tokens_per_iter, mfu, device, wandb_run, report_to_ray=ray_session.report,
                         results_at=join_uri(storage_root(cfg.storage_path), plan.run_name))  # fmt: skip
     calls = OrderedRayCalls(background=cfg.async_checkpoint)
-    checkpointer = Checkpointer(cfg.out_dir, rank, sharded=state.sharded, checkpoint_type=ray_session.checkpoint_type,
-                                calls=calls, say=say)  # fmt: skip
+    checkpointer = Checkpointer(cfg.out_dir, rank, calls, sharded=state.sharded,
+                                checkpoint_type=ray_session.checkpoint_type, say=say)  # fmt: skip
     # Ray's preemption notice, polled at log cadence (a barrier: every rank polls the same iterations),
     # in order with the reports (Ray numbers both kinds of collective).
     # SIGTERM to the launcher reaches the workers the same way, read from Ray's key-value store.
@@ -382,7 +379,7 @@ def end(run: Run) -> None:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """A Ray Train worker's training function (raygpt.launch.build_trainer)."""
-    run = start(loop_config, session.train_worker())
+    run = start(loop_config, train_worker())
     fit(run)
     end(run)
 
@@ -398,7 +395,7 @@ def train_in_tune_trial(loop_config: dict) -> None:
     exit then stops that thread as it takes the GIL back, which aborts the process with a fatal error
     and a stack on the user's console. The exit waits for the loop, which ends at its next iteration."""
     with exit_waits_for_block(TRIAL_EXIT_WAIT_S):
-        run = start(loop_config, session.tune_trial())
+        run = start(loop_config, tune_trial())
         stopped = fit(run)
         try:
             run.calls.close()  # the last checkpoint is written and reported before the trial ends

@@ -1,6 +1,7 @@
 """What the training loop asks of Ray, wherever it runs: its rank, the checkpoint to resume, where reports go;
-the torch backend Ray Train sets the workers' process group up with (NoTeardownTorchConfig); and the one
-thread that keeps the worker's Ray Train calls in order (OrderedRayCalls).
+the torch backend Ray Train sets the workers' process group up with (NoTeardownTorchConfig); the one
+thread that keeps the worker's Ray Train calls in order (OrderedRayCalls); and the exit of a Tune trial's
+process, which waits for the loop (exit_waits_for_block).
 
 A Ray Train worker (`train_worker()`) is the usual place. A one-worker Tune trial can run the loop in the
 trial's own process (`tune_trial()`): Tune then restarts, checkpoints and ranks it, and each trial after
@@ -10,8 +11,11 @@ the trial actor), instead of starting a Train controller and a worker process of
 
 from __future__ import annotations
 
+import atexit
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -144,3 +148,25 @@ class OrderedRayCalls:
         self.wait()
         if self.background is not None:
             self.background.shutdown()
+
+
+_block_ended = threading.Event()
+_block_ended.set()
+_exit_waits_for_blocks = False
+
+
+@contextmanager
+def exit_waits_for_block(timeout_s: float):
+    """While the block runs (in any thread), this process's exit waits for it to end, for at most
+    timeout_s (the first block's), before Python stops daemon threads: one stopped inside a torch call
+    that released the GIL aborts the process ("Fatal Python error: Aborted"). atexit handlers run
+    before that; one handler serves every block of the process."""
+    global _exit_waits_for_blocks
+    if not _exit_waits_for_blocks:
+        atexit.register(_block_ended.wait, timeout_s)
+        _exit_waits_for_blocks = True
+    _block_ended.clear()
+    try:
+        yield
+    finally:
+        _block_ended.set()
