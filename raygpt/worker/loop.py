@@ -204,7 +204,7 @@ def setup(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, started: flo
     dataset_dir = local_dataset(cfg, Say(ray_session.local_rank == 0))
     say(f"tokens per iteration will be: {tokens_per_iter:,}", flush=True)
     startup.lap("data")
-    trained = load_model(cfg, plan, ray_session, say, startup, precision, load_meta(dataset_dir), communicator)
+    trained = load_model(cfg, plan, ray_session, say, startup, precision, dataset_dir, communicator)
     state, wrapped = trained.state, trained.wrapped
 
     nanogpt_order = cfg.data_order == "nanogpt"
@@ -233,14 +233,14 @@ def setup(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, started: flo
 
 
 def load_model(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, say: Say, startup: Startup,
-               precision: Precision, meta: dict | None, communicator: CommunicatorWarmup) -> Trained:  # fmt: skip
+               precision: Precision, dataset_dir: Path, communicator: CommunicatorWarmup) -> Trained:  # fmt: skip
     """The model restored from a checkpoint (a restart, a rerun, init_from=resume), GPT-2's or a fresh one,
     wrapped for the run, with its optimizer and TrainState."""
     rank, world_size, device = ray_session.world_rank, ray_session.world_size, precision.device
     saved, source = find_resume(cfg, plan.resume_from, ray_session.checkpoint, say)
     startup.lap("checkpoint read")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model, model_args = build_model(cfg, meta, saved, precision)
+    model, model_args = build_model(cfg, load_meta(dataset_dir), saved, precision)
     model.to(device)
     startup.lap("model")
     # Graphs compiled by an earlier process of this run, a rerun or another trial, shared through storage.

@@ -6,10 +6,10 @@ DRAIN_NODE_REASON_PREEMPTION`) and hands the workers a PreemptionInfo with the r
 `ray.train.get_preemption_info()` is a barrier that answers every rank with rank 0's view, so
 PreemptionWatch polls it only every `every` iterations: all ranks poll on the same iterations and stop on
 the same one. It is one of Ray's collectives, numbered per process as ray.train.report's are, so it must
-come in the same order as the reports on every rank: with asynchronous checkpoints the reports are made by
-the checkpointer's thread, and so is the poll (`run_in_order`). Each answer is read at the first poll
-iteration after it has come, so the loop never waits on Ray (~10 ms a poll, CPU) nor on a checkpoint write
-queued before the poll; the ranks then agree (one all-reduce) on whether to stop.
+come in the same order as the reports on every rank: with asynchronous checkpoints the reports are made
+by the worker's one thread of Ray calls (session.OrderedRayCalls), and so is the poll (`run_in_order`).
+Each answer is read at the first poll iteration after it has come, so the loop never waits on Ray (~10 ms
+a poll, CPU) nor on a checkpoint write queued before the poll; the ranks then agree (one all-reduce) on whether to stop.
 After the checkpoint the loop trains no further (any step taken then would be lost) and waits
 for Ray to restart the run from it, which Ray does at the deadline (FailureConfig.max_preemption_failures).
 
@@ -68,7 +68,7 @@ class PreemptionWatch:
 
     `poll` is ray.train.get_preemption_info and `stop_asked` whether the launcher got SIGTERM (either None:
     not watched; both None in local mode, where only this process's SIGTERM is). Both are asked in one job
-    submitted through `run_in_order` (the checkpointer's thread; default: called at once) when
+    submitted through `run_in_order` (OrderedRayCalls.in_order; default: called at once) when
     iter_num % every == 0, the same iterations on every rank. Answers are read when they have come, never
     waited for: a poll queued behind a background checkpoint write must not make the loop wait for the
     write. Since ranks may read an answer at different iterations, `agree` (a MAX all-reduce across ranks
