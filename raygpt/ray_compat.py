@@ -3,7 +3,15 @@ audit on a Ray upgrade. Each fallback keeps the run working as it would without 
 
 from __future__ import annotations
 
+import logging
+
 # launcher side
+
+
+def hide_token_auth_notice() -> None:
+    """Ray announces at start that token authentication is on (the default): nothing to act on. Its
+    logger is a private module's: if it moves, the notice is printed as before."""
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
 
 
 def forward_worker_output(enabled: bool) -> None:

@@ -203,7 +203,9 @@ def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | Non
     else:
         return None
     summary = None
-    if not starts_from_scratch(cfg, explicit_keys):  # refused below without reading a checkpoint
+    if not starts_from_scratch(cfg, explicit_keys):  # else refused below, no checkpoint read
+        # out_dir's checkpoint only where Ray holds none: a Ray run none of whose checkpoints reads is
+        # refused, not continued from an older file.
         latest, older = (ray_dirs[-1], ray_dirs[-2::-1]) if ray_dirs else (None, None)
         candidates = checkpoint.resume_candidates(latest, older, fallback=None if ray_dirs else out_ckpt)
         try:

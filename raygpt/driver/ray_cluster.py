@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from raygpt.errors import LaunchError, one_line
-from raygpt.ray_compat import start_autoscaling_coordinator
+from raygpt.ray_compat import hide_token_auth_notice, start_autoscaling_coordinator
 
 
 def quiet_ray() -> None:
@@ -43,8 +43,7 @@ def connect(address: str | None, verbose: bool = False) -> None:
     if not sys.stdout.isatty():
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if not verbose:
-        # Ray announces at start that token authentication is on (the default): nothing to act on.
-        logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
+        hide_token_auth_notice()
     # Ray's own rule: an address (or RAY_ADDRESS) joins that cluster; without one, a cluster started on
     # this machine with `ray start` is joined (Ray records it in its temp folder), else one starts here.
     address, source = given_address(address)
