@@ -273,51 +273,51 @@ def run_sweep(
     space = search_space(check_specs(base, specs)) if all(isinstance(s, Spec) for s in specs.values()) else specs
     explicit_keys = set(explicit_keys) | set(specs)
     cfg, plan, lock = prepare_run(base, explicit_keys, options, new_runs=True)  # each trial is a run of its own
-    trials = trial_count(space, num_samples)
-    concurrent = min(max_concurrent or trials, trials)
-    if not options.wait_for_resources:
-        concurrent = max(1, min(concurrent, trials_that_fit(plan, explicit_keys)))
-    if concurrent > 1:
-        plan = plan_concurrency(cfg, plan, explicit_keys, concurrent)
-    workers = count(plan.num_workers, describe_worker(plan))
-    in_trial = trains_in_trial(cfg, plan)
-    print(
-        f"raygpt.tune: {count(trials, 'trial')} of {workers},"
-        f" {count(plan.cpus_per_worker, 'CPU')} each, up to {concurrent} at a time"
-        + (", each training in its Tune trial's process" if in_trial else ", each a Ray Train run"),
-        flush=True,
-    )
-    scheduler = None
-    if asha:
-        grace = grace_period or min(cfg.max_iters, 2 * cfg.eval_interval)
-        scheduler = ASHAScheduler(time_attr="iter", max_t=max(cfg.max_iters, 1), grace_period=max(1, grace))
-    tuner = tune.Tuner(
-        make_trainable(cfg, plan),
-        param_space=space,
-        tune_config=tune.TuneConfig(
-            metric="val_loss",
-            mode="min",
-            num_samples=num_samples,
-            max_concurrent_trials=concurrent,
-            scheduler=scheduler,
-            # A finished trial's process runs the next trial: torch imported, its GPU set up and its graphs
-            # compiled. Only where the trial trained itself: a Train run that a scheduler stopped goes on in
-            # the trial's thread, Tune cannot hand that process on, and the sweep waited forever.
-            reuse_actors=in_trial,
-        ),
-        run_config=tune.RunConfig(
-            name=name or f"{plan.run_name}-tune",
-            storage_path=cfg.storage_path or None,
-            verbose=verbose,
-            # A trial that trains in its own process is restarted and checkpointed by Tune, as a Train run
-            # would be by Train.
-            **(trial_run_options(cfg) if in_trial else {}),
-        ),
-    )
-    try:
+    try:  # the run lock is released when the sweep ends, or fails to start
+        trials = trial_count(space, num_samples)
+        concurrent = min(max_concurrent or trials, trials)
+        if not options.wait_for_resources:
+            concurrent = max(1, min(concurrent, trials_that_fit(plan, explicit_keys)))
+        if concurrent > 1:
+            plan = plan_concurrency(cfg, plan, explicit_keys, concurrent)
+        workers = count(plan.num_workers, describe_worker(plan))
+        in_trial = trains_in_trial(cfg, plan)
+        print(
+            f"raygpt.tune: {count(trials, 'trial')} of {workers},"
+            f" {count(plan.cpus_per_worker, 'CPU')} each, up to {concurrent} at a time"
+            + (", each training in its Tune trial's process" if in_trial else ", each a Ray Train run"),
+            flush=True,
+        )
+        scheduler = None
+        if asha:
+            grace = grace_period or min(cfg.max_iters, 2 * cfg.eval_interval)
+            scheduler = ASHAScheduler(time_attr="iter", max_t=max(cfg.max_iters, 1), grace_period=max(1, grace))
+        tuner = tune.Tuner(
+            make_trainable(cfg, plan),
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric="val_loss",
+                mode="min",
+                num_samples=num_samples,
+                max_concurrent_trials=concurrent,
+                scheduler=scheduler,
+                # A finished trial's process runs the next trial: torch imported, its GPU set up and its graphs
+                # compiled. Only where the trial trained itself: a Train run that a scheduler stopped goes on in
+                # the trial's thread, Tune cannot hand that process on, and the sweep waited forever.
+                reuse_actors=in_trial,
+            ),
+            run_config=tune.RunConfig(
+                name=name or f"{plan.run_name}-tune",
+                storage_path=cfg.storage_path or None,
+                verbose=verbose,
+                # A trial that trains in its own process is restarted and checkpointed by Tune, as a Train run
+                # would be by Train.
+                **(trial_run_options(cfg) if in_trial else {}),
+            ),
+        )
         return tuner.fit()
     finally:
-        lock.release()  # the sweep has ended
+        lock.release()
 
 
 def check_sweep_options(base: TrainConfig, specs: dict, num_samples: int, max_concurrent: int | None, asha: bool,
