@@ -16,6 +16,10 @@ class RaygptError(Exception):
     """Bad input or state found by raygpt; the message is one line that says how to fix it."""
 
 
+class LaunchError(RaygptError, RuntimeError):
+    """Something the launcher found wrong before training started; the message is one line."""
+
+
 EXIT_REFUSED = 2  # argparse's status for bad usage; every refusal uses it
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 

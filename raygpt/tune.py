@@ -6,7 +6,7 @@ the trial's values, its own run_name (`<run_name>-<trial_id>`) and out_dir (`<ou
 A trial of one worker trains in the trial's own process (raygpt.worker.loop.train_in_tune_trial), reporting
 and checkpointing to Tune, which restarts it after a failure (max_failures); Tune reuses the process for
 the next trial, which so starts with torch imported and its graphs compiled. A trial of several workers
-(or FSDP2, or an elastic count) is a Ray Train V2 run (`raygpt.launch.build_trainer`) whose eval metrics
+(or FSDP2, or an elastic count) is a Ray Train V2 run (`raygpt.driver.trainer.build_trainer`) whose eval metrics
 reach Tune through TuneReportCallback. Tune minimizes val_loss; --asha stops poor trials early
 (time_attr 'iter').
 """
@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from raygpt import launch
 from raygpt.config.schema import (
     FIELD_TYPES,
     ConfigError,
@@ -32,6 +31,9 @@ from raygpt.config.schema import (
     parse_value,
     read_config,
 )
+from raygpt.driver.launcher import LauncherOptions, add_launcher_options, prepare_run
+from raygpt.driver.plan import RunPlan, count, cpu_share, describe_worker, plan_resources
+from raygpt.driver.trainer import build_trainer, root_cause
 from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, refuse
 from raygpt.storage.uri import check_storage_path
 
@@ -64,11 +66,16 @@ def is_spec(text: str) -> bool:
     return bool(SPEC_RE.match(text))
 
 
-def parse_spec(name: str, text: str) -> Spec:
-    """`loguniform:1e-4:3e-3` -> Spec('loguniform', (1e-4, 3e-3)); one-line ConfigError when malformed."""
+def check_sampled(name: str) -> None:
+    """`name` is a config key a sweep may sample."""
     check_known(name)
     if name in NOT_SAMPLED:
         raise ConfigError(f"bad search space for {name}: every trial of a sweep shares {name}, it cannot be sampled")
+
+
+def parse_spec(name: str, text: str) -> Spec:
+    """`loguniform:1e-4:3e-3` -> Spec('loguniform', (1e-4, 3e-3)); one-line ConfigError when malformed."""
+    check_sampled(name)
     match = SPEC_RE.match(text)
     if not match:
         raise ConfigError(
@@ -174,7 +181,7 @@ def trial_count(space: dict, num_samples: int) -> int:
     return num_samples * grid
 
 
-def trials_that_fit(plan: launch.RunPlan, explicit_keys) -> int:
+def trials_that_fit(plan: RunPlan, explicit_keys) -> int:
     """Trials whose Train workers fit side by side now (workers shrink to that share where not set explicitly)."""
     import ray
 
@@ -185,7 +192,7 @@ def trials_that_fit(plan: launch.RunPlan, explicit_keys) -> int:
     return int(resources.get("CPU", 0) // (plan.num_workers * per_worker))
 
 
-def plan_concurrency(cfg: TrainConfig, plan: launch.RunPlan, explicit_keys, concurrent: int) -> launch.RunPlan:
+def plan_concurrency(cfg: TrainConfig, plan: RunPlan, explicit_keys, concurrent: int) -> RunPlan:
     """Share the cluster between `concurrent` trials where the user left workers/CPUs to the planner."""
     import ray
 
@@ -196,20 +203,19 @@ def plan_concurrency(cfg: TrainConfig, plan: launch.RunPlan, explicit_keys, conc
         changes["num_workers"] = max(1, gpus // concurrent)
     workers = changes.get("num_workers", plan.num_workers)
     if "cpus_per_worker" not in explicit_keys:
-        share = int(cpus / (workers * concurrent)) if workers else 1
-        changes["cpus_per_worker"] = float(max(1, min(4, share)) if plan.use_gpu else max(1, share))
+        changes["cpus_per_worker"] = cpu_share(cpus, workers * concurrent, plan.use_gpu)
     if not changes:
         return plan
-    return launch.plan_resources(cfg.replace(use_gpu=plan.use_gpu, **changes))
+    return plan_resources(cfg.replace(use_gpu=plan.use_gpu, **changes))
 
 
-def trains_in_trial(cfg: TrainConfig, plan: launch.RunPlan) -> bool:
+def trains_in_trial(cfg: TrainConfig, plan: RunPlan) -> bool:
     """Whether each trial trains in its own process instead of starting a Ray Train run: one fixed worker,
     no process group needed (FSDP2 shards over one; local mode keeps its Train semantics)."""
     return plan.num_workers == 1 and not plan.max_workers and cfg.parallelism != "fsdp" and not cfg.local_mode
 
 
-def make_trainable(base: TrainConfig, plan: launch.RunPlan):
+def make_trainable(base: TrainConfig, plan: RunPlan):
     from ray import tune
 
     in_trial = trains_in_trial(base, plan)
@@ -229,7 +235,7 @@ def make_trainable(base: TrainConfig, plan: launch.RunPlan):
         else:
             from ray.tune.integration.ray_train import TuneReportCallback
 
-            launch.build_trainer(cfg, trial_plan, callbacks=[TuneReportCallback()]).fit()
+            build_trainer(cfg, trial_plan, callbacks=[TuneReportCallback()]).fit()
 
     if not in_trial:
         # The trial function only drives the Train run (whose controller takes 0 CPUs); its workers hold the
@@ -247,7 +253,7 @@ def run_sweep(
     max_concurrent: int | None = None,
     asha: bool = False,
     grace_period: int | None = None,
-    options: launch.LauncherOptions = launch.LauncherOptions(),
+    options: LauncherOptions = LauncherOptions(),
     name: str | None = None,
     verbose: int = 1,
 ):
@@ -262,6 +268,63 @@ def run_sweep(
     # Tune snapshots the experiment whenever a trial has kept checkpoints_to_keep new ones, which is what
     # ranks them; its warning about that cadence only says so, seconds apart, in every short sweep.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    check_sweep_options(base, specs, num_samples, max_concurrent, asha, grace_period, name)
+    # Specs (from split_argv) are checked against the base config; a ready param_space is used as given.
+    space = search_space(check_specs(base, specs)) if all(isinstance(s, Spec) for s in specs.values()) else specs
+    explicit_keys = set(explicit_keys) | set(specs)
+    cfg, plan, lock = prepare_run(base, explicit_keys, options, new_runs=True)  # each trial is a run of its own
+    try:  # the run lock is released when the sweep ends, or fails to start
+        trials = trial_count(space, num_samples)
+        concurrent = min(max_concurrent or trials, trials)
+        if not options.wait_for_resources:
+            concurrent = max(1, min(concurrent, trials_that_fit(plan, explicit_keys)))
+        if concurrent > 1:
+            plan = plan_concurrency(cfg, plan, explicit_keys, concurrent)
+        workers = count(plan.num_workers, describe_worker(plan))
+        in_trial = trains_in_trial(cfg, plan)
+        print(
+            f"raygpt.tune: {count(trials, 'trial')} of {workers},"
+            f" {count(plan.cpus_per_worker, 'CPU')} each, up to {concurrent} at a time"
+            + (", each training in its Tune trial's process" if in_trial else ", each a Ray Train run"),
+            flush=True,
+        )
+        scheduler = None
+        if asha:
+            grace = grace_period or min(cfg.max_iters, 2 * cfg.eval_interval)
+            scheduler = ASHAScheduler(time_attr="iter", max_t=max(cfg.max_iters, 1), grace_period=max(1, grace))
+        tuner = tune.Tuner(
+            make_trainable(cfg, plan),
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric="val_loss",
+                mode="min",
+                num_samples=num_samples,
+                max_concurrent_trials=concurrent,
+                scheduler=scheduler,
+                # A finished trial's process runs the next trial: torch imported, its GPU set up and its graphs
+                # compiled. Only where the trial trained itself: a Train run that a scheduler stopped goes on in
+                # the trial's thread, Tune cannot hand that process on, and the sweep waited forever.
+                reuse_actors=in_trial,
+            ),
+            run_config=tune.RunConfig(
+                name=name or f"{plan.run_name}-tune",
+                storage_path=cfg.storage_path or None,
+                verbose=verbose,
+                # A trial that trains in its own process is restarted and checkpointed by Tune, as a Train run
+                # would be by Train.
+                **(trial_run_options(cfg) if in_trial else {}),
+            ),
+        )
+        return tuner.fit()
+    finally:
+        lock.release()
+
+
+def check_sweep_options(base: TrainConfig, specs: dict, num_samples: int, max_concurrent: int | None, asha: bool,
+                        grace_period: int | None, name: str | None) -> None:  # fmt: skip
+    """What a sweep needs (something to sample, only keys that may be sampled, a trial or more), and what
+    Ray would refuse (or quietly ignore) only after it started: ASHA's grace period, the experiment's
+    folder name, and where its results go."""
     if not specs:
         raise ConfigError(
             "nothing to tune: give at least one --key=SPEC (loguniform:LOW:HIGH, uniform:LOW:HIGH, "
@@ -273,62 +336,6 @@ def run_sweep(
         raise ConfigError(f"--max-concurrent must be at least 1, got {max_concurrent}")
     if base.eval_only:
         raise ConfigError("eval_only=True has nothing to tune")
-    check_sweep_options(base, asha, grace_period, name)
-    for key in specs:
-        check_known(key)
-        if key in NOT_SAMPLED:
-            raise ConfigError(f"bad search space for {key}: every trial of a sweep shares {key}, it cannot be sampled")
-    # Specs (from split_argv) are checked against the base config; a ready param_space is used as given.
-    space = search_space(check_specs(base, specs)) if all(isinstance(s, Spec) for s in specs.values()) else specs
-    explicit_keys = set(explicit_keys) | set(specs)
-    cfg, plan = launch.prepare_run(base, explicit_keys, options, new_runs=True)  # each trial is a run of its own
-    trials = trial_count(space, num_samples)
-    concurrent = min(max_concurrent or trials, trials)
-    if not options.wait_for_resources:
-        concurrent = max(1, min(concurrent, trials_that_fit(plan, explicit_keys)))
-    if concurrent > 1:
-        plan = plan_concurrency(cfg, plan, explicit_keys, concurrent)
-    workers = launch.count(plan.num_workers, launch.describe_worker(plan))
-    in_trial = trains_in_trial(cfg, plan)
-    print(
-        f"raygpt.tune: {launch.count(trials, 'trial')} of {workers},"
-        f" {launch.count(plan.cpus_per_worker, 'CPU')} each, up to {concurrent} at a time"
-        + (", each training in its Tune trial's process" if in_trial else ", each a Ray Train run"),
-        flush=True,
-    )
-    scheduler = None
-    if asha:
-        grace = grace_period or min(cfg.max_iters, 2 * cfg.eval_interval)
-        scheduler = ASHAScheduler(time_attr="iter", max_t=max(cfg.max_iters, 1), grace_period=max(1, grace))
-    tuner = tune.Tuner(
-        make_trainable(cfg, plan),
-        param_space=space,
-        tune_config=tune.TuneConfig(
-            metric="val_loss",
-            mode="min",
-            num_samples=num_samples,
-            max_concurrent_trials=concurrent,
-            scheduler=scheduler,
-            # A finished trial's process runs the next trial: torch imported, its GPU set up and its graphs
-            # compiled. Only where the trial trained itself: a Train run that a scheduler stopped goes on in
-            # the trial's thread, Tune cannot hand that process on, and the sweep waited forever.
-            reuse_actors=in_trial,
-        ),
-        run_config=tune.RunConfig(
-            name=name or f"{plan.run_name}-tune",
-            storage_path=cfg.storage_path or None,
-            verbose=verbose,
-            # A trial that trains in its own process is restarted and checkpointed by Tune, as a Train run
-            # would be by Train.
-            **(trial_run_options(cfg) if in_trial else {}),
-        ),
-    )
-    return tuner.fit()
-
-
-def check_sweep_options(base: TrainConfig, asha: bool, grace_period: int | None, name: str | None) -> None:
-    """What Ray would refuse (or quietly ignore) only after it started: ASHA's grace period, the experiment's
-    folder name, and where its results go."""
     if grace_period is not None and not asha:
         raise ConfigError("--grace-period is ASHA's: add --asha, or leave it out")
     if grace_period is not None and not 1 <= grace_period <= base.max_iters:
@@ -339,6 +346,8 @@ def check_sweep_options(base: TrainConfig, asha: bool, grace_period: int | None,
     if name is not None and (name in ("", ".", "..") or "/" in name):
         raise ConfigError(f"--name {name!r} must be a plain folder name (no '/', not '.' or '..')")
     check_storage_path(base.storage_path)
+    for key in specs:  # also the keys of a ready param_space
+        check_sampled(key)
 
 
 def trial_run_options(cfg: TrainConfig) -> dict:
@@ -406,7 +415,7 @@ def summarize(grid, specs: dict[str, Spec], max_iters: int) -> int:
         if result.error is not None:
             print(
                 f"trial {(result.metrics or {}).get('trial_id') or Path(result.path).name} failed:"
-                f" {launch.root_cause(result.error)}"
+                f" {root_cause(result.error)}"
             )
     scored = [r for r in grid if r.metrics and r.metrics.get("best_val_loss") is not None]
     if not scored:
@@ -469,7 +478,7 @@ def parse_args(argv: list[str]):
         help="iterations before ASHA may stop a trial (default: 2 eval intervals)",
     )
     parser.add_argument("--name", default=None, help="Tune experiment name (default: <run_name>-tune)")
-    launch.add_launcher_options(parser)
+    add_launcher_options(parser)
     return parser, *parser.parse_known_args(argv)
 
 
@@ -493,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             args.max_concurrent,
             args.asha,
             args.grace_period,
-            launch.LauncherOptions(args.address, args.wait_for_resources, args.prepare_input),
+            LauncherOptions(args.address, args.wait_for_resources, args.prepare_input),
             args.name,
         )
     except RaygptError as e:

@@ -101,7 +101,7 @@ def ray_local():
     import ray
 
     # 2-core CI machines: advertise 4 logical CPUs so two 1-CPU workers and Ray's own actors fit.
-    from raygpt.launch import quiet_ray
+    from raygpt.driver.ray_cluster import quiet_ray
 
     quiet_ray()
     with pytest.MonkeyPatch.context() as patch:

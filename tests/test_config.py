@@ -205,7 +205,8 @@ def test_num_workers_min_max_is_an_elastic_range():
 
 
 def test_an_elastic_range_with_a_count_that_cannot_split_the_batch_is_refused():
-    from raygpt.launch import LaunchError, check_elastic_range
+    from raygpt.driver.plan import check_elastic_range
+    from raygpt.errors import LaunchError
 
     check_elastic_range(TrainConfig(num_workers=1, max_workers=2, gradient_accumulation_steps=4))
     with pytest.raises(LaunchError, match=r"includes 3, which gradient_accumulation_steps \(4\) cannot be divided"):

@@ -126,10 +126,11 @@ def test_config_key():
 
 
 def test_cpu_runs_are_refused_before_any_worker_starts():
-    from raygpt import launch
+    from raygpt.driver.plan import plan_resources
+    from raygpt.errors import LaunchError
 
     with pytest.raises(ConfigError, match="^fp8=True trains on CUDA GPUs with FP8 tensor cores; device is cpu"):
         TrainConfig(fp8=True, device="cpu", dtype="float32")
     cfg = TrainConfig(fp8=True, dtype="bfloat16", use_gpu=False, local_mode=True)
-    with pytest.raises(launch.LaunchError, match="fp8=True trains on GPUs with FP8 tensor cores; this run has CPU"):
-        launch.plan_resources(cfg)
+    with pytest.raises(LaunchError, match="fp8=True trains on GPUs with FP8 tensor cores; this run has CPU"):
+        plan_resources(cfg)

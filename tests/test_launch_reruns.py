@@ -20,6 +20,9 @@ from conftest import TINY_LOCAL_RUN as TINY
 from raygpt import launch
 from raygpt.config.schema import read_config
 from raygpt.core import checkpoint
+from raygpt.driver.plan import plan_resume
+from raygpt.driver.preflight import absolute_paths, dataset_meta
+from raygpt.errors import LaunchError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,10 +63,11 @@ def test_a_sweeps_trials_neither_continue_nor_are_refused_by_a_finished_run(run_
     argv, out = run_args
     assert cli(argv, capsys)[0] == 0
     cfg, keys = read_config(argv)
-    cfg = launch.absolute_paths(cfg)
-    with pytest.raises(launch.LaunchError, match="already at iter 4"):
-        launch.check_data(cfg, out.name, keys, None)
-    assert launch.check_data(cfg, out.name, keys, None, new_runs=True)[0] is None
+    cfg = absolute_paths(cfg)
+    meta = dataset_meta(cfg, None)
+    with pytest.raises(LaunchError, match="already at iter 4"):
+        plan_resume(cfg, out.name, keys, meta)
+    assert plan_resume(cfg, out.name, keys, meta, new_runs=True) is None
 
 
 def test_rerun_with_more_iters_continues_and_names_what_changed(run_args, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from raygpt.launch import job_runtime_env
+from raygpt.driver.ray_cluster import job_runtime_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ CONNECT_AND_COUNT = """
 import json, os, re, sys, time
 from pathlib import Path
 import ray
-from raygpt.launch import connect
+from raygpt.driver.ray_cluster import connect
 connect(None)
 time.sleep(3)
 raylet_log = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "raylet.out"
@@ -98,15 +98,15 @@ def test_packages_without_bytecode_are_found_and_the_fix_silences_them(tmp_path)
 
 
 def test_the_launcher_names_the_fix_for_missing_bytecode(monkeypatch, capsys):
-    from raygpt import launch
+    from raygpt.driver import preflight
 
-    monkeypatch.setattr(launch, "packages_without_bytecode", lambda: ["/site/torch", "/site/sympy"])
-    launch.check_bytecode()
+    monkeypatch.setattr(preflight, "packages_without_bytecode", lambda: ["/site/torch", "/site/sympy"])
+    preflight.check_bytecode()
     out = capsys.readouterr().out
     assert out.startswith("raygpt: warning: torch, sympy have no compiled bytecode") and out.count("\n") == 1
     assert out.rstrip().endswith("Once: python -m compileall -q -j 0 /site/torch /site/sympy")
-    monkeypatch.setattr(launch, "packages_without_bytecode", lambda: [])
-    launch.check_bytecode()
+    monkeypatch.setattr(preflight, "packages_without_bytecode", lambda: [])
+    preflight.check_bytecode()
     assert capsys.readouterr().out == ""
 
 
@@ -130,7 +130,7 @@ def test_a_failed_group_is_not_held_up_by_tearing_down_its_process_group(ray_loc
     # blocks there under NCCL; raygpt's leaves the group to the kill that follows, with Ray's set-up.
     from ray.train.torch import TorchConfig
 
-    from raygpt.launch import build_trainer  # noqa: F401 - the trainer the launcher builds uses it
+    from raygpt.driver.trainer import build_trainer  # noqa: F401 - the trainer the launcher builds uses it
     from raygpt.worker.session import NoTeardownTorchConfig
 
     stock = RecordingWorkerGroup()

@@ -16,6 +16,7 @@ import pytest
 from conftest import TINY_LOCAL_RUN
 
 from raygpt.prepare import prepare_dataset
+from raygpt.storage import uri as storage
 from raygpt.storage.uri import (
     DatasetNotFoundError,
     StorageError,
@@ -25,7 +26,6 @@ from raygpt.storage.uri import (
     stage_dataset,
     upload_dataset,
 )
-from raygpt.storage import uri as storage
 
 TOKEN_FILES = ("train.bin", "val.bin", "meta.json")
 

@@ -13,6 +13,10 @@ from raygpt.config.schema import TrainConfig
 from raygpt.core import checkpoint
 from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.step import resolve_dtype
+from raygpt.driver.plan import RunPlan, plan_resources
+from raygpt.driver.preflight import absolute_paths
+from raygpt.driver.trainer import build_trainer
+from raygpt.errors import LaunchError
 
 TINY = TINY_RUN
 
@@ -130,8 +134,8 @@ def test_an_elastic_run_takes_the_workers_the_cluster_has(ray_local, tmp_path, c
 def test_float16_uses_the_grad_scaler(tmp_path, char_data):
     # float16 autocast runs on CPU in recent torch; the launcher refuses it for users, so build the trainer directly.
     cfg = tiny_config(tmp_path, char_data, "fp16", dtype="float16", max_iters=10, local_mode=True, cpus_per_worker=1)
-    plan = launch.RunPlan(num_workers=1, use_gpu=False, cpus_per_worker=1, run_name="fp16")
-    launch.build_trainer(launch.absolute_paths(cfg), plan).fit()
+    plan = RunPlan(num_workers=1, use_gpu=False, cpus_per_worker=1, run_name="fp16")
+    build_trainer(absolute_paths(cfg), plan).fit()
     scaler_state = final_state(cfg)["scaler"]
     # The scaler counted each of the 10 steps (none overflowed at its initial scale of 2**16).
     assert (scaler_state["scale"], scaler_state["_growth_tracker"]) == (2.0**16, 10)
@@ -185,6 +189,10 @@ def test_local_mode_trains_in_process_like_one_ray_worker(one_worker_run, tmp_pa
 LOCAL_RUN = """
 import sys
 from raygpt import launch
+from raygpt.driver.plan import RunPlan, plan_resources
+from raygpt.driver.preflight import absolute_paths
+from raygpt.driver.trainer import build_trainer
+from raygpt.errors import LaunchError
 sys.exit(launch.main(sys.argv[1:]))
 """
 
@@ -227,8 +235,8 @@ def test_local_mode_starts_no_ray_and_listens_on_nothing(tmp_path, char_data):
 
 def test_nanogpt_data_order_needs_one_worker(ray_local, tmp_path, char_data):
     cfg = tiny_config(tmp_path, char_data, "two", data_order="nanogpt", num_workers=2, cpus_per_worker=1)
-    with pytest.raises(launch.LaunchError, match="data_order=nanogpt .* needs num_workers=1, not 2"):
-        launch.plan_resources(cfg)
+    with pytest.raises(LaunchError, match="data_order=nanogpt .* needs num_workers=1, not 2"):
+        plan_resources(cfg)
 
 
 def test_nanogpt_data_order_resume_equals_uninterrupted(tmp_path, char_data):

@@ -249,9 +249,9 @@ def test_killed_trial_is_restarted_by_tune_and_ends_bit_identical(ray_local, tmp
 )
 def test_sweeps_that_cannot_run_are_one_line_before_ray_starts(tmp_path, capsys, monkeypatch, argv, message):
     def ray_would_start(*args, **kwargs):
-        raise AssertionError("reached launch.prepare_run: the refusal came too late")
+        raise AssertionError("reached prepare_run: the refusal came too late")
 
-    monkeypatch.setattr(rtune.launch, "prepare_run", ray_would_start)
+    monkeypatch.setattr(rtune, "prepare_run", ray_would_start)
     (tmp_path / "afile").write_text("not a folder")
     argv = [arg.format(tmp=tmp_path) for arg in argv]
     assert rtune.main([*argv, "--max_iters=20", "--device=cpu", f"--out_dir={tmp_path / 'out'}"]) == 2

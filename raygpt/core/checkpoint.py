@@ -411,25 +411,48 @@ def remove_leftovers(out_dir: str | Path) -> list[Path]:
     return removed
 
 
-def load_resume_state(ray_checkpoint=None, fallback: str | Path | None = None, warn=print) -> tuple[dict, str]:
-    """The newest checkpoint that loads: Ray's latest, then older ones of the same run (local storage),
-    then `fallback` (out_dir/ckpt.pt). A damaged one is reported and skipped, never half-loaded."""
+def resume_candidates(ray_latest=None, ray_older=None, fallback: str | Path | None = None) -> list:
+    """The one order in which a run's checkpoints are tried, by the launcher deciding a rerun and by a
+    restarted worker alike (the first that reads wins; a damaged one is skipped with a warning): Ray's
+    latest checkpoint of the run (a ray.train.Checkpoint, a folder or a URI), then the run's older ones
+    newest first (`ray_older`; by default the ones beside a latest in a local folder), then `fallback`
+    (out_dir/ckpt.pt, or the checkpoint the launcher chose)."""
     candidates: list = []
-    if ray_checkpoint is not None:
-        latest = Path(ray_checkpoint.path)
-        if getattr(ray_checkpoint.filesystem, "type_name", "") == "local" and latest.parent.is_dir():
-            older = sorted(
-                (p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name), reverse=True
-            )
-            candidates += [latest, *older]
-        else:
-            candidates.append(ray_checkpoint)
+    if ray_latest is not None:
+        latest = local_folder(ray_latest)
+        if ray_older is None:
+            ray_older = older_beside(latest) if latest is not None else []
+        candidates += [ray_latest if latest is None else latest, *ray_older]
     if fallback is not None:
         candidates.append(Path(fallback))
+    return candidates
+
+
+def local_folder(ray_checkpoint) -> Path | None:
+    """A Ray checkpoint's folder where it is local (a Path, or a ray.train.Checkpoint on the local
+    filesystem), else None (object storage)."""
+    if isinstance(ray_checkpoint, Path):
+        return ray_checkpoint
+    path = Path(getattr(ray_checkpoint, "path", ""))
+    if getattr(getattr(ray_checkpoint, "filesystem", None), "type_name", "") == "local" and path.parent.is_dir():
+        return path
+    return None
+
+
+def older_beside(latest: Path) -> list[Path]:
+    """The run's checkpoints older than `latest`, newest first: Ray names them checkpoint_<time> in one folder."""
+    older = (p for p in latest.parent.glob("checkpoint_*") if p.is_dir() and p.name < latest.name)
+    return sorted(older, reverse=True)
+
+
+def load_resume_state(ray_checkpoint=None, fallback: str | Path | None = None, warn=print) -> tuple[dict, str]:
+    """The newest checkpoint that loads, in resume_candidates' order. A damaged one is reported and
+    skipped, never half-loaded; check_resumable skips what read_summary refuses in the launcher."""
+    candidates = resume_candidates(ray_checkpoint, fallback=fallback)
     for candidate in candidates:
         try:
             state, where = read_checkpoint(candidate, mmap=True) if isinstance(candidate, Path) else from_ray(candidate)
-            check_resumable(state, where)  # as the launcher's read_summary: both skip the same checkpoints
+            check_resumable(state, where)
             return state, where
         except CheckpointError as e:
             warn(f"warning: skipping checkpoint: {e}")

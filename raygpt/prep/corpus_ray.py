@@ -33,7 +33,7 @@ def connect_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    from raygpt.launch import connect
+    from raygpt.driver.ray_cluster import connect
 
     connect(address)
     return True
