@@ -21,7 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from raygpt.config.schema import DEFAULTS, TrainConfig, config_help, read_config
+from raygpt.config.cli import config_help, read_config
+from raygpt.config.schema import DEFAULTS, TrainConfig
 from raygpt.core import checkpoint
 from raygpt.core.data import validate_dataset
 from raygpt.core.model import HF_REPOS, check_gpt2_available

@@ -23,15 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raygpt import launch
-from raygpt.config.schema import (
-    FIELD_TYPES,
-    ConfigError,
-    TrainConfig,
-    check_known,
-    config_help,
-    parse_value,
-    read_config,
-)
+from raygpt.config.cli import config_help, parse_value, read_config
+from raygpt.config.schema import FIELD_TYPES, ConfigError, TrainConfig, check_known
 from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, refuse
 from raygpt.storage.uri import check_storage_path
 

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from raygpt.config.schema import ConfigError, TrainConfig, load_config, parse_config_file
+from raygpt.config.cli import load_config
+from raygpt.config.file import parse_config_file
+from raygpt.config.schema import ConfigError, TrainConfig
 from raygpt.core.data import DataError, _sample_chunks, _wider_token_bits, validate_dataset
 from raygpt.core.tokenizer import MetaError, declared_token_dtype, load_meta
 from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, RaygptError
@@ -67,7 +69,8 @@ def parse_in_subprocess(tmp_path, line: str) -> str:
     path = tmp_path / "cfg.py"
     path.write_text(f"max_iters = 5\n{line}\n")
     code = textwrap.dedent(f"""
-        from raygpt.config.schema import ConfigError, parse_config_file
+        from raygpt.config.file import parse_config_file
+        from raygpt.config.schema import ConfigError
         try:
             parse_config_file({str(path)!r})
         except ConfigError as e:

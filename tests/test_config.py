@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from raygpt.config.schema import ConfigError, TrainConfig, config_help, load_config, parse_config_file
+from raygpt.config.cli import config_help, load_config
+from raygpt.config.file import parse_config_file
+from raygpt.config.schema import ConfigError, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,7 +198,7 @@ def test_round_trip_and_help():
 
 
 def test_num_workers_min_max_is_an_elastic_range():
-    from raygpt.config.schema import read_config
+    from raygpt.config.cli import read_config
 
     cfg, keys = read_config(["--num-workers", "2-4"])
     assert (cfg.num_workers, cfg.max_workers) == (2, 4) and {"num_workers", "max_workers"} <= keys

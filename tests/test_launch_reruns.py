@@ -18,7 +18,7 @@ import torch
 from conftest import TINY_LOCAL_RUN as TINY
 
 from raygpt import launch
-from raygpt.config.schema import read_config
+from raygpt.config.cli import read_config
 from raygpt.core import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
