@@ -212,3 +212,43 @@ def test_an_elastic_range_with_a_count_that_cannot_split_the_batch_is_refused():
     check_elastic_range(TrainConfig(num_workers=1, max_workers=2, gradient_accumulation_steps=4))
     with pytest.raises(LaunchError, match=r"includes 3, which gradient_accumulation_steps \(4\) cannot be divided"):
         check_elastic_range(TrainConfig(num_workers=2, max_workers=4, gradient_accumulation_steps=4))
+
+
+# Each key's role, written out: what the rest of raygpt derives from the keys' metadata. A new key gets its
+# role where it is declared; this list changes with it, on purpose.
+FREE_ON_A_RERUN = {
+    "out_dir", "eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint",
+    "async_checkpoint", "init_from", "wandb_log", "wandb_project", "wandb_run_name", "max_iters", "decay_lr",
+    "warmup_iters", "lr_decay_iters", "min_lr", "backend", "compile", "compile_mode", "compile_regions",
+    "ddp_split_graphs", "compile_eval", "compile_cache", "attention", "deterministic", "parallelism",
+    "fsdp_reshard_after_forward", "activation_checkpointing", "data_dir", "num_workers", "max_workers",
+    "elastic_resize_interval_s", "use_gpu", "cpus_per_worker", "storage_path", "run_name", "max_failures",
+    "max_preemption_failures", "checkpoints_to_keep", "local_mode", "check_memory",
+}  # fmt: skip
+SHAPE_GRAPHS = {"batch_size", "dtype", "compile_mode", "compile_regions", "compile_eval", "parallelism",
+                "activation_checkpointing", "eval_iters", "fp8", "ddp_split_graphs"}  # fmt: skip
+SHARED_BY_A_SWEEP = {"out_dir", "run_name", "storage_path", "data_dir", "num_workers", "use_gpu", "cpus_per_worker",
+                     "eval_only"}  # fmt: skip
+
+
+def test_the_key_lists_derived_from_the_keys_metadata_are_todays():
+    from raygpt.config.schema import FREE_TO_CHANGE, GRAPH_KEYS, MODEL_KEYS, NOT_SAMPLED
+
+    assert FREE_TO_CHANGE == FREE_ON_A_RERUN
+    assert set(GRAPH_KEYS) == SHAPE_GRAPHS and len(GRAPH_KEYS) == len(SHAPE_GRAPHS)
+    assert set(NOT_SAMPLED) == SHARED_BY_A_SWEEP and len(NOT_SAMPLED) == len(SHARED_BY_A_SWEEP)
+    assert MODEL_KEYS == ("block_size", "n_layer", "n_head", "n_embd", "bias")  # TrainConfig's (nanoGPT's) order
+
+
+def test_every_key_has_a_role_on_a_rerun_and_its_help():
+    import dataclasses
+
+    from raygpt.config.schema import RERUN_ROLES
+
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["rerun"] in RERUN_ROLES and f.metadata["help"], f.name
+        assert isinstance(f.metadata["graph"], bool) and isinstance(f.metadata["sweep"], bool), f.name
+    named = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["rerun"] == "named"}
+    assert named == {"dataset", "gradient_accumulation_steps", "batch_size", "dropout", "learning_rate",
+                     "weight_decay", "beta1", "beta2", "grad_clip", "device", "dtype", "fp8", "seed", "data_order",
+                     "max_nonfinite_steps"}  # fmt: skip

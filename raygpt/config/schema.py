@@ -1,5 +1,5 @@
-"""TrainConfig: every key of nanoGPT's train.py plus what Ray needs, each with its default and its help;
-its validation, and the checks a value of any key must pass.
+"""TrainConfig: every key of nanoGPT's train.py plus what Ray needs, each with its default, its help and its
+role; its validation; and the key lists other modules derive from the roles.
 
 Config files (config/file.py) and `--key=value` (config/cli.py) both end in TrainConfig.from_dict.
 """
@@ -26,148 +26,208 @@ class ConfigError(RaygptError, ValueError):
     """A bad key, value or combination; the message is one line."""
 
 
-def key(default, help: str):
-    """A config field with its one-line description (shown by --help)."""
-    return field(default=default, metadata={"help": help})
+# A key's role when a run is launched again on its checkpoints (driver's resume decision):
+#   free:  may change without a word (where output goes, how many workers, how often to evaluate);
+#   named: may change, and the "continuing" line names the change (the learning rate, the data);
+#   model: the architecture; a change the user asks for is refused, the checkpoint's shape wins.
+RERUN_ROLES = ("free", "named", "model")
+
+
+def key(default, help: str, *, rerun: str, graph: bool = False, sweep: bool = True):
+    """A config key: its default, its one-line description (--help and the README's table), its role on a
+    rerun (RERUN_ROLES), whether it shapes the compiled graphs (so it is part of the compile cache's key),
+    and whether Tune may sample it (sweep=False: every trial of a sweep shares it)."""
+    assert rerun in RERUN_ROLES, rerun
+    return field(default=default, metadata={"help": help, "rerun": rerun, "graph": graph, "sweep": sweep})
 
 
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = key("out", "folder for ckpt.pt (the newest checkpoint) and wandb files")
-    eval_interval: int = key(2000, "evaluate (and maybe checkpoint) every this many iterations")
-    log_interval: int = key(1, "print (and log to wandb) every this many iterations")
-    eval_iters: int = key(200, "batches per split in each evaluation")
-    eval_only: bool = key(False, "evaluate once and exit")
-    always_save_checkpoint: bool = key(True, "checkpoint at every eval, not only when val loss improves")
+    out_dir: str = key("out", "folder for ckpt.pt (the newest checkpoint) and wandb files", rerun="free", sweep=False)
+    eval_interval: int = key(2000, "evaluate (and maybe checkpoint) every this many iterations", rerun="free")
+    log_interval: int = key(1, "print (and log to wandb) every this many iterations", rerun="free")
+    eval_iters: int = key(200, "batches per split in each evaluation", rerun="free", graph=True)
+    eval_only: bool = key(False, "evaluate once and exit", rerun="free", sweep=False)
+    always_save_checkpoint: bool = key(True, "checkpoint at every eval, not only when val loss improves", rerun="free")
     async_checkpoint: bool = key(
-        True, "write checkpoints in the background: training pauses only to copy them to host memory"
+        True, "write checkpoints in the background: training pauses only to copy them to host memory", rerun="free"
     )
-    init_from: str = key("scratch", "'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', or a local HF GPT-2 folder")
+    init_from: str = key(
+        "scratch", "'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', or a local HF GPT-2 folder", rerun="free"
+    )
     # wandb logging
-    wandb_log: bool = key(False, "log to Weights & Biases (rank 0 only)")
-    wandb_project: str = key("owt", "wandb project")
-    wandb_run_name: str = key("gpt2", "wandb run name")
+    wandb_log: bool = key(False, "log to Weights & Biases (rank 0 only)", rerun="free")
+    wandb_project: str = key("owt", "wandb project", rerun="free")
+    wandb_run_name: str = key("gpt2", "wandb run name", rerun="free")
     # data
-    dataset: str = key("openwebtext", "dataset folder name under data_dir")
-    gradient_accumulation_steps: int = key(40, "micro-steps per iteration over ALL workers (divided by their count)")
-    batch_size: int = key(12, "micro-batch size per worker")
-    block_size: int = key(1024, "context length in tokens")
-    # model
-    n_layer: int = key(12, "transformer blocks")
-    n_head: int = key(12, "attention heads")
-    n_embd: int = key(768, "embedding width")
-    dropout: float = key(0.0, "dropout rate; 0 for pretraining, 0.1+ for finetuning")
-    bias: bool = key(False, "biases in Linear and LayerNorm layers")
-    # AdamW optimizer
-    learning_rate: float = key(6e-4, "maximum learning rate")
-    max_iters: int = key(600000, "total training iterations")
-    weight_decay: float = key(1e-1, "AdamW weight decay on matrices and embeddings")
-    beta1: float = key(0.9, "AdamW beta1")
-    beta2: float = key(0.95, "AdamW beta2")
-    grad_clip: float = key(1.0, "clip gradients at this norm; 0 disables")
-    # learning rate decay
-    decay_lr: bool = key(True, "warm up then cosine-decay the learning rate")
-    warmup_iters: int = key(2000, "linear warmup iterations")
-    lr_decay_iters: int = key(600000, "iteration where the cosine reaches min_lr (~max_iters per Chinchilla)")
-    min_lr: float = key(6e-5, "learning rate after decay (~learning_rate/10 per Chinchilla)")
-    # system
-    backend: str = key("nccl", "torch.distributed backend for GPU workers (CPU workers use gloo)")
-    device: str = key("cuda", "'cuda' uses the cluster's GPUs when it has some; 'cpu' forces CPU workers")
-    dtype: str = key(
-        "auto", "'auto' (bfloat16 if supported, else float16 on CUDA, float32 on CPU), float32, bfloat16, float16"
+    dataset: str = key("openwebtext", "dataset folder name under data_dir", rerun="named")
+    gradient_accumulation_steps: int = key(
+        40, "micro-steps per iteration over ALL workers (divided by their count)", rerun="named"
     )
-    compile: bool = key(True, "torch.compile the model (PyTorch 2)")
+    batch_size: int = key(12, "micro-batch size per worker", rerun="named", graph=True)
+    block_size: int = key(1024, "context length in tokens", rerun="model")
+    # model
+    n_layer: int = key(12, "transformer blocks", rerun="model")
+    n_head: int = key(12, "attention heads", rerun="model")
+    n_embd: int = key(768, "embedding width", rerun="model")
+    dropout: float = key(0.0, "dropout rate; 0 for pretraining, 0.1+ for finetuning", rerun="named")
+    bias: bool = key(False, "biases in Linear and LayerNorm layers", rerun="model")
+    # AdamW optimizer
+    learning_rate: float = key(6e-4, "maximum learning rate", rerun="named")
+    max_iters: int = key(600000, "total training iterations", rerun="free")
+    weight_decay: float = key(1e-1, "AdamW weight decay on matrices and embeddings", rerun="named")
+    beta1: float = key(0.9, "AdamW beta1", rerun="named")
+    beta2: float = key(0.95, "AdamW beta2", rerun="named")
+    grad_clip: float = key(1.0, "clip gradients at this norm; 0 disables", rerun="named")
+    # learning rate decay
+    decay_lr: bool = key(True, "warm up then cosine-decay the learning rate", rerun="free")
+    warmup_iters: int = key(2000, "linear warmup iterations", rerun="free")
+    lr_decay_iters: int = key(
+        600000, "iteration where the cosine reaches min_lr (~max_iters per Chinchilla)", rerun="free"
+    )
+    min_lr: float = key(6e-5, "learning rate after decay (~learning_rate/10 per Chinchilla)", rerun="free")
+    # system
+    backend: str = key("nccl", "torch.distributed backend for GPU workers (CPU workers use gloo)", rerun="free")
+    device: str = key(
+        "cuda", "'cuda' uses the cluster's GPUs when it has some; 'cpu' forces CPU workers", rerun="named"
+    )
+    dtype: str = key(
+        "auto",
+        "'auto' (bfloat16 if supported, else float16 on CUDA, float32 on CPU), float32, bfloat16, float16",
+        rerun="named",
+        graph=True,
+    )
+    compile: bool = key(True, "torch.compile the model (PyTorch 2)", rerun="free")
     compile_mode: str = key(
         "default",
         "torch.compile mode: default, reduce-overhead (CUDA graphs; for small "
         "models), max-autotune, max-autotune-no-cudagraphs",
+        rerun="free",
+        graph=True,
     )
     compile_regions: bool = key(
         False,
         "compile each transformer block (one shared graph) instead of the whole "
         "model: compile time stops growing with n_layer; head and loss run eagerly",
+        rerun="free",
+        graph=True,
     )
     ddp_split_graphs: bool = key(
         False,
         "with DDP, split the compiled model at DDP's gradient buckets (torch's DDPOptimizer) so that the "
         "all-reduce overlaps the backward; False compiles one graph, whose compile AOTAutograd's cache keeps",
+        rerun="free",
+        graph=True,
     )
     compile_eval: bool = key(
         True,
         "also compile the eval forward; False evaluates eagerly, which skips a second compile and suits short runs",
+        rerun="free",
+        graph=True,
     )
     compile_cache: bool = key(
-        True, "share compiled graphs through storage_path/compile-cache: restarts, reruns and trials reuse them"
+        True,
+        "share compiled graphs through storage_path/compile-cache: restarts, reruns and trials reuse them",
+        rerun="free",
     )
     attention: str = key(
-        "auto", "scaled_dot_product_attention backend: auto (PyTorch picks), flash, cudnn, efficient, math"
+        "auto",
+        "scaled_dot_product_attention backend: auto (PyTorch picks), flash, cudnn, efficient, math",
+        rerun="free",
     )
     deterministic: bool = key(
         False,
         "deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, math attention when "
         "attention=auto), so GPU reruns and restarts are bit-identical; slower (benchmarks/RESULTS.md)",
+        rerun="free",
     )
     # parallelism
     parallelism: str = key(
         "ddp",
         "ddp: every worker holds the whole model (DistributedDataParallel); fsdp: weights, gradients and "
         "optimizer state sharded across the workers (FSDP2), with sharded checkpoints",
+        rerun="free",
+        graph=True,
     )
     fsdp_reshard_after_forward: bool = key(
         True,
         "fsdp: free each block's gathered weights after its forward and gather them again for its backward "
         "(least memory); False keeps them until the backward, one gather fewer a micro-step for a bf16 copy "
         "of the weights",
+        rerun="free",
     )
     activation_checkpointing: str = key(
         "none",
         "recompute activations in the backward pass instead of keeping them: none, full (every block), "
         "selective (every other block)",
+        rerun="free",
+        graph=True,
     )
     fp8: bool = key(
         False,
         "FP8 matmuls in the transformer blocks' Linear layers (torchao float8 training, tensorwise scales; "
         "pip install raygpt[fp8]): CUDA GPUs of compute capability 8.9+ (H100, H200, L4) with bfloat16",
+        rerun="named",
+        graph=True,
     )
     # Ray
-    data_dir: str = key("data", "folder holding <dataset>/train.bin, val.bin, meta.json")
-    num_workers: int = key(0, "training workers; 0 = one per GPU in the cluster, or 1 on CPU")
+    data_dir: str = key("data", "folder holding <dataset>/train.bin, val.bin, meta.json", rerun="free", sweep=False)
+    num_workers: int = key(
+        0, "training workers; 0 = one per GPU in the cluster, or 1 on CPU", rerun="free", sweep=False
+    )
     max_workers: int = key(
         0,
         "elastic: grow up to this many workers as the cluster allows, num_workers the least (--num-workers "
         "MIN-MAX sets both); 0 = a fixed count",
+        rerun="free",
     )
     elastic_resize_interval_s: float = key(
         60.0,
         "elastic: seconds between Ray's checks for room to grow (growing restarts the workers from the latest "
         "checkpoint)",
+        rerun="free",
     )
-    use_gpu: bool | None = key(None, "None = use GPUs when the cluster has them; True requires them")
-    cpus_per_worker: float = key(0.0, "CPUs reserved per worker; 0 = share the cluster's CPUs")
-    storage_path: str = key("", "Ray storage for checkpoints (a shared path or s3://...); '' = ~/ray_results")
-    run_name: str = key("", "Ray run name; '' = out_dir's folder name, so rerunning a command resumes it")
-    max_failures: int = key(0, "times Ray restarts the workers after a failure (-1 = always)")
+    use_gpu: bool | None = key(
+        None, "None = use GPUs when the cluster has them; True requires them", rerun="free", sweep=False
+    )
+    cpus_per_worker: float = key(
+        0.0, "CPUs reserved per worker; 0 = share the cluster's CPUs", rerun="free", sweep=False
+    )
+    storage_path: str = key(
+        "", "Ray storage for checkpoints (a shared path or s3://...); '' = ~/ray_results", rerun="free", sweep=False
+    )
+    run_name: str = key(
+        "", "Ray run name; '' = out_dir's folder name, so rerunning a command resumes it", rerun="free", sweep=False
+    )
+    max_failures: int = key(0, "times Ray restarts the workers after a failure (-1 = always)", rerun="free")
     max_preemption_failures: int = key(
-        -1, "times Ray restarts the run after a node is preempted, counted apart from max_failures (-1 = always)"
+        -1,
+        "times Ray restarts the run after a node is preempted, counted apart from max_failures (-1 = always)",
+        rerun="free",
     )
-    checkpoints_to_keep: int = key(2, "Ray checkpoints kept: the best by val loss (the latest is kept too)")
-    seed: int = key(1337, "seed for the initial weights, the batches and dropout")
+    checkpoints_to_keep: int = key(
+        2, "Ray checkpoints kept: the best by val loss (the latest is kept too)", rerun="free"
+    )
+    seed: int = key(1337, "seed for the initial weights, the batches and dropout", rerun="named")
     data_order: str = key(
         "seeded",
         "seeded: batches are a function of (seed, iteration, rank), so resumes are "
         "exact and evals do not depend on the worker count; nanogpt: one worker "
         "replays nanoGPT's train.py random stream, to compare number for number",
+        rerun="named",
     )
-    max_nonfinite_steps: int = key(10, "stop after this many consecutive non-finite steps (0 = never)")
+    max_nonfinite_steps: int = key(10, "stop after this many consecutive non-finite steps (0 = never)", rerun="named")
     local_mode: bool = key(
         False,
         "run the loop in this process with Ray Train's local mode (one process, no "
         "cluster, no restarts): for debugging and small CPU machines",
+        rerun="free",
     )
     check_memory: bool = key(
         True,
         "refuse, before building the model, a run whose estimated memory is over 1.5x the device's",
+        rerun="free",
     )
 
     def __post_init__(self):
@@ -297,6 +357,23 @@ ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def keys_where(**metadata) -> tuple[str, ...]:
+    """The keys whose field metadata has these values (rerun=, graph=, sweep=), in TrainConfig's order."""
+    return tuple(
+        f.name for f in dataclasses.fields(TrainConfig) if all(f.metadata[k] == v for k, v in metadata.items())
+    )
+
+
+# Keys a rerun may change and still continue the same run; a change to any other is named when it resumes.
+FREE_TO_CHANGE = frozenset(keys_where(rerun="free"))
+# The model's shape: with vocab_size (from the data), what a checkpoint's model_args hold.
+MODEL_KEYS = keys_where(rerun="model")
+# Keys that change which graphs are compiled (the model's shape comes from model_args).
+GRAPH_KEYS = keys_where(graph=True)
+# Keys every trial of a sweep shares: paths and names are set per trial, resources are planned once.
+NOT_SAMPLED = keys_where(sweep=False)
 
 
 def check_known(name: str) -> None:
