@@ -25,7 +25,7 @@ from raygpt.config.cli import config_help, read_config
 from raygpt.config.schema import DEFAULTS, TrainConfig
 from raygpt.core import checkpoint
 from raygpt.core.data import validate_dataset
-from raygpt.core.model import HF_REPOS, check_gpt2_available
+from raygpt.core.hf import HF_REPOS, check_gpt2_available
 from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta, vocabulary
 from raygpt.driver.plan import RunPlan
 from raygpt.driver.runlock import RunLock, lock_run
