@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raygpt.config.cli import config_help, read_config
-from raygpt.config.schema import DEFAULTS, TrainConfig
+from raygpt.config.schema import DEFAULTS, INIT_CHOICES, TrainConfig
 from raygpt.core import checkpoint
 from raygpt.core.data import validate_dataset
-from raygpt.core.hf import HF_REPOS, check_gpt2_available
+from raygpt.core.hf import HF_REPOS, check_gpt2_available, check_gpt2_folder
 from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta, vocabulary
 from raygpt.driver.plan import RunPlan
 from raygpt.driver.runlock import RunLock, lock_run
@@ -666,6 +666,8 @@ def prepare_run(
     wandb), so a bad input costs no Ray start; then Ray, and the resources planned from what it has."""
     global _run_lock
     launched_at = time.time()
+    if cfg.init_from not in INIT_CHOICES:  # a local GPT-2 folder: checked now, and absolute for the workers
+        cfg = cfg.replace(init_from=check_gpt2_folder(cfg.init_from, cfg.block_size))
     cfg = absolute_paths(cfg)
     run_name = cfg.run_name or Path(cfg.out_dir).name
     if cfg.num_workers and not cfg.local_mode:  # a count given: checked now, not after Ray has started

@@ -157,7 +157,6 @@ def test_overrides_in_both_forms(tmp_path):
         (["--compile=maybe"], "config key 'compile' must be a bool, got 'maybe'"),
         (["--dtype=fp8"], "dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"),
         (["--device=tpu"], "device must be one of cuda, cpu, got 'tpu'"),
-        (["--init_from=gpt3"], "init_from must be one of scratch, resume, gpt2"),
         (["--n_embd=100"], "n_embd (100) must be divisible by n_head (12)"),
         (["--warmup_iters=10", "--lr_decay_iters=5"], "warmup_iters (10) must not exceed lr_decay_iters (5)"),
         (["--min_lr=1"], "min_lr (1.0) must not exceed learning_rate"),
@@ -169,6 +168,15 @@ def test_overrides_in_both_forms(tmp_path):
 )
 def test_bad_values_are_one_line_errors(argv, expected):
     assert expected in one_line_error(load_config, argv)
+
+
+def test_an_init_from_that_names_nothing_is_refused_where_folders_are_checked():
+    """validate() reads no disk, so it cannot tell a typo from a folder: the launcher's GPT-2 folder check
+    (core/hf.py, before Ray starts) refuses it, with validate's old message."""
+    from raygpt.core.hf import check_gpt2_folder
+
+    load_config(["--init_from=gpt3"])
+    assert "init_from must be one of scratch, resume, gpt2" in one_line_error(check_gpt2_folder, "gpt3", 1024)
 
 
 @pytest.mark.parametrize(
@@ -252,3 +260,21 @@ def test_every_key_has_a_role_on_a_rerun_and_its_help():
     assert named == {"dataset", "gradient_accumulation_steps", "batch_size", "dropout", "learning_rate",
                      "weight_decay", "beta1", "beta2", "grad_clip", "device", "dtype", "fp8", "seed", "data_order",
                      "max_nonfinite_steps"}  # fmt: skip
+
+
+def test_validation_reads_nothing_from_disk(monkeypatch, tmp_path):
+    """TrainConfig is built on every worker (from_dict) and for every search-space value (replace): none of
+    it may read the driver's disk, or a worker's, where a relative path would name something else."""
+    import builtins
+    import os
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("validate() touched the disk")
+
+    values = dict(init_from="./somewhere/gpt2-local", block_size=4096, out_dir="out", data_dir="data")
+    with monkeypatch.context() as patch:
+        for module, name in ((os, "stat"), (os, "lstat"), (os, "scandir"), (os, "listdir"), (builtins, "open")):
+            patch.setattr(module, name, no_disk)
+        cfg = TrainConfig.from_dict(values)
+        assert cfg.replace(init_from="gpt2", block_size=512).init_from == "gpt2"
+    assert cfg.init_from == "./somewhere/gpt2-local"

@@ -1,5 +1,5 @@
 """TrainConfig: every key of nanoGPT's train.py plus what Ray needs, each with its default, its help and its
-role; its validation; and the key lists other modules derive from the roles.
+role; validation that reads nothing from disk; and the key lists other modules derive from the roles.
 
 Config files (config/file.py) and `--key=value` (config/cli.py) both end in TrainConfig.from_dict.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 import os
 import re
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raygpt.errors import RaygptError, one_line
+from raygpt.errors import RaygptError
 
 
 class ConfigError(RaygptError, ValueError):
@@ -234,6 +233,9 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Types, choices, ranges and combinations. Reads nothing from disk: it runs wherever a TrainConfig
+        is built (every worker, every Tune trial and search-space value). A local GPT-2 folder is checked
+        by core/hf.py, before Ray starts and where its weights are read."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, coerce(f.name, getattr(self, f.name), FIELD_TYPES[f.name]))
             check_usable(f.name, getattr(self, f.name))
@@ -254,48 +256,9 @@ class TrainConfig:
         choose("attention", self.attention, ATTENTION_BACKENDS)
         choose("data_order", self.data_order, ("seeded", "nanogpt"))
         check_names(self)
-        if self.init_from not in INIT_CHOICES and not (
-            self.init_from.strip() and Path(self.init_from).expanduser().is_dir()  # '' would be '.'
-        ):
-            raise ConfigError(
-                f"init_from must be one of {', '.join(INIT_CHOICES)} or a local GPT-2 folder, "
-                f"got {shown(self.init_from)}"
-            )
-        for name in (
-            "batch_size",
-            "block_size",
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "gradient_accumulation_steps",
-            "eval_iters",
-            "log_interval",
-            "eval_interval",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in (
-            "max_iters",
-            "warmup_iters",
-            "lr_decay_iters",
-            "num_workers",
-            "max_workers",
-            "max_nonfinite_steps",
-            "weight_decay",
-            "grad_clip",
-            "min_lr",
-            "cpus_per_worker",
-            "elastic_resize_interval_s",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("dropout", "beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0 <= self.seed < SEED_LIMIT:
-            raise ConfigError(f"seed must be in [0, 2**32), got {shown(self.seed)}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not self.init_from.strip():  # '' would be the current folder
+            raise unknown_init_from(self.init_from)
+        check_ranges(self)
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
@@ -320,15 +283,10 @@ class TrainConfig:
             )
         if self.checkpoints_to_keep < 1:
             raise ConfigError(f"checkpoints_to_keep must be at least 1, got {self.checkpoints_to_keep}")
-        if self.init_from in INIT_CHOICES and self.init_from.startswith("gpt2") and self.block_size > 1024:
-            raise ConfigError(f"GPT-2 weights have a 1024-token context; block_size {self.block_size} is larger")
-        if self.init_from not in INIT_CHOICES:
-            context = gpt2_folder_context(Path(self.init_from).expanduser())
-            if self.block_size > context:
-                raise ConfigError(
-                    f"the GPT-2 weights in {self.init_from} have a {context}-token context; "
-                    f"block_size {self.block_size} is larger"
-                )
+        if self.init_from in GPT2_MODELS and self.block_size > GPT2_CONTEXT:
+            raise ConfigError(
+                f"GPT-2 weights have a {GPT2_CONTEXT}-token context; block_size {self.block_size} is larger"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -354,9 +312,15 @@ MAX_SMALL_FILE_BYTES = 1 << 20  # a config file or a GPT-2 config.json is a few 
 CONTROL_CHARACTER = re.compile(r"[\x01-\x1f\x7f]")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2 sizes (core/hf.py: their HF repos)
+GPT2_CONTEXT = 1024  # tokens, for every GPT-2 size
+INIT_CHOICES = ("scratch", "resume", *GPT2_MODELS)  # any other init_from is a local GPT-2 folder
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+AT_LEAST_ONE = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
+                "eval_iters", "log_interval", "eval_interval")  # fmt: skip
+NOT_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "num_workers", "max_workers", "max_nonfinite_steps",
+                "weight_decay", "grad_clip", "min_lr", "cpus_per_worker", "elastic_resize_interval_s")  # fmt: skip
 
 
 def keys_where(**metadata) -> tuple[str, ...]:
@@ -394,6 +358,30 @@ def check_names(cfg: TrainConfig) -> None:
         raise ConfigError("dataset must not be empty: it names the dataset's folder under data_dir")
     if cfg.run_name and ("/" in cfg.run_name or cfg.run_name.strip() in (".", "..")):
         raise ConfigError(f"run_name must be a plain name, not a path, got {shown(cfg.run_name)}")
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Each number in the range its key can mean something in."""
+    for name in AT_LEAST_ONE:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in NOT_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
+    for name in ("dropout", "beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be in [0, 2**32), got {shown(cfg.seed)}")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"learning_rate must be positive, got {cfg.learning_rate}")
+
+
+def unknown_init_from(init_from: str) -> ConfigError:
+    """The refusal of an init_from that is none of INIT_CHOICES and no folder."""
+    return ConfigError(
+        f"init_from must be one of {', '.join(INIT_CHOICES)} or a local GPT-2 folder, got {shown(init_from)}"
+    )
 
 
 def choose(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -447,30 +435,6 @@ def read_small_file(path: Path, what: str) -> bytes:
     if len(data) > MAX_SMALL_FILE_BYTES:
         raise ConfigError(f"{what} {path} is larger than {MAX_SMALL_FILE_BYTES >> 20} MiB: not a {what}")
     return data
-
-
-def gpt2_folder_context(directory: Path) -> int:
-    """The context length of the GPT-2 checkpoint in `directory`, after checking that it holds what
-    GPT.from_pretrained reads: config.json (n_layer, n_head, n_embd, vocab_size, n_positions) and
-    model.safetensors or pytorch_model.bin."""
-    where = f"init_from {directory} is not a GPT-2 checkpoint folder"
-    try:
-        hf_config = json.loads(read_small_file(directory / "config.json", "config file"))
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    except (ValueError, RecursionError) as e:
-        raise ConfigError(f"{where}: config.json is not valid JSON ({one_line(str(e))})") from None
-    if not isinstance(hf_config, dict):
-        raise ConfigError(f"{where}: config.json is not a JSON object")
-    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
-        value = hf_config.get(name, 1024 if name == "n_positions" else None)
-        if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value < INT64_LIMIT):
-            raise ConfigError(f"{where}: config.json needs a positive integer {name}, got {shown(value)}")
-    if hf_config["n_embd"] % hf_config["n_head"]:
-        raise ConfigError(f"{where}: n_embd {hf_config['n_embd']} is not divisible by n_head {hf_config['n_head']}")
-    if not any((directory / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
-        raise ConfigError(f"{where}: it has neither model.safetensors nor pytorch_model.bin")
-    return hf_config.get("n_positions", 1024)
 
 
 def coerce(name: str, value: Any, typ) -> Any:

@@ -1,5 +1,5 @@
-"""GPT-2's Hugging Face side: the hub's repos (availability, download), a local GPT-2 folder's weights
-read into a GPT, and a GPT written back as GPT2LMHeadModel's config and weights. No transformers
+"""GPT-2's Hugging Face side: the hub's repos (availability, download), a local GPT-2 folder checked, its
+weights read into a GPT, and a GPT written back as GPT2LMHeadModel's config and weights. No transformers
 needed: config.json and safetensors (or pytorch_model.bin) are all there is to it."""
 
 from __future__ import annotations
@@ -9,14 +9,19 @@ from pathlib import Path
 
 import torch
 
+from raygpt.config.schema import (
+    GPT2_CONTEXT,
+    GPT2_MODELS,
+    INT64_LIMIT,
+    ConfigError,
+    read_small_file,
+    shown,
+    unknown_init_from,
+)
 from raygpt.core.tokenizer import EOT_TOKEN
+from raygpt.errors import one_line
 
-HF_REPOS = {
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
+HF_REPOS = {name: f"openai-community/{name}" for name in GPT2_MODELS}
 HF_FILES = ("config.json", "model.safetensors")
 # Hugging Face's GPT-2 keeps these as Conv1D weights: the transpose of nn.Linear's.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -62,11 +67,44 @@ def gpt2_unavailable(model_type: str, error: Exception) -> str:
     )
 
 
+def check_gpt2_folder(init_from: str, block_size: int) -> str:
+    """Before Ray starts: an init_from that is none of INIT_CHOICES names a GPT-2 checkpoint folder whose
+    context holds block_size. Returns the folder as an absolute path: each worker runs in a folder of its
+    own, where a relative one would name nothing."""
+    directory = Path(init_from).expanduser()
+    if not (init_from.strip() and directory.is_dir()):  # '' would be '.'
+        raise unknown_init_from(init_from)
+    context = gpt2_model_args(directory)["block_size"]
+    if block_size > context:
+        raise ConfigError(
+            f"the GPT-2 weights in {init_from} have a {context}-token context; block_size {block_size} is larger"
+        )
+    return str(directory.resolve())
+
+
 def gpt2_model_args(directory: Path) -> dict:
-    """GPTConfig's shape for the GPT-2 checkpoint in `directory`, from its config.json."""
-    config = json.loads((directory / "config.json").read_text())
+    """GPTConfig's shape for the GPT-2 checkpoint in `directory`, after checking that it holds what
+    load_gpt2_weights reads: config.json (n_layer, n_head, n_embd, vocab_size, n_positions) and
+    model.safetensors or pytorch_model.bin."""
+    where = f"init_from {directory} is not a GPT-2 checkpoint folder"
+    try:
+        config = json.loads(read_small_file(directory / "config.json", "config file"))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{where}: config.json is not valid JSON ({one_line(str(e))})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: config.json is not a JSON object")
+    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
+        value = config.get(name, GPT2_CONTEXT if name == "n_positions" else None)
+        if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value < INT64_LIMIT):
+            raise ConfigError(f"{where}: config.json needs a positive integer {name}, got {shown(value)}")
+    if config["n_embd"] % config["n_head"]:
+        raise ConfigError(f"{where}: n_embd {config['n_embd']} is not divisible by n_head {config['n_head']}")
+    if not any((directory / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        raise ConfigError(f"{where}: it has neither model.safetensors nor pytorch_model.bin")
     shape = {name: config[name] for name in ("n_layer", "n_head", "n_embd", "vocab_size")}
-    return {**shape, "block_size": config.get("n_positions", 1024), "bias": True}  # GPT-2 has biases
+    return {**shape, "block_size": config.get("n_positions", GPT2_CONTEXT), "bias": True}  # GPT-2 has biases
 
 
 def read_hf_weights(directory: Path) -> dict:
