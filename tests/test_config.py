@@ -278,3 +278,10 @@ def test_validation_reads_nothing_from_disk(monkeypatch, tmp_path):
         cfg = TrainConfig.from_dict(values)
         assert cfg.replace(init_from="gpt2", block_size=512).init_from == "gpt2"
     assert cfg.init_from == "./somewhere/gpt2-local"
+
+
+def test_plain_names_are_one_folder():
+    from raygpt.config.schema import is_plain_name
+
+    assert all(is_plain_name(name) for name in ("run", "run-1", " run", "a.b", "..."))
+    assert not any(is_plain_name(name) for name in ("", ".", "..", "a/b", "/", "runs/"))

@@ -246,10 +246,7 @@ class TrainConfig:
             raise ConfigError("dtype float16 is not supported with parallelism=fsdp; use bfloat16 (or float32)")
         if self.parallelism == "fsdp" and self.local_mode:
             raise ConfigError("parallelism=fsdp shards over Ray workers' process group; local_mode has none")
-        if self.fp8 and self.device == "cpu":
-            raise ConfigError("fp8=True trains on CUDA GPUs with FP8 tensor cores; device is cpu: drop --fp8=True")
-        if self.fp8 and self.dtype in ("float32", "float16"):
-            raise ConfigError(f"fp8=True computes the rest of the model in bfloat16; dtype {self.dtype}: use bfloat16")
+        check_fp8(self.fp8, self.device, self.dtype)
         choose("device", self.device, ("cuda", "cpu"))
         choose("backend", self.backend, ("nccl", "gloo"))
         choose("compile_mode", self.compile_mode, COMPILE_MODES)
@@ -347,6 +344,11 @@ def check_known(name: str) -> None:
         raise ConfigError(f"unknown config key '{name}'{hint}")
 
 
+def is_plain_name(name: str) -> bool:
+    """A name that is one folder under another: not empty, '.' or '..', and without a path separator."""
+    return name not in ("", ".", "..") and "/" not in name and os.sep not in name
+
+
 def check_names(cfg: TrainConfig) -> None:
     """Paths and names that would quietly mean something else: an empty out_dir or data_dir is the
     current folder, an empty dataset is data_dir itself, a run_name with a '/' or '..' puts Ray's run
@@ -356,8 +358,17 @@ def check_names(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must not be empty (use '.' for the current folder)")
     if not cfg.dataset.strip():
         raise ConfigError("dataset must not be empty: it names the dataset's folder under data_dir")
-    if cfg.run_name and ("/" in cfg.run_name or cfg.run_name.strip() in (".", "..")):
+    if cfg.run_name.strip() and not is_plain_name(cfg.run_name.strip()):
         raise ConfigError(f"run_name must be a plain name, not a path, got {shown(cfg.run_name)}")
+
+
+def check_fp8(fp8: bool, device: str, dtype: str) -> None:
+    """What a config alone says against fp8=True: FP8 matmuls run on CUDA GPUs, and the rest of the model
+    in bfloat16. (The launcher refuses a cluster without GPUs; core/fp8.py the GPU and the resolved dtype.)"""
+    if fp8 and device == "cpu":
+        raise ConfigError("fp8=True trains on CUDA GPUs with FP8 tensor cores; device is cpu: drop --fp8=True")
+    if fp8 and dtype in ("float32", "float16"):
+        raise ConfigError(f"fp8=True computes the rest of the model in bfloat16; dtype {dtype}: use bfloat16")
 
 
 def check_ranges(cfg: TrainConfig) -> None:
