@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raygpt.config.schema import read_config
+from raygpt.config.cli import read_config
 from raygpt.core.data import TRAIN_STREAM, Batches, window_starts
 from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.parallel import enable_tf32, set_attention_backend, wrap_model

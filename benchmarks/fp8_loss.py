@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from raygpt.config.schema import read_config
+from raygpt.config.cli import read_config
 from raygpt.core.data import Batches
 from raygpt.core.fp8 import float8_block_linears
 from raygpt.core.model import GPT, GPTConfig

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from raygpt.config.schema import read_config
+from raygpt.config.cli import read_config
 from raygpt.core.data import Batches
 from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.parallel import enable_tf32, wrap_model

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raygpt.config.schema import read_config
+from raygpt.config.cli import read_config
 from raygpt.core.data import Batches
 from raygpt.core.memory import check_fits
 from raygpt.core.model import GPT, GPTConfig

@@ -18,15 +18,11 @@ from pathlib import Path
 import torch
 
 from raygpt.core import checkpoint
+from raygpt.core.hf import HF_FILES, hf_config, hf_weights
 from raygpt.core.model import GPT, GPTConfig
-from raygpt.core.tokenizer import EOT_TOKEN
 from raygpt.errors import OneLineParser, RaygptError, run_cli
 from raygpt.storage.files import write_atomic, write_text_atomic
 from raygpt.storage.uri import is_uri
-
-# Hugging Face's GPT-2 keeps these as Conv1D weights: the transpose of nn.Linear's.
-HF_FILES = ("config.json", "model.safetensors")
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 class ExportError(RaygptError):
@@ -51,49 +47,6 @@ def whole_checkpoint(saved: dict) -> dict:
     state.load_state_dict(saved, saved[checkpoint.SHARDED_DIR])
     progress = {key: value for key, value in saved.items() if key != checkpoint.SHARDED_DIR}
     return {**progress, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
-
-
-def hf_config(model_args: dict) -> dict:
-    """GPT2Config's fields for this model. nanoGPT's GELU is the exact one ('gelu'), not GPT-2's tanh
-    approximation ('gelu_new'), so the exported model computes the same logits."""
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": model_args["vocab_size"],
-        "n_positions": model_args["block_size"],
-        "n_ctx": model_args["block_size"],
-        "n_embd": model_args["n_embd"],
-        "n_layer": model_args["n_layer"],
-        "n_head": model_args["n_head"],
-        "activation_function": "gelu",
-        "layer_norm_epsilon": 1e-5,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-        "tie_word_embeddings": True,
-        # GPT-2's <|endoftext|>, where the vocabulary is GPT-2's; a character vocabulary has none.
-        "bos_token_id": EOT_TOKEN if model_args["vocab_size"] > EOT_TOKEN else None,
-        "eos_token_id": EOT_TOKEN if model_args["vocab_size"] > EOT_TOKEN else None,
-    }
-
-
-def hf_weights(model_state: dict, model_args: dict) -> dict:
-    """GPT2LMHeadModel's weights: Conv1D weights transposed, zero biases where the model has none
-    (bias=False), lm_head left to the tie with wte."""
-    n_embd = model_args["n_embd"]
-    zeros_for = {"ln_1": n_embd, "ln_2": n_embd, "ln_f": n_embd, "c_attn": 3 * n_embd, "attn.c_proj": n_embd,
-                 "c_fc": 4 * n_embd, "mlp.c_proj": n_embd}  # fmt: skip
-    weights = {}
-    for key, value in model_state.items():
-        if key == "lm_head.weight" or key.endswith(".attn.bias"):
-            continue  # tied to wte; the causal-mask buffer of nanoGPT's slow attention path
-        value = value.t() if key.endswith(CONV1D_WEIGHTS) else value
-        weights[key] = value.detach().to(torch.float32).contiguous().clone()
-        bias_key = key.removesuffix(".weight") + ".bias"
-        if key.endswith(".weight") and bias_key not in model_state and "wte" not in key and "wpe" not in key:
-            size = next(size for part, size in zeros_for.items() if f"{part}.weight" in key)
-            weights[bias_key] = torch.zeros(size)
-    return weights
 
 
 def export_hf(saved: dict, directory: Path) -> None:

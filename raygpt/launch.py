@@ -10,7 +10,8 @@ import logging
 import signal
 import sys
 
-from raygpt.config.schema import TrainConfig, config_help, read_config
+from raygpt.config.cli import config_help, read_config
+from raygpt.config.schema import TrainConfig
 from raygpt.driver.launcher import LauncherOptions, add_launcher_options, prepare_run
 from raygpt.driver.plan import count, workers_text
 from raygpt.driver.preflight import absolute_paths, fresh_out_dir

@@ -22,15 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from raygpt.config.schema import (
-    FIELD_TYPES,
-    ConfigError,
-    TrainConfig,
-    check_known,
-    config_help,
-    parse_value,
-    read_config,
-)
+from raygpt.config.cli import config_help, parse_value, read_config
+from raygpt.config.schema import FIELD_TYPES, ConfigError, TrainConfig, check_known
 from raygpt.driver.launcher import LauncherOptions, add_launcher_options, prepare_run
 from raygpt.driver.plan import RunPlan, count, cpu_share, describe_worker, plan_resources
 from raygpt.driver.trainer import build_trainer, root_cause

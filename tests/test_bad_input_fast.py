@@ -19,8 +19,12 @@ import numpy as np
 import pytest
 import torch
 
-from raygpt.config.schema import ConfigError, TrainConfig, load_config, parse_config_file
+from raygpt.config.cli import load_config
+from raygpt.config.file import parse_config_file
+from raygpt.config.schema import ConfigError, TrainConfig
 from raygpt.core.data import DataError, _sample_chunks, _wider_token_bits, validate_dataset
+from raygpt.core.hf import check_gpt2_folder
+from raygpt.core.model import GPT
 from raygpt.core.tokenizer import MetaError, declared_token_dtype, load_meta
 from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, RaygptError
 from raygpt.prepare import PrepareError, main, prepare_corpus, prepare_dataset, prepare_shakespeare_char
@@ -67,7 +71,8 @@ def parse_in_subprocess(tmp_path, line: str) -> str:
     path = tmp_path / "cfg.py"
     path.write_text(f"max_iters = 5\n{line}\n")
     code = textwrap.dedent(f"""
-        from raygpt.config.schema import ConfigError, parse_config_file
+        from raygpt.config.file import parse_config_file
+        from raygpt.config.schema import ConfigError
         try:
             parse_config_file({str(path)!r})
         except ConfigError as e:
@@ -374,14 +379,29 @@ def test_init_from_a_folder_that_is_not_a_gpt2_checkpoint(tmp_path, setup, needl
     elif setup == "short_context":
         gpt2_folder(folder, weights="pytorch_model.bin", n_positions=128)
     with pytest.raises(ConfigError) as error:
-        TrainConfig(init_from=str(folder), block_size=256)
+        check_gpt2_folder(str(folder), block_size=256)
     message = one_line(error.value)
     assert needle in message and ("not a GPT-2 checkpoint folder" in message or "context" in message)
+    if setup != "short_context":  # where the weights are read (a worker, sample): the same refusal
+        with pytest.raises(ConfigError) as error:
+            GPT.from_pretrained(str(folder))
+        assert one_line(error.value) == message
 
 
 def test_init_from_a_gpt2_folder_is_accepted(tmp_path):
     folder = gpt2_folder(tmp_path / "hf", n_positions=512)
     assert TrainConfig(init_from=str(folder), block_size=512).init_from == str(folder)
+    assert check_gpt2_folder(str(folder), block_size=512) == str(folder.resolve())
+
+
+def test_a_relative_gpt2_folder_is_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Ray's workers run in a session folder of their own: the launcher hands them the folder's absolute
+    path, which names the same folder from anywhere (TrainConfig itself reads no disk)."""
+    gpt2_folder(tmp_path / "hf")
+    monkeypatch.chdir(tmp_path)
+    assert check_gpt2_folder("./hf", block_size=64) == str((tmp_path / "hf").resolve())
+    with pytest.raises(ConfigError, match="init_from must be one of scratch, resume, gpt2"):
+        check_gpt2_folder("./elsewhere", block_size=64)
 
 
 # ---- C. datasets ------------------------------------------------------------------------------------
@@ -900,6 +920,44 @@ def test_a_given_worker_count_is_checked_before_ray_starts(tmp_path, capsys, lau
     argv = [a for a in launch_args if a != "--local_mode=True"]
     assert needle in launch_refusal([*argv, *extra], capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "init_from, needle",
+    [
+        ("gpt3", "init_from must be one of scratch, resume, gpt2, gpt2-medium, gpt2-large, gpt2-xl or a local"),
+        ("{tmp}/hf", "hf is not a GPT-2 checkpoint folder: it has neither model.safetensors nor pytorch_model.bin"),
+        ("{tmp}/short", "short have a 8-token context; block_size 16 is larger"),
+    ],
+)
+def test_a_bad_init_from_is_refused_before_ray_starts(tmp_path, capsys, launch_args, init_from, needle):
+    """TrainConfig reads no disk; the launcher checks a GPT-2 folder before anything starts."""
+    gpt2_folder(tmp_path / "hf", weights=None)
+    gpt2_folder(tmp_path / "short", n_positions=8)
+    argv = [a for a in launch_args if a != "--local_mode=True"]  # Ray would start, were it not refused first
+    assert needle in launch_refusal([*argv, f"--init_from={init_from.format(tmp=tmp_path)}"], capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "short"]
+
+
+def test_a_relative_gpt2_folder_reaches_the_workers_as_an_absolute_path(tmp_path, launch_args, monkeypatch):
+    """Ray's workers run in folders of their own, where ./hf would name nothing: the config they get
+    names the folder absolutely (it is saved with the checkpoint)."""
+    from safetensors.torch import save_file
+
+    from raygpt import launch
+    from raygpt.core.hf import hf_config, hf_weights
+    from raygpt.core.model import GPTConfig
+    from raygpt.core.tokenizer import GPT2_VOCAB_SIZE
+
+    shape = dict(n_layer=1, n_head=2, n_embd=16, block_size=32, bias=True, vocab_size=GPT2_VOCAB_SIZE)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf_config(shape)))
+    save_file(hf_weights(GPT(GPTConfig(**shape)).state_dict(), shape), tmp_path / "hf" / "model.safetensors")
+    monkeypatch.chdir(tmp_path)
+    assert launch.main([*launch_args, "--init_from=./hf"]) == 0
+    saved = torch.load(tmp_path / "out" / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert saved["config"]["init_from"] == str((tmp_path / "hf").resolve())
+    assert saved["model_args"]["block_size"] == 16  # GPT-2's context, cropped to the run's block_size
 
 
 def test_a_refused_launch_leaves_no_folder_or_lock_file_behind(tmp_path, capsys, launch_args):

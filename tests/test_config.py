@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from raygpt.config.schema import ConfigError, TrainConfig, config_help, load_config, parse_config_file
+from raygpt.config.cli import config_help, load_config
+from raygpt.config.file import parse_config_file
+from raygpt.config.schema import ConfigError, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,7 +157,6 @@ def test_overrides_in_both_forms(tmp_path):
         (["--compile=maybe"], "config key 'compile' must be a bool, got 'maybe'"),
         (["--dtype=fp8"], "dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"),
         (["--device=tpu"], "device must be one of cuda, cpu, got 'tpu'"),
-        (["--init_from=gpt3"], "init_from must be one of scratch, resume, gpt2"),
         (["--n_embd=100"], "n_embd (100) must be divisible by n_head (12)"),
         (["--warmup_iters=10", "--lr_decay_iters=5"], "warmup_iters (10) must not exceed lr_decay_iters (5)"),
         (["--min_lr=1"], "min_lr (1.0) must not exceed learning_rate"),
@@ -167,6 +168,15 @@ def test_overrides_in_both_forms(tmp_path):
 )
 def test_bad_values_are_one_line_errors(argv, expected):
     assert expected in one_line_error(load_config, argv)
+
+
+def test_an_init_from_that_names_nothing_is_refused_where_folders_are_checked():
+    """validate() reads no disk, so it cannot tell a typo from a folder: the launcher's GPT-2 folder check
+    (core/hf.py, before Ray starts) refuses it, with validate's old message."""
+    from raygpt.core.hf import check_gpt2_folder
+
+    load_config(["--init_from=gpt3"])
+    assert "init_from must be one of scratch, resume, gpt2" in one_line_error(check_gpt2_folder, "gpt3", 1024)
 
 
 @pytest.mark.parametrize(
@@ -196,7 +206,7 @@ def test_round_trip_and_help():
 
 
 def test_num_workers_min_max_is_an_elastic_range():
-    from raygpt.config.schema import read_config
+    from raygpt.config.cli import read_config
 
     cfg, keys = read_config(["--num-workers", "2-4"])
     assert (cfg.num_workers, cfg.max_workers) == (2, 4) and {"num_workers", "max_workers"} <= keys
@@ -211,3 +221,68 @@ def test_an_elastic_range_with_a_count_that_cannot_split_the_batch_is_refused():
     check_elastic_range(TrainConfig(num_workers=1, max_workers=2, gradient_accumulation_steps=4))
     with pytest.raises(LaunchError, match=r"includes 3, which gradient_accumulation_steps \(4\) cannot be divided"):
         check_elastic_range(TrainConfig(num_workers=2, max_workers=4, gradient_accumulation_steps=4))
+
+
+# Each key's role, written out: what the rest of raygpt derives from the keys' metadata. A new key gets its
+# role where it is declared; this list changes with it, on purpose.
+FREE_ON_A_RERUN = {
+    "out_dir", "eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint",
+    "async_checkpoint", "init_from", "wandb_log", "wandb_project", "wandb_run_name", "max_iters", "decay_lr",
+    "warmup_iters", "lr_decay_iters", "min_lr", "backend", "compile", "compile_mode", "compile_regions",
+    "ddp_split_graphs", "compile_eval", "compile_cache", "attention", "deterministic", "parallelism",
+    "fsdp_reshard_after_forward", "activation_checkpointing", "data_dir", "num_workers", "max_workers",
+    "elastic_resize_interval_s", "use_gpu", "cpus_per_worker", "storage_path", "run_name", "max_failures",
+    "max_preemption_failures", "checkpoints_to_keep", "local_mode", "check_memory",
+}  # fmt: skip
+SHAPE_GRAPHS = {"batch_size", "dtype", "compile_mode", "compile_regions", "compile_eval", "parallelism",
+                "activation_checkpointing", "eval_iters", "fp8", "ddp_split_graphs"}  # fmt: skip
+SHARED_BY_A_SWEEP = {"out_dir", "run_name", "storage_path", "data_dir", "num_workers", "use_gpu", "cpus_per_worker",
+                     "eval_only"}  # fmt: skip
+
+
+def test_the_key_lists_derived_from_the_keys_metadata_are_todays():
+    from raygpt.config.schema import FREE_TO_CHANGE, GRAPH_KEYS, MODEL_KEYS, NOT_SAMPLED
+
+    assert FREE_TO_CHANGE == FREE_ON_A_RERUN
+    assert set(GRAPH_KEYS) == SHAPE_GRAPHS and len(GRAPH_KEYS) == len(SHAPE_GRAPHS)
+    assert set(NOT_SAMPLED) == SHARED_BY_A_SWEEP and len(NOT_SAMPLED) == len(SHARED_BY_A_SWEEP)
+    assert MODEL_KEYS == ("block_size", "n_layer", "n_head", "n_embd", "bias")  # TrainConfig's (nanoGPT's) order
+
+
+def test_every_key_has_a_role_on_a_rerun_and_its_help():
+    import dataclasses
+
+    from raygpt.config.schema import RERUN_ROLES
+
+    for f in dataclasses.fields(TrainConfig):
+        assert f.metadata["rerun"] in RERUN_ROLES and f.metadata["help"], f.name
+        assert isinstance(f.metadata["graph"], bool) and isinstance(f.metadata["sweep"], bool), f.name
+    named = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["rerun"] == "named"}
+    assert named == {"dataset", "gradient_accumulation_steps", "batch_size", "dropout", "learning_rate",
+                     "weight_decay", "beta1", "beta2", "grad_clip", "device", "dtype", "fp8", "seed", "data_order",
+                     "max_nonfinite_steps"}  # fmt: skip
+
+
+def test_validation_reads_nothing_from_disk(monkeypatch, tmp_path):
+    """TrainConfig is built on every worker (from_dict) and for every search-space value (replace): none of
+    it may read the driver's disk, or a worker's, where a relative path would name something else."""
+    import builtins
+    import os
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("validate() touched the disk")
+
+    values = dict(init_from="./somewhere/gpt2-local", block_size=4096, out_dir="out", data_dir="data")
+    with monkeypatch.context() as patch:
+        for module, name in ((os, "stat"), (os, "lstat"), (os, "scandir"), (os, "listdir"), (builtins, "open")):
+            patch.setattr(module, name, no_disk)
+        cfg = TrainConfig.from_dict(values)
+        assert cfg.replace(init_from="gpt2", block_size=512).init_from == "gpt2"
+    assert cfg.init_from == "./somewhere/gpt2-local"
+
+
+def test_plain_names_are_one_folder():
+    from raygpt.config.schema import is_plain_name
+
+    assert all(is_plain_name(name) for name in ("run", "run-1", " run", "a.b", "..."))
+    assert not any(is_plain_name(name) for name in ("", ".", "..", "a/b", "/", "runs/"))

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from raygpt.config.schema import ConfigError, TrainConfig, read_config
+from raygpt.config.cli import read_config
+from raygpt.config.schema import ConfigError, TrainConfig
 from raygpt.core import fp8
 from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.parallel import wrap_model

@@ -18,7 +18,7 @@ import torch
 from conftest import TINY_LOCAL_RUN as TINY
 
 from raygpt import launch
-from raygpt.config.schema import read_config
+from raygpt.config.cli import read_config
 from raygpt.core import checkpoint
 from raygpt.driver.plan import plan_resume
 from raygpt.driver.preflight import absolute_paths, dataset_meta

@@ -43,6 +43,29 @@ def test_logits_match_transformers_gpt2(tmp_path, safe):
     assert ours.config.vocab_size == 100 and ours.config.bias
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_gpt2_folder_written_for_hf_reads_back_as_the_same_model(tmp_path, bias):
+    """core/hf.py both ways: GPT2LMHeadModel's config.json and weights (Conv1D weights transposed, zero
+    biases for bias=False), read back by from_pretrained into a GPT with the same logits."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from raygpt.core.hf import HF_FILES, hf_config, hf_weights
+
+    torch.manual_seed(0)
+    shape = {key: value for key, value in TINY.items() if key != "dropout"}
+    ours = GPT(GPTConfig(**TINY, bias=bias)).eval()
+    config_json, weights_file = (tmp_path / name for name in HF_FILES)
+    config_json.write_text(json.dumps(hf_config({**shape, "bias": bias})))
+    save_file(hf_weights(ours.state_dict(), {**shape, "bias": bias}), weights_file)
+    back = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, TINY["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back(idx, targets=idx)[0], ours(idx, targets=idx)[0])
+    assert back.config.block_size == TINY["block_size"] and back.config.bias
+
+
 def test_gpt2_124m_parameter_count():
     with torch.device("meta"):
         model = GPT(GPTConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304, bias=False))

@@ -8,7 +8,8 @@ import textwrap
 import pytest
 import torch
 
-from raygpt.config.schema import ConfigError, TrainConfig, load_config
+from raygpt.config.cli import load_config
+from raygpt.config.schema import ConfigError, TrainConfig
 from raygpt.core.data import Batches
 from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.parallel import set_attention_backend, uses_cuda_graphs

@@ -1,184 +1,241 @@
-"""TrainConfig: every key of nanoGPT's train.py plus what Ray needs; config files and --key=value parsing.
+"""TrainConfig: every key of nanoGPT's train.py plus what Ray needs, each with its default, its help and its
+role; validation that reads nothing from disk; and the key lists other modules derive from the roles.
 
-Config files keep nanoGPT's format (`key = value` lines, comments, literals, simple arithmetic) and
-nanoGPT's own files load unchanged, but they are read with `ast`, never exec'd: a config file cannot
-run code, and the size of what it computes is checked before it is computed.
+Config files (config/file.py) and `--key=value` (config/cli.py) both end in TrainConfig.from_dict.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import difflib
-import io
-import json
 import math
-import operator
 import os
 import re
 import stat
-import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from raygpt.errors import RaygptError, one_line
+from raygpt.errors import RaygptError
 
 
 class ConfigError(RaygptError, ValueError):
     """A bad key, value or combination; the message is one line."""
 
 
-def key(default, help: str):
-    """A config field with its one-line description (shown by --help)."""
-    return field(default=default, metadata={"help": help})
+# A key's role when a run is launched again on its checkpoints (driver's resume decision):
+#   free:  may change without a word (where output goes, how many workers, how often to evaluate);
+#   named: may change, and the "continuing" line names the change (the learning rate, the data);
+#   model: the architecture; a change the user asks for is refused, the checkpoint's shape wins.
+RERUN_ROLES = ("free", "named", "model")
+
+
+def key(default, help: str, *, rerun: str, graph: bool = False, sweep: bool = True):
+    """A config key: its default, its one-line description (--help and the README's table), its role on a
+    rerun (RERUN_ROLES), whether it shapes the compiled graphs (so it is part of the compile cache's key),
+    and whether Tune may sample it (sweep=False: every trial of a sweep shares it)."""
+    assert rerun in RERUN_ROLES, rerun
+    return field(default=default, metadata={"help": help, "rerun": rerun, "graph": graph, "sweep": sweep})
 
 
 @dataclass
 class TrainConfig:
     # I/O
-    out_dir: str = key("out", "folder for ckpt.pt (the newest checkpoint) and wandb files")
-    eval_interval: int = key(2000, "evaluate (and maybe checkpoint) every this many iterations")
-    log_interval: int = key(1, "print (and log to wandb) every this many iterations")
-    eval_iters: int = key(200, "batches per split in each evaluation")
-    eval_only: bool = key(False, "evaluate once and exit")
-    always_save_checkpoint: bool = key(True, "checkpoint at every eval, not only when val loss improves")
+    out_dir: str = key("out", "folder for ckpt.pt (the newest checkpoint) and wandb files", rerun="free", sweep=False)
+    eval_interval: int = key(2000, "evaluate (and maybe checkpoint) every this many iterations", rerun="free")
+    log_interval: int = key(1, "print (and log to wandb) every this many iterations", rerun="free")
+    eval_iters: int = key(200, "batches per split in each evaluation", rerun="free", graph=True)
+    eval_only: bool = key(False, "evaluate once and exit", rerun="free", sweep=False)
+    always_save_checkpoint: bool = key(True, "checkpoint at every eval, not only when val loss improves", rerun="free")
     async_checkpoint: bool = key(
-        True, "write checkpoints in the background: training pauses only to copy them to host memory"
+        True, "write checkpoints in the background: training pauses only to copy them to host memory", rerun="free"
     )
-    init_from: str = key("scratch", "'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', or a local HF GPT-2 folder")
+    init_from: str = key(
+        "scratch", "'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', or a local HF GPT-2 folder", rerun="free"
+    )
     # wandb logging
-    wandb_log: bool = key(False, "log to Weights & Biases (rank 0 only)")
-    wandb_project: str = key("owt", "wandb project")
-    wandb_run_name: str = key("gpt2", "wandb run name")
+    wandb_log: bool = key(False, "log to Weights & Biases (rank 0 only)", rerun="free")
+    wandb_project: str = key("owt", "wandb project", rerun="free")
+    wandb_run_name: str = key("gpt2", "wandb run name", rerun="free")
     # data
-    dataset: str = key("openwebtext", "dataset folder name under data_dir")
-    gradient_accumulation_steps: int = key(40, "micro-steps per iteration over ALL workers (divided by their count)")
-    batch_size: int = key(12, "micro-batch size per worker")
-    block_size: int = key(1024, "context length in tokens")
-    # model
-    n_layer: int = key(12, "transformer blocks")
-    n_head: int = key(12, "attention heads")
-    n_embd: int = key(768, "embedding width")
-    dropout: float = key(0.0, "dropout rate; 0 for pretraining, 0.1+ for finetuning")
-    bias: bool = key(False, "biases in Linear and LayerNorm layers")
-    # AdamW optimizer
-    learning_rate: float = key(6e-4, "maximum learning rate")
-    max_iters: int = key(600000, "total training iterations")
-    weight_decay: float = key(1e-1, "AdamW weight decay on matrices and embeddings")
-    beta1: float = key(0.9, "AdamW beta1")
-    beta2: float = key(0.95, "AdamW beta2")
-    grad_clip: float = key(1.0, "clip gradients at this norm; 0 disables")
-    # learning rate decay
-    decay_lr: bool = key(True, "warm up then cosine-decay the learning rate")
-    warmup_iters: int = key(2000, "linear warmup iterations")
-    lr_decay_iters: int = key(600000, "iteration where the cosine reaches min_lr (~max_iters per Chinchilla)")
-    min_lr: float = key(6e-5, "learning rate after decay (~learning_rate/10 per Chinchilla)")
-    # system
-    backend: str = key("nccl", "torch.distributed backend for GPU workers (CPU workers use gloo)")
-    device: str = key("cuda", "'cuda' uses the cluster's GPUs when it has some; 'cpu' forces CPU workers")
-    dtype: str = key(
-        "auto", "'auto' (bfloat16 if supported, else float16 on CUDA, float32 on CPU), float32, bfloat16, float16"
+    dataset: str = key("openwebtext", "dataset folder name under data_dir", rerun="named")
+    gradient_accumulation_steps: int = key(
+        40, "micro-steps per iteration over ALL workers (divided by their count)", rerun="named"
     )
-    compile: bool = key(True, "torch.compile the model (PyTorch 2)")
+    batch_size: int = key(12, "micro-batch size per worker", rerun="named", graph=True)
+    block_size: int = key(1024, "context length in tokens", rerun="model")
+    # model
+    n_layer: int = key(12, "transformer blocks", rerun="model")
+    n_head: int = key(12, "attention heads", rerun="model")
+    n_embd: int = key(768, "embedding width", rerun="model")
+    dropout: float = key(0.0, "dropout rate; 0 for pretraining, 0.1+ for finetuning", rerun="named")
+    bias: bool = key(False, "biases in Linear and LayerNorm layers", rerun="model")
+    # AdamW optimizer
+    learning_rate: float = key(6e-4, "maximum learning rate", rerun="named")
+    max_iters: int = key(600000, "total training iterations", rerun="free")
+    weight_decay: float = key(1e-1, "AdamW weight decay on matrices and embeddings", rerun="named")
+    beta1: float = key(0.9, "AdamW beta1", rerun="named")
+    beta2: float = key(0.95, "AdamW beta2", rerun="named")
+    grad_clip: float = key(1.0, "clip gradients at this norm; 0 disables", rerun="named")
+    # learning rate decay
+    decay_lr: bool = key(True, "warm up then cosine-decay the learning rate", rerun="free")
+    warmup_iters: int = key(2000, "linear warmup iterations", rerun="free")
+    lr_decay_iters: int = key(
+        600000, "iteration where the cosine reaches min_lr (~max_iters per Chinchilla)", rerun="free"
+    )
+    min_lr: float = key(6e-5, "learning rate after decay (~learning_rate/10 per Chinchilla)", rerun="free")
+    # system
+    backend: str = key("nccl", "torch.distributed backend for GPU workers (CPU workers use gloo)", rerun="free")
+    device: str = key(
+        "cuda", "'cuda' uses the cluster's GPUs when it has some; 'cpu' forces CPU workers", rerun="named"
+    )
+    dtype: str = key(
+        "auto",
+        "'auto' (bfloat16 if supported, else float16 on CUDA, float32 on CPU), float32, bfloat16, float16",
+        rerun="named",
+        graph=True,
+    )
+    compile: bool = key(True, "torch.compile the model (PyTorch 2)", rerun="free")
     compile_mode: str = key(
         "default",
         "torch.compile mode: default, reduce-overhead (CUDA graphs; for small "
         "models), max-autotune, max-autotune-no-cudagraphs",
+        rerun="free",
+        graph=True,
     )
     compile_regions: bool = key(
         False,
         "compile each transformer block (one shared graph) instead of the whole "
         "model: compile time stops growing with n_layer; head and loss run eagerly",
+        rerun="free",
+        graph=True,
     )
     ddp_split_graphs: bool = key(
         False,
         "with DDP, split the compiled model at DDP's gradient buckets (torch's DDPOptimizer) so that the "
         "all-reduce overlaps the backward; False compiles one graph, whose compile AOTAutograd's cache keeps",
+        rerun="free",
+        graph=True,
     )
     compile_eval: bool = key(
         True,
         "also compile the eval forward; False evaluates eagerly, which skips a second compile and suits short runs",
+        rerun="free",
+        graph=True,
     )
     compile_cache: bool = key(
-        True, "share compiled graphs through storage_path/compile-cache: restarts, reruns and trials reuse them"
+        True,
+        "share compiled graphs through storage_path/compile-cache: restarts, reruns and trials reuse them",
+        rerun="free",
     )
     attention: str = key(
-        "auto", "scaled_dot_product_attention backend: auto (PyTorch picks), flash, cudnn, efficient, math"
+        "auto",
+        "scaled_dot_product_attention backend: auto (PyTorch picks), flash, cudnn, efficient, math",
+        rerun="free",
     )
     deterministic: bool = key(
         False,
         "deterministic kernels (torch.use_deterministic_algorithms, cuBLAS workspace, math attention when "
         "attention=auto), so GPU reruns and restarts are bit-identical; slower (benchmarks/RESULTS.md)",
+        rerun="free",
     )
     # parallelism
     parallelism: str = key(
         "ddp",
         "ddp: every worker holds the whole model (DistributedDataParallel); fsdp: weights, gradients and "
         "optimizer state sharded across the workers (FSDP2), with sharded checkpoints",
+        rerun="free",
+        graph=True,
     )
     fsdp_reshard_after_forward: bool = key(
         True,
         "fsdp: free each block's gathered weights after its forward and gather them again for its backward "
         "(least memory); False keeps them until the backward, one gather fewer a micro-step for a bf16 copy "
         "of the weights",
+        rerun="free",
     )
     activation_checkpointing: str = key(
         "none",
         "recompute activations in the backward pass instead of keeping them: none, full (every block), "
         "selective (every other block)",
+        rerun="free",
+        graph=True,
     )
     fp8: bool = key(
         False,
         "FP8 matmuls in the transformer blocks' Linear layers (torchao float8 training, tensorwise scales; "
         "pip install raygpt[fp8]): CUDA GPUs of compute capability 8.9+ (H100, H200, L4) with bfloat16",
+        rerun="named",
+        graph=True,
     )
     # Ray
-    data_dir: str = key("data", "folder holding <dataset>/train.bin, val.bin, meta.json")
-    num_workers: int = key(0, "training workers; 0 = one per GPU in the cluster, or 1 on CPU")
+    data_dir: str = key("data", "folder holding <dataset>/train.bin, val.bin, meta.json", rerun="free", sweep=False)
+    num_workers: int = key(
+        0, "training workers; 0 = one per GPU in the cluster, or 1 on CPU", rerun="free", sweep=False
+    )
     max_workers: int = key(
         0,
         "elastic: grow up to this many workers as the cluster allows, num_workers the least (--num-workers "
         "MIN-MAX sets both); 0 = a fixed count",
+        rerun="free",
     )
     elastic_resize_interval_s: float = key(
         60.0,
         "elastic: seconds between Ray's checks for room to grow (growing restarts the workers from the latest "
         "checkpoint)",
+        rerun="free",
     )
-    use_gpu: bool | None = key(None, "None = use GPUs when the cluster has them; True requires them")
-    cpus_per_worker: float = key(0.0, "CPUs reserved per worker; 0 = share the cluster's CPUs")
-    storage_path: str = key("", "Ray storage for checkpoints (a shared path or s3://...); '' = ~/ray_results")
-    run_name: str = key("", "Ray run name; '' = out_dir's folder name, so rerunning a command resumes it")
-    max_failures: int = key(0, "times Ray restarts the workers after a failure (-1 = always)")
+    use_gpu: bool | None = key(
+        None, "None = use GPUs when the cluster has them; True requires them", rerun="free", sweep=False
+    )
+    cpus_per_worker: float = key(
+        0.0, "CPUs reserved per worker; 0 = share the cluster's CPUs", rerun="free", sweep=False
+    )
+    storage_path: str = key(
+        "", "Ray storage for checkpoints (a shared path or s3://...); '' = ~/ray_results", rerun="free", sweep=False
+    )
+    run_name: str = key(
+        "", "Ray run name; '' = out_dir's folder name, so rerunning a command resumes it", rerun="free", sweep=False
+    )
+    max_failures: int = key(0, "times Ray restarts the workers after a failure (-1 = always)", rerun="free")
     max_preemption_failures: int = key(
-        -1, "times Ray restarts the run after a node is preempted, counted apart from max_failures (-1 = always)"
+        -1,
+        "times Ray restarts the run after a node is preempted, counted apart from max_failures (-1 = always)",
+        rerun="free",
     )
-    checkpoints_to_keep: int = key(2, "Ray checkpoints kept: the best by val loss (the latest is kept too)")
-    seed: int = key(1337, "seed for the initial weights, the batches and dropout")
+    checkpoints_to_keep: int = key(
+        2, "Ray checkpoints kept: the best by val loss (the latest is kept too)", rerun="free"
+    )
+    seed: int = key(1337, "seed for the initial weights, the batches and dropout", rerun="named")
     data_order: str = key(
         "seeded",
         "seeded: batches are a function of (seed, iteration, rank), so resumes are "
         "exact and evals do not depend on the worker count; nanogpt: one worker "
         "replays nanoGPT's train.py random stream, to compare number for number",
+        rerun="named",
     )
-    max_nonfinite_steps: int = key(10, "stop after this many consecutive non-finite steps (0 = never)")
+    max_nonfinite_steps: int = key(10, "stop after this many consecutive non-finite steps (0 = never)", rerun="named")
     local_mode: bool = key(
         False,
         "run the loop in this process with Ray Train's local mode (one process, no "
         "cluster, no restarts): for debugging and small CPU machines",
+        rerun="free",
     )
     check_memory: bool = key(
         True,
         "refuse, before building the model, a run whose estimated memory is over 1.5x the device's",
+        rerun="free",
     )
 
     def __post_init__(self):
         self.validate()
 
     def validate(self) -> None:
+        """Types, choices, ranges and combinations. Reads nothing from disk: it runs wherever a TrainConfig
+        is built (every worker, every Tune trial and search-space value). A local GPT-2 folder is checked
+        by core/hf.py, before Ray starts and where its weights are read."""
         for f in dataclasses.fields(self):
             setattr(self, f.name, coerce(f.name, getattr(self, f.name), FIELD_TYPES[f.name]))
             check_usable(f.name, getattr(self, f.name))
@@ -189,58 +246,16 @@ class TrainConfig:
             raise ConfigError("dtype float16 is not supported with parallelism=fsdp; use bfloat16 (or float32)")
         if self.parallelism == "fsdp" and self.local_mode:
             raise ConfigError("parallelism=fsdp shards over Ray workers' process group; local_mode has none")
-        if self.fp8 and self.device == "cpu":
-            raise ConfigError("fp8=True trains on CUDA GPUs with FP8 tensor cores; device is cpu: drop --fp8=True")
-        if self.fp8 and self.dtype in ("float32", "float16"):
-            raise ConfigError(f"fp8=True computes the rest of the model in bfloat16; dtype {self.dtype}: use bfloat16")
+        check_fp8(self.fp8, self.device, self.dtype)
         choose("device", self.device, ("cuda", "cpu"))
         choose("backend", self.backend, ("nccl", "gloo"))
         choose("compile_mode", self.compile_mode, COMPILE_MODES)
         choose("attention", self.attention, ATTENTION_BACKENDS)
         choose("data_order", self.data_order, ("seeded", "nanogpt"))
         check_names(self)
-        if self.init_from not in INIT_CHOICES and not (
-            self.init_from.strip() and Path(self.init_from).expanduser().is_dir()  # '' would be '.'
-        ):
-            raise ConfigError(
-                f"init_from must be one of {', '.join(INIT_CHOICES)} or a local GPT-2 folder, "
-                f"got {shown(self.init_from)}"
-            )
-        for name in (
-            "batch_size",
-            "block_size",
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "gradient_accumulation_steps",
-            "eval_iters",
-            "log_interval",
-            "eval_interval",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in (
-            "max_iters",
-            "warmup_iters",
-            "lr_decay_iters",
-            "num_workers",
-            "max_workers",
-            "max_nonfinite_steps",
-            "weight_decay",
-            "grad_clip",
-            "min_lr",
-            "cpus_per_worker",
-            "elastic_resize_interval_s",
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("dropout", "beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if not 0 <= self.seed < SEED_LIMIT:
-            raise ConfigError(f"seed must be in [0, 2**32), got {shown(self.seed)}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not self.init_from.strip():  # '' would be the current folder
+            raise unknown_init_from(self.init_from)
+        check_ranges(self)
         if self.n_embd % self.n_head:
             raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.decay_lr and self.warmup_iters > self.lr_decay_iters:
@@ -265,15 +280,10 @@ class TrainConfig:
             )
         if self.checkpoints_to_keep < 1:
             raise ConfigError(f"checkpoints_to_keep must be at least 1, got {self.checkpoints_to_keep}")
-        if self.init_from in INIT_CHOICES and self.init_from.startswith("gpt2") and self.block_size > 1024:
-            raise ConfigError(f"GPT-2 weights have a 1024-token context; block_size {self.block_size} is larger")
-        if self.init_from not in INIT_CHOICES:
-            context = gpt2_folder_context(Path(self.init_from).expanduser())
-            if self.block_size > context:
-                raise ConfigError(
-                    f"the GPT-2 weights in {self.init_from} have a {context}-token context; "
-                    f"block_size {self.block_size} is larger"
-                )
+        if self.init_from in GPT2_MODELS and self.block_size > GPT2_CONTEXT:
+            raise ConfigError(
+                f"GPT-2 weights have a {GPT2_CONTEXT}-token context; block_size {self.block_size} is larger"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -299,9 +309,32 @@ MAX_SMALL_FILE_BYTES = 1 << 20  # a config file or a GPT-2 config.json is a few 
 CONTROL_CHARACTER = re.compile(r"[\x01-\x1f\x7f]")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-INIT_CHOICES = ("scratch", "resume", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+GPT2_MODELS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # OpenAI's GPT-2 sizes (core/hf.py: their HF repos)
+GPT2_CONTEXT = 1024  # tokens, for every GPT-2 size
+INIT_CHOICES = ("scratch", "resume", *GPT2_MODELS)  # any other init_from is a local GPT-2 folder
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+AT_LEAST_ONE = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
+                "eval_iters", "log_interval", "eval_interval")  # fmt: skip
+NOT_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "num_workers", "max_workers", "max_nonfinite_steps",
+                "weight_decay", "grad_clip", "min_lr", "cpus_per_worker", "elastic_resize_interval_s")  # fmt: skip
+
+
+def keys_where(**metadata) -> tuple[str, ...]:
+    """The keys whose field metadata has these values (rerun=, graph=, sweep=), in TrainConfig's order."""
+    return tuple(
+        f.name for f in dataclasses.fields(TrainConfig) if all(f.metadata[k] == v for k, v in metadata.items())
+    )
+
+
+# Keys a rerun may change and still continue the same run; a change to any other is named when it resumes.
+FREE_TO_CHANGE = frozenset(keys_where(rerun="free"))
+# The model's shape: with vocab_size (from the data), what a checkpoint's model_args hold.
+MODEL_KEYS = keys_where(rerun="model")
+# Keys that change which graphs are compiled (the model's shape comes from model_args).
+GRAPH_KEYS = keys_where(graph=True)
+# Keys every trial of a sweep shares: paths and names are set per trial, resources are planned once.
+NOT_SAMPLED = keys_where(sweep=False)
 
 
 def check_known(name: str) -> None:
@@ -309,6 +342,11 @@ def check_known(name: str) -> None:
         close = difflib.get_close_matches(name, DEFAULTS, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"unknown config key '{name}'{hint}")
+
+
+def is_plain_name(name: str) -> bool:
+    """A name that is one folder under another: not empty, '.' or '..', and without a path separator."""
+    return name not in ("", ".", "..") and "/" not in name and os.sep not in name
 
 
 def check_names(cfg: TrainConfig) -> None:
@@ -320,8 +358,41 @@ def check_names(cfg: TrainConfig) -> None:
             raise ConfigError(f"{name} must not be empty (use '.' for the current folder)")
     if not cfg.dataset.strip():
         raise ConfigError("dataset must not be empty: it names the dataset's folder under data_dir")
-    if cfg.run_name and ("/" in cfg.run_name or cfg.run_name.strip() in (".", "..")):
+    if cfg.run_name.strip() and not is_plain_name(cfg.run_name.strip()):
         raise ConfigError(f"run_name must be a plain name, not a path, got {shown(cfg.run_name)}")
+
+
+def check_fp8(fp8: bool, device: str, dtype: str) -> None:
+    """What a config alone says against fp8=True: FP8 matmuls run on CUDA GPUs, and the rest of the model
+    in bfloat16. (The launcher refuses a cluster without GPUs; core/fp8.py the GPU and the resolved dtype.)"""
+    if fp8 and device == "cpu":
+        raise ConfigError("fp8=True trains on CUDA GPUs with FP8 tensor cores; device is cpu: drop --fp8=True")
+    if fp8 and dtype in ("float32", "float16"):
+        raise ConfigError(f"fp8=True computes the rest of the model in bfloat16; dtype {dtype}: use bfloat16")
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Each number in the range its key can mean something in."""
+    for name in AT_LEAST_ONE:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+    for name in NOT_NEGATIVE:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"{name} must not be negative, got {getattr(cfg, name)}")
+    for name in ("dropout", "beta1", "beta2"):
+        if not 0.0 <= getattr(cfg, name) < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < SEED_LIMIT:
+        raise ConfigError(f"seed must be in [0, 2**32), got {shown(cfg.seed)}")
+    if cfg.learning_rate <= 0:
+        raise ConfigError(f"learning_rate must be positive, got {cfg.learning_rate}")
+
+
+def unknown_init_from(init_from: str) -> ConfigError:
+    """The refusal of an init_from that is none of INIT_CHOICES and no folder."""
+    return ConfigError(
+        f"init_from must be one of {', '.join(INIT_CHOICES)} or a local GPT-2 folder, got {shown(init_from)}"
+    )
 
 
 def choose(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -377,30 +448,6 @@ def read_small_file(path: Path, what: str) -> bytes:
     return data
 
 
-def gpt2_folder_context(directory: Path) -> int:
-    """The context length of the GPT-2 checkpoint in `directory`, after checking that it holds what
-    GPT.from_pretrained reads: config.json (n_layer, n_head, n_embd, vocab_size, n_positions) and
-    model.safetensors or pytorch_model.bin."""
-    where = f"init_from {directory} is not a GPT-2 checkpoint folder"
-    try:
-        hf_config = json.loads(read_small_file(directory / "config.json", "config file"))
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from None
-    except (ValueError, RecursionError) as e:
-        raise ConfigError(f"{where}: config.json is not valid JSON ({one_line(str(e))})") from None
-    if not isinstance(hf_config, dict):
-        raise ConfigError(f"{where}: config.json is not a JSON object")
-    for name in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
-        value = hf_config.get(name, 1024 if name == "n_positions" else None)
-        if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value < INT64_LIMIT):
-            raise ConfigError(f"{where}: config.json needs a positive integer {name}, got {shown(value)}")
-    if hf_config["n_embd"] % hf_config["n_head"]:
-        raise ConfigError(f"{where}: n_embd {hf_config['n_embd']} is not divisible by n_head {hf_config['n_head']}")
-    if not any((directory / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
-        raise ConfigError(f"{where}: it has neither model.safetensors nor pytorch_model.bin")
-    return hf_config.get("n_positions", 1024)
-
-
 def coerce(name: str, value: Any, typ) -> Any:
     """Check `value` against the field's type; an int is fine for a float, strings spell bools/None."""
     optional = typing.get_origin(typ) in (typing.Union, types.UnionType) and type(None) in typing.get_args(typ)
@@ -428,301 +475,3 @@ def coerce(name: str, value: Any, typ) -> Any:
             return value
     kind = {bool: "a bool", int: "an int", float: "a float", str: "a string"}[typ]
     raise ConfigError(f"config key '{name}' must be {kind}{' or None' if optional else ''}, got {shown(value)}")
-
-
-# ---- nanoGPT-format config files, evaluated with a whitelist of AST nodes --------------------------
-
-BINARY_OPS = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod,
-    ast.Pow: operator.pow,
-}
-UNARY_OPS = {ast.USub: operator.neg, ast.UAdd: operator.pos, ast.Not: operator.not_}
-CONVERSIONS = {"str": str, "int": int, "float": float}
-# Imports nanoGPT's own config files use for harmless things like a timestamped run name.
-ALLOWED_IMPORTS = {"time"}
-# A config value is a short expression; these bounds refuse, before anything is computed, what would take
-# the parser, the evaluator or the memory a long time: deep nesting, 10**10**10, 'a' * 10**10.
-MAX_STATEMENT_TOKENS = 200  # nesting depth is at most this, far below Python's recursion limit
-MAX_INT_BITS = 1024  # past a float's range (2**1024): no config value needs a larger int
-MAX_NUMBER_CHARS = 400  # int('...') and float('...') of longer strings: a 1024-bit int has 309 digits
-
-
-# What a config value may be, for the refusal of anything else.
-ALLOWED = "a value is a literal, + - * / // % ** of values, str(), int() or float() of one, or an earlier key"
-UNSUPPORTED_KINDS = {
-    ast.JoinedStr: "an f-string",
-    ast.List: "a list",
-    ast.Tuple: "a tuple",
-    ast.Dict: "a dict",
-    ast.Set: "a set",
-    ast.Attribute: "an attribute",
-    ast.Subscript: "indexing",
-    ast.Compare: "a comparison",
-    ast.BoolOp: "and/or",
-    ast.IfExp: "a conditional",
-    ast.Lambda: "a lambda",
-    ast.NamedExpr: "an assignment expression",
-    ast.ListComp: "a comprehension",
-    ast.SetComp: "a comprehension",
-    ast.DictComp: "a comprehension",
-    ast.GeneratorExp: "a generator",
-    ast.BinOp: "an operator other than + - * / // % **",
-    ast.UnaryOp: "an operator other than - + not",
-    ast.Call: "a call with keyword arguments",
-}
-
-
-class _Evaluator:
-    """Evaluates one config value. Every result is at most MAX_INT_BITS or MAX_STR_LEN long, and the
-    sizes of powers and repetitions are checked before they are computed."""
-
-    def __init__(self, where: str, source: str, names: dict, imports: set[str]):
-        self.where, self.source, self.names, self.imports = where, source, names, imports
-
-    def refuse(self, node, what: str) -> typing.NoReturn:
-        raise ConfigError(f"{self.where}:{getattr(node, 'lineno', '?')}: {what}")
-
-    def fail(self, node, what: str) -> typing.NoReturn:
-        self.refuse(node, f"{what} is not allowed in a config file ({ALLOWED})")
-
-    def unsupported(self, node) -> typing.NoReturn:
-        """Refuse an expression the evaluator does not take, named as the user wrote it."""
-        if isinstance(node, ast.Constant):
-            kind = {bytes: "a bytes value", complex: "a complex number"}.get(type(node.value), "this constant")
-        else:
-            kind = UNSUPPORTED_KINDS.get(type(node), "this expression")
-        self.fail(node, f"{self.text(node)} ({kind})")
-
-    def text(self, node) -> str:
-        return shorten(ast.get_source_segment(self.source, node) or type(node).__name__, 60)
-
-    def eval(self, node):
-        if isinstance(node, ast.Constant) and isinstance(node.value, (str, int, float, bool, type(None))):
-            return self.bounded(node, node.value)
-        if isinstance(node, ast.Name):
-            if node.id in self.names:
-                return self.names[node.id]
-            if node.id in ("True", "False", "None"):
-                return {"True": True, "False": False, "None": None}[node.id]
-            self.refuse(node, f"unknown name '{node.id}'")
-        if isinstance(node, ast.BinOp) and type(node.op) in BINARY_OPS:
-            left, right = self.eval(node.left), self.eval(node.right)
-            self.check_binary(node, left, right)
-            return self.bounded(node, self.compute(node, BINARY_OPS[type(node.op)], left, right))
-        if isinstance(node, ast.UnaryOp) and type(node.op) in UNARY_OPS:
-            return self.compute(node, UNARY_OPS[type(node.op)], self.eval(node.operand))
-        if isinstance(node, ast.Call) and not node.keywords:
-            return self.call(node)
-        self.unsupported(node)
-
-    def check_binary(self, node: ast.BinOp, left, right) -> None:
-        """Refuse, before computing it, an operation on strings other than + and repetition, and a
-        repetition or an integer power whose result would be too large."""
-        op = type(node.op)
-        if isinstance(left, str) or isinstance(right, str):
-            if op is ast.Mod:
-                self.fail(node, "string formatting with %")
-            if op is ast.Mult and isinstance(left, str) != isinstance(right, str):
-                text, times = (left, right) if isinstance(left, str) else (right, left)
-                if isinstance(times, int) and len(text) * times > MAX_STR_LEN:
-                    self.too_large(node)
-            elif not (op is ast.Add and isinstance(left, str) and isinstance(right, str)):
-                self.refuse(node, f"cannot combine {shown(left)} and {shown(right)}")
-        elif op is ast.Pow and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
-            # |left| >= 2**(bit_length - 1), so the result has at least this many bits.
-            if right * (abs(left).bit_length() - 1) > MAX_INT_BITS:
-                self.too_large(node)
-
-    def compute(self, node, function, *args):
-        """function(*args); Python's errors (division by zero, overflow, bad operand types) as one line."""
-        try:
-            return function(*args)
-        except (ArithmeticError, ValueError, TypeError) as e:
-            # OverflowError's args are (errno, message); the others' are (message,).
-            reason = e.args[-1] if e.args and isinstance(e.args[-1], str) else str(e)
-            self.refuse(node, f"cannot evaluate {self.text(node)}: {one_line(reason) or type(e).__name__}")
-
-    def bounded(self, node, value):
-        if isinstance(value, int) and value.bit_length() > MAX_INT_BITS:
-            self.too_large(node)
-        if isinstance(value, str) and len(value) > MAX_STR_LEN:
-            self.too_large(node)
-        if isinstance(value, complex):
-            self.refuse(node, f"{self.text(node)} is a complex number")
-        return value
-
-    def too_large(self, node) -> typing.NoReturn:
-        self.refuse(
-            node,
-            f"{self.text(node)} is too large for a config value "
-            f"(ints up to {MAX_INT_BITS} bits, strings up to {MAX_STR_LEN:,} characters)",
-        )
-
-    def call(self, node: ast.Call):
-        func = node.func
-        args = [self.eval(arg) for arg in node.args]
-        if isinstance(func, ast.Name) and func.id in CONVERSIONS and len(args) != 1:
-            self.refuse(node, f"{self.text(node)}: {func.id}() takes exactly one argument in a config file")
-        if isinstance(func, ast.Name) and func.id in CONVERSIONS:
-            if func.id in ("int", "float") and isinstance(args[0], str) and len(args[0]) > MAX_NUMBER_CHARS:
-                self.refuse(node, f"{self.text(node)}: a {len(args[0]):,}-character string is too long for a number")
-            return self.bounded(node, self.compute(node, CONVERSIONS[func.id], args[0]))
-        if (
-            isinstance(func, ast.Attribute)
-            and isinstance(func.value, ast.Name)
-            and func.value.id == "time"
-            and "time" in self.imports
-            and func.attr == "time"
-            and not args
-        ):
-            import time
-
-            return time.time()
-        self.fail(node, f"calling {self.text(func)}()")
-
-
-def read_source(path: Path) -> str:
-    """A config file's text: a small regular UTF-8 file without NUL bytes."""
-    data = read_small_file(path, "config file")
-    try:
-        source = data.decode("utf-8-sig")  # -sig: some editors start UTF-8 files with a byte-order mark
-    except UnicodeDecodeError as e:
-        raise ConfigError(
-            f"{path}: not a text file (byte {e.start} is not UTF-8); a config file holds `key = value` lines"
-        ) from None
-    if "\0" in source:
-        line = source.count("\n", 0, source.index("\0")) + 1
-        raise ConfigError(f"{path}:{line}: a NUL byte: not a text file; a config file holds `key = value` lines")
-    return source
-
-
-def check_statement_lengths(path: Path, source: str) -> None:
-    """Refuse a statement of more than MAX_STATEMENT_TOKENS tokens, or a number literal of more than
-    MAX_NUMBER_CHARS characters, before it is parsed: Python's parser and this evaluator recurse once per
-    level of nesting (`-(-(-(...)))`, `not not ...`, `1+1+...`)."""
-    count, start = 0, None
-    skip = (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING)
-    try:
-        for token in tokenize.generate_tokens(io.StringIO(source).readline):
-            if token.type in (tokenize.NEWLINE, tokenize.ENDMARKER) or token.string == ";":
-                count, start = 0, None
-            elif token.type == tokenize.NUMBER and len(token.string) > MAX_NUMBER_CHARS:
-                # Before the parser converts it: a decimal literal of 300,000 digits takes it seconds.
-                raise ConfigError(
-                    f"{path}:{token.start[0]}: a {len(token.string):,}-character number is too large for a "
-                    f"config value (ints up to {MAX_INT_BITS} bits)"
-                )
-            elif token.type not in skip:
-                start = start or token.start[0]
-                count += 1
-                if count > MAX_STATEMENT_TOKENS:
-                    raise ConfigError(
-                        f"{path}:{start}: a statement of more than {MAX_STATEMENT_TOKENS} tokens is too long "
-                        "or nested too deeply for a config file"
-                    )
-    except (tokenize.TokenError, SyntaxError):
-        return  # ast.parse names the syntax error and its line
-
-
-def parse_config_file(path: str | Path) -> dict:
-    """The `key = value` assignments of a nanoGPT-format config file, evaluated without exec."""
-    path = Path(path)
-    source = read_source(path)
-    check_statement_lengths(path, source)
-    try:
-        tree = ast.parse(source, filename=str(path))
-    except SyntaxError as e:
-        raise ConfigError(f"{path}:{e.lineno or '?'}: syntax error: {e.msg}") from None
-    values: dict = {}
-    imports: set[str] = set()
-    for stmt in tree.body:
-        if isinstance(stmt, ast.Import) and all(
-            alias.name in ALLOWED_IMPORTS and not alias.asname for alias in stmt.names
-        ):
-            imports |= {alias.name for alias in stmt.names}
-            continue
-        if isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant) and isinstance(stmt.value.value, str):
-            continue  # a docstring
-        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)):
-            raise ConfigError(
-                f"{path}:{stmt.lineno}: only `key = value` lines are allowed in a config file, "
-                f"got: {shorten(ast.get_source_segment(source, stmt) or '')}"
-            )
-        name = stmt.targets[0].id
-        try:
-            check_known(name)
-        except ConfigError as e:
-            raise ConfigError(f"{path}:{stmt.lineno}: {e}") from None
-        # Later lines may refer to keys set earlier in the file, or to defaults.
-        values[name] = _Evaluator(str(path), source, {**DEFAULTS, **values}, imports).eval(stmt.value)
-    return values
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value: a Python literal when it is one, else the string itself (as nanoGPT)."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, TypeError, SyntaxError):
-        return text
-    except (RecursionError, MemoryError):  # the parser's own limit on nesting: the text is at most ~128 KiB
-        raise ConfigError(f"value {shorten(text)} is nested too deeply to read") from None
-
-
-def parse_overrides(argv: list[str]) -> dict:
-    """`--key=value` and `--key value` arguments; dashes in keys are underscores (`--num-workers`)."""
-    values: dict = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"expected --key=value, got {arg!r}")
-        name, has_value, text = arg[2:].partition("=")
-        check_known(name.replace("-", "_"))  # a typo is named as one, not as a key without a value
-        if not has_value:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise ConfigError(f"--{name} needs a value (--{name}=VALUE)")
-            i += 1
-            text = argv[i]
-        name = name.replace("-", "_")
-        if name == "num_workers" and re.fullmatch(r"\d+-\d+", text):  # --num-workers MIN-MAX: elastic
-            least, most = map(int, text.split("-"))
-            if most == 0:  # max_workers=0 would quietly make it a fixed count; validate() checks the rest
-                raise ConfigError(f"--num-workers MIN-MAX needs 1 <= MIN <= MAX, got {text}")
-            values["num_workers"], values["max_workers"] = least, most
-        else:
-            values[name] = parse_value(text)
-            if FIELD_TYPES[name] is str and not isinstance(values[name], str):
-                values[name] = text  # --out_dir=123, --run_name=2024: a name that reads as a number
-        i += 1
-    return values
-
-
-def read_config(argv: list[str]) -> tuple[TrainConfig, frozenset[str]]:
-    """[CONFIG_FILE] [--key=value ...] -> a validated TrainConfig (file over defaults, flags over file),
-    and the keys the user set (in the file or as flags), read once."""
-    values: dict = {}
-    if argv and not argv[0].startswith("-"):
-        values.update(parse_config_file(argv[0]))
-        argv = argv[1:]
-    values.update(parse_overrides(argv))
-    return TrainConfig.from_dict(values), frozenset(values)
-
-
-def load_config(argv: list[str]) -> TrainConfig:
-    """read_config without the explicit keys."""
-    return read_config(argv)[0]
-
-
-def config_help() -> str:
-    """Every key with its default and description, for --help."""
-    flags = {f.name: f"--{f.name}={f.default!r}" for f in dataclasses.fields(TrainConfig)}
-    width = max(len(flag) for flag in flags.values())
-    lines = ["config keys (in a config file as key = value, or on the command line as --key=value):"]
-    for f in dataclasses.fields(TrainConfig):
-        lines.append(f"  {flags[f.name]:<{width}}  {f.metadata['help']}")
-    return "\n".join(lines)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
+from raygpt.core import hf
 from raygpt.core.tokenizer import PADDED_GPT2_VOCAB_SIZE
 
 
@@ -241,38 +241,9 @@ class GPT(nn.Module):
         assert all(key == "dropout" for key in override_args), "only dropout can be overridden"
         directory = Path(model_type).expanduser()
         if not directory.is_dir():
-            directory = download_gpt2(model_type)
-        hf_config = json.loads((directory / "config.json").read_text())
-        config = GPTConfig(
-            n_layer=hf_config["n_layer"],
-            n_head=hf_config["n_head"],
-            n_embd=hf_config["n_embd"],
-            block_size=hf_config.get("n_positions", 1024),
-            vocab_size=hf_config["vocab_size"],
-            bias=True,
-            dropout=override_args.get("dropout", 0.0),
-        )
-        model = cls(config)
-        hf_state = read_hf_weights(directory)
-        # HF GPT-2 uses Conv1D modules, whose weights are the transpose of nn.Linear's.
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        state = model.state_dict()
-        for key, value in hf_state.items():
-            if key.endswith((".attn.bias", ".attn.masked_bias")):
-                continue  # HF's causal-mask buffers, not weights
-            key = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
-            if key not in state:
-                raise ValueError(f"unexpected weight {key} in {directory}")
-            if key.endswith(transposed):
-                value = value.t()
-            if value.shape != state[key].shape:
-                raise ValueError(
-                    f"{key}: shape {tuple(value.shape)} in {directory}, expected {tuple(state[key].shape)}"
-                )
-            with torch.no_grad():
-                state[key].copy_(value)
-        if "lm_head.weight" not in hf_state:  # tied: lm_head is wte
-            state["lm_head.weight"].copy_(state["transformer.wte.weight"])
+            directory = hf.download_gpt2(model_type)
+        model = cls(GPTConfig(**hf.gpt2_model_args(directory), dropout=override_args.get("dropout", 0.0)))
+        hf.load_gpt2_weights(model, directory)
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, verbose=True):
@@ -377,61 +348,3 @@ def clean_state_dict(state: dict) -> dict:
             key = key.split(".", 1)[1]
         cleaned[key] = value
     return cleaned
-
-
-HF_REPOS = {
-    "gpt2": "openai-community/gpt2",
-    "gpt2-medium": "openai-community/gpt2-medium",
-    "gpt2-large": "openai-community/gpt2-large",
-    "gpt2-xl": "openai-community/gpt2-xl",
-}
-
-
-HF_FILES = ("config.json", "model.safetensors")
-
-
-def download_gpt2(model_type: str) -> Path:
-    """The local folder of a GPT-2 checkpoint from the HF hub (downloaded once, then cached)."""
-    if model_type not in HF_REPOS:
-        raise ValueError(f"unknown model {model_type!r}: use one of {', '.join(HF_REPOS)} or a local directory")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise RuntimeError("GPT-2 weights need huggingface_hub: pip install 'raygpt[hf]'") from None
-    try:
-        return Path(snapshot_download(HF_REPOS[model_type], allow_patterns=list(HF_FILES)))
-    except Exception as e:  # noqa: BLE001 - offline, hub down, no cache: all get the same advice
-        raise RuntimeError(gpt2_unavailable(model_type, e)) from None
-
-
-def check_gpt2_available(model_type: str, timeout_s: float = 5.0) -> None:
-    """Before any worker starts: GPT-2's weights are in this machine's HF cache, or the hub answers (the
-    workers download them). Raises RuntimeError with download_gpt2's advice otherwise."""
-    try:
-        from huggingface_hub import HfApi, try_to_load_from_cache
-    except ImportError:
-        raise RuntimeError("GPT-2 weights need huggingface_hub: pip install 'raygpt[hf]'") from None
-    repo = HF_REPOS[model_type]
-    if all(isinstance(try_to_load_from_cache(repo, name), str) for name in HF_FILES):
-        return
-    try:
-        HfApi().model_info(repo, timeout=timeout_s)
-    except Exception as e:  # noqa: BLE001 - offline (HF_HUB_OFFLINE too), no DNS, hub down
-        raise RuntimeError(gpt2_unavailable(model_type, e)) from None
-
-
-def gpt2_unavailable(model_type: str, error: Exception) -> str:
-    return (
-        f"cannot get {model_type} weights ({type(error).__name__}): they are not cached and the hub is "
-        f"unreachable; pass a local directory with config.json and model.safetensors (init_from=/path/to/{model_type})"
-    )
-
-
-def read_hf_weights(directory: Path) -> dict:
-    if (directory / "model.safetensors").exists():
-        from safetensors.torch import load_file
-
-        return load_file(str(directory / "model.safetensors"))
-    if (directory / "pytorch_model.bin").exists():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{directory} has neither model.safetensors nor pytorch_model.bin")

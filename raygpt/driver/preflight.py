@@ -12,7 +12,7 @@ from pathlib import Path
 from raygpt.config.schema import INIT_CHOICES, TrainConfig
 from raygpt.core import checkpoint
 from raygpt.core.data import validate_dataset
-from raygpt.core.model import HF_REPOS, check_gpt2_available
+from raygpt.core.hf import HF_REPOS, check_gpt2_available, check_gpt2_folder
 from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta, vocabulary
 from raygpt.driver.plan import ResumePoint, check_workers, plan_resume, ray_checkpoint_dirs
 from raygpt.driver.ray_cluster import check_address, given_address
@@ -97,8 +97,8 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     changes = dict(out_dir=resolve("out_dir"), data_dir=resolve("data_dir"))
     if cfg.storage_path:
         changes["storage_path"] = resolve("storage_path")
-    if cfg.init_from not in INIT_CHOICES:  # a local GPT-2 folder (the config checked that it is one)
-        changes["init_from"] = str(Path(cfg.init_from).expanduser().resolve())
+    if cfg.init_from not in INIT_CHOICES:  # a local GPT-2 folder: checked here, as the config reads no disk
+        changes["init_from"] = check_gpt2_folder(cfg.init_from, cfg.block_size)
     return cfg.replace(**changes)
 
 
