@@ -30,13 +30,11 @@ from raygpt.driver.plan import RunPlan
 from raygpt.driver.runlock import RunLock, lock_run
 from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, OneLineParser, RaygptError, one_line, refuse
 from raygpt.processes import packages_without_bytecode
+from raygpt.storage.datasets import DatasetNotFoundError, check_remote_dataset, dataset_uri
 from raygpt.storage.files import remove_empty_folders
 from raygpt.storage.uri import (
-    DatasetNotFoundError,
     check_local_path,
-    check_remote_dataset,
     check_storage_path,
-    dataset_uri,
     is_uri,
     join_uri,
     list_folders,

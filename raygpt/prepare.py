@@ -41,6 +41,7 @@ import numpy as np
 
 from raygpt.core.tokenizer import EOT_TOKEN, MAX_VOCAB_SIZE, TOKEN_DTYPE, gpt2_encoding
 from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, one_line, refuse, run_cli
+from raygpt.storage.datasets import dataset_uri, upload_dataset
 from raygpt.storage.files import (
     DiskFullError,
     remove_empty_folders,
@@ -49,7 +50,7 @@ from raygpt.storage.files import (
     write_bytes_atomic,
     write_text_atomic,
 )
-from raygpt.storage.uri import check_destination, check_local_path, dataset_uri, is_uri, upload_dataset
+from raygpt.storage.uri import check_destination, check_local_path, is_uri
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SETS = ("shakespeare_char", "shakespeare")

@@ -29,7 +29,8 @@ from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.step import Precision
 from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, Tokenizer, load_meta, vocabulary
 from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, one_line, run_cli
-from raygpt.storage.uri import StorageError, check_remote_dataset, dataset_uri, is_uri
+from raygpt.storage.datasets import check_remote_dataset, dataset_uri
+from raygpt.storage.uri import StorageError, is_uri
 
 WHAT_CHECKPOINT_IS = f"pass a Ray checkpoint folder, a {checkpoint.CKPT_NAME} file or a training run's out_dir"
 FIX_META = "pass the dataset's with --meta PATH/meta.json"

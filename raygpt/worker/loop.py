@@ -29,7 +29,8 @@ from raygpt.core.speed import set_attention_backend
 from raygpt.core.step import Evaluator, NonFiniteGuard, Precision, TrainStep, enable_tf32, make_deterministic
 from raygpt.core.tokenizer import PADDED_GPT2_VOCAB_SIZE, load_meta
 from raygpt.processes import CompileWorkers, exit_waits_for_block, process_started_at
-from raygpt.storage.uri import dataset_uri, default_cache_root, is_uri, join_uri, stage_dataset, storage_root
+from raygpt.storage.datasets import dataset_uri, default_cache_root, stage_dataset
+from raygpt.storage.uri import is_uri, join_uri, storage_root
 from raygpt.worker import session
 from raygpt.worker.compile import CompileCache, cache_writer, graph_settings
 from raygpt.worker.preemption import KV_NAMESPACE, PreemptionWatch, launcher_asked_to_stop, notice_metrics
