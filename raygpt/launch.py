@@ -520,7 +520,7 @@ def check_data(cfg: TrainConfig, run_name: str, explicit_keys, prepare_input: st
 def local_dataset_meta(cfg: TrainConfig, prepare_input: str | None) -> dict | None:
     dataset_dir = Path(cfg.data_dir) / cfg.dataset
     if cfg.dataset in PREPARABLE and not is_prepared(dataset_dir):
-        from raygpt.prepare import prepare_dataset
+        from raygpt.prep.dataset import prepare_dataset
 
         print(f"dataset {cfg.dataset} not found in {cfg.data_dir}: preparing it", flush=True)
         prepare_dataset(cfg.dataset, cfg.data_dir, input_path=prepare_input, input_flag="--prepare-input")
@@ -538,7 +538,7 @@ def remote_dataset_meta(cfg: TrainConfig, prepare_input: str | None) -> dict:
     except DatasetNotFoundError:
         if cfg.dataset not in PREPARABLE:
             raise
-        from raygpt.prepare import prepare_dataset
+        from raygpt.prep.dataset import prepare_dataset
 
         print(f"dataset {cfg.dataset} not found in {cfg.data_dir}: preparing it there", flush=True)
         prepare_dataset(cfg.dataset, cfg.data_dir, input_path=prepare_input, input_flag="--prepare-input")

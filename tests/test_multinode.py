@@ -24,7 +24,7 @@ from conftest import TINY_RUN
 from test_faults import FAULT_RUN, assert_bit_identical, cli_args, finish, wait_for, wait_until_reaped
 
 from raygpt.core import checkpoint
-from raygpt.prepare import prepare_dataset
+from raygpt.prep.dataset import prepare_dataset
 from raygpt.storage.datasets import cache_folder, dataset_uri
 from raygpt.storage.uri import join_uri, list_folders
 

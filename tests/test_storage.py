@@ -15,7 +15,7 @@ import pyarrow.fs
 import pytest
 from conftest import TINY_LOCAL_RUN
 
-from raygpt.prepare import prepare_dataset
+from raygpt.prep.dataset import prepare_dataset
 from raygpt.storage import datasets
 from raygpt.storage.datasets import (
     DatasetNotFoundError,
