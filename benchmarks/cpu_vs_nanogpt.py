@@ -98,7 +98,7 @@ def main() -> None:
     # One dataset for both: raygpt prepares it; nanoGPT reads it from its own data/ folder.
     sys.path.insert(0, str(REPO))
     from raygpt.core.tokenizer import load_meta
-    from raygpt.prepare import prepare_dataset
+    from raygpt.prep.dataset import prepare_dataset
 
     corpus = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
     dataset_dir = prepare_dataset("shakespeare_char", work / "data", input_path=corpus if corpus.exists() else None)

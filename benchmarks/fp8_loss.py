@@ -35,7 +35,7 @@ from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.parallel import enable_tf32, wrap_model
 from raygpt.core.step import Evaluator, NonFiniteGuard, Precision, TrainStep
 from raygpt.core.tokenizer import PADDED_GPT2_VOCAB_SIZE
-from raygpt.prepare import prepare_shakespeare_bpe
+from raygpt.prep.shakespeare import prepare_shakespeare_bpe
 
 SHAPES = {
     "full": ["--n_layer=6", "--n_head=12", "--n_embd=768", "--block_size=512", "--batch_size=16"],

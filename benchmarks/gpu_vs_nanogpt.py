@@ -125,7 +125,7 @@ def shakespeare(args, env) -> list[str]:
     import pickle
 
     from raygpt.core.tokenizer import load_meta
-    from raygpt.prepare import prepare_shakespeare_char
+    from raygpt.prep.shakespeare import prepare_shakespeare_char
 
     dataset_dir = prepare_shakespeare_char(args.work_dir / "data", args.corpus)
     nanogpt_data = args.nanogpt / "data" / "shakespeare_char"

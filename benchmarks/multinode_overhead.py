@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import SHAKESPEARE, TINY_RUN  # noqa: E402
 from multinode import start_cluster  # noqa: E402
 
-from raygpt.prepare import prepare_shakespeare_char  # noqa: E402
+from raygpt.prep.shakespeare import prepare_shakespeare_char  # noqa: E402
 
 CLUSTERS = {"1 node x 2 CPUs": {"head": 2}, "3 nodes x 1 CPU": {"head": 1, "node-1": 1, "node-2": 1}}
 

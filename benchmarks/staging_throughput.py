@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from raygpt.prepare import write_arrays, write_dataset
-from raygpt.storage.uri import stage_dataset, upload_dataset
+from raygpt.prep.output import write_arrays, write_dataset
+from raygpt.storage.datasets import stage_dataset, upload_dataset
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:

@@ -29,7 +29,9 @@ from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.step import Precision
 from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, Tokenizer, load_meta, vocabulary
 from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, one_line, run_cli
-from raygpt.storage.uri import StorageError, check_remote_dataset, dataset_uri, is_uri
+from raygpt.storage.datasets import check_remote_dataset, dataset_uri
+from raygpt.storage.files import NulCharacterError, decode_text
+from raygpt.storage.uri import StorageError, is_uri
 
 WHAT_CHECKPOINT_IS = f"pass a Ray checkpoint folder, a {checkpoint.CKPT_NAME} file or a training run's out_dir"
 FIX_META = "pass the dataset's with --meta PATH/meta.json"
@@ -203,14 +205,15 @@ def read_prompt_file(name: str) -> str:
         raise SampleError("--start FILE: names no file: write --start FILE:path/to/prompt.txt")
     path = Path(name).expanduser()
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        return decode_text(path.read_bytes())
     except UnicodeDecodeError:
         raise SampleError(f"the prompt file {path} is not UTF-8 text") from None
+    except NulCharacterError:
+        raise SampleError(
+            f"the prompt file {path} holds NUL characters: it is binary or UTF-16, not UTF-8 text"
+        ) from None
     except OSError as e:
         raise SampleError(f"cannot read the prompt file {path}: {e.strerror}") from None
-    if "\0" in text:
-        raise SampleError(f"the prompt file {path} holds NUL characters: it is binary or UTF-16, not UTF-8 text")
-    return text
 
 
 def decode(tokenizer: Tokenizer, ids: list[int]) -> str:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raygpt.config.cli import config_help, parse_value, read_config
-from raygpt.config.schema import FIELD_TYPES, ConfigError, TrainConfig, check_known
+from raygpt.config.schema import FIELD_TYPES, NOT_SAMPLED, ConfigError, TrainConfig, check_known, is_plain_name
 from raygpt.driver.launcher import LauncherOptions, add_launcher_options, prepare_run
 from raygpt.driver.plan import RunPlan, count, cpu_share, describe_worker, plan_resources
 from raygpt.driver.trainer import build_trainer, root_cause
@@ -32,17 +32,6 @@ from raygpt.storage.uri import check_storage_path
 
 KINDS = ("loguniform", "uniform", "choice", "grid")
 SPEC_RE = re.compile(rf"^({'|'.join(KINDS)}):(.*)$", re.DOTALL)
-# Keys every trial must share: paths and names are set per trial, resources are planned once for the sweep.
-NOT_SAMPLED = (
-    "out_dir",
-    "run_name",
-    "storage_path",
-    "data_dir",
-    "num_workers",
-    "use_gpu",
-    "cpus_per_worker",
-    "eval_only",
-)
 
 
 @dataclass(frozen=True)
@@ -336,7 +325,7 @@ def check_sweep_options(base: TrainConfig, specs: dict, num_samples: int, max_co
             f"--grace-period must be from 1 to max_iters ({base.max_iters}): ASHA may stop a trial only after it, "
             f"got {grace_period}"
         )
-    if name is not None and (name in ("", ".", "..") or "/" in name):
+    if name is not None and not is_plain_name(name):
         raise ConfigError(f"--name {name!r} must be a plain folder name (no '/', not '.' or '..')")
     check_storage_path(base.storage_path)
     for key in specs:  # also the keys of a ready param_space

@@ -118,7 +118,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory, shakespeare_path) -> Path:
     """The real shakespeare_char dataset, prepared once; returns the data_dir holding it."""
-    from raygpt.prepare import prepare_shakespeare_char
+    from raygpt.prep.shakespeare import prepare_shakespeare_char
 
     data_dir = tmp_path_factory.mktemp("data")
     prepare_shakespeare_char(data_dir, input_path=shakespeare_path)

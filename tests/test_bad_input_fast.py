@@ -27,7 +27,11 @@ from raygpt.core.hf import check_gpt2_folder
 from raygpt.core.model import GPT
 from raygpt.core.tokenizer import MetaError, declared_token_dtype, load_meta
 from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, RaygptError
-from raygpt.prepare import PrepareError, main, prepare_corpus, prepare_dataset, prepare_shakespeare_char
+from raygpt.prep.corpus import prepare_corpus
+from raygpt.prep.dataset import prepare_dataset
+from raygpt.prep.output import PrepareError
+from raygpt.prep.shakespeare import prepare_shakespeare_char
+from raygpt.prepare import main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -711,10 +715,10 @@ def test_a_failed_prepare_keeps_the_dataset_that_was_there(tmp_path, capsys, sha
 def test_failure_mid_stream_leaves_no_temporaries(tmp_path, monkeypatch):
     """Ctrl-C (or any error) while train.bin and val.bin are being streamed: both temporaries go, and so
     does the dataset folder this run made."""
-    import raygpt.prepare
+    from raygpt.prep import corpus
 
     (tmp_path / "a.txt").write_text("line\n" * 5000)
-    real = raygpt.prepare.iter_documents
+    real = corpus.iter_documents
     seen = []
 
     def interrupted(*args, **kwargs):
@@ -723,7 +727,7 @@ def test_failure_mid_stream_leaves_no_temporaries(tmp_path, monkeypatch):
             seen.append(sorted(p.name for p in (tmp_path / "data" / "c").iterdir()))
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(raygpt.prepare, "iter_documents", interrupted)
+    monkeypatch.setattr(corpus, "iter_documents", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus("c", tmp_path / "data", tmp_path / "a.txt", one_doc_per_line=True, val_fraction=0.1)
     assert len(seen[0]) == 2 and all(name.endswith(".tmp") for name in seen[0])  # they did exist

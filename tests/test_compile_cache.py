@@ -13,14 +13,8 @@ import textwrap
 import pytest
 import torch
 
-from raygpt.worker.compile import (
-    CompileCache,
-    cache_key,
-    cache_writer,
-    environment_key,
-    read_if_present,
-    write_atomic,
-)
+from raygpt.storage.uri import read_small_file, write_small_file
+from raygpt.worker.compile import CompileCache, cache_key, cache_writer, environment_key
 
 ENVIRONMENT = "test-environment"  # stands for environment_key(): the subprocesses share it
 SETTINGS = {"n_layer": 1, "batch_size": 2}
@@ -135,7 +129,7 @@ def test_a_corrupt_cache_file_is_a_one_line_warning_and_a_miss(cold_then_warm, t
     good = (cold_then_warm[0] / "compile-cache" / f"{cache_key(ENVIRONMENT, SETTINGS)}.bin").read_bytes()
     root = tmp_path / "storage"
     cache = CompileCache(str(root), torch.device("cpu"), SETTINGS, environment=ENVIRONMENT)
-    write_atomic(cache.location, b"not a cache file" if damage == "garbage" else good[: len(good) // 2])
+    write_small_file(cache.location, b"not a cache file" if damage == "garbage" else good[: len(good) // 2])
     warnings = []
     cache.warn = warnings.append
     assert not cache.load() and ": miss;" in cache.summary()
@@ -166,11 +160,11 @@ def test_a_uri_storage_round_trips_through_pyarrow_without_temporaries(s3_server
     bucket = s3_server.create_bucket()
     cache = CompileCache(f"{bucket}/runs", torch.device("cpu"), SETTINGS, environment=ENVIRONMENT)
     assert cache.location == f"{bucket}/runs/compile-cache/{cache_key(ENVIRONMENT, SETTINGS)}.bin"
-    assert not cache.load() and read_if_present(cache.location) is None
+    assert not cache.load() and read_small_file(cache.location, limit=None) is None
     saved = (cold_then_warm[0] / "compile-cache" / f"{cache_key(ENVIRONMENT, SETTINGS)}.bin").read_bytes()
-    write_atomic(cache.location, b"an older file")
-    write_atomic(cache.location, saved)
-    assert read_if_present(cache.location) == saved
+    write_small_file(cache.location, b"an older file")
+    write_small_file(cache.location, saved)
+    assert read_small_file(cache.location, limit=None) == saved
     assert cache.load() and cache.loaded_bytes == len(saved)
     filesystem, path = pyarrow.fs.FileSystem.from_uri(f"{bucket}/runs/compile-cache")
     listing = filesystem.get_file_info(pyarrow.fs.FileSelector(path))

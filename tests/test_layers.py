@@ -42,7 +42,7 @@ TREES = {name: ast.parse(path.read_text(), str(path)) for name, path in MODULES.
 def layer(module: str) -> str:
     """'core', 'worker', ... for a module in a layer folder; 'cli' for the top-level modules."""
     parts = module.split(".")
-    return parts[1] if len(parts) > 2 else "cli"
+    return parts[1] if len(parts) > 1 and (PACKAGE / parts[1]).is_dir() else "cli"
 
 
 def imported(module: str, tree: ast.Module) -> set[str]:

@@ -24,8 +24,9 @@ from conftest import TINY_RUN
 from test_faults import FAULT_RUN, assert_bit_identical, cli_args, finish, wait_for, wait_until_reaped
 
 from raygpt.core import checkpoint
-from raygpt.prepare import prepare_dataset
-from raygpt.storage.uri import cache_folder, dataset_uri, join_uri, list_folders
+from raygpt.prep.dataset import prepare_dataset
+from raygpt.storage.datasets import cache_folder, dataset_uri
+from raygpt.storage.uri import join_uri, list_folders
 
 pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]

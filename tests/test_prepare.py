@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from raygpt.core.tokenizer import EOT_TOKEN, Tokenizer, gpt2_encoding, load_meta
-from raygpt.prepare import PrepareError, prepare_corpus, prepare_dataset, prepare_shakespeare_char
+from raygpt.prep.corpus import prepare_corpus
+from raygpt.prep.dataset import prepare_dataset
+from raygpt.prep.output import PrepareError
+from raygpt.prep.shakespeare import prepare_shakespeare_char
 
 
 def test_shakespeare_char_matches_nanogpt(tmp_path, shakespeare_path):

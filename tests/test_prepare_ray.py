@@ -5,8 +5,9 @@ import random
 import pytest
 
 from raygpt.errors import EXIT_REFUSED
-from raygpt.prep import corpus_ray as prepare_ray
-from raygpt.prepare import main, prepare_corpus
+from raygpt.prep import corpus
+from raygpt.prep.corpus import prepare_corpus
+from raygpt.prepare import main
 
 pytestmark = pytest.mark.ray
 
@@ -57,7 +58,7 @@ def assert_same_outputs(single, distributed) -> None:
 @pytest.mark.parametrize("one_doc_per_line", [False, True])
 def test_ray_text_corpus_matches_single_process(ray_local, tmp_path, text_corpus, monkeypatch, one_doc_per_line):
     # Small tasks, so that many are in flight and their order is what is tested.
-    monkeypatch.setattr(prepare_ray, "TASK_CHARS", 500)
+    monkeypatch.setattr(corpus, "TASK_CHARS", 500)
     options = dict(one_doc_per_line=one_doc_per_line, val_fraction=0.2, seed=3)
     single = prepare_corpus("corpus", tmp_path / "single", text_corpus, **options)
     distributed = prepare_corpus("corpus", tmp_path / "ray", text_corpus, use_ray=True, **options)
@@ -66,7 +67,7 @@ def test_ray_text_corpus_matches_single_process(ray_local, tmp_path, text_corpus
 
 
 def test_ray_parquet_corpus_matches_single_process_through_the_cli(ray_local, tmp_path, parquet_corpus, monkeypatch):
-    monkeypatch.setattr(prepare_ray, "TASK_CHARS", 2000)
+    monkeypatch.setattr(corpus, "TASK_CHARS", 2000)
     common = ["owt", "--input", str(parquet_corpus), "--val-fraction", "0.1", "--seed", "5"]
     assert main([*common, "--data-dir", str(tmp_path / "single")]) == 0
     assert main([*common, "--data-dir", str(tmp_path / "ray"), "--ray", "--address", ray_local]) == 0

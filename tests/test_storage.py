@@ -15,17 +15,17 @@ import pyarrow.fs
 import pytest
 from conftest import TINY_LOCAL_RUN
 
-from raygpt.prepare import prepare_dataset
-from raygpt.storage import uri as storage
-from raygpt.storage.uri import (
+from raygpt.prep.dataset import prepare_dataset
+from raygpt.storage import datasets
+from raygpt.storage.datasets import (
     DatasetNotFoundError,
-    StorageError,
     cache_folder,
     check_remote_dataset,
-    open_filesystem,
+    dataset_uri,
     stage_dataset,
     upload_dataset,
 )
+from raygpt.storage.uri import StorageError, check_local_path, check_storage_path, open_filesystem
 
 TOKEN_FILES = ("train.bin", "val.bin", "meta.json")
 
@@ -163,7 +163,7 @@ def test_prepare_to_a_missing_bucket_is_refused_before_any_work(s3_server, shake
 
 
 STAGE = (
-    "import sys; from pathlib import Path; from raygpt.storage.uri import stage_dataset; "
+    "import sys; from pathlib import Path; from raygpt.storage.datasets import stage_dataset; "
     "print(stage_dataset(sys.argv[1], Path(sys.argv[2]), progress=lambda line: print(line, flush=True)), flush=True)"
 )
 
@@ -207,14 +207,14 @@ def test_a_dataset_prepared_again_at_the_uri_is_staged_again(s3_server, char_dat
 def test_an_interrupted_upload_leaves_no_dataset(s3_server, char_data, monkeypatch):
     """meta.json goes first and comes back last: stopped between, the URI holds no dataset to stage."""
     uri, _, _ = uploaded_copy(s3_server, char_data)
-    upload_file = storage.upload_file
+    upload_file = datasets.upload_file
 
     def interrupted_at_val(filesystem, local_path, remote_path, uri, meter):
         if local_path.name == "val.bin":
             raise KeyboardInterrupt
         upload_file(filesystem, local_path, remote_path, uri, meter)
 
-    monkeypatch.setattr(storage, "upload_file", interrupted_at_val)
+    monkeypatch.setattr(datasets, "upload_file", interrupted_at_val)
     with pytest.raises(KeyboardInterrupt):
         upload_dataset(char_data / "shakespeare_char", uri, progress=lambda line: None)
     with pytest.raises(StorageError, match=rf"^no dataset at {uri} \(no meta.json there"):
@@ -249,7 +249,7 @@ def launch_cli(*argv) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("data_dir", ["s3://", "gs:///", "s3://?endpoint_override=http://127.0.0.1:1"])
 def test_a_uri_that_names_no_bucket_is_refused_not_used_with_the_name_as_bucket(data_dir):
     with pytest.raises(StorageError, match=r"names no bucket: write (s3|gs)://BUCKET/PREFIX"):
-        storage.dataset_uri(data_dir, "shakespeare_char")
+        dataset_uri(data_dir, "shakespeare_char")
 
 
 @pytest.mark.parametrize(
@@ -257,7 +257,7 @@ def test_a_uri_that_names_no_bucket_is_refused_not_used_with_the_name_as_bucket(
     [("s3://b", "s3://b/d"), ("s3://b/p/", "s3://b/p/d"), ("file:///", "file:///d"), ("/", "/d"), ("data", "data/d")],
 )
 def test_uris_and_paths_that_name_a_place_join_as_before(data_dir, joined):
-    assert storage.dataset_uri(data_dir, "d") == joined
+    assert dataset_uri(data_dir, "d") == joined
 
 
 @pytest.mark.parametrize("path", ["s3:/bucket/data", "gs:bucket", "S3:/b", "https:/example.com/x", "file:/tmp/x"])
@@ -266,12 +266,12 @@ def test_a_uri_with_a_slash_missing_is_not_taken_as_a_local_folder(path):
     with pytest.raises(
         StorageError, match=rf"--data-dir {path} looks like a URI with a slash missing: write {scheme}://"
     ):
-        storage.check_local_path(path, "--data-dir")
+        check_local_path(path, "--data-dir")
 
 
 @pytest.mark.parametrize("path", ["data", "C:/data", "run:1/out", "/tmp/x"])
 def test_local_paths_with_or_without_colons_are_left_alone(path):
-    storage.check_local_path(path, "--data-dir")
+    check_local_path(path, "--data-dir")
 
 
 @pytest.mark.parametrize(
@@ -288,13 +288,13 @@ def test_local_paths_with_or_without_colons_are_left_alone(path):
 def test_storage_paths_that_cannot_hold_runs_are_one_line(tmp_path, where, message):
     (tmp_path / "afile").write_text("not a folder")
     with pytest.raises(StorageError) as refused:
-        storage.check_storage_path(where.format(tmp=tmp_path))
+        check_storage_path(where.format(tmp=tmp_path))
     assert message.format(tmp=tmp_path) in str(refused.value) and "\n" not in str(refused.value)
 
 
 @pytest.mark.parametrize("where", ["", "{tmp}/new/runs", "file://{tmp}/new/runs", "{tmp}"])
 def test_storage_paths_that_can_hold_runs_pass(tmp_path, where):
-    storage.check_storage_path(where.format(tmp=tmp_path))
+    check_storage_path(where.format(tmp=tmp_path))
     assert not (tmp_path / "new").exists()  # checked, not created
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from raygpt.config.schema import DEFAULTS, MAX_STR_LEN, ConfigError, check_known, read_small_file, shorten, shown
 from raygpt.errors import one_line
+from raygpt.storage.files import NulCharacterError, decode_text
 
 BINARY_OPS = {
     ast.Add: operator.add,
@@ -172,15 +173,15 @@ def read_source(path: Path) -> str:
     """A config file's text: a small regular UTF-8 file without NUL bytes."""
     data = read_small_file(path, "config file")
     try:
-        source = data.decode("utf-8-sig")  # -sig: some editors start UTF-8 files with a byte-order mark
+        return decode_text(data)
     except UnicodeDecodeError as e:
         raise ConfigError(
             f"{path}: not a text file (byte {e.start} is not UTF-8); a config file holds `key = value` lines"
         ) from None
-    if "\0" in source:
-        line = source.count("\n", 0, source.index("\0")) + 1
-        raise ConfigError(f"{path}:{line}: a NUL byte: not a text file; a config file holds `key = value` lines")
-    return source
+    except NulCharacterError as e:
+        raise ConfigError(
+            f"{path}:{e.line}: a NUL byte: not a text file; a config file holds `key = value` lines"
+        ) from None
 
 
 def check_statement_lengths(path: Path, source: str) -> None:

@@ -11,7 +11,6 @@ import difflib
 import math
 import os
 import re
-import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from raygpt.errors import RaygptError
+from raygpt.storage.files import FileTooLargeError, NotARegularFileError, read_regular_file
 
 
 class ConfigError(RaygptError, ValueError):
@@ -434,18 +434,18 @@ def check_usable(name: str, value: Any) -> None:
 
 
 def read_small_file(path: Path, what: str) -> bytes:
-    """The bytes of a small regular file; missing, a folder, a symlink loop, a device or too big: one line."""
+    """The bytes of a small regular file (storage.files' reader); missing, a folder, a symlink loop, a
+    device or too big: one line naming `what`."""
     try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise ConfigError(f"{what} {path} is {'a folder' if stat.S_ISDIR(mode) else 'not a regular file'}")
-        with open(path, "rb") as f:
-            data = f.read(MAX_SMALL_FILE_BYTES + 1)
+        return read_regular_file(path, MAX_SMALL_FILE_BYTES)
+    except IsADirectoryError:
+        raise ConfigError(f"{what} {path} is a folder") from None
+    except NotARegularFileError:
+        raise ConfigError(f"{what} {path} is not a regular file") from None
+    except FileTooLargeError:
+        raise ConfigError(f"{what} {path} is larger than {MAX_SMALL_FILE_BYTES >> 20} MiB: not a {what}") from None
     except OSError as e:
         raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
-    if len(data) > MAX_SMALL_FILE_BYTES:
-        raise ConfigError(f"{what} {path} is larger than {MAX_SMALL_FILE_BYTES >> 20} MiB: not a {what}")
-    return data
 
 
 def coerce(name: str, value: Any, typ) -> Any:

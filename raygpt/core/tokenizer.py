@@ -5,12 +5,11 @@ from __future__ import annotations
 import functools
 import io
 import json
-import os
 import pickle
-import stat
 from pathlib import Path
 
 from raygpt.errors import RaygptError, one_line
+from raygpt.storage.files import FileTooLargeError, NotARegularFileError, read_regular_file
 
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
 GPT2_VOCAB_SIZE = 50257
@@ -45,18 +44,17 @@ def _read_meta_file(path: Path) -> bytes | None:
     """The bytes of meta.json or meta.pkl, None when there is none; a folder, a symlink loop, a device or
     an absurdly large file is a MetaError."""
     try:
-        mode = os.stat(path).st_mode
-        if not stat.S_ISREG(mode):
-            raise MetaError(f"{path} is {'a folder, not a file' if stat.S_ISDIR(mode) else 'not a regular file'}")
-        with open(path, "rb") as f:
-            data = f.read(MAX_META_BYTES + 1)
+        return read_regular_file(path, MAX_META_BYTES)
     except FileNotFoundError:
         return None
+    except IsADirectoryError:
+        raise MetaError(f"{path} is a folder, not a file") from None
+    except NotARegularFileError:
+        raise MetaError(f"{path} is not a regular file") from None
+    except FileTooLargeError:
+        raise MetaError(f"{path} is larger than {MAX_META_BYTES >> 20} MiB: not a tokenizer description") from None
     except OSError as e:
         raise MetaError(f"cannot read {path}: {e.strerror}") from None
-    if len(data) > MAX_META_BYTES:
-        raise MetaError(f"{path} is larger than {MAX_META_BYTES >> 20} MiB: not a tokenizer description")
-    return data
 
 
 def _meta_from_pkl(path: Path, data: bytes) -> dict:

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from raygpt.config.schema import DEFAULTS, TrainConfig
+from raygpt.config.schema import DEFAULTS, FREE_TO_CHANGE, TrainConfig
 from raygpt.core import checkpoint
 from raygpt.errors import LaunchError
 from raygpt.storage.uri import is_uri, join_uri, list_folders, storage_root
@@ -145,28 +145,6 @@ def ray_checkpoint_dirs(cfg: TrainConfig, run_name: str) -> list[Path | str]:
         return [join_uri(run, name) for name in list_folders(run, "checkpoint_")]
     storage = Path(storage_root(cfg.storage_path))
     return sorted(p for p in (storage / run_name).glob("checkpoint_*") if p.is_dir())
-
-
-# Keys a rerun may change and still continue the same run; a change to any other is named when it resumes.
-FREE_TO_CHANGE = {
-    *(
-        "num_workers",
-        "max_workers",
-        "elastic_resize_interval_s",
-        "use_gpu",
-        "cpus_per_worker",
-        "parallelism",
-        "fsdp_reshard_after_forward",
-        "activation_checkpointing",
-        "max_failures",
-    ),
-    *("max_preemption_failures", "max_iters", "lr_decay_iters", "warmup_iters", "min_lr", "decay_lr"),
-    *("eval_interval", "log_interval", "eval_iters", "eval_only", "always_save_checkpoint", "async_checkpoint"),
-    *("checkpoints_to_keep", "wandb_log", "wandb_project", "wandb_run_name"),
-    *("compile", "compile_mode", "compile_regions", "ddp_split_graphs", "compile_eval", "compile_cache", "attention"),
-    *("deterministic", "check_memory", "local_mode", "storage_path", "run_name", "out_dir", "data_dir"),
-    *("init_from", "backend"),
-}
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ GPT-2's weights, wandb, and torch's bytecode. `preflight` runs them in order."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,18 +20,10 @@ from raygpt.driver.plan import ResumePoint, check_workers, plan_resume, ray_chec
 from raygpt.driver.ray_cluster import check_address, given_address
 from raygpt.driver.runlock import RunLock, lock_run
 from raygpt.errors import LaunchError
-from raygpt.processes import packages_without_bytecode
+from raygpt.prep.shakespeare import SHAKESPEARE_SETS
+from raygpt.storage.datasets import DatasetNotFoundError, check_remote_dataset, dataset_uri
 from raygpt.storage.files import remove_empty_folders
-from raygpt.storage.uri import (
-    DatasetNotFoundError,
-    check_local_path,
-    check_remote_dataset,
-    check_storage_path,
-    dataset_uri,
-    is_uri,
-)
-
-PREPARABLE = ("shakespeare_char", "shakespeare")
+from raygpt.storage.uri import check_local_path, check_storage_path, is_uri
 
 
 @dataclass(frozen=True)
@@ -172,6 +166,30 @@ def check_wandb(cfg: TrainConfig) -> None:
         )
 
 
+# The packages every training process imports, largest first; torch.compile adds sympy and triton.
+IMPORTED_PACKAGES = ("torch", "sympy", "triton", "numpy")
+
+
+def packages_without_bytecode() -> list[str]:
+    """The folders of IMPORTED_PACKAGES that have no compiled bytecode (.pyc) for this Python and will
+    get none (PYTHONDONTWRITEBYTECODE, or a read-only folder, after `pip install --no-compile`): every
+    new process, each worker and each restarted one, compiles their source again, seconds for torch."""
+    folders = []
+    for name in IMPORTED_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            continue
+        cached = importlib.util.cache_from_source(spec.origin)
+        if os.path.exists(cached):
+            continue
+        existing = os.path.dirname(cached)
+        while existing and not os.path.isdir(existing):
+            existing = os.path.dirname(existing)
+        if sys.dont_write_bytecode or not os.access(existing, os.W_OK):
+            folders.append(os.path.dirname(spec.origin))
+    return folders
+
+
 def check_bytecode() -> None:
     """A container trap: torch installed without compiled bytecode (`pip install --no-compile`) where
     Python may not write any (PYTHONDONTWRITEBYTECODE=1). Every worker process, and every one Ray
@@ -211,8 +229,8 @@ def model_vocab_size(cfg: TrainConfig, resume: ResumePoint | None, meta: dict | 
 
 def local_dataset_meta(cfg: TrainConfig, prepare_input: str | None) -> dict | None:
     dataset_dir = Path(cfg.data_dir) / cfg.dataset
-    if cfg.dataset in PREPARABLE and not is_prepared(dataset_dir):
-        from raygpt.prepare import prepare_dataset
+    if cfg.dataset in SHAKESPEARE_SETS and not is_prepared(dataset_dir):
+        from raygpt.prep.dataset import prepare_dataset
 
         print(f"dataset {cfg.dataset} not found in {cfg.data_dir}: preparing it", flush=True)
         prepare_dataset(cfg.dataset, cfg.data_dir, input_path=prepare_input, input_flag="--prepare-input")
@@ -228,9 +246,9 @@ def remote_dataset_meta(cfg: TrainConfig, prepare_input: str | None) -> dict:
     try:
         remote = check_remote_dataset(uri)
     except DatasetNotFoundError:
-        if cfg.dataset not in PREPARABLE:
+        if cfg.dataset not in SHAKESPEARE_SETS:
             raise
-        from raygpt.prepare import prepare_dataset
+        from raygpt.prep.dataset import prepare_dataset
 
         print(f"dataset {cfg.dataset} not found in {cfg.data_dir}: preparing it there", flush=True)
         prepare_dataset(cfg.dataset, cfg.data_dir, input_path=prepare_input, input_flag="--prepare-input")

@@ -1,18 +1,19 @@
 """One run at a time on an out_dir and a Ray run: an OS file lock held by the launching process.
 
-The lock is `flock` on a file, so it dies with its process: a run killed with SIGKILL leaves a lock
-file but no lock, and rerunning the command at once works. The file's content (the holder's pid and
-host) is only there for the message a second run prints.
+The lock is `flock` on a file (raygpt.storage.files.lock_exclusive), so it dies with its process: a run
+killed with SIGKILL leaves a lock file but no lock, and rerunning the command at once works. The file's
+content (the holder's pid and host) is only there for the message a second run prints.
 """
 
 from __future__ import annotations
 
-import fcntl
+import functools
 import os
 import socket
 from pathlib import Path
 
 from raygpt.errors import RaygptError
+from raygpt.storage.files import lock_exclusive
 from raygpt.storage.uri import storage_root
 
 LOCK_NAME = ".raygpt.lock"
@@ -35,16 +36,7 @@ class RunLock:
         for _ in range(10):
             existed = lock_path.exists()
             f = open(lock_path, "a+")  # noqa: SIM115 - held open for the whole run: closing it releases the lock
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                f.close()
-                raise RunLockedError(
-                    f"{what} is in use by another raygpt run ({holder}); wait for it to end, or use another "
-                    "--out_dir / --run_name"
-                ) from None
+            lock_exclusive(f, when_held=functools.partial(refuse_held, f, what))
             if same_file(f, lock_path):
                 break
             f.close()  # a refused launch removed the file we opened before we locked it: lock the new one
@@ -73,6 +65,15 @@ class RunLock:
             except OSError:
                 pass
         self.release()
+
+
+def refuse_held(f, what: str) -> None:
+    f.seek(0)
+    holder = f.read().strip() or "another process"
+    f.close()
+    raise RunLockedError(
+        f"{what} is in use by another raygpt run ({holder}); wait for it to end, or use another --out_dir / --run_name"
+    )
 
 
 def same_file(f, path: Path) -> bool:

@@ -1,15 +1,21 @@
-"""The one way raygpt writes a file: to a temporary name beside it, fsync'd, then renamed over it.
+"""Local files: the one way raygpt writes a file, reads a small one, takes a file lock, and checks text.
 
-A crash, a kill or a full disk at any moment leaves either the old file or the new one, never a
-half-written file under the real name. The temporary names are `.<name>.<random>.tmp`, so
-`remove_orphaned_temporaries` can clean what a killed process left behind. The file gets the mode a
-plain open() would give it (the umask's for a new file, the old file's when it replaces one), not the
-owner-only mode of a temporary file: datasets and checkpoints on a shared file system stay readable.
+A file is written to a temporary name beside it, fsync'd, then renamed over it. A crash, a kill or a
+full disk at any moment leaves either the old file or the new one, never a half-written file under the
+real name. The temporary names are `.<name>.<random>.tmp`, so `remove_orphaned_temporaries` can clean
+what a killed process left behind. The file gets the mode a plain open() would give it (the umask's for
+a new file, the old file's when it replaces one), not the owner-only mode of a temporary file: datasets
+and checkpoints on a shared file system stay readable.
+
+A small file (a config, a meta.json, a summary) is read by read_regular_file, which refuses anything
+that is not a regular file of at most a given size; its errors are OSErrors that each caller words.
+Text is decoded by decode_text (strict UTF-8, no NUL); a lock is lock_exclusive (flock).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import tempfile
@@ -22,6 +28,22 @@ TEMP_SUFFIX = ".tmp"
 
 class DiskFullError(OSError):
     """The device ran out of space (or the file grew past a size limit) while writing."""
+
+
+class NotARegularFileError(OSError):
+    """A device, a pipe or a socket where a regular file was expected (a folder is IsADirectoryError)."""
+
+
+class FileTooLargeError(OSError):
+    """A file larger than the reader's limit: not the small file it should be."""
+
+
+class NulCharacterError(ValueError):
+    """Text holding a NUL character; `line` is the line of the first one."""
+
+    def __init__(self, line: int):
+        super().__init__(f"a NUL character on line {line}")
+        self.line = line
 
 
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
@@ -134,3 +156,46 @@ def remove_empty_folders(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             pass
+
+
+def read_regular_file(path: str | Path, limit: int | None) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (None: any size). Missing: FileNotFoundError;
+    a folder: IsADirectoryError; a device or a pipe: NotARegularFileError (read, it could block or never
+    end); larger: FileTooLargeError; a symlink loop and the like: the OSError itself."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not stat.S_ISREG(mode):
+        raise NotARegularFileError(errno.EINVAL, "Not a regular file", str(path))
+    with open(path, "rb") as f:
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise FileTooLargeError(errno.EFBIG, f"Larger than {limit:,} bytes", str(path))
+    return data
+
+
+def decode_text(data: bytes) -> str:
+    """A text file's bytes as text: strict UTF-8 (UnicodeDecodeError) without NUL characters
+    (NulCharacterError), a leading byte order mark dropped (an encoding marker, not a character of the text)."""
+    return check_no_nul(data.decode("utf-8-sig"))
+
+
+def check_no_nul(text: str) -> str:
+    """Refuse text with a NUL character: UTF-16 without a byte order mark decodes as UTF-8 with a NUL after
+    every ASCII character, and binary files are full of them; either would be read on without a word."""
+    if "\0" in text:
+        raise NulCharacterError(text.count("\n", 0, text.index("\0")) + 1)
+    return text
+
+
+def lock_exclusive(f, when_held: Callable[[], None]) -> None:
+    """An exclusive flock on an open file or descriptor, until it is closed. When another process holds
+    it, when_held() runs first: it raises to refuse, or returns to wait for the lock. The kernel releases
+    a flock when its process dies, however it dies: a killed holder leaves no lock behind."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    when_held()  # outside the except: a refusal it raises is not "during handling" of the BlockingIOError
+    fcntl.flock(f, fcntl.LOCK_EX)

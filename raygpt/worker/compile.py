@@ -24,27 +24,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import re
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from raygpt.config.schema import GRAPH_KEYS
 from raygpt.errors import one_line
-from raygpt.storage.files import TEMP_SUFFIX, write_bytes_atomic
-from raygpt.storage.uri import dataset_uri, is_uri, open_filesystem
+from raygpt.storage.uri import join_uri, read_small_file, write_small_file
 
 CACHE_FOLDER = "compile-cache"
-# TrainConfig keys that change which graphs are compiled (the model's shape comes from model_args).
-GRAPH_KEYS = ("batch_size", "dtype", "compile_mode", "compile_regions", "compile_eval", "parallelism",
-              "activation_checkpointing", "eval_iters", "fp8", "ddp_split_graphs")  # fmt: skip
 
 
 def environment_key(device: torch.device) -> str:
@@ -81,46 +76,7 @@ def cache_key(environment: str, settings: dict) -> str:
 
 
 def cache_location(storage_root: str, key: str) -> str:
-    name = f"{CACHE_FOLDER}/{key}.bin"
-    return dataset_uri(storage_root, name) if is_uri(storage_root) else os.path.join(storage_root, name)
-
-
-def read_if_present(location: str) -> bytes | None:
-    """The file's bytes, or None if there is none. A local path or a pyarrow.fs URI."""
-    if not is_uri(location):
-        try:
-            with open(location, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            return None
-    import pyarrow.fs
-
-    fs, path = open_filesystem(location)
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def write_atomic(location: str, data: bytes) -> None:
-    """Write under a temporary name, then move it over `location`: a reader never sees half a file."""
-    if not is_uri(location):
-        write_bytes_atomic(location, data)
-        return
-    import pyarrow.fs
-
-    fs, path = open_filesystem(location)
-    folder, name = path.rsplit("/", 1)
-    fs.create_dir(folder, recursive=True)
-    temporary = f"{folder}/.{name}.{uuid.uuid4().hex}{TEMP_SUFFIX}"  # the name files.py cleans up
-    try:
-        with fs.open_output_stream(temporary) as f:
-            f.write(data)
-        fs.move(temporary, path)
-    except BaseException:
-        if fs.get_file_info(temporary).type != pyarrow.fs.FileType.NotFound:
-            fs.delete_file(temporary)
-        raise
+    return join_uri(storage_root, CACHE_FOLDER, f"{key}.bin")
 
 
 @contextmanager
@@ -169,7 +125,7 @@ class CompileCache:
         """Put the stored artifacts into this process's inductor cache; True on a hit."""
         start = time.time()
         try:
-            data = read_if_present(self.location)
+            data = read_small_file(self.location, limit=None)  # as large as the compiled graphs make it
             if data is not None:
                 with _quiet_torch_cache_log():
                     info = torch.compiler.load_cache_artifacts(data)
@@ -193,7 +149,7 @@ class CompileCache:
         if _artifact_keys(info) <= self.known:
             return False  # every artifact came from the file: it needs no rewrite
         try:
-            write_atomic(self.location, data)
+            write_small_file(self.location, data)
         except Exception as e:
             self.warn(f"warning: compile cache not saved to {self.location}: {_reason(e)}")
             return False

@@ -38,7 +38,8 @@ from raygpt.core.parallel import (
 from raygpt.core.step import Evaluator, NonFiniteGuard, Precision, TrainStep, get_lr
 from raygpt.core.tokenizer import PADDED_GPT2_VOCAB_SIZE, load_meta
 from raygpt.driver.plan import RunPlan
-from raygpt.storage.uri import dataset_uri, default_cache_root, is_uri, join_uri, stage_dataset, storage_root
+from raygpt.storage.datasets import dataset_uri, default_cache_root, stage_dataset
+from raygpt.storage.uri import is_uri, join_uri, storage_root
 from raygpt.worker.checkpointer import Checkpointer
 from raygpt.worker.compile import CompileCache, Compiles, CompileWorkers, cache_writer, graph_settings
 from raygpt.worker.preemption import Notice, PreemptionWatch, launcher_asked_to_stop, notice_metrics
@@ -378,7 +379,7 @@ def end(run: Run) -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """A Ray Train worker's training function (raygpt.launch.build_trainer)."""
+    """A Ray Train worker's training function (raygpt.driver.trainer.build_trainer)."""
     run = start(loop_config, train_worker())
     fit(run)
     end(run)
