@@ -26,7 +26,7 @@ from raygpt.core.memory import check_fits
 from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.parallel import setup_device, wrap_model
 from raygpt.core.step import NonFiniteGuard, Precision, TrainStep
-from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, MAX_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta
+from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, MAX_VOCAB_SIZE, load_meta, scratch_vocab_size
 from raygpt.errors import OneLineParser, RaygptError, refuse
 
 RANDOM_TOKENS = 2_000_000  # of each split: what the batches are drawn from
@@ -57,7 +57,7 @@ def dataset_vocab_size(cfg) -> int:
     """The vocabulary of the config's dataset, as training would build the model (a bad meta.json is refused)."""
     dataset_dir = Path(cfg.data_dir) / cfg.dataset
     meta = load_meta(dataset_dir) if dataset_dir.is_dir() else None
-    return meta["vocab_size"] if meta else PADDED_GPT2_VOCAB_SIZE
+    return scratch_vocab_size(meta)
 
 
 def check_args(args) -> None:

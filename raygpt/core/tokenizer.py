@@ -131,6 +131,12 @@ def vocabulary(meta: dict) -> dict:
     return {key: meta[key] for key in ("vocab_size", "tokenizer", "chars") if key in meta}
 
 
+def scratch_vocab_size(meta: dict | None) -> int:
+    """The vocabulary a model trained from scratch gets: its dataset's, or with no meta.json (GPT-2 BPE
+    tokens) nanoGPT's padded GPT-2 vocabulary."""
+    return meta["vocab_size"] if meta else PADDED_GPT2_VOCAB_SIZE
+
+
 def load_meta(dataset_dir: str | Path) -> dict | None:
     """The dataset's vocabulary: {'vocab_size', 'tokenizer': 'char'|'gpt2', 'chars' (char only)}, or None."""
     meta = _read_meta(Path(dataset_dir))

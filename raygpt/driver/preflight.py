@@ -15,7 +15,7 @@ from raygpt.config.schema import INIT_CHOICES, TrainConfig
 from raygpt.core import checkpoint
 from raygpt.core.data import validate_dataset
 from raygpt.core.hf import HF_REPOS, check_gpt2_available, check_gpt2_folder
-from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, load_meta, vocabulary
+from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, load_meta, scratch_vocab_size, vocabulary
 from raygpt.driver.plan import ResumePoint, check_workers, plan_resume, ray_checkpoint_dirs
 from raygpt.driver.ray_cluster import check_address, given_address
 from raygpt.driver.runlock import RunLock, lock_run
@@ -224,7 +224,7 @@ def model_vocab_size(cfg: TrainConfig, resume: ResumePoint | None, meta: dict | 
             except RuntimeError as e:
                 raise LaunchError(str(e)) from None
         return GPT2_VOCAB_SIZE
-    return meta["vocab_size"] if meta else PADDED_GPT2_VOCAB_SIZE
+    return scratch_vocab_size(meta)
 
 
 def local_dataset_meta(cfg: TrainConfig, prepare_input: str | None) -> dict | None:

@@ -36,7 +36,7 @@ from raygpt.core.parallel import (
     wrap_model,
 )
 from raygpt.core.step import Evaluator, NonFiniteGuard, Precision, TrainStep, get_lr
-from raygpt.core.tokenizer import PADDED_GPT2_VOCAB_SIZE, load_meta
+from raygpt.core.tokenizer import load_meta, scratch_vocab_size
 from raygpt.driver.plan import RunPlan
 from raygpt.storage.datasets import dataset_uri, default_cache_root, stage_dataset
 from raygpt.storage.uri import is_uri, join_uri, storage_root
@@ -56,7 +56,7 @@ def build_model(cfg: TrainConfig, meta: dict | None, saved: dict | None, precisi
     if saved is not None:
         model_args = checkpoint.architecture(saved, "checkpoint")
     elif cfg.init_from == "scratch":
-        vocab_size = meta["vocab_size"] if meta else PADDED_GPT2_VOCAB_SIZE
+        vocab_size = scratch_vocab_size(meta)
         model_args = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=cfg.block_size,
                           bias=cfg.bias, vocab_size=vocab_size)  # fmt: skip
     else:
