@@ -23,7 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raygpt.config.cli import config_help, parse_value, read_config
-from raygpt.config.schema import FIELD_TYPES, NOT_SAMPLED, ConfigError, TrainConfig, check_known, is_plain_name
+from raygpt.config.schema import (
+    FIELD_TYPES,
+    NAME_MAX,
+    NOT_SAMPLED,
+    ConfigError,
+    TrainConfig,
+    check_known,
+    check_name_lengths,
+    is_plain_name,
+    shown,
+)
 from raygpt.driver.launcher import LauncherOptions, add_launcher_options, prepare_run
 from raygpt.driver.plan import RunPlan, count, cpu_share, describe_worker, plan_resources
 from raygpt.driver.trainer import build_trainer, root_cause
@@ -256,6 +266,7 @@ def run_sweep(
     explicit_keys = set(explicit_keys) | set(specs)
     cfg, plan, lock = prepare_run(base, explicit_keys, options, new_runs=True)  # each trial is a run of its own
     try:  # the run lock is released when the sweep ends, or fails to start
+        check_trial_names(plan.run_name)
         trials = trial_count(space, num_samples)
         concurrent = min(max_concurrent or trials, trials)
         if not options.wait_for_resources:
@@ -327,9 +338,26 @@ def check_sweep_options(base: TrainConfig, specs: dict, num_samples: int, max_co
         )
     if name is not None and not is_plain_name(name):
         raise ConfigError(f"--name {name!r} must be a plain folder name (no '/', not '.' or '..')")
+    if name is not None:
+        check_name_lengths("--name", name)
     check_storage_path(base.storage_path)
     for key in specs:  # also the keys of a ready param_space
         check_sampled(key)
+
+
+# What a trial adds to the sweep's run name for its own Ray run: '-' and a Tune trial id (Tune's variant
+# generator: 5 hex digits, '_', a 5-digit count).
+TRIAL_SUFFIX = "-abcde_00000"
+
+
+def check_trial_names(run_name: str) -> None:
+    """Each trial's Ray run, `<run_name>-<trial id>`, is a folder name the OS can make."""
+    size = len(os.fsencode(run_name + TRIAL_SUFFIX))
+    if size > NAME_MAX:
+        raise ConfigError(
+            f"run name {shown(run_name)} is too long for a sweep: its trials' Ray runs, <run_name>{TRIAL_SUFFIX}, "
+            f"would be {size} bytes, over the {NAME_MAX} a file system allows in one name: pass a shorter --run_name"
+        )
 
 
 def trial_run_options(cfg: TrainConfig) -> dict:

@@ -241,6 +241,8 @@ def test_killed_trial_is_restarted_by_tune_and_ends_bit_identical(ray_local, tmp
         (["--learning_rate=grid:1e-3,1e-2", "--max-concurrent", "0"], "--max-concurrent must be at least 1, got 0"),
         (["--learning_rate=grid:1e-3,1e-2", "--name=a/b"], "--name 'a/b' must be a plain folder name"),
         (["--learning_rate=grid:1e-3,1e-2", "--name="], "--name '' must be a plain folder name"),
+        (["--learning_rate=grid:1e-3,1e-2", "--name=" + "n" * 256], "--name: the name 'nnnn"),
+        (["--learning_rate=grid:1e-3,1e-2", "--run_name=" + "é" * 128], "run_name: the name 'éééé"),
         (["--learning_rate=grid:1e-3,1e-2", "--storage_path=ftp://host/runs"], "cannot open ftp://host/runs"),
         (["--learning_rate=grid:1e-3,1e-2", "--storage_path=s3://"], "s3:// names no bucket"),
         (["--learning_rate=grid:1e-3,1e-2", "--storage_path=s3:/bucket/runs"], "looks like a URI with a slash missing"),
@@ -258,6 +260,14 @@ def test_sweeps_that_cannot_run_are_one_line_before_ray_starts(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message.format(tmp=tmp_path) in err
+
+
+def test_a_run_name_too_long_for_its_trials_is_refused():
+    """Each trial's Ray run is <run_name>-<trial id>: the run name must leave room for the trial id."""
+    rtune.check_trial_names("r" * 243)
+    with pytest.raises(ConfigError) as error:
+        rtune.check_trial_names("r" * 244)
+    assert "its trials' Ray runs, <run_name>-abcde_00000, would be 256 bytes" in str(error.value)
 
 
 def test_the_base_holds_each_sampled_key_at_its_first_value():

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from raygpt.config.schema import INIT_CHOICES, TrainConfig
+from raygpt.config.schema import INIT_CHOICES, TrainConfig, check_name_lengths
 from raygpt.core import checkpoint
 from raygpt.core.data import validate_dataset
 from raygpt.core.hf import HF_REPOS, check_gpt2_available, check_gpt2_folder
@@ -86,6 +86,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
         if is_uri(path):
             return path
         check_local_path(path, key)  # s3:/bucket resolved would be a local folder named 's3:'
+        check_name_lengths(key, os.path.abspath(Path(path).expanduser()))  # a relative path grows here
         return str(Path(path).expanduser().resolve())
 
     changes = dict(out_dir=resolve("out_dir"), data_dir=resolve("data_dir"))
@@ -102,6 +103,7 @@ def fresh_out_dir(cfg: TrainConfig) -> TrainConfig:
     for n in range(2, 10_000):
         candidate = base.with_name(f"{base.name}-{n}")
         run_name = f"{cfg.run_name}-{n}" if cfg.run_name else candidate.name
+        check_name_lengths("--fresh's out_dir", str(candidate))  # the '-N' may make a name the OS refuses
         if not candidate.exists() and not ray_checkpoint_dirs(cfg, run_name):
             print(f"raygpt: --fresh: a new run '{run_name}' in {candidate}; {base} is kept as it was", flush=True)
             return cfg.replace(out_dir=str(candidate), run_name=cfg.run_name and run_name)
