@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from raygpt.config.schema import DEFAULTS, FREE_TO_CHANGE, TrainConfig
+from raygpt.config.schema import DEFAULTS, FREE_TO_CHANGE, MODEL_KEYS, TrainConfig
 from raygpt.core import checkpoint
 from raygpt.errors import LaunchError
 from raygpt.storage.uri import is_uri, join_uri, list_folders, storage_root
@@ -241,11 +241,15 @@ def resume_refusal(cfg: TrainConfig, explicit_keys, where: str, summary: dict | 
 
 
 def changed_since(cfg: TrainConfig, saved_config: dict) -> list[str]:
-    """The keys outside FREE_TO_CHANGE a rerun changed, and the worker count, for the 'continuing' line."""
+    """The keys outside FREE_TO_CHANGE a rerun changed, and the worker count, for the 'continuing' line.
+    Never the model's keys: the checkpoint's shape is kept (a change asked for is refused before)."""
     changed = [
         f"{key} {saved_config[key]!r} -> {getattr(cfg, key)!r}"
         for key in sorted(saved_config)
-        if key in DEFAULTS and key not in FREE_TO_CHANGE and saved_config[key] != getattr(cfg, key)
+        if key in DEFAULTS
+        and key not in FREE_TO_CHANGE
+        and key not in MODEL_KEYS
+        and saved_config[key] != getattr(cfg, key)
     ]
     before = (saved_config.get("num_workers", cfg.num_workers), saved_config.get("max_workers", 0))
     if before != (cfg.num_workers, cfg.max_workers):  # 0 = one a GPU: the same spelling on both sides

@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from raygpt.config.schema import INIT_CHOICES, TrainConfig, check_name_lengths
+from raygpt.config.schema import INIT_CHOICES, MODEL_KEYS, TrainConfig, check_name_lengths
 from raygpt.core import checkpoint
 from raygpt.core.data import validate_dataset
 from raygpt.core.hf import HF_REPOS, check_gpt2_available, check_gpt2_folder
@@ -61,6 +61,7 @@ def preflight(cfg: TrainConfig, explicit_keys, prepare_input: str | None, addres
             print(f"raygpt: removed {leftover.name}, left by a run killed while saving", flush=True)
         meta = dataset_meta(cfg, prepare_input)
         resume = plan_resume(cfg, run_name, explicit_keys, meta, new_runs)
+        cfg = shaped_as_checkpoint(cfg, resume)
         vocab_size = model_vocab_size(cfg, resume, meta)
         if not is_uri(cfg.data_dir):  # a dataset at a URI is checked whole by each node once it has a copy
             validate_dataset(Path(cfg.data_dir) / cfg.dataset, cfg.block_size, vocab_size)
@@ -211,6 +212,15 @@ def dataset_meta(cfg: TrainConfig, prepare_input: str | None) -> dict | None:
     if is_uri(cfg.data_dir):
         return remote_dataset_meta(cfg, prepare_input)
     return local_dataset_meta(cfg, prepare_input)
+
+
+def shaped_as_checkpoint(cfg: TrainConfig, resume: ResumePoint | None) -> TrainConfig:
+    """A rerun keeps its checkpoint's shape: the model keys it left at their defaults take the checkpoint's
+    values (one it set otherwise was refused), so that the data check, the workers' batches and
+    tokens-per-iteration line, and the config saved with the next checkpoint all mean the model trained."""
+    if resume is None:
+        return cfg
+    return cfg.replace(**{key: resume.summary["model_args"][key] for key in MODEL_KEYS})
 
 
 def model_vocab_size(cfg: TrainConfig, resume: ResumePoint | None, meta: dict | None) -> int:
