@@ -97,8 +97,9 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPla
     return RunPlan(num_workers, use_gpu, float(cpus_per_worker), run_name, max_workers=cfg.max_workers)
 
 
-def check_workers(cfg: TrainConfig, num_workers: int) -> None:
-    """What the worker count (the least, for an elastic run) must suit: the data order, the batch split."""
+def check_workers(cfg: TrainConfig, num_workers: int, advice: str | None = None) -> None:
+    """What the worker count (the least, for an elastic run) must suit: the data order, the batch split.
+    `advice`: what to do about an indivisible batch split (check_divisible)."""
     if cfg.data_order == "nanogpt" and num_workers > 1:
         raise LaunchError(
             f"data_order=nanogpt replays one process's random stream; it needs num_workers=1, not {num_workers}"
@@ -106,7 +107,7 @@ def check_workers(cfg: TrainConfig, num_workers: int) -> None:
     if cfg.max_workers:
         check_elastic_range(cfg)
     else:
-        check_divisible(cfg, num_workers)
+        check_divisible(cfg, num_workers, advice)
 
 
 def check_elastic_range(cfg: TrainConfig) -> None:
@@ -122,17 +123,26 @@ def check_elastic_range(cfg: TrainConfig) -> None:
         )
 
 
-def check_divisible(cfg: TrainConfig, num_workers: int) -> None:
-    """gradient_accumulation_steps is global (nanoGPT's meaning under torchrun): each worker takes its share."""
+def check_divisible(cfg: TrainConfig, num_workers: int, advice: str | None = None) -> None:
+    """gradient_accumulation_steps is global (nanoGPT's meaning under torchrun): each worker takes its share.
+    A sweep (raygpt.tune) checks each value it may sample, with `advice` of its own; a launch is told the
+    nearest values that divide."""
     steps = cfg.gradient_accumulation_steps
     if steps % num_workers == 0 or cfg.eval_only:
         return
-    lower, higher = steps - steps % num_workers, steps + num_workers - steps % num_workers
-    nearest = " or ".join(f"--gradient_accumulation_steps={n}" for n in (lower, higher) if n > 0)
+    if advice is None:
+        advice = "use " + " or ".join(
+            f"--gradient_accumulation_steps={n}" for n in nearest_multiples(steps, num_workers)
+        )
     raise LaunchError(
-        f"gradient_accumulation_steps ({steps}) must be divisible by the number of workers ({num_workers}): "
-        f"use {nearest}"
+        f"gradient_accumulation_steps ({steps}) must be divisible by the number of workers ({num_workers}): {advice}"
     )
+
+
+def nearest_multiples(steps: int, num_workers: int) -> list[int]:
+    """The multiples of num_workers just below and above `steps` (the one below only if positive)."""
+    lower, higher = steps - steps % num_workers, steps + num_workers - steps % num_workers
+    return [n for n in (lower, higher) if n > 0]
 
 
 def ray_checkpoint_dirs(cfg: TrainConfig, run_name: str) -> list[Path | str]:
