@@ -109,7 +109,12 @@ def test_a_rerun_checks_the_data_against_the_models_block_size(tmp_path, capsys)
     corpus = tmp_path / "short.txt"
     corpus.write_text("First Citizen: we are accounted poor citizens, the patricians good.\n" * 12)
     prepare_shakespeare_char(tmp_path / "data", input_path=corpus)
-    argv = [*TINY, f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / 'out'}"]
+    argv = [
+        *TINY,
+        f"--data_dir={tmp_path / 'data'}",
+        f"--out_dir={tmp_path / 'out'}",
+        f"--storage_path={tmp_path / 'ray'}",
+    ]
     assert cli(argv, capsys)[0] == 0
     rerun = [a for a in argv if not a.startswith(MODEL_FLAGS)]
     code, stdout, err = cli([*rerun, "--max_iters=6"], capsys)
