@@ -23,11 +23,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raygpt.config.cli import config_help, parse_value, read_config
-from raygpt.config.schema import FIELD_TYPES, NOT_SAMPLED, ConfigError, TrainConfig, check_known, is_plain_name
+from raygpt.config.schema import (
+    FIELD_TYPES,
+    NAME_MAX,
+    NOT_SAMPLED,
+    ConfigError,
+    TrainConfig,
+    check_known,
+    check_name_lengths,
+    is_plain_name,
+    shown,
+)
 from raygpt.driver.launcher import LauncherOptions, add_launcher_options, prepare_run
-from raygpt.driver.plan import RunPlan, count, cpu_share, describe_worker, plan_resources
+from raygpt.driver.plan import (
+    RunPlan,
+    check_workers,
+    count,
+    cpu_share,
+    describe_worker,
+    nearest_multiples,
+    plan_resources,
+)
 from raygpt.driver.trainer import build_trainer, root_cause
-from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, refuse
+from raygpt.errors import EXIT_INTERRUPTED, LaunchError, OneLineParser, RaygptError, refuse
 from raygpt.storage.uri import check_storage_path
 
 KINDS = ("loguniform", "uniform", "choice", "grid")
@@ -136,6 +154,54 @@ def check_specs(base: TrainConfig, specs: dict[str, Spec]) -> dict[str, Spec]:
                 raise ConfigError(f"bad search space for {name} ({spec}): {e}") from None
         checked[name] = Spec(spec.kind, tuple(values))
     return checked
+
+
+# Sampled keys the trials' worker count constrains (driver.plan.check_workers).
+WORKER_KEYS = ("gradient_accumulation_steps", "data_order")
+
+
+def check_sampled_for_workers(cfg: TrainConfig, specs: dict, num_workers: int) -> None:
+    """Every value a sweep may sample of WORKER_KEYS must suit the trials' worker count, as launch requires
+    of the one value it trains: a trial would otherwise train another configuration than it reports (a
+    gradient_accumulation_steps of 3 on 2 workers trains 2 micro-batches)."""
+    for name in WORKER_KEYS:
+        spec = specs.get(name)
+        for value in possible_values(spec) if spec is not None else ():
+            advice = f"sample multiples of {num_workers}, e.g. --{name}={divisible_spec(spec, num_workers)}"
+            try:
+                check_workers(cfg.replace(**{name: value}), num_workers, advice)
+            except LaunchError as e:
+                raise ConfigError(f"bad search space for {name} ({spec_text(spec)}): {e}") from None
+
+
+def possible_values(spec) -> list:
+    """The values a Spec, or a ready param_space's grid_search or choice, may give; [] for a range of a
+    ready param_space (a Tune domain sampled as given)."""
+    if isinstance(spec, Spec) and spec.kind in ("uniform", "loguniform"):
+        low, high = spec.values
+        return list(range(low, high + 1)) if isinstance(low, int) else []
+    if isinstance(spec, Spec):
+        return list(spec.values)
+    if isinstance(spec, dict) and "grid_search" in spec:
+        return list(spec["grid_search"])
+    return list(getattr(spec, "categories", []))
+
+
+def divisible_spec(spec, num_workers: int) -> str:
+    """`spec` with each integer value moved up to a multiple of num_workers (a range: its multiples, as a
+    choice), in raygpt.tune's spelling."""
+    values = [v for v in possible_values(spec) if isinstance(v, int)]
+    if isinstance(spec, Spec) and spec.kind in ("uniform", "loguniform"):
+        kind = "choice"
+        multiples = [v for v in values if v % num_workers == 0] or nearest_multiples(values[0], num_workers)
+    else:
+        kind = spec.kind if isinstance(spec, Spec) else "grid" if isinstance(spec, dict) else "choice"
+        multiples = [v if v % num_workers == 0 else nearest_multiples(v, num_workers)[-1] for v in values]
+    return f"{kind}:{','.join(str(v) for v in dict.fromkeys(multiples))}"
+
+
+def spec_text(spec) -> str:
+    return str(spec) if isinstance(spec, Spec) else shown(spec)
 
 
 def search_space(specs: dict[str, Spec]) -> dict:
@@ -254,14 +320,18 @@ def run_sweep(
     # Specs (from split_argv) are checked against the base config; a ready param_space is used as given.
     space = search_space(check_specs(base, specs)) if all(isinstance(s, Spec) for s in specs.values()) else specs
     explicit_keys = set(explicit_keys) | set(specs)
+    if base.num_workers and not base.local_mode:  # a count given: checked now, not after Ray has started
+        check_sampled_for_workers(base, specs, base.num_workers)
     cfg, plan, lock = prepare_run(base, explicit_keys, options, new_runs=True)  # each trial is a run of its own
     try:  # the run lock is released when the sweep ends, or fails to start
+        check_trial_names(plan.run_name)
         trials = trial_count(space, num_samples)
         concurrent = min(max_concurrent or trials, trials)
         if not options.wait_for_resources:
             concurrent = max(1, min(concurrent, trials_that_fit(plan, explicit_keys)))
         if concurrent > 1:
             plan = plan_concurrency(cfg, plan, explicit_keys, concurrent)
+        check_sampled_for_workers(cfg, specs, plan.num_workers)
         workers = count(plan.num_workers, describe_worker(plan))
         in_trial = trains_in_trial(cfg, plan)
         print(
@@ -327,9 +397,26 @@ def check_sweep_options(base: TrainConfig, specs: dict, num_samples: int, max_co
         )
     if name is not None and not is_plain_name(name):
         raise ConfigError(f"--name {name!r} must be a plain folder name (no '/', not '.' or '..')")
+    if name is not None:
+        check_name_lengths("--name", name)
     check_storage_path(base.storage_path)
     for key in specs:  # also the keys of a ready param_space
         check_sampled(key)
+
+
+# What a trial adds to the sweep's run name for its own Ray run: '-' and a Tune trial id (Tune's variant
+# generator: 5 hex digits, '_', a 5-digit count).
+TRIAL_SUFFIX = "-abcde_00000"
+
+
+def check_trial_names(run_name: str) -> None:
+    """Each trial's Ray run, `<run_name>-<trial id>`, is a folder name the OS can make."""
+    size = len(os.fsencode(run_name + TRIAL_SUFFIX))
+    if size > NAME_MAX:
+        raise ConfigError(
+            f"run name {shown(run_name)} is too long for a sweep: its trials' Ray runs, <run_name>{TRIAL_SUFFIX}, "
+            f"would be {size} bytes, over the {NAME_MAX} a file system allows in one name: pass a shorter --run_name"
+        )
 
 
 def trial_run_options(cfg: TrainConfig) -> dict:

@@ -6,28 +6,34 @@ Train's local mode trains in the test's own process); `pytest -m ray` is the res
 `pytestmark = pytest.mark.ray`. A test left unmarked that starts Ray anyway fails (`fast_tier_starts_no_ray`).
 """
 
+import hashlib
 import os
+import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+TEST_DATA = REPO / "tests" / "data"  # what the tests read, shipped with them (tests/data/README.md)
+SHAKESPEARE = TEST_DATA / "tinyshakespeare.txt"
+GPT2_BPE = TEST_DATA / "gpt2-bpe"
+# Where tiktoken's gpt2 encoding downloads its two files from (tiktoken_ext.openai_public.gpt2).
+GPT2_BPE_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
 
 
 def _offline_tiktoken(cache_root: Path) -> None:
-    """Tests must not download: point tiktoken at the GPT-2 BPE files shipped in ../shared."""
+    """Tests must not download: give tiktoken a cache that already holds GPT-2's BPE files. tiktoken
+    (tiktoken.load.read_file_cached) looks for a file in TIKTOKEN_CACHE_DIR under the sha1 of its URL, and
+    uses it if its sha256 is the one it expects. A TIKTOKEN_CACHE_DIR already set is used as it is."""
     if os.environ.get("TIKTOKEN_CACHE_DIR"):
         return
     cache = cache_root / "tiktoken-cache"
-    script = SHARED / "data" / "gpt2-bpe" / "tiktoken-cache.py"
-    if script.exists():
-        subprocess.run([sys.executable, str(script), str(cache)], check=True, capture_output=True)
-        os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in ("encoder.json", "vocab.bpe"):
+        shutil.copyfile(GPT2_BPE / name, cache / hashlib.sha1((GPT2_BPE_URL + name).encode()).hexdigest())
+    os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
 
 
 def pytest_configure(config):
@@ -90,8 +96,6 @@ def fast_tier_starts_no_ray(request):
 
 @pytest.fixture(scope="session")
 def shakespeare_path() -> Path:
-    if not SHAKESPEARE.exists():
-        pytest.skip("../shared/data/tinyshakespeare.txt not found")
     return SHAKESPEARE
 
 

@@ -974,6 +974,80 @@ def test_a_refused_launch_leaves_no_folder_or_lock_file_behind(tmp_path, capsys,
     assert tree(tmp_path) == {"out": None, "ray": None}  # kept, as they were: empty
 
 
+# ---- names the OS refuses (ENAMETOOLONG): one line before anything is made ----------------------------
+
+LONG = "n" * 256  # one byte over a file name's 255
+LONG_MULTIBYTE = "é" * 128  # 128 characters, but 256 bytes
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--out_dir={tmp}/" + LONG + "/out"], "out_dir: the name 'nnnn"),
+        (["--out_dir={tmp}/out/" + LONG_MULTIBYTE], "out_dir: the name 'éééé"),
+        (["--data_dir={tmp}/" + LONG], "data_dir: the name 'nnnn"),
+        (["--dataset=" + LONG], "dataset: the name 'nnnn"),
+        (["--storage_path={tmp}/" + LONG], "storage_path: the name 'nnnn"),
+        (["--run_name=" + LONG_MULTIBYTE], "run_name: the name 'éééé"),
+        (["--init_from={tmp}/" + LONG], "init_from: the name 'nnnn"),
+        (["--out_dir={tmp}/" + "/".join(["d" * 200] * 20)], "out_dir is 4,"),
+    ],
+)
+def test_a_name_too_long_for_the_os_is_one_line_and_leaves_nothing(tmp_path, capsys, launch_args, extra, needle):
+    err = launch_refusal([*launch_args, *(arg.format(tmp=tmp_path) for arg in extra)], capsys)
+    assert needle in err and "Errno" not in err
+    assert tree(tmp_path) == {}
+
+
+def test_a_relative_out_dir_that_grows_too_long_once_absolute(tmp_path, capsys, launch_args, monkeypatch):
+    deep = tmp_path.joinpath(*["w" * 250] * 4)
+    deep.mkdir(parents=True)
+    before = tree(tmp_path)
+    monkeypatch.chdir(deep)
+    relative = "/".join(["d" * 200] * 18)  # 3,617 bytes: allowed as given, too long under this folder
+    err = launch_refusal([*launch_args, f"--out_dir={relative}"], capsys)
+    assert "out_dir is 4," in err and tree(tmp_path) == before
+
+
+def test_a_run_name_too_long_for_its_lock_file(tmp_path, capsys, launch_args):
+    """out_dir's folder name is the run name, and the Ray run's lock file adds to it: refused before any
+    lock or folder is made, and the advice works as printed."""
+    argv = [*launch_args, f"--out_dir={tmp_path / ('r' * 250)}", "--local_mode=False"]
+    err = launch_refusal(argv, capsys)
+    assert "is too long for its lock file's name (263 bytes, over the 255" in err and "pass a shorter --run_name" in err
+    assert tree(tmp_path) == {}
+    assert launch_refusal([*argv, f"--run_name={'r' * 243}"], capsys) and tree(tmp_path) == {}
+    from raygpt import launch
+
+    assert launch.main([*argv, "--local_mode=True", "--run_name=short"]) == 0
+    assert (tmp_path / ("r" * 250) / "ckpt.pt").is_file()
+
+
+def test_fresh_refuses_a_name_the_os_would_refuse(tmp_path, capsys, launch_args):
+    taken = tmp_path / ("f" * 254)
+    taken.mkdir()
+    err = launch_refusal([*launch_args, f"--out_dir={taken}", "--run_name=x", "--fresh"], capsys)
+    assert "--fresh's out_dir: the name 'ffff" in err and "256 bytes long" in err
+    assert tree(tmp_path) == {taken.name: None}
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        ([LONG, "--data-dir", "{tmp}/data"], "dataset name: the name 'nnnn"),
+        (["corpus", "--name", LONG_MULTIBYTE, "--data-dir", "{tmp}/data"], "dataset name: the name 'éééé"),
+        (["shakespeare_char", "--data-dir", "{tmp}/data/" + LONG], "--data-dir: the name 'nnnn"),
+    ],
+)
+def test_prepare_refuses_names_the_os_would_refuse(tmp_path, capsys, argv, needle):
+    (tmp_path / "corpus.txt").write_text("to be or not to be " * 200)
+    before = tree(tmp_path)
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code, _, err = run_prepare([*argv, "--input", tmp_path / "corpus.txt"], capsys)
+    assert_refused(code, err, needle)
+    assert tree(tmp_path) == before
+
+
 @pytest.mark.parametrize("key", ["out_dir", "storage_path"])
 def test_an_output_folder_that_is_a_file(tmp_path, capsys, launch_args, key):
     blocker = tmp_path / "blocker"

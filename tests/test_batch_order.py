@@ -14,6 +14,7 @@ from raygpt.core.data import Batches
 from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.parallel import wrap_model
 from raygpt.core.step import NonFiniteGuard, Precision, TrainStep
+from raygpt.processes import exit_without_teardown
 
 MICRO_BATCHES = 4  # global micro-batches per iteration (gradient_accumulation_steps)
 
@@ -150,6 +151,12 @@ def ddp_worker(rank: int, world_size: int, data_dir: str, rendezvous: str, resul
             torch.save({"losses": losses, "weights": weights}, results)
     finally:
         dist.destroy_process_group()
+    # A process that wrapped a model in DDP still runs gloo's threads (two pt_gloo_runloop, one
+    # gloo_tcp_loop) after destroy_process_group: torch keeps the group alive in C++ (a process without
+    # DDP has them joined there). The interpreter's teardown at exit then races those threads, and now and
+    # then aborts the process ("terminate called without an active exception", SIGABRT). The results are
+    # written: end as the launcher ends, without that teardown.
+    exit_without_teardown(0)
 
 
 def test_training_on_1_and_2_workers_gives_the_same_losses_and_weights(tmp_path, char_data):

@@ -82,6 +82,73 @@ def test_rerun_with_more_iters_continues_and_names_what_changed(run_args, capsys
     assert checkpoint.load(out / "ckpt.pt")["iter_num"] == 6
 
 
+MODEL_FLAGS = ("--n_layer=", "--n_head=", "--n_embd=", "--block_size=", "--bias=")
+
+
+def test_a_rerun_without_the_model_flags_keeps_the_checkpoints_shape_and_says_nothing_false(run_args, capsys):
+    """The model keys left at their defaults (n_layer 12, block_size 1024) are not changes: the checkpoint's
+    shape is kept, and it is what the run says, counts and saves."""
+    argv, out = run_args
+    assert cli(argv, capsys)[0] == 0
+    rerun = [a for a in argv if not a.startswith(MODEL_FLAGS)]
+    code, stdout, err = cli([*rerun, "--max_iters=6", "--learning_rate=1e-3"], capsys)
+    assert code == 0, err
+    assert "from iter 4; changed since: learning_rate 0.0006 -> 0.001\n" in stdout, stdout
+    assert "tokens per iteration will be: 64" in stdout  # 1 x 4 x the checkpoint's block_size 16
+    saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
+    assert saved["iter_num"] == 6
+    assert {k: saved["config"][k] for k in ("n_layer", "n_head", "n_embd", "block_size")} == {
+        "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16
+    }  # fmt: skip
+
+
+def test_a_rerun_checks_the_data_against_the_models_block_size(tmp_path, capsys):
+    """A dataset too short for the default block_size (1024) but long enough for the checkpoint's (16)."""
+    from raygpt.prep.shakespeare import prepare_shakespeare_char
+
+    corpus = tmp_path / "short.txt"
+    corpus.write_text("First Citizen: we are accounted poor citizens, the patricians good.\n" * 12)
+    prepare_shakespeare_char(tmp_path / "data", input_path=corpus)
+    argv = [
+        *TINY,
+        f"--data_dir={tmp_path / 'data'}",
+        f"--out_dir={tmp_path / 'out'}",
+        f"--storage_path={tmp_path / 'ray'}",
+    ]
+    assert cli(argv, capsys)[0] == 0
+    rerun = [a for a in argv if not a.startswith(MODEL_FLAGS)]
+    code, stdout, err = cli([*rerun, "--max_iters=6"], capsys)
+    assert code == 0, err
+    assert "continuing run 'out'" in stdout and "from iter 4\n" in stdout
+    # The model keys a new run is given are still checked against the data.
+    code, _, err = cli([*rerun, f"--out_dir={tmp_path / 'other'}"], capsys)
+    assert_refused(code, err, "too few for block_size 1024")
+
+
+def test_max_iters_0_evaluates_and_names_no_checkpoint_it_did_not_write(run_args, capsys):
+    argv, out = run_args
+    code, stdout, err = cli([*argv, "--max_iters=0"], capsys)
+    assert code == 0, err
+    assert not (out / "ckpt.pt").exists()
+    last = stdout.strip().splitlines()[-1]
+    assert "no checkpoint was saved: the run ended at iter 0, which is never saved (max_iters=0)" in last
+    assert "ckpt.pt" not in stdout
+
+
+def test_the_summary_of_a_ray_run_without_checkpoints_names_none(capsys):
+    from types import SimpleNamespace
+
+    from raygpt.config.schema import TrainConfig
+    from raygpt.driver.trainer import summarize
+
+    metrics = {"iter": 0, "val_loss": 4.2, "best_val_loss": 4.2}
+    summarize(SimpleNamespace(best_checkpoints=[], checkpoint=None, metrics=metrics, path="/runs/r"), TrainConfig())
+    assert capsys.readouterr().out.splitlines() == [
+        "no checkpoint was saved: the run ended at iter 0, which is never saved (max_iters=600000)",
+        "run folder: /runs/r",
+    ]
+
+
 def test_explicit_scratch_and_a_different_model_are_refused_with_the_ways_out(run_args, capsys):
     argv, out = run_args
     assert cli(argv, capsys)[0] == 0

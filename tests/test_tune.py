@@ -241,10 +241,21 @@ def test_killed_trial_is_restarted_by_tune_and_ends_bit_identical(ray_local, tmp
         (["--learning_rate=grid:1e-3,1e-2", "--max-concurrent", "0"], "--max-concurrent must be at least 1, got 0"),
         (["--learning_rate=grid:1e-3,1e-2", "--name=a/b"], "--name 'a/b' must be a plain folder name"),
         (["--learning_rate=grid:1e-3,1e-2", "--name="], "--name '' must be a plain folder name"),
+        (["--learning_rate=grid:1e-3,1e-2", "--name=" + "n" * 256], "--name: the name 'nnnn"),
+        (["--learning_rate=grid:1e-3,1e-2", "--run_name=" + "é" * 128], "run_name: the name 'éééé"),
         (["--learning_rate=grid:1e-3,1e-2", "--storage_path=ftp://host/runs"], "cannot open ftp://host/runs"),
         (["--learning_rate=grid:1e-3,1e-2", "--storage_path=s3://"], "s3:// names no bucket"),
         (["--learning_rate=grid:1e-3,1e-2", "--storage_path=s3:/bucket/runs"], "looks like a URI with a slash missing"),
         (["--learning_rate=grid:1e-3,1e-2", "--storage_path={tmp}/afile"], "{tmp}/afile is a file, not a folder"),
+        (
+            ["--gradient_accumulation_steps=grid:2,3", "--num_workers=2"],
+            "bad search space for gradient_accumulation_steps (grid:2,3): gradient_accumulation_steps (3) must "
+            "be divisible by the number of workers (2): sample multiples of 2, e.g. "
+            "--gradient_accumulation_steps=grid:2,4",
+        ),
+        (["--gradient_accumulation_steps=uniform:2:5", "--num_workers=2"], "--gradient_accumulation_steps=choice:2,4"),
+        (["--gradient_accumulation_steps=loguniform:3:5", "--num_workers=4"], "(3) must be divisible by the number"),
+        (["--data_order=choice:seeded,nanogpt", "--num_workers=2"], "needs num_workers=1, not 2"),
     ],
 )
 def test_sweeps_that_cannot_run_are_one_line_before_ray_starts(tmp_path, capsys, monkeypatch, argv, message):
@@ -258,6 +269,47 @@ def test_sweeps_that_cannot_run_are_one_line_before_ray_starts(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message.format(tmp=tmp_path) in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--gradient_accumulation_steps=grid:2,4", "--num_workers=2"],  # the advice above, as printed
+        ["--gradient_accumulation_steps=choice:2,4", "--num_workers=2"],
+        ["--gradient_accumulation_steps=uniform:1:5", "--num_workers=1"],
+    ],
+)
+def test_sampled_accumulation_the_workers_divide_is_accepted(tmp_path, monkeypatch, argv):
+    def reached(*args, **kwargs):
+        raise RuntimeError("reached prepare_run")
+
+    monkeypatch.setattr(rtune, "prepare_run", reached)
+    with pytest.raises(RuntimeError, match="reached prepare_run"):
+        rtune.main([*argv, "--max_iters=20", "--device=cpu", f"--out_dir={tmp_path / 'out'}"])
+
+
+def test_the_planned_worker_count_is_checked_against_every_sampled_value():
+    """Where the count is planned from the cluster (one a GPU), and for a ready param_space."""
+    from ray import tune
+
+    base = TrainConfig(gradient_accumulation_steps=4)
+    for space in (
+        {"gradient_accumulation_steps": tune.grid_search([4, 6])},
+        rtune.split_argv(["--gradient_accumulation_steps=choice:4,6"])[1],
+    ):
+        rtune.check_sampled_for_workers(base, space, 2)
+        with pytest.raises(
+            ConfigError, match=r"\(6\) must be divisible by the number of workers \(4\).*=(grid|choice):4,8"
+        ):
+            rtune.check_sampled_for_workers(base, space, 4)
+
+
+def test_a_run_name_too_long_for_its_trials_is_refused():
+    """Each trial's Ray run is <run_name>-<trial id>: the run name must leave room for the trial id."""
+    rtune.check_trial_names("r" * 243)
+    with pytest.raises(ConfigError) as error:
+        rtune.check_trial_names("r" * 244)
+    assert "its trials' Ray runs, <run_name>-abcde_00000, would be 256 bytes" in str(error.value)
 
 
 def test_the_base_holds_each_sampled_key_at_its_first_value():

@@ -19,6 +19,7 @@ from typing import Any
 
 from raygpt.errors import RaygptError
 from raygpt.storage.files import FileTooLargeError, NotARegularFileError, read_regular_file
+from raygpt.storage.uri import is_uri
 
 
 class ConfigError(RaygptError, ValueError):
@@ -305,6 +306,9 @@ class TrainConfig:
 SEED_LIMIT = 2**32
 INT64_LIMIT = 2**63  # ints end up in numpy and torch int64s
 MAX_STR_LEN = 4096  # a path's length limit on Linux (PATH_MAX); no name or path in a config is longer
+NAME_MAX = 255  # bytes in one file or folder name: longer ones fail with ENAMETOOLONG (errno 36)
+PATH_MAX = 4096  # bytes in a whole path, its closing NUL included
+MAX_PATH_BYTES = PATH_MAX - 1 - NAME_MAX - 1  # a path raygpt writes into keeps room for one more name
 MAX_SMALL_FILE_BYTES = 1 << 20  # a config file or a GPT-2 config.json is a few lines
 CONTROL_CHARACTER = re.compile(r"[\x01-\x1f\x7f]")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -352,7 +356,7 @@ def is_plain_name(name: str) -> bool:
 def check_names(cfg: TrainConfig) -> None:
     """Paths and names that would quietly mean something else: an empty out_dir or data_dir is the
     current folder, an empty dataset is data_dir itself, a run_name with a '/' or '..' puts Ray's run
-    folder outside storage_path."""
+    folder outside storage_path; and names too long for the OS to make (check_name_lengths)."""
     for name in ("out_dir", "data_dir"):
         if not getattr(cfg, name).strip():
             raise ConfigError(f"{name} must not be empty (use '.' for the current folder)")
@@ -360,6 +364,34 @@ def check_names(cfg: TrainConfig) -> None:
         raise ConfigError("dataset must not be empty: it names the dataset's folder under data_dir")
     if cfg.run_name.strip() and not is_plain_name(cfg.run_name.strip()):
         raise ConfigError(f"run_name must be a plain name, not a path, got {shown(cfg.run_name)}")
+    for name in ("out_dir", "data_dir", "storage_path", "dataset", "run_name"):
+        check_name_lengths(name, getattr(cfg, name))
+    if cfg.init_from not in INIT_CHOICES:  # a local GPT-2 folder
+        check_name_lengths("init_from", cfg.init_from)
+
+
+def check_name_lengths(what: str, path: str) -> None:
+    """Refuse a path the OS would refuse with ENAMETOOLONG: a folder or file name over NAME_MAX bytes, or a
+    path over MAX_PATH_BYTES (room kept for the names raygpt puts inside it). Bytes, not characters: 'é' is
+    two. A URI's parts are object keys, with no such limit, but a run or dataset name becomes a folder."""
+    if path.lower().startswith("file://"):
+        path = path[len("file://") :]
+    elif is_uri(path):
+        return
+    check_part_lengths(what, path)
+    size = len(os.fsencode(path))
+    if size > MAX_PATH_BYTES:
+        raise ConfigError(f"{what} is {size:,} bytes long, more than the {MAX_PATH_BYTES:,} that leave room for "
+                          f"the files raygpt writes in it (the OS takes {PATH_MAX:,}): {shown(path)}")  # fmt: skip
+
+
+def check_part_lengths(what: str, path: str) -> None:
+    """Each folder or file name of `path` at most NAME_MAX bytes (Linux's, and most file systems' limit)."""
+    for part in str(path).split("/"):
+        size = len(os.fsencode(part))
+        if size > NAME_MAX:
+            raise ConfigError(f"{what}: the name {shown(part)} is {size:,} bytes long, over the {NAME_MAX} a file "
+                              "system allows in one name")  # fmt: skip
 
 
 def check_fp8(fp8: bool, device: str, dtype: str) -> None:

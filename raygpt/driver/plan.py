@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from raygpt.config.schema import DEFAULTS, FREE_TO_CHANGE, TrainConfig
+from raygpt.config.schema import DEFAULTS, FREE_TO_CHANGE, MODEL_KEYS, TrainConfig
 from raygpt.core import checkpoint
 from raygpt.errors import LaunchError
 from raygpt.storage.uri import is_uri, join_uri, list_folders, storage_root
@@ -97,8 +97,9 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPla
     return RunPlan(num_workers, use_gpu, float(cpus_per_worker), run_name, max_workers=cfg.max_workers)
 
 
-def check_workers(cfg: TrainConfig, num_workers: int) -> None:
-    """What the worker count (the least, for an elastic run) must suit: the data order, the batch split."""
+def check_workers(cfg: TrainConfig, num_workers: int, advice: str | None = None) -> None:
+    """What the worker count (the least, for an elastic run) must suit: the data order, the batch split.
+    `advice`: what to do about an indivisible batch split (check_divisible)."""
     if cfg.data_order == "nanogpt" and num_workers > 1:
         raise LaunchError(
             f"data_order=nanogpt replays one process's random stream; it needs num_workers=1, not {num_workers}"
@@ -106,7 +107,7 @@ def check_workers(cfg: TrainConfig, num_workers: int) -> None:
     if cfg.max_workers:
         check_elastic_range(cfg)
     else:
-        check_divisible(cfg, num_workers)
+        check_divisible(cfg, num_workers, advice)
 
 
 def check_elastic_range(cfg: TrainConfig) -> None:
@@ -122,17 +123,26 @@ def check_elastic_range(cfg: TrainConfig) -> None:
         )
 
 
-def check_divisible(cfg: TrainConfig, num_workers: int) -> None:
-    """gradient_accumulation_steps is global (nanoGPT's meaning under torchrun): each worker takes its share."""
+def check_divisible(cfg: TrainConfig, num_workers: int, advice: str | None = None) -> None:
+    """gradient_accumulation_steps is global (nanoGPT's meaning under torchrun): each worker takes its share.
+    A sweep (raygpt.tune) checks each value it may sample, with `advice` of its own; a launch is told the
+    nearest values that divide."""
     steps = cfg.gradient_accumulation_steps
     if steps % num_workers == 0 or cfg.eval_only:
         return
-    lower, higher = steps - steps % num_workers, steps + num_workers - steps % num_workers
-    nearest = " or ".join(f"--gradient_accumulation_steps={n}" for n in (lower, higher) if n > 0)
+    if advice is None:
+        advice = "use " + " or ".join(
+            f"--gradient_accumulation_steps={n}" for n in nearest_multiples(steps, num_workers)
+        )
     raise LaunchError(
-        f"gradient_accumulation_steps ({steps}) must be divisible by the number of workers ({num_workers}): "
-        f"use {nearest}"
+        f"gradient_accumulation_steps ({steps}) must be divisible by the number of workers ({num_workers}): {advice}"
     )
+
+
+def nearest_multiples(steps: int, num_workers: int) -> list[int]:
+    """The multiples of num_workers just below and above `steps` (the one below only if positive)."""
+    lower, higher = steps - steps % num_workers, steps + num_workers - steps % num_workers
+    return [n for n in (lower, higher) if n > 0]
 
 
 def ray_checkpoint_dirs(cfg: TrainConfig, run_name: str) -> list[Path | str]:
@@ -241,11 +251,15 @@ def resume_refusal(cfg: TrainConfig, explicit_keys, where: str, summary: dict | 
 
 
 def changed_since(cfg: TrainConfig, saved_config: dict) -> list[str]:
-    """The keys outside FREE_TO_CHANGE a rerun changed, and the worker count, for the 'continuing' line."""
+    """The keys outside FREE_TO_CHANGE a rerun changed, and the worker count, for the 'continuing' line.
+    Never the model's keys: the checkpoint's shape is kept (a change asked for is refused before)."""
     changed = [
         f"{key} {saved_config[key]!r} -> {getattr(cfg, key)!r}"
         for key in sorted(saved_config)
-        if key in DEFAULTS and key not in FREE_TO_CHANGE and saved_config[key] != getattr(cfg, key)
+        if key in DEFAULTS
+        and key not in FREE_TO_CHANGE
+        and key not in MODEL_KEYS
+        and saved_config[key] != getattr(cfg, key)
     ]
     before = (saved_config.get("num_workers", cfg.num_workers), saved_config.get("max_workers", 0))
     if before != (cfg.num_workers, cfg.max_workers):  # 0 = one a GPU: the same spelling on both sides

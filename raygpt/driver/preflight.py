@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from raygpt.config.schema import INIT_CHOICES, TrainConfig
+from raygpt.config.schema import INIT_CHOICES, MODEL_KEYS, TrainConfig, check_name_lengths
 from raygpt.core import checkpoint
 from raygpt.core.data import validate_dataset
 from raygpt.core.hf import HF_REPOS, check_gpt2_available, check_gpt2_folder
@@ -61,6 +61,7 @@ def preflight(cfg: TrainConfig, explicit_keys, prepare_input: str | None, addres
             print(f"raygpt: removed {leftover.name}, left by a run killed while saving", flush=True)
         meta = dataset_meta(cfg, prepare_input)
         resume = plan_resume(cfg, run_name, explicit_keys, meta, new_runs)
+        cfg = shaped_as_checkpoint(cfg, resume)
         vocab_size = model_vocab_size(cfg, resume, meta)
         if not is_uri(cfg.data_dir):  # a dataset at a URI is checked whole by each node once it has a copy
             validate_dataset(Path(cfg.data_dir) / cfg.dataset, cfg.block_size, vocab_size)
@@ -86,6 +87,7 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
         if is_uri(path):
             return path
         check_local_path(path, key)  # s3:/bucket resolved would be a local folder named 's3:'
+        check_name_lengths(key, os.path.abspath(Path(path).expanduser()))  # a relative path grows here
         return str(Path(path).expanduser().resolve())
 
     changes = dict(out_dir=resolve("out_dir"), data_dir=resolve("data_dir"))
@@ -102,6 +104,7 @@ def fresh_out_dir(cfg: TrainConfig) -> TrainConfig:
     for n in range(2, 10_000):
         candidate = base.with_name(f"{base.name}-{n}")
         run_name = f"{cfg.run_name}-{n}" if cfg.run_name else candidate.name
+        check_name_lengths("--fresh's out_dir", str(candidate))  # the '-N' may make a name the OS refuses
         if not candidate.exists() and not ray_checkpoint_dirs(cfg, run_name):
             print(f"raygpt: --fresh: a new run '{run_name}' in {candidate}; {base} is kept as it was", flush=True)
             return cfg.replace(out_dir=str(candidate), run_name=cfg.run_name and run_name)
@@ -209,6 +212,15 @@ def dataset_meta(cfg: TrainConfig, prepare_input: str | None) -> dict | None:
     if is_uri(cfg.data_dir):
         return remote_dataset_meta(cfg, prepare_input)
     return local_dataset_meta(cfg, prepare_input)
+
+
+def shaped_as_checkpoint(cfg: TrainConfig, resume: ResumePoint | None) -> TrainConfig:
+    """A rerun keeps its checkpoint's shape: the model keys it left at their defaults take the checkpoint's
+    values (one it set otherwise was refused), so that the data check, the workers' batches and
+    tokens-per-iteration line, and the config saved with the next checkpoint all mean the model trained."""
+    if resume is None:
+        return cfg
+    return cfg.replace(**{key: resume.summary["model_args"][key] for key in MODEL_KEYS})
 
 
 def model_vocab_size(cfg: TrainConfig, resume: ResumePoint | None, meta: dict | None) -> int:

@@ -12,7 +12,8 @@ import os
 import socket
 from pathlib import Path
 
-from raygpt.errors import RaygptError
+from raygpt.config.schema import NAME_MAX, PATH_MAX, shown
+from raygpt.errors import LaunchError, RaygptError
 from raygpt.storage.files import lock_exclusive
 from raygpt.storage.uri import storage_root
 
@@ -87,14 +88,34 @@ def same_file(f, path: Path) -> bool:
 
 def lock_run(out_dir: str, storage_path: str, run_name: str) -> RunLock:
     """Lock out_dir and, where storage is a local path, the Ray run folder's name in it."""
+    wanted = [(Path(out_dir) / LOCK_NAME, f"out_dir {out_dir}")]
+    if "://" not in storage_path:
+        storage = Path(storage_root(storage_path))
+        # Beside the run folder, not in it: the run folder belongs to Ray.
+        wanted.append((storage / f".{run_name}{LOCK_NAME}", f"Ray run '{run_name}' in {storage}"))
+    for lock_path, _ in wanted:  # before any lock is taken: a refusal leaves no lock file behind
+        check_lock_name(lock_path, run_name)
     lock = RunLock()
     try:
-        lock.acquire(Path(out_dir) / LOCK_NAME, f"out_dir {out_dir}")
-        if "://" not in storage_path:
-            storage = Path(storage_root(storage_path))
-            # Beside the run folder, not in it: the run folder belongs to Ray.
-            lock.acquire(storage / f".{run_name}{LOCK_NAME}", f"Ray run '{run_name}' in {storage}")
+        for lock_path, what in wanted:
+            lock.acquire(lock_path, what)
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+def check_lock_name(lock_path: Path, run_name: str) -> None:
+    """A lock file the OS can make: its name at most NAME_MAX bytes (it holds the run name), its path
+    shorter than PATH_MAX."""
+    name_bytes, path_bytes = len(os.fsencode(lock_path.name)), len(os.fsencode(str(lock_path)))
+    if name_bytes > NAME_MAX:
+        raise LaunchError(
+            f"run name {shown(run_name)} is too long for its lock file's name ({name_bytes} bytes, over the "
+            f"{NAME_MAX} a file system allows): pass a shorter --run_name"
+        )
+    if path_bytes >= PATH_MAX:
+        raise LaunchError(
+            f"the lock file {shown(str(lock_path))} would be a path of {path_bytes:,} bytes, over the "
+            f"{PATH_MAX - 1:,} the OS allows: pass a shorter --storage_path or --run_name"
+        )

@@ -163,8 +163,12 @@ def summarize(result, cfg: TrainConfig) -> None:
         return
     if cfg.local_mode:  # no Ray storage: the checkpoint lives in out_dir only
         metrics = result.metrics or {}
-        if "best_val_loss" in metrics:
+        if "best_val_loss" not in metrics:
+            return
+        if result.checkpoint is not None:  # the file is named only where this run wrote it
             print(f"best val loss {metrics['best_val_loss']:.4f}: {Path(cfg.out_dir) / checkpoint.CKPT_NAME}")
+        else:
+            print(f"best val loss {metrics['best_val_loss']:.4f}; {no_checkpoint_saved(cfg, metrics)}")
         return
     best = result.best_checkpoints
     if best:
@@ -172,4 +176,13 @@ def summarize(result, cfg: TrainConfig) -> None:
         print(f"best val loss {metrics['val_loss']:.4f} at iter {metrics['iter']}: {ckpt.path}")
     if result.checkpoint is not None:
         print(f"latest checkpoint: {result.checkpoint.path}")
+    elif result.metrics:
+        print(no_checkpoint_saved(cfg, result.metrics))
     print(f"run folder: {result.path}")
+
+
+def no_checkpoint_saved(cfg: TrainConfig, metrics: dict) -> str:
+    """What the end of a run that saved no checkpoint says instead of naming one."""
+    if metrics.get("iter") == 0:  # checkpoints hold training: none is saved at iter 0
+        return f"no checkpoint was saved: the run ended at iter 0, which is never saved (max_iters={cfg.max_iters})"
+    return "this run saved no new checkpoint"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from raygpt.config.schema import check_name_lengths
 from raygpt.prep.corpus import prepare_corpus
 from raygpt.prep.output import PrepareError, check_dataset_name
 from raygpt.prep.shakespeare import prepare_shakespeare_bpe, prepare_shakespeare_char
@@ -45,6 +46,7 @@ def check_places(data_dir: str | Path, input_path: str | Path | None, input_flag
     if not str(data_dir):
         raise PrepareError("--data-dir is empty: give the folder (or URI) the dataset goes to, e.g. --data-dir data")
     check_local_path(data_dir, "--data-dir")
+    check_name_lengths("--data-dir", str(data_dir))
     if input_path is not None and (is_uri(input_path) or str(input_path).startswith(("http:/", "https:/"))):
         raise PrepareError(
             f"{input_flag} {input_path} is a URL, but inputs are local files: download it first "

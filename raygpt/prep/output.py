@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from raygpt.config.schema import is_plain_name
+from raygpt.config.schema import check_name_lengths, is_plain_name
 from raygpt.core.tokenizer import TOKEN_DTYPE
 from raygpt.errors import RaygptError
 from raygpt.storage.files import (
@@ -49,6 +49,7 @@ class PrepareError(RaygptError):
 def check_dataset_name(name: str) -> None:
     if not is_plain_name(name) or "\0" in name or "?" in name:
         raise PrepareError(f"dataset name {name!r} must be a plain folder name (no '/' or '?', not '.' or '..')")
+    check_name_lengths("dataset name", name)
 
 
 def dataset_folder(data_dir: str | Path, name: str) -> Path:

@@ -159,7 +159,8 @@ def cache_folder(uri: str, cache_root: Path) -> Path:
     buckets' datasets of the same name do not meet)."""
     _, name = split_uri(uri)
     key = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
-    return Path(cache_root) / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name) or 'dataset'}-{key}"
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:200]  # with the key, within a file name's 255 bytes
+    return Path(cache_root) / f"{readable or 'dataset'}-{key}"
 
 
 @contextlib.contextmanager
