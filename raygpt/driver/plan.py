@@ -157,13 +157,14 @@ class ResumePoint:
 
 
 def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | None,
-                new_runs: bool = False) -> ResumePoint | None:  # fmt: skip
+                new_runs: bool = False, dataset: dict | None = None) -> ResumePoint | None:  # fmt: skip
     """Decide, before Ray starts, whether this run continues an earlier one, and refuse the reruns that
     would silently train the wrong thing. Rerunning a command continues its run. Returns the checkpoint
     it continues from (the first of resume_candidates that reads), or None for a new run. `meta`: the
     dataset's (None: none found). new_runs: the config is a sweep's base, whose trials are new runs of
     their own: a run under its names is neither continued nor in the way (unless init_from=resume asks
-    every trial to start from it)."""
+    every trial to start from it). `dataset`: the dataset's identity (core.data.dataset_identity), compared
+    with the one the checkpoint records."""
     if new_runs and cfg.init_from != "resume":
         return None
     ray_dirs = ray_checkpoint_dirs(cfg, run_name)
@@ -190,10 +191,10 @@ def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | Non
             source, summary = checkpoint.newest_readable(candidates, warn=lambda text: print(text, flush=True))
         except checkpoint.CheckpointError as e:
             raise LaunchError(f"{e}; --fresh starts a new run beside it (nothing is deleted)") from None
-    refusal = resume_refusal(cfg, explicit_keys, where, summary, meta)
+    refusal = resume_refusal(cfg, explicit_keys, where, summary, meta, dataset)
     if refusal:
         raise LaunchError(refusal)
-    changed = changed_since(cfg, summary["config"])
+    changed = changed_since(cfg, summary["config"]) + dataset_changes(cfg, summary, dataset)
     print(
         f"raygpt: continuing {where} from iter {summary['iter_num']}"
         + (f"; changed since: {', '.join(changed)}" if changed else ""),
@@ -213,10 +214,13 @@ WAYS_OUT = (
 )
 
 
-def resume_refusal(cfg: TrainConfig, explicit_keys, where: str, summary: dict | None, meta: dict | None) -> str | None:
+def resume_refusal(cfg: TrainConfig, explicit_keys, where: str, summary: dict | None, meta: dict | None,
+                   dataset: dict | None = None) -> str | None:  # fmt: skip
     """Why a rerun must not continue the checkpoint `summary` (read_summary's) of the run at `where`, or
     None: a new run asked for explicitly, another model or dataset (or, for a character-level dataset,
-    another vocabulary), or a run already at max_iters. `meta`: the dataset's meta (None: none found).
+    another vocabulary; or token ids that mean other tokens than the checkpoint's dataset's), or a run
+    already at max_iters. `meta`: the dataset's meta (None: none found); `dataset`: its identity
+    (core.data.dataset_identity), compared with the one the checkpoint records (older ones record none).
     `summary` None: the checkpoint was not read (a new run was asked for, which is refused first)."""
     if starts_from_scratch(cfg, explicit_keys):
         return f"init_from=scratch, but {where} has checkpoints: {WAYS_OUT}"
@@ -230,6 +234,8 @@ def resume_refusal(cfg: TrainConfig, explicit_keys, where: str, summary: dict | 
         conflicts.append(f"dataset={cfg.dataset} (checkpoint: {saved_config['dataset']})")
     elif meta and meta.get("tokenizer") == "char" and meta["vocab_size"] != saved_args["vocab_size"]:
         conflicts.append(f"the dataset's vocab_size {meta['vocab_size']} (checkpoint: {saved_args['vocab_size']})")
+    elif other_vocabulary(summary.get("dataset"), dataset):
+        conflicts.append(other_vocabulary(summary["dataset"], dataset))
     if conflicts:
         return f"{where} was trained with another model or data: {', '.join(conflicts)}; {WAYS_OUT}"
     if summary["iter_num"] >= cfg.max_iters and not cfg.eval_only:
@@ -238,6 +244,37 @@ def resume_refusal(cfg: TrainConfig, explicit_keys, where: str, summary: dict | 
             "--max_iters (and --lr_decay_iters) to train further, --eval_only=True to evaluate it, or --fresh"
         )
     return None
+
+
+def other_vocabulary(saved: dict | None, current: dict | None) -> str | None:
+    """Where the token ids of the dataset now mean other tokens than those of the data the checkpoint was
+    trained on (a dataset prepared again from another text): what changed, else None."""
+    if not saved or not current or saved.get("vocabulary_sha256") == current.get("vocabulary_sha256"):
+        return None
+
+    def spelled(identity: dict) -> str:
+        return f"{identity['tokenizer']} vocabulary of {identity['vocab_size']}" if identity["tokenizer"] else "no meta"
+
+    same_size = " of the same size" if saved.get("vocab_size") == current.get("vocab_size") else ""
+    return (f"the dataset's vocabulary ({spelled(current)}) is another than the checkpoint's ({spelled(saved)}): "
+            f"a vocabulary{same_size} whose token ids mean other tokens")  # fmt: skip
+
+
+def dataset_changes(cfg: TrainConfig, summary: dict, current: dict | None) -> list[str]:
+    """For the 'continuing' line: a data_dir other than the checkpoint's, and token files that grew or
+    changed since it was written (the same vocabulary: a resume may go on with more data)."""
+    changes = []
+    saved_dir = summary["config"].get("data_dir")
+    if saved_dir is not None and saved_dir != cfg.data_dir:
+        changes.append(f"data_dir {saved_dir!r} -> {cfg.data_dir!r}")
+    saved_files = (summary.get("dataset") or {}).get("files") or {}
+    for name, now in ((current or {}).get("files") or {}).items():
+        before = saved_files.get(name)
+        if before is None or before == now:
+            continue
+        tokens = f"{before['bytes'] // 2:,} -> {now['bytes'] // 2:,} tokens" if before["bytes"] != now["bytes"] else ""
+        changes.append(f"{cfg.dataset}/{name} {tokens or 'prepared again (as many tokens)'}, the same vocabulary")
+    return changes
 
 
 def changed_since(cfg: TrainConfig, saved_config: dict) -> list[str]:
