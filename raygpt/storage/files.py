@@ -20,6 +20,7 @@ import fcntl
 import os
 import stat
 import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -238,27 +239,23 @@ def _flock(f, mode: int, when_held: Callable[[], None]) -> None:
 class FolderReadLock:
     """A shared lock on a folder (flock on its descriptor) while a process reads the files in it: a
     writer that takes the folder's exclusive lock (raygpt.prepare) refuses while any reader holds it.
-    `when_written()` runs where a writer holds the folder now; it raises to refuse, or returns to wait."""
+    `when_written()` runs where a writer holds the folder now; it raises to refuse, or returns to wait.
+    The lock goes with the object (or its process), or at release()."""
 
     def __init__(self, folder: str | Path, when_written: Callable[[], None]):
-        self.fd: int | None = None
-        self.fd = os.open(folder, os.O_RDONLY)
+        fd = os.open(folder, os.O_RDONLY)
+        self._close = weakref.finalize(self, os.close, fd)  # closing the descriptor releases the lock
         try:
-            lock_shared(self.fd, when_written)
+            lock_shared(fd, when_written)
         except BaseException:
             self.release()
             raise
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the lock
-            self.fd = None
+        self._close()
 
     def __enter__(self) -> FolderReadLock:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.release()
-
-    def __del__(self) -> None:
         self.release()
