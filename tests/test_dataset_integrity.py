@@ -39,9 +39,10 @@ def continuing_line(out: str) -> str:
 
 @pytest.fixture
 def dataset(tmp_path, char_data) -> Path:
-    """A private copy of the prepared shakespeare_char (its meta.json records sizes and sha256s)."""
+    """A private copy of the prepared shakespeare_char (its meta.json records sizes and sha256s), without
+    the stamp an earlier launch on it may have left (a copy keeps the modification times it trusts)."""
     copy = tmp_path / "data" / "shakespeare_char"
-    shutil.copytree(char_data / "shakespeare_char", copy)
+    shutil.copytree(char_data / "shakespeare_char", copy, ignore=shutil.ignore_patterns(STAMP_NAME))
     return copy
 
 
