@@ -36,6 +36,7 @@ PROGRESS_INTERVAL_S = 5.0
 # What was verified against meta.json (a staged copy, or a local dataset once), so a rerun need not hash again.
 STAMP_NAME = ".staged.json"
 CACHE_ENV = "RAYGPT_DATA_CACHE"
+SAY_VERIFYING_BYTES = 256 << 20  # hashing this much takes a noticeable pause: say what it is
 
 
 class DatasetNotFoundError(StorageError):
@@ -192,8 +193,10 @@ def verify_once(folder: Path, meta_bytes: bytes, records: dict, progress: Callab
     it again. Returns the name of the first file that does not match, or None."""
     if is_staged(folder, meta_bytes):
         return None
+    total = sum(record["bytes"] for record in records.values())
+    if total >= SAY_VERIFYING_BYTES:
+        progress(f"verifying {folder} against meta.json's sha256s ({total / 1e9:,.1f} GB; once, then a stamp)")
     for file, record in records.items():
-        progress(f"verifying {folder / file} against meta.json ({record['bytes'] / 1e6:,.1f} MB; once)")
         if file_sha256(folder / file) != record["sha256"]:
             return file
     with contextlib.suppress(OSError):  # a read-only dataset folder: verified again next time
