@@ -231,3 +231,15 @@ def test_a_checkpoint_without_the_record_still_resumes(trained, capsys):
     code, out_text, err = run_launch(tiny_run(dataset, out, "--max_iters=6"), capsys)
     assert code == 0, err
     assert "from iter 4" in continuing_line(out_text)
+
+
+def test_a_worker_finding_the_dataset_prepared_again_since_the_launchers_check_stops(trained, monkeypatch, capsys):
+    """As a worker Ray restarts after the dataset was prepared again finds it: the launcher's check passed
+    (here: switched off), the worker's own comparison with the checkpoint it resumes refuses."""
+    from raygpt.driver import plan
+
+    dataset, out, text = trained
+    prepare_from(text.translate({ord(sorted(set(text))[-1]): "~"}), dataset)
+    monkeypatch.setattr(plan, "vocabulary_change", lambda saved, current: None)
+    code, _, err = run_launch(tiny_run(dataset, out, "--max_iters=6"), capsys)
+    assert_refused(code, err, f"{out}/ckpt.pt: the dataset's vocabulary", "prepared again while the run went on")

@@ -132,6 +132,21 @@ def dataset_identity(meta: dict | None, dataset_dir: str | Path | None = None) -
     }
 
 
+def vocabulary_change(saved: dict | None, current: dict | None) -> str | None:
+    """Where the token ids of the dataset now (a dataset_identity) mean other tokens than those of the data
+    a checkpoint was trained on (`saved`, its record; None for an older checkpoint): what changed, else None."""
+    if not saved or not current or saved.get("vocabulary_sha256") == current.get("vocabulary_sha256"):
+        return None
+
+    def spelled(identity: dict) -> str:
+        tokenizer = identity.get("tokenizer")
+        return f"{tokenizer} vocabulary of {identity.get('vocab_size')}" if tokenizer else "no meta"
+
+    same_size = " of the same size" if saved.get("vocab_size") == current.get("vocab_size") else ""
+    return (f"the dataset's vocabulary ({spelled(current)}) is another than the checkpoint's ({spelled(saved)}): "
+            f"a vocabulary{same_size} whose token ids mean other tokens")  # fmt: skip
+
+
 def reading(dataset_dir: str | Path) -> FolderReadLock:
     """The dataset folder's shared lock, held while its files are read: raygpt.prepare refuses to replace
     them meanwhile. A preparation writing the folder now is refused here in turn."""

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from raygpt.config.schema import DEFAULTS, FREE_TO_CHANGE, TrainConfig
 from raygpt.core import checkpoint
+from raygpt.core.data import vocabulary_change
 from raygpt.errors import LaunchError
 from raygpt.storage.uri import is_uri, join_uri, list_folders, storage_root
 
@@ -234,8 +235,8 @@ def resume_refusal(cfg: TrainConfig, explicit_keys, where: str, summary: dict | 
         conflicts.append(f"dataset={cfg.dataset} (checkpoint: {saved_config['dataset']})")
     elif meta and meta.get("tokenizer") == "char" and meta["vocab_size"] != saved_args["vocab_size"]:
         conflicts.append(f"the dataset's vocab_size {meta['vocab_size']} (checkpoint: {saved_args['vocab_size']})")
-    elif other_vocabulary(summary.get("dataset"), dataset):
-        conflicts.append(other_vocabulary(summary["dataset"], dataset))
+    elif vocabulary_change(summary.get("dataset"), dataset):
+        conflicts.append(vocabulary_change(summary["dataset"], dataset))
     if conflicts:
         return f"{where} was trained with another model or data: {', '.join(conflicts)}; {WAYS_OUT}"
     if summary["iter_num"] >= cfg.max_iters and not cfg.eval_only:
@@ -244,20 +245,6 @@ def resume_refusal(cfg: TrainConfig, explicit_keys, where: str, summary: dict | 
             "--max_iters (and --lr_decay_iters) to train further, --eval_only=True to evaluate it, or --fresh"
         )
     return None
-
-
-def other_vocabulary(saved: dict | None, current: dict | None) -> str | None:
-    """Where the token ids of the dataset now mean other tokens than those of the data the checkpoint was
-    trained on (a dataset prepared again from another text): what changed, else None."""
-    if not saved or not current or saved.get("vocabulary_sha256") == current.get("vocabulary_sha256"):
-        return None
-
-    def spelled(identity: dict) -> str:
-        return f"{identity['tokenizer']} vocabulary of {identity['vocab_size']}" if identity["tokenizer"] else "no meta"
-
-    same_size = " of the same size" if saved.get("vocab_size") == current.get("vocab_size") else ""
-    return (f"the dataset's vocabulary ({spelled(current)}) is another than the checkpoint's ({spelled(saved)}): "
-            f"a vocabulary{same_size} whose token ids mean other tokens")  # fmt: skip
 
 
 def dataset_changes(cfg: TrainConfig, summary: dict, current: dict | None) -> list[str]:

@@ -24,7 +24,14 @@ import torch
 from raygpt.config.schema import TrainConfig
 from raygpt.core import checkpoint
 from raygpt.core.checkpoint import TrainState
-from raygpt.core.data import Batches, NanoGPTOrderBatches, dataset_identity, validate_dataset
+from raygpt.core.data import (
+    Batches,
+    DataError,
+    NanoGPTOrderBatches,
+    dataset_identity,
+    validate_dataset,
+    vocabulary_change,
+)
 from raygpt.core.memory import check_fits
 from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.parallel import (
@@ -243,6 +250,11 @@ def load_model(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, say: Sa
     startup.lap("checkpoint read")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     meta = read_meta(dataset_dir)
+    dataset = dataset_identity(meta, dataset_dir)
+    # The launcher compared them; a restarted worker may find a dataset prepared again since.
+    change = vocabulary_change(checkpoint.dataset_record(saved), dataset) if saved is not None else None
+    if change:
+        raise DataError(f"{source}: {change}; the dataset was prepared again while the run went on")
     model, model_args = build_model(cfg, meta, saved, precision)
     model.to(device)
     startup.lap("model")
@@ -260,7 +272,7 @@ def load_model(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, say: Sa
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device.type, say.enabled)
     nanogpt_order = cfg.data_order == "nanogpt"
     state = TrainState(model, optimizer, precision.scaler, model_args, cfg.to_dict(), nanogpt_order, wrapped.sharded)
-    state.dataset = dataset_identity(meta, dataset_dir)  # the data this run trains on, whatever a checkpoint had
+    state.dataset = dataset  # the data this run trains on, which its checkpoints record
     resumed_batch = state.load_state_dict(saved, source) if saved is not None else None
     del saved  # free the checkpoint's copy of the weights
     startup.lap("optimizer and state")
