@@ -243,3 +243,35 @@ def test_a_worker_finding_the_dataset_prepared_again_since_the_launchers_check_s
     monkeypatch.setattr(plan, "vocabulary_change", lambda saved, current: None)
     code, _, err = run_launch(tiny_run(dataset, out, "--max_iters=6"), capsys)
     assert_refused(code, err, f"{out}/ckpt.pt: the dataset's vocabulary", "prepared again while the run went on")
+
+
+def test_prepare_is_refused_while_a_real_run_trains_on_the_folder(dataset, tmp_path, shakespeare_path):
+    """Through both CLIs: a local-mode run training, and raygpt.prepare into its dataset folder meanwhile."""
+    import os
+    import signal
+    import time
+
+    argv = tiny_run(dataset, tmp_path / "out", "--max_iters=100000", "--eval_interval=100000", "--log_interval=1")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.Popen([sys.executable, "-m", "raygpt.launch", *argv], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in run.stdout:  # the run reads its batches from here on
+            if line.startswith("iter 1:"):
+                break
+        else:
+            pytest.fail(f"the run ended first (exit {run.wait()})")
+        before = {p.name: p.read_bytes() for p in dataset.iterdir()}
+        command = [sys.executable, "-m", "raygpt.prepare", "shakespeare_char", "--input", str(shakespeare_path),
+                   "--data-dir", str(dataset.parent)]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert done.returncode == 2 and done.stderr.startswith(f"error: a run is training on {dataset}: "), done.stderr
+        assert {p.name: p.read_bytes() for p in dataset.iterdir()} == before
+        assert run.poll() is None  # still training
+    finally:
+        run.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + 60
+        while run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if run.poll() is None:
+            run.kill()
+        run.wait()
