@@ -27,7 +27,14 @@ from raygpt.config.schema import SEED_LIMIT
 from raygpt.core import checkpoint
 from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.step import Precision
-from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE, Tokenizer, load_meta, vocabulary
+from raygpt.core.tokenizer import (
+    GPT2_VOCAB_SIZE,
+    PADDED_GPT2_VOCAB_SIZE,
+    Tokenizer,
+    load_meta,
+    vocabulary,
+    vocabulary_digest,
+)
 from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, one_line, run_cli
 from raygpt.storage.datasets import check_remote_dataset, dataset_uri
 from raygpt.storage.files import NulCharacterError, decode_text
@@ -96,8 +103,9 @@ def checkpoint_file(path: Path) -> Path:
     raise SampleError(f"{path} holds no {checkpoint.CKPT_NAME}: {WHAT_CHECKPOINT_IS}{newest}")
 
 
-def load_checkpoint_model(ckpt_path: Path) -> tuple[GPT, dict]:
-    """The model of a checkpoint (a ckpt.pt, or a sharded checkpoint's folder), and its training config."""
+def load_checkpoint_model(ckpt_path: Path) -> tuple[GPT, dict, dict | None]:
+    """The model of a checkpoint (a ckpt.pt, or a sharded checkpoint's folder), its training config, and
+    its record of the data it was trained on (None: written before raygpt kept one)."""
     state, _ = checkpoint.read_checkpoint(ckpt_path, mmap=True)  # tensors are read as load_state_dict copies them
     model_args = checkpoint.architecture(state, ckpt_path)
     if not isinstance(state.get("model", {}), dict):
@@ -112,7 +120,7 @@ def load_checkpoint_model(ckpt_path: Path) -> tuple[GPT, dict]:
     if broken is not None:  # a diverged run's weights: every token's probability would be nan
         raise SampleError(f"{ckpt_path}: weight {broken} holds nan or inf values; sample from an earlier checkpoint")
     config = state.get("config")
-    return model, config if isinstance(config, dict) else {}
+    return model, config if isinstance(config, dict) else {}, checkpoint.dataset_record(state)
 
 
 def dataset_meta(config: dict, meta_option: str | None) -> tuple[dict | None, str | None]:
@@ -146,9 +154,17 @@ def dataset_meta(config: dict, meta_option: str | None) -> tuple[dict | None, st
     return load_meta(Path(folder)), folder
 
 
-def tokenizer_for(vocab_size: int, meta: dict | None, folder: str | None) -> Tokenizer:
+def tokenizer_for(vocab_size: int, meta: dict | None, folder: str | None, trained_on: dict | None = None) -> Tokenizer:
     """The tokenizer the model was trained with. A model of GPT-2's vocabulary without a meta.json is
-    GPT-2 BPE, as in nanoGPT; any other vocabulary needs its dataset's table, never a guess."""
+    GPT-2 BPE, as in nanoGPT; any other vocabulary needs its dataset's table, never a guess. `trained_on`:
+    the checkpoint's record of its data, whose vocabulary the table must be (a dataset prepared again from
+    another text has as many tokens, each id another character)."""
+    recorded = (trained_on or {}).get("vocabulary_sha256")
+    if recorded and meta is not None and vocabulary_digest(meta) != recorded:
+        raise SampleError(
+            f"{folder} describes another vocabulary than the one the checkpoint was trained on (its token ids "
+            f"mean other tokens: the dataset was prepared again from another text); {FIX_META}"
+        )
     if meta is None:
         if vocab_size in (GPT2_VOCAB_SIZE, PADDED_GPT2_VOCAB_SIZE):
             return Tokenizer.from_meta(None)
@@ -176,8 +192,8 @@ def load_model(args) -> tuple[GPT, Tokenizer]:
     if is_uri(location):  # a checkpoint in object storage: a local copy first
         print(f"downloading {location}", file=sys.stderr, flush=True)
         location = checkpoint.download(location)
-    model, config = load_checkpoint_model(checkpoint_file(Path(location).expanduser()))
-    return model, tokenizer_for(model.config.vocab_size, *dataset_meta(config, args.meta))
+    model, config, trained_on = load_checkpoint_model(checkpoint_file(Path(location).expanduser()))
+    return model, tokenizer_for(model.config.vocab_size, *dataset_meta(config, args.meta), trained_on)
 
 
 def prompt_ids(start: str, tokenizer: Tokenizer) -> list[int]:

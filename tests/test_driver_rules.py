@@ -50,6 +50,41 @@ def test_another_dataset_or_character_vocabulary_is_refused():
     assert resume_refusal(rerun(), set(), WHERE, summary(), {"tokenizer": "gpt2", "vocab_size": 70}) is None
 
 
+def identity(chars: str = "abc", train_bytes: int = 2000, train_sha: str = "1" * 64) -> dict:
+    """A dataset's identity: a character vocabulary (none: no meta.json) and train.bin's record."""
+    from raygpt.core.data import dataset_identity
+
+    if not chars:
+        return dataset_identity(None)
+    files = {"train.bin": {"bytes": train_bytes, "sha256": train_sha}, "val.bin": {"bytes": 200, "sha256": "0" * 64}}
+    return dataset_identity({"vocab_size": len(chars), "tokenizer": "char", "chars": list(chars), "files": files})
+
+
+def test_token_ids_that_mean_other_tokens_are_refused_whatever_the_vocab_size():
+    trained = {**summary(), "dataset": identity("abc")}
+    same = resume_refusal(rerun(), set(), WHERE, trained, None, identity("abc", train_bytes=4000, train_sha="2" * 64))
+    assert same is None  # more data, the same vocabulary
+    swapped = resume_refusal(rerun(), set(), WHERE, trained, None, identity("abd"))
+    assert ("the dataset's vocabulary (char vocabulary of 3) is another than the checkpoint's (char vocabulary of "
+            "3): a vocabulary of the same size whose token ids mean other tokens") in swapped  # fmt: skip
+    no_meta = resume_refusal(rerun(), set(), WHERE, trained, None, identity(""))
+    assert "the dataset's vocabulary (no meta) is another than the checkpoint's (char vocabulary of 3)" in no_meta
+    assert resume_refusal(rerun(), set(), WHERE, summary(), None, identity("abd")) is None  # an older checkpoint
+
+
+def test_the_continuing_line_names_the_data_dir_and_the_data_that_changed():
+    from raygpt.driver.plan import dataset_changes
+
+    trained = {**summary(data_dir="/data"), "dataset": identity("abc")}
+    assert dataset_changes(rerun(data_dir="/data"), trained, identity("abc")) == []
+    assert dataset_changes(rerun(data_dir="/other"), trained, identity("abc")) == ["data_dir '/data' -> '/other'"]
+    grown = dataset_changes(rerun(data_dir="/data"), trained, identity("abc", train_bytes=4000, train_sha="2" * 64))
+    assert grown == ["shakespeare_char/train.bin 1,000 -> 2,000 tokens, the same vocabulary"]
+    again = dataset_changes(rerun(data_dir="/data"), trained, identity("abc", train_sha="2" * 64))
+    assert again == ["shakespeare_char/train.bin prepared again (as many tokens), the same vocabulary"]
+    assert dataset_changes(rerun(data_dir="/data"), summary(data_dir="/data"), identity("abd")) == []
+
+
 def test_a_run_at_max_iters_is_refused_unless_it_only_evaluates():
     refusal = resume_refusal(rerun(max_iters=4), set(), WHERE, summary(iter_num=4), None)
     assert refusal.startswith(f"{WHERE} is already at iter 4 (max_iters 4): pass a larger --max_iters")

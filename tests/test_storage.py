@@ -15,6 +15,7 @@ import pyarrow.fs
 import pytest
 from conftest import TINY_LOCAL_RUN
 
+from raygpt.core.data import Batches
 from raygpt.prep.dataset import prepare_dataset
 from raygpt.storage import datasets
 from raygpt.storage.datasets import (
@@ -202,6 +203,27 @@ def test_a_dataset_prepared_again_at_the_uri_is_staged_again(s3_server, char_dat
     assert stage_dataset(uri, tmp_path / "cache", progress=lines.append) == local
     assert lines[-1].startswith(f"staged {uri} -> {local}: 0.1 MB in ")
     assert len(np.fromfile(local / "train.bin", dtype=np.uint16)) == 45_000
+
+
+def test_a_new_version_is_staged_beside_a_copy_a_run_is_reading(s3_server, char_data, shakespeare_path, tmp_path):
+    """A second run, after the dataset was prepared again at the URI, must not rewrite the copy the first
+    run has memmapped: the new version goes to a folder of its own."""
+    uri, _, _ = uploaded_copy(s3_server, char_data)
+    local = stage_dataset(uri, tmp_path / "cache", progress=lambda line: None)
+    before = {name: (local / name).read_bytes() for name in TOKEN_FILES}
+    reading = Batches(local, 16, 4, seed=1, vocab_size=65)  # what each worker of the first run holds
+    (tmp_path / "small.txt").write_text(shakespeare_path.read_text()[:50_000])
+    prepare_dataset("shakespeare_char", uri.rsplit("/", 1)[0], tmp_path / "small.txt")
+    lines = []
+    newer = stage_dataset(uri, tmp_path / "cache", progress=lines.append)
+    assert newer != local and newer.parent == local.parent
+    assert lines[0] == f"{uri}: a run on this node is reading the copy in {local}: staging this version beside it"
+    assert {name: (local / name).read_bytes() for name in TOKEN_FILES} == before
+    assert len(np.fromfile(newer / "train.bin", dtype=np.uint16)) == 45_000
+    reading.read_lock.release()
+    again = []
+    assert stage_dataset(uri, tmp_path / "cache", progress=again.append) == newer  # found, not staged again
+    assert again == [f"{uri}: using the copy staged in {newer}"]
 
 
 def test_an_interrupted_upload_leaves_no_dataset(s3_server, char_data, monkeypatch):

@@ -215,7 +215,14 @@ def read_summary(path: str | Path) -> dict:
         "model_args": architecture(state, path),
         "iter_num": state["iter_num"],
         "config": state.get("config") if isinstance(state.get("config"), dict) else {},
+        "dataset": dataset_record(state),
     }
+
+
+def dataset_record(state: dict) -> dict | None:
+    """The checkpoint's record of its data (TrainState.dataset); None for one written before raygpt kept it."""
+    record = state.get("dataset")
+    return record if isinstance(record, dict) else None
 
 
 def read_remote_summary(uri: str) -> dict:
@@ -228,7 +235,8 @@ def read_remote_summary(uri: str) -> dict:
     try:
         state = json.loads(data)
         return {"model_args": architecture(state, uri), "iter_num": int(state["iter_num"]),
-                "config": state.get("config") if isinstance(state.get("config"), dict) else {}}  # fmt: skip
+                "config": state.get("config") if isinstance(state.get("config"), dict) else {},
+                "dataset": dataset_record(state)}  # fmt: skip
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"{uri}/{SUMMARY_NAME} is damaged") from None
 
@@ -300,6 +308,7 @@ class TrainState:
         self.last_eval = {"train": float("nan"), "val": float("nan")}
         self.wandb_run_id: str | None = None
         self.resumed_from: str | None = None
+        self.dataset: dict | None = None  # core.data.dataset_identity of the data trained on, which a resume compares
 
     def record_eval(self, losses: dict[str, float]) -> bool:
         """Keep an eval's losses; returns whether val improved on the best so far (never for NaN)."""
@@ -311,7 +320,7 @@ class TrainState:
     def summary(self) -> str:
         """summary.json: what read_summary needs, as JSON."""
         return json.dumps({"model_args": self.model_args, "iter_num": self.iter_num, "config": self.config,
-                           "best_val_loss": self.best_val_loss})  # fmt: skip
+                           "best_val_loss": self.best_val_loss, "dataset": self.dataset})  # fmt: skip
 
     def progress(self, next_batch) -> dict:
         """Everything but the weights and the optimizer. `next_batch` is the batch already drawn for the
@@ -326,6 +335,7 @@ class TrainState:
             "wandb_run_id": self.wandb_run_id,
             "last_eval": self.last_eval,
             "resumed_from": self.resumed_from,  # lineage, for debugging
+            "dataset": self.dataset,
             "torch_rng_state": torch.get_rng_state() if self.keeps_random_stream else None,
             "next_batch": tuple(t.cpu() for t in next_batch) if self.keeps_random_stream else None,
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import pickle
@@ -131,10 +132,24 @@ def vocabulary(meta: dict) -> dict:
     return {key: meta[key] for key in ("vocab_size", "tokenizer", "chars") if key in meta}
 
 
+def vocabulary_digest(meta: dict | None) -> str | None:
+    """A sha256 of what the token ids mean (the tokenizer, vocab_size and a character table): two datasets
+    prepared from different texts with vocabularies of the same size differ here. None without a meta."""
+    if meta is None:
+        return None
+    return hashlib.sha256(json.dumps(vocabulary(meta), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
 def scratch_vocab_size(meta: dict | None) -> int:
     """The vocabulary a model trained from scratch gets: its dataset's, or with no meta.json (GPT-2 BPE
     tokens) nanoGPT's padded GPT-2 vocabulary."""
     return meta["vocab_size"] if meta else PADDED_GPT2_VOCAB_SIZE
+
+
+def read_meta(dataset_dir: str | Path) -> dict | None:
+    """The dataset's meta.json checked whole (meta.pkl's vocabulary where there is only that), or None:
+    the vocabulary and what raygpt.prepare records beside it (dtype, each token file's size and sha256)."""
+    return _read_meta(Path(dataset_dir))
 
 
 def load_meta(dataset_dir: str | Path) -> dict | None:

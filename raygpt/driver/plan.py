@@ -11,6 +11,7 @@ from pathlib import Path
 
 from raygpt.config.schema import DEFAULTS, FREE_TO_CHANGE, MODEL_KEYS, TrainConfig
 from raygpt.core import checkpoint
+from raygpt.core.data import vocabulary_change
 from raygpt.errors import LaunchError
 from raygpt.storage.uri import is_uri, join_uri, list_folders, storage_root
 
@@ -167,13 +168,14 @@ class ResumePoint:
 
 
 def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | None,
-                new_runs: bool = False) -> ResumePoint | None:  # fmt: skip
+                new_runs: bool = False, dataset: dict | None = None) -> ResumePoint | None:  # fmt: skip
     """Decide, before Ray starts, whether this run continues an earlier one, and refuse the reruns that
     would silently train the wrong thing. Rerunning a command continues its run. Returns the checkpoint
     it continues from (the first of resume_candidates that reads), or None for a new run. `meta`: the
     dataset's (None: none found). new_runs: the config is a sweep's base, whose trials are new runs of
     their own: a run under its names is neither continued nor in the way (unless init_from=resume asks
-    every trial to start from it)."""
+    every trial to start from it). `dataset`: the dataset's identity (core.data.dataset_identity), compared
+    with the one the checkpoint records."""
     if new_runs and cfg.init_from != "resume":
         return None
     ray_dirs = ray_checkpoint_dirs(cfg, run_name)
@@ -200,10 +202,10 @@ def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | Non
             source, summary = checkpoint.newest_readable(candidates, warn=lambda text: print(text, flush=True))
         except checkpoint.CheckpointError as e:
             raise LaunchError(f"{e}; --fresh starts a new run beside it (nothing is deleted)") from None
-    refusal = resume_refusal(cfg, explicit_keys, where, summary, meta)
+    refusal = resume_refusal(cfg, explicit_keys, where, summary, meta, dataset)
     if refusal:
         raise LaunchError(refusal)
-    changed = changed_since(cfg, summary["config"])
+    changed = changed_since(cfg, summary["config"]) + dataset_changes(cfg, summary, dataset)
     print(
         f"raygpt: continuing {where} from iter {summary['iter_num']}"
         + (f"; changed since: {', '.join(changed)}" if changed else ""),
@@ -223,10 +225,13 @@ WAYS_OUT = (
 )
 
 
-def resume_refusal(cfg: TrainConfig, explicit_keys, where: str, summary: dict | None, meta: dict | None) -> str | None:
+def resume_refusal(cfg: TrainConfig, explicit_keys, where: str, summary: dict | None, meta: dict | None,
+                   dataset: dict | None = None) -> str | None:  # fmt: skip
     """Why a rerun must not continue the checkpoint `summary` (read_summary's) of the run at `where`, or
     None: a new run asked for explicitly, another model or dataset (or, for a character-level dataset,
-    another vocabulary), or a run already at max_iters. `meta`: the dataset's meta (None: none found).
+    another vocabulary; or token ids that mean other tokens than the checkpoint's dataset's), or a run
+    already at max_iters. `meta`: the dataset's meta (None: none found); `dataset`: its identity
+    (core.data.dataset_identity), compared with the one the checkpoint records (older ones record none).
     `summary` None: the checkpoint was not read (a new run was asked for, which is refused first)."""
     if starts_from_scratch(cfg, explicit_keys):
         return f"init_from=scratch, but {where} has checkpoints: {WAYS_OUT}"
@@ -240,6 +245,8 @@ def resume_refusal(cfg: TrainConfig, explicit_keys, where: str, summary: dict | 
         conflicts.append(f"dataset={cfg.dataset} (checkpoint: {saved_config['dataset']})")
     elif meta and meta.get("tokenizer") == "char" and meta["vocab_size"] != saved_args["vocab_size"]:
         conflicts.append(f"the dataset's vocab_size {meta['vocab_size']} (checkpoint: {saved_args['vocab_size']})")
+    elif vocabulary_change(summary.get("dataset"), dataset):
+        conflicts.append(vocabulary_change(summary["dataset"], dataset))
     if conflicts:
         return f"{where} was trained with another model or data: {', '.join(conflicts)}; {WAYS_OUT}"
     if summary["iter_num"] >= cfg.max_iters and not cfg.eval_only:
@@ -248,6 +255,23 @@ def resume_refusal(cfg: TrainConfig, explicit_keys, where: str, summary: dict | 
             "--max_iters (and --lr_decay_iters) to train further, --eval_only=True to evaluate it, or --fresh"
         )
     return None
+
+
+def dataset_changes(cfg: TrainConfig, summary: dict, current: dict | None) -> list[str]:
+    """For the 'continuing' line: a data_dir other than the checkpoint's, and token files that grew or
+    changed since it was written (the same vocabulary: a resume may go on with more data)."""
+    changes = []
+    saved_dir = summary["config"].get("data_dir")
+    if saved_dir is not None and saved_dir != cfg.data_dir:
+        changes.append(f"data_dir {saved_dir!r} -> {cfg.data_dir!r}")
+    saved_files = (summary.get("dataset") or {}).get("files") or {}
+    for name, now in ((current or {}).get("files") or {}).items():
+        before = saved_files.get(name)
+        if before is None or before == now:
+            continue
+        tokens = f"{before['bytes'] // 2:,} -> {now['bytes'] // 2:,} tokens" if before["bytes"] != now["bytes"] else ""
+        changes.append(f"{cfg.dataset}/{name} {tokens or 'prepared again (as many tokens)'}, the same vocabulary")
+    return changes
 
 
 def changed_since(cfg: TrainConfig, saved_config: dict) -> list[str]:

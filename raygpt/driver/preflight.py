@@ -13,9 +13,9 @@ from pathlib import Path
 
 from raygpt.config.schema import INIT_CHOICES, MODEL_KEYS, TrainConfig, check_name_lengths
 from raygpt.core import checkpoint
-from raygpt.core.data import validate_dataset
+from raygpt.core.data import dataset_identity, validate_dataset
 from raygpt.core.hf import HF_REPOS, check_gpt2_available, check_gpt2_folder
-from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, load_meta, scratch_vocab_size, vocabulary
+from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, load_meta, read_meta, scratch_vocab_size
 from raygpt.driver.plan import ResumePoint, check_workers, plan_resume, ray_checkpoint_dirs
 from raygpt.driver.ray_cluster import check_address, given_address
 from raygpt.driver.runlock import RunLock, lock_run
@@ -60,7 +60,7 @@ def preflight(cfg: TrainConfig, explicit_keys, prepare_input: str | None, addres
         for leftover in checkpoint.remove_leftovers(cfg.out_dir):
             print(f"raygpt: removed {leftover.name}, left by a run killed while saving", flush=True)
         meta = dataset_meta(cfg, prepare_input)
-        resume = plan_resume(cfg, run_name, explicit_keys, meta, new_runs)
+        resume = plan_resume(cfg, run_name, explicit_keys, meta, new_runs, dataset=current_dataset(cfg, meta))
         cfg = shaped_as_checkpoint(cfg, resume)
         vocab_size = model_vocab_size(cfg, resume, meta)
         if not is_uri(cfg.data_dir):  # a dataset at a URI is checked whole by each node once it has a copy
@@ -223,6 +223,15 @@ def shaped_as_checkpoint(cfg: TrainConfig, resume: ResumePoint | None) -> TrainC
     return cfg.replace(**{key: resume.summary["model_args"][key] for key in MODEL_KEYS})
 
 
+def current_dataset(cfg: TrainConfig, meta: dict | None) -> dict:
+    """The dataset's identity (core.data.dataset_identity), which a resume compares with its checkpoint's:
+    a URI's from its meta.json (`meta`), a local folder's from its files."""
+    if is_uri(cfg.data_dir):
+        return dataset_identity(meta)
+    dataset_dir = Path(cfg.data_dir) / cfg.dataset
+    return dataset_identity(read_meta(dataset_dir) if dataset_dir.is_dir() else None, dataset_dir)
+
+
 def model_vocab_size(cfg: TrainConfig, resume: ResumePoint | None, meta: dict | None) -> int:
     """The vocab_size the model will have, which the dataset's token ids must fit: the resumed
     checkpoint's, GPT-2's (its weights found now, not by every worker after Ray has started), or the
@@ -268,4 +277,4 @@ def remote_dataset_meta(cfg: TrainConfig, prepare_input: str | None) -> dict:
     train_tokens = remote["files"]["train.bin"]["bytes"] // 2
     if train_tokens < cfg.block_size + 1:
         raise LaunchError(f"{uri}/train.bin has {train_tokens} tokens, too few for block_size {cfg.block_size}")
-    return vocabulary(remote)
+    return remote  # the vocabulary, and the files' records that current_dataset reads

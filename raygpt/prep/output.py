@@ -26,6 +26,7 @@ from raygpt.core.tokenizer import TOKEN_DTYPE
 from raygpt.errors import RaygptError
 from raygpt.storage.files import (
     DiskFullError,
+    is_locked_exclusively,
     lock_exclusive,
     remove_empty_folders,
     remove_orphaned_temporaries,
@@ -115,17 +116,25 @@ def output_folder(dataset_dir: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[None]:
     """An exclusive lock on the folder itself (flock on its descriptor): it leaves no file behind, and the
-    kernel releases it when the process dies, however it dies."""
+    kernel releases it when the process dies, however it dies. A run training on the folder holds a shared
+    one (raygpt.core.data): its files are not replaced under it."""
     fd = os.open(folder, os.O_RDONLY)
     try:
-        lock_exclusive(fd, when_held=lambda: refuse_second_writer(folder))
+        lock_exclusive(fd, when_held=lambda: refuse_while_in_use(fd, folder))
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def refuse_second_writer(folder: Path) -> None:
-    raise PrepareError(f"another raygpt.prepare is writing {folder}; wait for it to finish, or choose another --name")
+def refuse_while_in_use(fd: int, folder: Path) -> None:
+    if is_locked_exclusively(fd):
+        raise PrepareError(
+            f"another raygpt.prepare is writing {folder}; wait for it to finish, or choose another --name"
+        )
+    raise PrepareError(
+        f"a run is training on {folder}: preparing it now would replace its files under it; wait for the run "
+        "to end, or choose another --name (and train on that with --dataset)"
+    )
 
 
 class ChecksummedWriter:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from raygpt.core.tokenizer import MAX_META_BYTES, meta_from_json
 from raygpt.storage.files import (
+    is_folder_locked,
     lock_exclusive,
     remove_orphaned_temporaries,
     write_atomic,
@@ -32,8 +33,10 @@ TOKEN_FILES = ("train.bin", "val.bin")  # meta.json is read before them and writ
 # One ranged GET per read: 32 MiB staged 1.7x faster than 8 MiB from moto on loopback (request overhead).
 CHUNK_BYTES = 32 << 20
 PROGRESS_INTERVAL_S = 5.0
-STAMP_NAME = ".staged.json"  # what was staged and verified, so a rerun need not hash the copy again
+# What was verified against meta.json (a staged copy, or a local dataset once), so a rerun need not hash again.
+STAMP_NAME = ".staged.json"
 CACHE_ENV = "RAYGPT_DATA_CACHE"
+SAY_VERIFYING_BYTES = 256 << 20  # hashing this much takes a noticeable pause: say what it is
 
 
 class DatasetNotFoundError(StorageError):
@@ -185,6 +188,23 @@ def is_staged(local: Path, meta_bytes: bytes) -> bool:
         return False
 
 
+def verify_once(folder: Path, meta_bytes: bytes, records: dict, progress: Callable[[str], None]) -> str | None:
+    """Hash the token files against the sha256s meta.json records, once: a stamp beside them remembers
+    that they passed (and for what meta.json, sizes and modification times), so a rerun does not pay for
+    it again. Returns the name of the first file that does not match, or None."""
+    if is_staged(folder, meta_bytes):
+        return None
+    total = sum(record["bytes"] for record in records.values())
+    if total >= SAY_VERIFYING_BYTES:
+        progress(f"verifying {folder} against meta.json's sha256s ({total / 1e9:,.1f} GB; once, then a stamp)")
+    for file, record in records.items():
+        if file_sha256(folder / file) != record["sha256"]:
+            return file
+    with contextlib.suppress(OSError):  # a read-only dataset folder: verified again next time
+        write_text_atomic(folder / STAMP_NAME, json.dumps(stamp_for(folder, meta_bytes)))
+    return None
+
+
 def copy_matches(path: Path, record: dict) -> bool:
     try:
         return path.stat().st_size == record["bytes"] and file_sha256(path) == record["sha256"]
@@ -229,9 +249,17 @@ def stage_dataset(uri: str, cache_root: Path, progress: Callable[[str], None] = 
     try:
         local.mkdir(parents=True, exist_ok=True)
         with node_lock(local.with_name(local.name + ".lock"), uri, progress):
-            if is_staged(local, meta_bytes):
-                progress(f"{uri}: using the copy staged in {local}")
-                return local
+            # A run on this node may be reading a copy of another version of the dataset (prepared again
+            # at the URI since): that copy is never rewritten under it; this version goes to a folder of its own.
+            other_version = local.with_name(f"{local.name}-{hashlib.sha256(meta_bytes).hexdigest()[:12]}")
+            for folder in (local, other_version):
+                if is_staged(folder, meta_bytes):
+                    progress(f"{uri}: using the copy staged in {folder}")
+                    return folder
+            if is_folder_locked(local):
+                progress(f"{uri}: a run on this node is reading the copy in {local}: staging this version beside it")
+                local = other_version
+                local.mkdir(exist_ok=True)
             stage_files(filesystem, path, uri, local, expected, progress)
             write_bytes_atomic(local / "meta.json", meta_bytes)  # last: it marks a whole copy
             write_text_atomic(local / STAMP_NAME, json.dumps(stamp_for(local, meta_bytes)))

@@ -9,7 +9,8 @@ and checkpoints on a shared file system stay readable.
 
 A small file (a config, a meta.json, a summary) is read by read_regular_file, which refuses anything
 that is not a regular file of at most a given size; its errors are OSErrors that each caller words.
-Text is decoded by decode_text (strict UTF-8, no NUL); a lock is lock_exclusive (flock).
+Text is decoded by decode_text (strict UTF-8, no NUL); a lock is lock_exclusive or lock_shared (flock),
+and FolderReadLock holds a shared one on a folder while its files are read.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import fcntl
 import os
 import stat
 import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -192,10 +194,68 @@ def lock_exclusive(f, when_held: Callable[[], None]) -> None:
     """An exclusive flock on an open file or descriptor, until it is closed. When another process holds
     it, when_held() runs first: it raises to refuse, or returns to wait for the lock. The kernel releases
     a flock when its process dies, however it dies: a killed holder leaves no lock behind."""
+    _flock(f, fcntl.LOCK_EX, when_held)
+
+
+def lock_shared(f, when_held: Callable[[], None]) -> None:
+    """A shared flock, as lock_exclusive takes an exclusive one: readers share it, and a writer's
+    exclusive lock waits for (or is refused by) every reader, as each reader's waits for the writer."""
+    _flock(f, fcntl.LOCK_SH, when_held)
+
+
+def is_locked_exclusively(f) -> bool:
+    """Whether another holder has an exclusive lock on f (a writer), rather than shared ones (readers):
+    said by trying a shared lock, which is released again at once."""
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(f, fcntl.LOCK_UN)
+    return False
+
+
+def is_folder_locked(folder: str | Path) -> bool:
+    """Whether anyone holds a lock on the folder now (a FolderReadLock's reader, or a writer)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the lock just taken
+
+
+def _flock(f, mode: int, when_held: Callable[[], None]) -> None:
+    try:
+        fcntl.flock(f, mode | fcntl.LOCK_NB)
         return
     except BlockingIOError:
         pass
     when_held()  # outside the except: a refusal it raises is not "during handling" of the BlockingIOError
-    fcntl.flock(f, fcntl.LOCK_EX)
+    fcntl.flock(f, mode)
+
+
+class FolderReadLock:
+    """A shared lock on a folder (flock on its descriptor) while a process reads the files in it: a
+    writer that takes the folder's exclusive lock (raygpt.prepare) refuses while any reader holds it.
+    `when_written()` runs where a writer holds the folder now; it raises to refuse, or returns to wait.
+    The lock goes with the object (or its process), or at release()."""
+
+    def __init__(self, folder: str | Path, when_written: Callable[[], None]):
+        fd = os.open(folder, os.O_RDONLY)
+        self._close = weakref.finalize(self, os.close, fd)  # closing the descriptor releases the lock
+        try:
+            lock_shared(fd, when_written)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        self._close()
+
+    def __enter__(self) -> FolderReadLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

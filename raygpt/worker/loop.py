@@ -24,7 +24,14 @@ import torch
 from raygpt.config.schema import TrainConfig
 from raygpt.core import checkpoint
 from raygpt.core.checkpoint import TrainState
-from raygpt.core.data import Batches, NanoGPTOrderBatches, validate_dataset
+from raygpt.core.data import (
+    Batches,
+    DataError,
+    NanoGPTOrderBatches,
+    dataset_identity,
+    validate_dataset,
+    vocabulary_change,
+)
 from raygpt.core.memory import check_fits
 from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.parallel import (
@@ -36,7 +43,7 @@ from raygpt.core.parallel import (
     wrap_model,
 )
 from raygpt.core.step import Evaluator, NonFiniteGuard, Precision, TrainStep, get_lr
-from raygpt.core.tokenizer import load_meta, scratch_vocab_size
+from raygpt.core.tokenizer import load_meta, read_meta, scratch_vocab_size
 from raygpt.driver.plan import RunPlan
 from raygpt.storage.datasets import dataset_uri, default_cache_root, stage_dataset
 from raygpt.storage.uri import is_uri, join_uri, storage_root
@@ -213,7 +220,8 @@ def setup(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, started: flo
         raise ValueError(f"data_order=nanogpt needs one worker, not {world_size}")
     batch_source = NanoGPTOrderBatches if nanogpt_order else Batches
     block_size = state.model_args["block_size"]
-    batches = batch_source(dataset_dir, block_size, cfg.batch_size, cfg.seed, rank, world_size, device, accum_steps)
+    batches = batch_source(dataset_dir, block_size, cfg.batch_size, cfg.seed, rank, world_size, device, accum_steps,
+                           vocab_size=state.model_args["vocab_size"])  # fmt: skip
     guard = NonFiniteGuard(cfg.max_nonfinite_steps, device, str(Path(cfg.out_dir)), announce=say.enabled)
     train_step = TrainStep(wrapped, trained.optimizer, precision, batches, accum_steps, cfg.grad_clip, guard)
     estimate_loss = Evaluator(wrapped, batches, precision, cfg.eval_iters, state.model_args, rank, world_size,
@@ -241,7 +249,13 @@ def load_model(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, say: Sa
     saved, source = find_resume(cfg, plan.resume_from, ray_session.checkpoint, say)
     startup.lap("checkpoint read")
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model, model_args = build_model(cfg, load_meta(dataset_dir), saved, precision)
+    meta = read_meta(dataset_dir)
+    dataset = dataset_identity(meta, dataset_dir)
+    # The launcher compared them; a restarted worker may find a dataset prepared again since.
+    change = vocabulary_change(checkpoint.dataset_record(saved), dataset) if saved is not None else None
+    if change:
+        raise DataError(f"{source}: {change}; the dataset was prepared again while the run went on")
+    model, model_args = build_model(cfg, meta, saved, precision)
     model.to(device)
     startup.lap("model")
     # Graphs compiled by an earlier process of this run, a rerun or another trial, shared through storage.
@@ -258,6 +272,7 @@ def load_model(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, say: Sa
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, device.type, say.enabled)
     nanogpt_order = cfg.data_order == "nanogpt"
     state = TrainState(model, optimizer, precision.scaler, model_args, cfg.to_dict(), nanogpt_order, wrapped.sharded)
+    state.dataset = dataset  # the data this run trains on, which its checkpoints record
     resumed_batch = state.load_state_dict(saved, source) if saved is not None else None
     del saved  # free the checkpoint's copy of the weights
     startup.lap("optimizer and state")
