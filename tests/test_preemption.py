@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from conftest import TINY_LOCAL_RUN, TINY_RUN
 
 import raygpt
+from raygpt import launch
 from raygpt.worker import preemption
 from raygpt.worker.preemption import EXIT_TERMINATED, PreemptionWatch, Terminated
 
@@ -204,6 +206,59 @@ def test_the_launchers_sigterm_stops_every_rank_at_once_and_ends_the_loop():
     assert stopped == {0: (6, preemption.LAUNCHER_SIGTERM), 1: (6, preemption.LAUNCHER_SIGTERM)}
 
 
+class FakeCalls:
+    """OrderedRayCalls, each call made at once."""
+
+    def report(self, report):
+        report(None)
+
+    def wait(self):
+        pass
+
+
+@pytest.mark.parametrize("reason", ["SIGTERM", preemption.LAUNCHER_SIGTERM, "preemption"])
+@pytest.mark.parametrize("nonfinite_steps", [0, 3])
+def test_a_notice_during_nonfinite_steps_saves_nothing_and_says_what_stays(reason, nonfinite_steps, monkeypatch):
+    """The notice checkpoint keeps what the eval checkpoint keeps: weights a run of non-finite steps left
+    behind are never saved over the last good checkpoint, whatever stops the run."""
+    from types import SimpleNamespace
+
+    from raygpt.core.step import NonFiniteGuard
+    from raygpt.worker.loop import checkpoint_on_notice
+
+    lines, reported, saved = [], [], []
+    guard = NonFiniteGuard(max_in_a_row=0, device=torch.device("cpu"), announce=False)
+    guard.in_a_row.fill_(nonfinite_steps)
+    watch = PreemptionWatch(None, 1, say=lines.append)
+    watch.stopping = preemption.Notice(reason, time.time())
+    monkeypatch.setattr(watch, "wait_for_restart", lambda notice: lines.append("waiting for Ray's restart"))
+    state = SimpleNamespace(iter_num=57, last_eval={"train": 1.5, "val": 1.6}, best_val_loss=1.6)
+    run = SimpleNamespace(
+        guard=guard, state=state, tokens_per_iter=100, watch=watch, calls=FakeCalls(),
+        reporter=SimpleNamespace(to_ray=lambda metrics, checkpoint=None: reported.append((metrics, checkpoint))),
+        checkpointer=SimpleNamespace(save=lambda state, batch, report: (saved.append(state.iter_num), report("ckpt"))),
+    )  # fmt: skip
+    try:
+        checkpoint_on_notice(run, watch.stopping, lr=0.1, next_batch=None)
+        terminated = None
+    except Terminated as e:
+        terminated = e
+    assert (terminated is not None) == (reason == "SIGTERM")
+    [(metrics, handed)] = reported
+    assert metrics["iter"] == 57 and metrics[preemption.NONFINITE_STEPS] == nonfinite_steps
+    if nonfinite_steps:
+        unsaved = "no checkpoint at iter 57: its last 3 step(s) were not finite, and diverged weights are never saved"
+        assert saved == [] and handed is None
+        assert lines[0] == f"{reason}: {unsaved}; the last good checkpoint stays"
+        assert preemption.not_saved_by(metrics) == unsaved
+        assert terminated is None or terminated.not_saved == unsaved
+    else:
+        assert saved == [57] and handed == "ckpt"
+        assert lines[0].startswith(f"{reason}: checkpoint at iter 57 saved")
+        assert preemption.not_saved_by(metrics) == ""
+        assert terminated is None or terminated.not_saved == ""
+
+
 def test_a_forgotten_wait_for_restart_fails_rather_than_hangs():
     watch = quiet_watch(None, every=1)
     long_gone = preemption.Notice("preemption", time.time() - 1000, deadline=time.time() - 500)
@@ -224,26 +279,40 @@ def lines_matching(pattern: str, text: str) -> list[re.Match]:
     return [m for m in (re.search(pattern, line) for line in text.splitlines()) if m]
 
 
-def test_sigterm_checkpoints_a_local_mode_run_then_says_how_to_continue(tmp_path, char_data):
+def start_local_launcher(argv: list[str], cwd: Path) -> subprocess.Popen:
+    """`python -m raygpt.launch` in a process group (and session) of its own, as a batch job runs it."""
+    return subprocess.Popen([sys.executable, "-m", "raygpt.launch", *argv], cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": CODE, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def sigterm_once(launcher: subprocess.Popen, to_group: bool, after: Callable[[str], bool]) -> tuple[str, str]:
+    """SIGTERM to the launcher (or its whole process group) once a line of its output passes `after`; what
+    it printed (all of it), and its stderr."""
+    out = []
+    try:
+        for line in launcher.stdout:
+            out.append(line)
+            if after(line):
+                break
+        if to_group:
+            os.killpg(launcher.pid, signal.SIGTERM)  # start_new_session: the group's id is the launcher's pid
+        else:
+            launcher.send_signal(signal.SIGTERM)
+        rest, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    return "".join(out) + rest, err
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-the-launcher", "to-its-process-group"])
+def test_sigterm_checkpoints_a_local_mode_run_then_says_how_to_continue(tmp_path, char_data, to_group):
     out_dir = tmp_path / "out"
     argv = [*TINY_LOCAL_RUN, "--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000",
             "--log_interval=1", f"--data_dir={char_data}", f"--out_dir={out_dir}"]  # fmt: skip
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "raygpt.launch", *argv],
-        env={**os.environ, "PYTHONPATH": CODE, "PYTHONUNBUFFERED": "1"},
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        for line in launcher.stdout:
-            if line.startswith("iter 3:"):
-                break
-        launcher.send_signal(signal.SIGTERM)
-        out, err = launcher.communicate(timeout=120)
-    finally:
-        launcher.kill()
+    launcher = start_local_launcher(argv, tmp_path)
+    out, err = sigterm_once(launcher, to_group, after=lambda line: line.startswith("iter 3:"))
     assert launcher.returncode == EXIT_TERMINATED, err
     [stopped] = lines_matching(r"^SIGTERM at iter (\d+)", out)
     [saved] = lines_matching(r"^SIGTERM: checkpoint at iter (\d+) saved", out)
@@ -253,6 +322,27 @@ def test_sigterm_checkpoints_a_local_mode_run_then_says_how_to_continue(tmp_path
     )
     saved_state = torch.load(out_dir / "ckpt.pt", weights_only=True)
     assert saved_state["iter_num"] == int(saved.group(1)) >= 4
+
+
+def test_sigterm_during_nonfinite_steps_keeps_the_last_good_checkpoint(tmp_path, char_data):
+    """SIGTERM while every step is non-finite (an absurd learning rate on a resumed run): the diverged
+    weights are not saved over the last good checkpoint, and the last line says which one stays."""
+    out_dir = tmp_path / "out"
+    argv = [*TINY_LOCAL_RUN, f"--data_dir={char_data}", f"--out_dir={out_dir}"]
+    assert launch.main(argv) == 0  # a good checkpoint at iter 4
+    good = (out_dir / "ckpt.pt").read_bytes()
+    diverge = ["--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000", "--log_interval=1",
+               "--learning_rate=1e30", "--min_lr=1e29", "--grad_clip=0", "--max_nonfinite_steps=0"]  # fmt: skip
+    launcher = start_local_launcher([*argv, *diverge], tmp_path)
+    out, err = sigterm_once(launcher, to_group=True, after=lambda line: "step(s) skipped for a non-finite" in line)
+    assert launcher.returncode == EXIT_TERMINATED, out + err
+    unsaved = r"no checkpoint at iter \d+: its last \d+ step\(s\) were not finite, and diverged weights are never saved"
+    [stopped] = lines_matching(rf"^SIGTERM: ({unsaved}); the last good checkpoint stays$", out)
+    assert err.strip().splitlines()[-1] == (
+        f"terminated: {stopped.group(1)}; the latest checkpoint is {out_dir / 'ckpt.pt'}: run the same command "
+        "again to continue from it"
+    )
+    assert (out_dir / "ckpt.pt").read_bytes() == good
 
 
 # ---- Ray tier: a real preemption on a loopback cluster --------------------------------------------

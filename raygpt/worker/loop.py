@@ -327,12 +327,18 @@ def evaluate_and_maybe_checkpoint(run: Run, lr: float, next_batch, local_iter_nu
 
 
 def checkpoint_on_notice(run: Run, notice: Notice, lr: float, next_batch) -> None:
-    """A node is being reclaimed, or SIGTERM: checkpoint now, without an eval, and stop."""
-    metrics = notice_metrics(run.state, lr, run.tokens_per_iter, notice)
-    run.checkpointer.save(run.state, next_batch, functools.partial(run.reporter.to_ray, metrics))
+    """A node is being reclaimed, or SIGTERM: checkpoint now, without an eval, and stop. As at an eval,
+    weights that a run of non-finite steps left behind are not saved: the last good checkpoint stays."""
+    nonfinite_steps = run.guard.streak()
+    metrics = notice_metrics(run.state, lr, run.tokens_per_iter, notice, nonfinite_steps)
+    report = functools.partial(run.reporter.to_ray, metrics)
+    if nonfinite_steps:
+        run.calls.report(report)
+    else:
+        run.checkpointer.save(run.state, next_batch, report)
     run.calls.wait()
     # SIGTERM: raises Terminated; a preemption: waits for Ray's restart; the launcher's SIGTERM: returns
-    run.watch.stop(run.state.iter_num)
+    run.watch.stop(run.state.iter_num, nonfinite_steps=nonfinite_steps)
 
 
 def fit(run: Run) -> bool:

@@ -47,7 +47,12 @@ LAUNCHER_SIGTERM = "SIGTERM to the launcher"  # a Notice's reason
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM stopped the run; a KeyboardInterrupt, so whatever handles Ctrl-C handles it too."""
+    """SIGTERM stopped the run; a KeyboardInterrupt, so whatever handles Ctrl-C handles it too. `not_saved`:
+    why the stop saved no checkpoint (not_saved()), or empty."""
+
+    def __init__(self, message: str = "", not_saved: str = ""):
+        super().__init__(message)
+        self.not_saved = not_saved
 
 
 @dataclass(frozen=True)
@@ -125,18 +130,23 @@ class PreemptionWatch:
         info = self.poll() if self.poll is not None else None
         return info, bool(self.stop_asked()) if self.stop_asked is not None else False
 
-    def stop(self, iter_num: int, saved_at: float | None = None) -> None:
-        """After the notice's checkpoint is written and reported: say how long it took, then raise
-        Terminated (SIGTERM), wait for Ray's restart (a preemption; never returns), or return (the
-        launcher's SIGTERM: the loop ends the run)."""
+    def stop(self, iter_num: int, saved_at: float | None = None, nonfinite_steps: int = 0) -> None:
+        """After the notice's checkpoint is written and reported (or, after `nonfinite_steps` non-finite
+        steps in a row, not written): say how long it took (or why not), then raise Terminated (SIGTERM),
+        wait for Ray's restart (a preemption; never returns), or return (the launcher's SIGTERM: the loop
+        ends the run)."""
         notice, saved_at = self.stopping, time.time() if saved_at is None else saved_at
         left = notice.seconds_left(saved_at)
-        self.say(
-            f"{notice.reason}: checkpoint at iter {iter_num} saved {saved_at - notice.noticed_at:.2f}s after "
-            "the notice" + (f", {left:.1f}s before the deadline" if left is not None else "")
-        )
+        unsaved = not_saved(iter_num, nonfinite_steps) if nonfinite_steps else ""
+        if unsaved:
+            self.say(f"{notice.reason}: {unsaved}; the last good checkpoint stays")
+        else:
+            self.say(
+                f"{notice.reason}: checkpoint at iter {iter_num} saved {saved_at - notice.noticed_at:.2f}s after "
+                "the notice" + (f", {left:.1f}s before the deadline" if left is not None else "")
+            )
         if notice.reason == "SIGTERM":
-            raise Terminated(f"SIGTERM: stopped at iter {iter_num}")
+            raise Terminated(f"SIGTERM: stopped at iter {iter_num}", unsaved)
         if notice.reason == LAUNCHER_SIGTERM:
             return
         self.wait_for_restart(notice)
@@ -191,9 +201,25 @@ def launcher_asked_to_stop(launch_id: str) -> bool:
     return ray_compat.kv_exists(ray_compat.stop_key(launch_id))
 
 
-def notice_metrics(state, lr: float, tokens_per_iter: int, notice: Notice) -> dict:
+NONFINITE_STEPS = "nonfinite_steps"  # a notice's report: the non-finite steps in a row that kept it from saving
+
+
+def not_saved(iter_num: int, nonfinite_steps: int) -> str:
+    """Why a notice saved no checkpoint, for the worker's line and the launcher's last one."""
+    return (f"no checkpoint at iter {iter_num}: its last {nonfinite_steps} step(s) were not finite, and "
+            "diverged weights are never saved")  # fmt: skip
+
+
+def not_saved_by(metrics: dict | None) -> str:
+    """not_saved() for a run the launcher's SIGTERM ended, from its last report; empty where it saved."""
+    metrics = metrics or {}
+    return not_saved(metrics["iter"], metrics[NONFINITE_STEPS]) if metrics.get(NONFINITE_STEPS) else ""
+
+
+def notice_metrics(state, lr: float, tokens_per_iter: int, notice: Notice, nonfinite_steps: int = 0) -> dict:
     """What a notice checkpoint reports to Ray: the last eval's numbers (no eval is run), at this iteration.
-    Ray keeps its latest checkpoint whatever the score, so a restart resumes from this one."""
+    Ray keeps its latest checkpoint whatever the score, so a restart resumes from this one. After
+    `nonfinite_steps` non-finite steps in a row nothing is saved, and the report says so."""
     return {
         "iter": state.iter_num,
         "train_loss": state.last_eval["train"],
@@ -202,4 +228,5 @@ def notice_metrics(state, lr: float, tokens_per_iter: int, notice: Notice) -> di
         "lr": lr,
         "tokens_seen": state.iter_num * tokens_per_iter,
         "stopped_by": notice.reason,
+        NONFINITE_STEPS: nonfinite_steps,
     }
