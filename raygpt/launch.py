@@ -27,7 +27,7 @@ from raygpt.driver.trainer import (
 )
 from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, OneLineParser, RaygptError, refuse
 from raygpt.ray_compat import forward_worker_output
-from raygpt.worker.preemption import EXIT_TERMINATED, Terminated, handle_sigterm, not_saved_by
+from raygpt.worker.preemption import EXIT_TERMINATED, Terminated, handle_sigterm, why_not_saved
 
 
 def run(cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherOptions()):
@@ -55,7 +55,7 @@ def run(cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherO
         result = trainer.fit()
         if getattr(trainer, "stopped_by_sigterm", False):  # the workers checkpointed and ended the run
             forward_worker_output(False)
-            raise RunInterrupted(where_to_continue(cfg, plan, not_saved_by(result.metrics)), terminated=True)
+            raise RunInterrupted(where_to_continue(cfg, plan, why_not_saved(plan.launch_id)), terminated=True)
     except KeyboardInterrupt as e:
         forward_worker_output(False)  # the workers' last lines would come after the launcher's last line
         stopped = where_to_continue(cfg, plan, getattr(e, "not_saved", ""))

@@ -114,7 +114,7 @@ def test_a_ray_run_continues_from_the_checkpoint_before_the_nonfinite_one(ray_lo
     capsys.readouterr()
     assert launch.main([*argv, "--max_iters=6"]) == 0
     out = capsys.readouterr().out
-    assert f"warning: skipping checkpoint: {latest}: weight {POISONED} holds nan or inf values" in out
+    assert f"warning: skipping checkpoint: {latest.parent}: weight {POISONED} holds nan or inf values" in out
     assert "continuing run 'diverged' (Ray checkpoints" in out and "from iter 2" in out
     resumed = checkpoint.load(tmp_path / "out" / "ckpt.pt")
     assert resumed["iter_num"] == 6 and resumed["resumed_from"] == str(checkpoints[0] / "ckpt.pt")

@@ -3,9 +3,11 @@ a local-mode run; and a real preemption, `ray drain-node` on a loopback cluster 
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -229,7 +231,8 @@ def test_a_notice_during_nonfinite_steps_saves_nothing_and_says_what_stays(reaso
     lines, reported, saved = [], [], []
     guard = NonFiniteGuard(max_in_a_row=0, device=torch.device("cpu"), announce=False)
     guard.in_a_row.fill_(nonfinite_steps)
-    watch = PreemptionWatch(None, 1, say=lines.append)
+    told = []
+    watch = PreemptionWatch(None, 1, say=lines.append, tell_launcher=told.append)
     watch.stopping = preemption.Notice(reason, time.time())
     monkeypatch.setattr(watch, "wait_for_restart", lambda notice: lines.append("waiting for Ray's restart"))
     state = SimpleNamespace(iter_num=57, last_eval={"train": 1.5, "val": 1.6}, best_val_loss=1.6)
@@ -250,12 +253,12 @@ def test_a_notice_during_nonfinite_steps_saves_nothing_and_says_what_stays(reaso
         unsaved = "no checkpoint at iter 57: its last 3 step(s) were not finite, and diverged weights are never saved"
         assert saved == [] and handed is None
         assert lines[0] == f"{reason}: {unsaved}; the last good checkpoint stays"
-        assert preemption.not_saved_by(metrics) == unsaved
+        assert told == ([unsaved] if reason == preemption.LAUNCHER_SIGTERM else [])
         assert terminated is None or terminated.not_saved == unsaved
     else:
         assert saved == [57] and handed == "ckpt"
         assert lines[0].startswith(f"{reason}: checkpoint at iter 57 saved")
-        assert preemption.not_saved_by(metrics) == ""
+        assert told == []
         assert terminated is None or terminated.not_saved == ""
 
 
@@ -469,3 +472,85 @@ def test_sigterm_to_the_launcher_of_a_ray_run_checkpoints_then_ends_it(ray_local
     assert last.endswith("run the same command again to continue from it"), last
     assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == stop_iter
     assert max(int(m.group(1)) for m in lines_matching(r"^iter (\d+):", out)) == stop_iter - 1
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.ray
+def test_sigterm_to_the_launchers_process_group_checkpoints_then_ends_the_run(tmp_path, char_data):
+    """What `timeout`, `kill -- -PGID`, a closing terminal and batch schedulers send: SIGTERM to the launcher's
+    whole process group. The Ray the launcher started is not in that group, so it lives on for the workers
+    to checkpoint; the launcher exits as for its own SIGTERM, and Ray's processes end with it."""
+    out_dir = tmp_path / "out"
+    values = {**PREEMPT_RUN, "num_workers": 1, "max_iters": 100000, "lr_decay_iters": 100000}
+    argv = [f"--{key}={value}" for key, value in values.items()]
+    argv += [f"--data_dir={char_data}", f"--out_dir={out_dir}", f"--storage_path={tmp_path / 'ray'}"]
+    # A Ray of the launcher's own (not one another test started with `ray start`), with a short temp path:
+    # Ray's socket paths must stay under the OS's 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rg-", dir="/tmp"))
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=CODE, PYTHONUNBUFFERED="1", RAY_TMPDIR=str(ray_tmp))
+    launcher = subprocess.Popen([sys.executable, "-m", "raygpt.launch", *argv], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # fmt: skip
+    out, started = [], []
+    try:
+        for line in launcher.stdout:
+            out.append(line)
+            if line.startswith("iter 3:"):
+                break
+        started = descendants(launcher.pid)  # the Ray the launcher started: GCS, raylet, the workers...
+        assert any(p.name() == "raylet" for p in started), "".join(out)
+        os.killpg(launcher.pid, signal.SIGTERM)  # start_new_session: the group's id is the launcher's pid
+        rest, err = launcher.communicate(timeout=150)
+        out.append(rest)
+        _, left = psutil.wait_procs(started, timeout=30)
+    finally:
+        launcher.kill()
+        for process in started:  # by pid, only what this launcher started
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    out = "".join(out)
+    assert launcher.returncode == EXIT_TERMINATED, out + err
+    [asked] = lines_matching(r"^SIGTERM to the launcher at iter (\d+): saving a checkpoint", out)
+    [saved] = lines_matching(r"^SIGTERM to the launcher: checkpoint at iter (\d+) saved", out)
+    assert int(saved.group(1)) == int(asked.group(1))
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("terminated: the latest checkpoint is "), err
+    assert last.endswith("run the same command again to continue from it"), last
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == int(asked.group(1))
+    assert not left, f"Ray processes the launcher started are still running: {[p.pid for p in left]}"
+
+
+@pytest.mark.ray
+def test_sigterm_to_a_ray_run_during_nonfinite_steps_keeps_the_last_good_checkpoint(ray_local, tmp_path, char_data):
+    """The launcher's SIGTERM reaches the workers during a streak of non-finite steps: they save nothing, and the
+    launcher's last line (told through Ray's key-value store) says so and names the checkpoint that stays."""
+    out_dir = tmp_path / "out"
+    values = {**PREEMPT_RUN, "num_workers": 1, "max_iters": 10, "eval_interval": 5}
+    argv = [f"--{key}={value}" for key, value in values.items()]
+    argv += [f"--data_dir={char_data}", f"--out_dir={out_dir}", f"--storage_path={tmp_path / 'ray'}"]
+    assert launch.main(argv) == 0  # good checkpoints at iters 5 and 10
+    good = (out_dir / "ckpt.pt").read_bytes()
+    ray_checkpoints = sorted(p for p in (tmp_path / "ray").glob("*/checkpoint_*") if p.is_dir())
+    diverge = ["--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000", "--learning_rate=1e30",
+               "--min_lr=1e29", "--grad_clip=0", "--max_nonfinite_steps=0"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray_local, "PYTHONPATH": CODE, "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "raygpt.launch", *argv, *diverge], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    out, err = sigterm_once(launcher, to_group=False, after=lambda line: "step(s) skipped for a non-finite" in line)
+    assert launcher.returncode == EXIT_TERMINATED, out + err
+    unsaved = r"no checkpoint at iter \d+: its last \d+ step\(s\) were not finite, and diverged weights are never saved"
+    [stopped] = lines_matching(rf"^SIGTERM to the launcher: ({unsaved}); the last good checkpoint stays$", out)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"terminated: {stopped.group(1)}; the latest checkpoint is {ray_checkpoints[-1]}"), err
+    assert (out_dir / "ckpt.pt").read_bytes() == good
+    assert sorted(p for p in (tmp_path / "ray").glob("*/checkpoint_*") if p.is_dir()) == ray_checkpoints

@@ -42,7 +42,13 @@ from raygpt.storage.datasets import dataset_uri, default_cache_root, stage_datas
 from raygpt.storage.uri import is_uri, join_uri, storage_root
 from raygpt.worker.checkpointer import Checkpointer
 from raygpt.worker.compile import CompileCache, Compiles, CompileWorkers, cache_writer, graph_settings
-from raygpt.worker.preemption import Notice, PreemptionWatch, launcher_asked_to_stop, notice_metrics
+from raygpt.worker.preemption import (
+    Notice,
+    PreemptionWatch,
+    launcher_asked_to_stop,
+    notice_metrics,
+    tell_launcher_not_saved,
+)
 from raygpt.worker.reporting import Reporter, Say, start_wandb
 from raygpt.worker.session import OrderedRayCalls, RaySession, exit_waits_for_block, train_worker, tune_trial
 from raygpt.worker.startup import Startup
@@ -288,9 +294,10 @@ def report_and_stop(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, sa
     # in order with the reports (Ray numbers both kinds of collective).
     # SIGTERM to the launcher reaches the workers the same way, read from Ray's key-value store.
     stop_asked = None if cfg.local_mode else functools.partial(launcher_asked_to_stop, plan.launch_id)
+    tell_launcher = functools.partial(tell_launcher_not_saved, plan.launch_id) if stop_asked and rank == 0 else None
     watch = PreemptionWatch(ray_session.preemption_info, cfg.log_interval, calls.in_order, say.line,
                             agree=functools.partial(largest_over_ranks, world_size=world_size, device=device),
-                            stop_asked=stop_asked)  # fmt: skip
+                            stop_asked=stop_asked, tell_launcher=tell_launcher)  # fmt: skip
     return reporter, calls, checkpointer, watch
 
 

@@ -72,7 +72,8 @@ class PreemptionWatch:
     """notice(iter_num) every iteration: a Notice once per preemption (or SIGTERM), else None.
 
     `poll` is ray.train.get_preemption_info and `stop_asked` whether the launcher got SIGTERM (either None:
-    not watched; both None in local mode, where only this process's SIGTERM is). Both are asked in one job
+    not watched; both None in local mode, where only this process's SIGTERM is; `tell_launcher`, rank 0's,
+    hands the launcher why its SIGTERM saved nothing). Both are asked in one job
     submitted through `run_in_order` (OrderedRayCalls.in_order; default: called at once) when
     iter_num % every == 0, the same iterations on every rank. Answers are read when they have come, never
     waited for: a poll queued behind a background checkpoint write must not make the loop wait for the
@@ -82,9 +83,10 @@ class PreemptionWatch:
 
     def __init__(self, poll: Callable | None, every: int, run_in_order: Callable[[Callable], Future] | None = None,
                  say: Callable[[str], None] = print, agree: Callable[[int], int] = int,
-                 stop_asked: Callable[[], bool] | None = None):  # fmt: skip
+                 stop_asked: Callable[[], bool] | None = None,
+                 tell_launcher: Callable[[str], None] | None = None):  # fmt: skip
         self.poll, self.every, self.say, self.agree = poll, max(1, every), say, agree
-        self.stop_asked = stop_asked
+        self.stop_asked, self.tell_launcher = stop_asked, tell_launcher
         self.run_in_order = run_in_order or called_now
         self.answers: list[Future] = []  # polls submitted, oldest first
         self.noticed_nodes: set[str] = set()
@@ -140,6 +142,8 @@ class PreemptionWatch:
         unsaved = not_saved(iter_num, nonfinite_steps) if nonfinite_steps else ""
         if unsaved:
             self.say(f"{notice.reason}: {unsaved}; the last good checkpoint stays")
+            if notice.reason == LAUNCHER_SIGTERM and self.tell_launcher is not None:
+                self.tell_launcher(unsaved)
         else:
             self.say(
                 f"{notice.reason}: checkpoint at iter {iter_num} saved {saved_at - notice.noticed_at:.2f}s after "
@@ -210,10 +214,17 @@ def not_saved(iter_num: int, nonfinite_steps: int) -> str:
             "diverged weights are never saved")  # fmt: skip
 
 
-def not_saved_by(metrics: dict | None) -> str:
-    """not_saved() for a run the launcher's SIGTERM ended, from its last report; empty where it saved."""
-    metrics = metrics or {}
-    return not_saved(metrics["iter"], metrics[NONFINITE_STEPS]) if metrics.get(NONFINITE_STEPS) else ""
+def tell_launcher_not_saved(launch_id: str, why: str) -> None:
+    """Hand the launcher why its SIGTERM's checkpoint was not saved, for its last line (Ray's result holds
+    only reports that carry a checkpoint); where the store cannot be written, that line names the latest
+    checkpoint alone."""
+    ray_compat.kv_put(ray_compat.not_saved_key(launch_id), why.encode())
+
+
+def why_not_saved(launch_id: str) -> str:
+    """What tell_launcher_not_saved handed the launcher of this launch; empty where the checkpoint was saved."""
+    why = ray_compat.kv_take(ray_compat.not_saved_key(launch_id)) if launch_id else None
+    return why.decode() if why else ""
 
 
 def notice_metrics(state, lr: float, tokens_per_iter: int, notice: Notice, nonfinite_steps: int = 0) -> dict:
