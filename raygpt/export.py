@@ -2,7 +2,8 @@
 or a Hugging Face GPT-2 folder.
 
 CHECKPOINT is a ckpt.pt, a Ray checkpoint folder (whole or sharded by FSDP) or a run's out_dir. A
-sharded checkpoint is gathered on the CPU without any process group.
+sharded checkpoint is gathered on the CPU without any process group. Weights holding nan or inf are
+refused, as resume and sample refuse them, unless --allow-nonfinite.
 
     python -m raygpt.export ~/ray_results/run/checkpoint_2026-... --ckpt out-run/ckpt.pt
     python -m raygpt.export out-shakespeare-char --hf gpt2-shakespeare   # GPT2LMHeadModel.from_pretrained
@@ -19,7 +20,7 @@ import torch
 
 from raygpt.core import checkpoint
 from raygpt.core.hf import HF_FILES, hf_config, hf_weights
-from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.model import GPT, GPTConfig, clean_state_dict
 from raygpt.errors import OneLineParser, RaygptError, run_cli
 from raygpt.storage.files import write_atomic, write_text_atomic
 from raygpt.storage.uri import is_uri
@@ -49,13 +50,12 @@ def whole_checkpoint(saved: dict) -> dict:
     return {**progress, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
-def export_hf(saved: dict, directory: Path) -> None:
+def export_hf(model_state: dict, model_args: dict, directory: Path) -> None:
     try:
         from safetensors.torch import save
     except ImportError:
         raise ExportError("--hf writes safetensors: pip install safetensors") from None
-    model_args = checkpoint.architecture(saved, "checkpoint")
-    weights = hf_weights(checkpoint.whole_model_state(saved), model_args)
+    weights = hf_weights(model_state, model_args)
     directory.mkdir(parents=True, exist_ok=True)
     config_json, weights_file = (directory / name for name in HF_FILES)
     write_text_atomic(config_json, json.dumps(hf_config(model_args), indent=2) + "\n")
@@ -63,16 +63,31 @@ def export_hf(saved: dict, directory: Path) -> None:
     write_atomic(weights_file, lambda f: f.write(data))
 
 
+def check_weights(model_state: dict, where: str, allow_nonfinite: bool) -> None:
+    """Weights holding nan or inf are refused (resume and sample refuse them too), or with --allow-nonfinite
+    written after a warning."""
+    try:
+        checkpoint.check_finite(model_state, where)
+    except checkpoint.NonFiniteWeightsError as e:
+        if not allow_nonfinite:
+            raise ExportError(
+                f"{e}; export an earlier checkpoint, or pass --allow-nonfinite to write it anyway"
+            ) from None
+        print(f"warning: {e}; writing it all the same (--allow-nonfinite)", file=sys.stderr)
+
+
 def parse_args(argv: list[str]):
     parser = OneLineParser(
         prog="python -m raygpt.export",
-        usage="%(prog)s CHECKPOINT [--ckpt FILE] [--hf DIR]",
+        usage="%(prog)s CHECKPOINT [--ckpt FILE] [--hf DIR] [--allow-nonfinite]",
         description="Write any raygpt checkpoint (a ckpt.pt, a Ray checkpoint folder, sharded or not, or a "
         "run's out_dir) as nanoGPT's ckpt.pt and/or a Hugging Face GPT-2 folder.",
     )
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="what to export")
     parser.add_argument("--ckpt", metavar="FILE", help="write nanoGPT's single-file checkpoint here")
     parser.add_argument("--hf", metavar="DIR", help="write config.json and model.safetensors for GPT2LMHeadModel")
+    parser.add_argument("--allow-nonfinite", action="store_true",
+                        help="write weights holding nan or inf too (a diverged run's; refused by default)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -112,12 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         if not source.exists():
             raise ExportError(f"no checkpoint at {source}")
         saved, where = checkpoint.read_checkpoint(source, mmap=True)  # --hf alone never reads the optimizer's state
+        whole = whole_checkpoint(saved) if ckpt else None  # a sharded checkpoint's shards are read once
+        model_state = clean_state_dict(whole["model"]) if whole else checkpoint.whole_model_state(saved)
+        check_weights(model_state, where, args.allow_nonfinite)
         try:
             if ckpt:
-                checkpoint.save_atomic(whole_checkpoint(saved), ckpt)
+                checkpoint.save_atomic(whole, ckpt)
                 print(f"wrote {ckpt} (nanoGPT's layout) from {where}")
             if hf:
-                export_hf(saved, hf)
+                export_hf(model_state, checkpoint.architecture(saved, where), hf)
                 print(f"wrote {hf}/config.json and model.safetensors (GPT2LMHeadModel) from {where}")
         except OSError as e:  # a full disk (files.DiskFullError says so), or the place changed since the check
             raise ExportError(f"cannot write the export: {e.strerror or e}") from None

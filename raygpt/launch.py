@@ -27,7 +27,7 @@ from raygpt.driver.trainer import (
 )
 from raygpt.errors import EXIT_INTERRUPTED, EXIT_REFUSED, OneLineParser, RaygptError, refuse
 from raygpt.ray_compat import forward_worker_output
-from raygpt.worker.preemption import EXIT_TERMINATED, Terminated, handle_sigterm
+from raygpt.worker.preemption import EXIT_TERMINATED, Terminated, handle_sigterm, why_not_saved
 
 
 def run(cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherOptions()):
@@ -55,10 +55,11 @@ def run(cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherO
         result = trainer.fit()
         if getattr(trainer, "stopped_by_sigterm", False):  # the workers checkpointed and ended the run
             forward_worker_output(False)
-            raise RunInterrupted(where_to_continue(cfg, plan), terminated=True)
+            raise RunInterrupted(where_to_continue(cfg, plan, why_not_saved(plan.launch_id)), terminated=True)
     except KeyboardInterrupt as e:
         forward_worker_output(False)  # the workers' last lines would come after the launcher's last line
-        raise RunInterrupted(where_to_continue(cfg, plan), terminated=isinstance(e, Terminated)) from None
+        stopped = where_to_continue(cfg, plan, getattr(e, "not_saved", ""))
+        raise RunInterrupted(stopped, terminated=isinstance(e, Terminated)) from None
     except (RaygptError, RunInterrupted):
         raise
     except Exception as e:  # noqa: BLE001 - one line for the user; Ray's log (or local mode's raise) keeps the rest

@@ -5,16 +5,19 @@ module costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import sys
 from collections.abc import Callable
 
 # ---------------------------------------------------------------------------------------------------------
 # worker side
 # ---------------------------------------------------------------------------------------------------------
 
-# Ray's key-value store (ray.experimental.internal_kv) carries three marks per launch, under raygpt's
-# namespace: a worker group's start, a failure Ray Train saw, and the launcher's SIGTERM.
+# Ray's key-value store (ray.experimental.internal_kv) carries four marks per launch, under raygpt's
+# namespace: a worker group's start, a failure Ray Train saw, the launcher's SIGTERM, and why the checkpoint
+# that SIGTERM asked for was not saved.
 KV_NAMESPACE = "raygpt"
 
 
@@ -31,6 +34,11 @@ def failure_key(launch_id: str) -> str:
 def stop_key(launch_id: str) -> str:
     """The launcher got SIGTERM (raygpt.worker.preemption.ask_workers_to_stop)."""
     return f"stop-{launch_id}"
+
+
+def not_saved_key(launch_id: str) -> str:
+    """Why the checkpoint the launcher's SIGTERM asked for was not saved (raygpt.worker.preemption.not_saved)."""
+    return f"not-saved-{launch_id}"
 
 
 def kv_put_once(key: str) -> bool | None:
@@ -107,6 +115,39 @@ def tune_stop_event() -> Callable[[], bool]:
 # ---------------------------------------------------------------------------------------------------------
 # launcher side
 # ---------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def ray_processes_in_their_own_session():
+    """While Ray starts here (ray.init without a cluster to join), its processes (GCS, raylet, dashboard,
+    and through the raylet every worker) start in a session of their own instead of the launcher's process
+    group. A signal to that group (what `timeout`, `kill -- -PGID`, a closing terminal and batch schedulers
+    send) then reaches the launcher alone, which hands it to the workers to checkpoint, instead of killing
+    Ray under the run. Ray has no setting for this: its processes are started by the private
+    ray._private.services.ConsolePopen, replaced here by one with start_new_session. They still end with
+    the launcher, since Ray ties each to it with PR_SET_PDEATHSIG (its kernel fate-sharing); only where
+    Ray does (Linux) is the session changed: elsewhere Ray's reaper ends them by killing the launcher's
+    process group, which they must then stay in. If the class moves, Ray starts them as before."""
+    try:
+        from ray._private import services, utils
+
+        popen = services.ConsolePopen
+        fate_shared = sys.platform.startswith("linux") and utils.detect_fate_sharing_support()
+    except (ImportError, AttributeError):  # pragma: no cover - depends on the Ray version
+        fate_shared = False
+    if not fate_shared:
+        yield
+        return
+
+    class OwnSessionPopen(popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "start_new_session": True})
+
+    services.ConsolePopen = OwnSessionPopen
+    try:
+        yield
+    finally:
+        services.ConsolePopen = popen
 
 
 def hide_token_auth_notice() -> None:

@@ -116,9 +116,10 @@ def load_checkpoint_model(ckpt_path: Path) -> tuple[GPT, dict, dict | None]:
     except RuntimeError as e:  # torch lists every missing, unexpected or misshapen weight: name the first
         detail = [line.strip() for line in str(e).splitlines() if line.strip()][1:2] or [one_line(str(e))]
         raise SampleError(f"{ckpt_path}: its weights do not fit its model_args: {detail[0]}") from None
-    broken = next((name for name, p in model.state_dict().items() if not torch.isfinite(p).all()), None)
-    if broken is not None:  # a diverged run's weights: every token's probability would be nan
-        raise SampleError(f"{ckpt_path}: weight {broken} holds nan or inf values; sample from an earlier checkpoint")
+    try:  # a diverged run's weights: every token's probability would be nan (the model's copy: no second read)
+        checkpoint.check_finite(model.state_dict(), ckpt_path)
+    except checkpoint.NonFiniteWeightsError as e:
+        raise SampleError(f"{e}; sample from an earlier checkpoint") from None
     config = state.get("config")
     return model, config if isinstance(config, dict) else {}, checkpoint.dataset_record(state)
 

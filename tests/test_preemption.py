@@ -3,11 +3,14 @@ a local-mode run; and a real preemption, `ray drain-node` on a loopback cluster 
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import torch
 from conftest import TINY_LOCAL_RUN, TINY_RUN
 
 import raygpt
+from raygpt import launch
 from raygpt.worker import preemption
 from raygpt.worker.preemption import EXIT_TERMINATED, PreemptionWatch, Terminated
 
@@ -204,6 +208,60 @@ def test_the_launchers_sigterm_stops_every_rank_at_once_and_ends_the_loop():
     assert stopped == {0: (6, preemption.LAUNCHER_SIGTERM), 1: (6, preemption.LAUNCHER_SIGTERM)}
 
 
+class FakeCalls:
+    """OrderedRayCalls, each call made at once."""
+
+    def report(self, report):
+        report(None)
+
+    def wait(self):
+        pass
+
+
+@pytest.mark.parametrize("reason", ["SIGTERM", preemption.LAUNCHER_SIGTERM, "preemption"])
+@pytest.mark.parametrize("nonfinite_steps", [0, 3])
+def test_a_notice_during_nonfinite_steps_saves_nothing_and_says_what_stays(reason, nonfinite_steps, monkeypatch):
+    """The notice checkpoint keeps what the eval checkpoint keeps: weights a run of non-finite steps left
+    behind are never saved over the last good checkpoint, whatever stops the run."""
+    from types import SimpleNamespace
+
+    from raygpt.core.step import NonFiniteGuard
+    from raygpt.worker.loop import checkpoint_on_notice
+
+    lines, reported, saved = [], [], []
+    guard = NonFiniteGuard(max_in_a_row=0, device=torch.device("cpu"), announce=False)
+    guard.in_a_row.fill_(nonfinite_steps)
+    told = []
+    watch = PreemptionWatch(None, 1, say=lines.append, tell_launcher=told.append)
+    watch.stopping = preemption.Notice(reason, time.time())
+    monkeypatch.setattr(watch, "wait_for_restart", lambda notice: lines.append("waiting for Ray's restart"))
+    state = SimpleNamespace(iter_num=57, last_eval={"train": 1.5, "val": 1.6}, best_val_loss=1.6)
+    run = SimpleNamespace(
+        guard=guard, state=state, tokens_per_iter=100, watch=watch, calls=FakeCalls(),
+        reporter=SimpleNamespace(to_ray=lambda metrics, checkpoint=None: reported.append((metrics, checkpoint))),
+        checkpointer=SimpleNamespace(save=lambda state, batch, report: (saved.append(state.iter_num), report("ckpt"))),
+    )  # fmt: skip
+    try:
+        checkpoint_on_notice(run, watch.stopping, lr=0.1, next_batch=None)
+        terminated = None
+    except Terminated as e:
+        terminated = e
+    assert (terminated is not None) == (reason == "SIGTERM")
+    [(metrics, handed)] = reported
+    assert metrics["iter"] == 57 and metrics[preemption.NONFINITE_STEPS] == nonfinite_steps
+    if nonfinite_steps:
+        unsaved = "no checkpoint at iter 57: its last 3 step(s) were not finite, and diverged weights are never saved"
+        assert saved == [] and handed is None
+        assert lines[0] == f"{reason}: {unsaved}; the last good checkpoint stays"
+        assert told == ([unsaved] if reason == preemption.LAUNCHER_SIGTERM else [])
+        assert terminated is None or terminated.not_saved == unsaved
+    else:
+        assert saved == [57] and handed == "ckpt"
+        assert lines[0].startswith(f"{reason}: checkpoint at iter 57 saved")
+        assert told == []
+        assert terminated is None or terminated.not_saved == ""
+
+
 def test_a_forgotten_wait_for_restart_fails_rather_than_hangs():
     watch = quiet_watch(None, every=1)
     long_gone = preemption.Notice("preemption", time.time() - 1000, deadline=time.time() - 500)
@@ -224,26 +282,40 @@ def lines_matching(pattern: str, text: str) -> list[re.Match]:
     return [m for m in (re.search(pattern, line) for line in text.splitlines()) if m]
 
 
-def test_sigterm_checkpoints_a_local_mode_run_then_says_how_to_continue(tmp_path, char_data):
+def start_local_launcher(argv: list[str], cwd: Path) -> subprocess.Popen:
+    """`python -m raygpt.launch` in a process group (and session) of its own, as a batch job runs it."""
+    return subprocess.Popen([sys.executable, "-m", "raygpt.launch", *argv], cwd=cwd,
+                            env={**os.environ, "PYTHONPATH": CODE, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def sigterm_once(launcher: subprocess.Popen, to_group: bool, after: Callable[[str], bool]) -> tuple[str, str]:
+    """SIGTERM to the launcher (or its whole process group) once a line of its output passes `after`; what
+    it printed (all of it), and its stderr."""
+    out = []
+    try:
+        for line in launcher.stdout:
+            out.append(line)
+            if after(line):
+                break
+        if to_group:
+            os.killpg(launcher.pid, signal.SIGTERM)  # start_new_session: the group's id is the launcher's pid
+        else:
+            launcher.send_signal(signal.SIGTERM)
+        rest, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    return "".join(out) + rest, err
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-the-launcher", "to-its-process-group"])
+def test_sigterm_checkpoints_a_local_mode_run_then_says_how_to_continue(tmp_path, char_data, to_group):
     out_dir = tmp_path / "out"
     argv = [*TINY_LOCAL_RUN, "--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000",
             "--log_interval=1", f"--data_dir={char_data}", f"--out_dir={out_dir}"]  # fmt: skip
-    launcher = subprocess.Popen(
-        [sys.executable, "-m", "raygpt.launch", *argv],
-        env={**os.environ, "PYTHONPATH": CODE, "PYTHONUNBUFFERED": "1"},
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        for line in launcher.stdout:
-            if line.startswith("iter 3:"):
-                break
-        launcher.send_signal(signal.SIGTERM)
-        out, err = launcher.communicate(timeout=120)
-    finally:
-        launcher.kill()
+    launcher = start_local_launcher(argv, tmp_path)
+    out, err = sigterm_once(launcher, to_group, after=lambda line: line.startswith("iter 3:"))
     assert launcher.returncode == EXIT_TERMINATED, err
     [stopped] = lines_matching(r"^SIGTERM at iter (\d+)", out)
     [saved] = lines_matching(r"^SIGTERM: checkpoint at iter (\d+) saved", out)
@@ -253,6 +325,27 @@ def test_sigterm_checkpoints_a_local_mode_run_then_says_how_to_continue(tmp_path
     )
     saved_state = torch.load(out_dir / "ckpt.pt", weights_only=True)
     assert saved_state["iter_num"] == int(saved.group(1)) >= 4
+
+
+def test_sigterm_during_nonfinite_steps_keeps_the_last_good_checkpoint(tmp_path, char_data):
+    """SIGTERM while every step is non-finite (an absurd learning rate on a resumed run): the diverged
+    weights are not saved over the last good checkpoint, and the last line says which one stays."""
+    out_dir = tmp_path / "out"
+    argv = [*TINY_LOCAL_RUN, f"--data_dir={char_data}", f"--out_dir={out_dir}"]
+    assert launch.main(argv) == 0  # a good checkpoint at iter 4
+    good = (out_dir / "ckpt.pt").read_bytes()
+    diverge = ["--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000", "--log_interval=1",
+               "--learning_rate=1e30", "--min_lr=1e29", "--grad_clip=0", "--max_nonfinite_steps=0"]  # fmt: skip
+    launcher = start_local_launcher([*argv, *diverge], tmp_path)
+    out, err = sigterm_once(launcher, to_group=True, after=lambda line: "step(s) skipped for a non-finite" in line)
+    assert launcher.returncode == EXIT_TERMINATED, out + err
+    unsaved = r"no checkpoint at iter \d+: its last \d+ step\(s\) were not finite, and diverged weights are never saved"
+    [stopped] = lines_matching(rf"^SIGTERM: ({unsaved}); the last good checkpoint stays$", out)
+    assert err.strip().splitlines()[-1] == (
+        f"terminated: {stopped.group(1)}; the latest checkpoint is {out_dir / 'ckpt.pt'}: run the same command "
+        "again to continue from it"
+    )
+    assert (out_dir / "ckpt.pt").read_bytes() == good
 
 
 # ---- Ray tier: a real preemption on a loopback cluster --------------------------------------------
@@ -379,3 +472,85 @@ def test_sigterm_to_the_launcher_of_a_ray_run_checkpoints_then_ends_it(ray_local
     assert last.endswith("run the same command again to continue from it"), last
     assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == stop_iter
     assert max(int(m.group(1)) for m in lines_matching(r"^iter (\d+):", out)) == stop_iter - 1
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.mark.ray
+def test_sigterm_to_the_launchers_process_group_checkpoints_then_ends_the_run(tmp_path, char_data):
+    """What `timeout`, `kill -- -PGID`, a closing terminal and batch schedulers send: SIGTERM to the launcher's
+    whole process group. The Ray the launcher started is not in that group, so it lives on for the workers
+    to checkpoint; the launcher exits as for its own SIGTERM, and Ray's processes end with it."""
+    out_dir = tmp_path / "out"
+    values = {**PREEMPT_RUN, "num_workers": 1, "max_iters": 100000, "lr_decay_iters": 100000}
+    argv = [f"--{key}={value}" for key, value in values.items()]
+    argv += [f"--data_dir={char_data}", f"--out_dir={out_dir}", f"--storage_path={tmp_path / 'ray'}"]
+    # A Ray of the launcher's own (not one another test started with `ray start`), with a short temp path:
+    # Ray's socket paths must stay under the OS's 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rg-", dir="/tmp"))
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=CODE, PYTHONUNBUFFERED="1", RAY_TMPDIR=str(ray_tmp))
+    launcher = subprocess.Popen([sys.executable, "-m", "raygpt.launch", *argv], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)  # fmt: skip
+    out, started = [], []
+    try:
+        for line in launcher.stdout:
+            out.append(line)
+            if line.startswith("iter 3:"):
+                break
+        started = descendants(launcher.pid)  # the Ray the launcher started: GCS, raylet, the workers...
+        assert any(p.name() == "raylet" for p in started), "".join(out)
+        os.killpg(launcher.pid, signal.SIGTERM)  # start_new_session: the group's id is the launcher's pid
+        rest, err = launcher.communicate(timeout=150)
+        out.append(rest)
+        _, left = psutil.wait_procs(started, timeout=30)
+    finally:
+        launcher.kill()
+        for process in started:  # by pid, only what this launcher started
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    out = "".join(out)
+    assert launcher.returncode == EXIT_TERMINATED, out + err
+    [asked] = lines_matching(r"^SIGTERM to the launcher at iter (\d+): saving a checkpoint", out)
+    [saved] = lines_matching(r"^SIGTERM to the launcher: checkpoint at iter (\d+) saved", out)
+    assert int(saved.group(1)) == int(asked.group(1))
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("terminated: the latest checkpoint is "), err
+    assert last.endswith("run the same command again to continue from it"), last
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == int(asked.group(1))
+    assert not left, f"Ray processes the launcher started are still running: {[p.pid for p in left]}"
+
+
+@pytest.mark.ray
+def test_sigterm_to_a_ray_run_during_nonfinite_steps_keeps_the_last_good_checkpoint(ray_local, tmp_path, char_data):
+    """The launcher's SIGTERM reaches the workers during a streak of non-finite steps: they save nothing, and the
+    launcher's last line (told through Ray's key-value store) says so and names the checkpoint that stays."""
+    out_dir = tmp_path / "out"
+    values = {**PREEMPT_RUN, "num_workers": 1, "max_iters": 10, "eval_interval": 5}
+    argv = [f"--{key}={value}" for key, value in values.items()]
+    argv += [f"--data_dir={char_data}", f"--out_dir={out_dir}", f"--storage_path={tmp_path / 'ray'}"]
+    assert launch.main(argv) == 0  # good checkpoints at iters 5 and 10
+    good = (out_dir / "ckpt.pt").read_bytes()
+    ray_checkpoints = sorted(p for p in (tmp_path / "ray").glob("*/checkpoint_*") if p.is_dir())
+    diverge = ["--max_iters=100000", "--lr_decay_iters=100000", "--eval_interval=100000", "--learning_rate=1e30",
+               "--min_lr=1e29", "--grad_clip=0", "--max_nonfinite_steps=0"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray_local, "PYTHONPATH": CODE, "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "raygpt.launch", *argv, *diverge], env=env, cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    out, err = sigterm_once(launcher, to_group=False, after=lambda line: "step(s) skipped for a non-finite" in line)
+    assert launcher.returncode == EXIT_TERMINATED, out + err
+    unsaved = r"no checkpoint at iter \d+: its last \d+ step\(s\) were not finite, and diverged weights are never saved"
+    [stopped] = lines_matching(rf"^SIGTERM to the launcher: ({unsaved}); the last good checkpoint stays$", out)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"terminated: {stopped.group(1)}; the latest checkpoint is {ray_checkpoints[-1]}"), err
+    assert (out_dir / "ckpt.pt").read_bytes() == good
+    assert sorted(p for p in (tmp_path / "ray").glob("*/checkpoint_*") if p.is_dir()) == ray_checkpoints

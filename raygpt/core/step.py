@@ -97,6 +97,11 @@ class NonFiniteGuard:
         else:
             self.in_a_row.zero_()
 
+    def streak(self) -> int:
+        """The non-finite steps in a row up to now, without check()'s warning or stop: what a checkpoint on
+        notice asks before saving (every rank gets the same answer: the norm is of the all-reduced gradients)."""
+        return int(self.in_a_row)
+
     def check(self, iter_num: int) -> int:
         """Warn about steps skipped since the last check; raise after too many in a row. Returns the streak."""
         in_a_row, since = (int(v) for v in torch.stack([self.in_a_row, self.since_check]).tolist())

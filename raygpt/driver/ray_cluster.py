@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from raygpt.errors import LaunchError, one_line
-from raygpt.ray_compat import hide_token_auth_notice, start_autoscaling_coordinator
+from raygpt.ray_compat import hide_token_auth_notice, ray_processes_in_their_own_session, start_autoscaling_coordinator
 
 
 def quiet_ray() -> None:
@@ -54,13 +54,16 @@ def connect(address: str | None, verbose: bool = False) -> None:
     if not joined:
         for name, value in LOCAL_RAY_SETTINGS.items():
             os.environ.setdefault(name, value)
+    # A Ray started here lives outside the launcher's process group: SIGTERM to the group (`timeout`, a batch
+    # scheduler) must leave it running while the workers save their checkpoint.
     try:
-        context = ray.init(
-            address=address,
-            runtime_env=job_runtime_env(joined),
-            logging_level=logging.WARNING,
-            logging_config=None if verbose else ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
-        )
+        with ray_processes_in_their_own_session():
+            context = ray.init(
+                address=address,
+                runtime_env=job_runtime_env(joined),
+                logging_level=logging.WARNING,
+                logging_config=None if verbose else ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
+            )
     except (ConnectionError, ValueError, TimeoutError) as e:  # Ray's own words, on one line
         where = f"the Ray cluster at {address}" if address else "the Ray cluster started on this machine"
         raise LaunchError(f"cannot join {where}: {one_line(str(e)) or type(e).__name__}") from None

@@ -119,13 +119,15 @@ class RunInterrupted(Exception):
         self.terminated = terminated  # SIGTERM, not Ctrl-C
 
 
-def where_to_continue(cfg: TrainConfig, plan: RunPlan) -> str:
-    """What was saved and how to go on, for the last line of a failed or interrupted run."""
+def where_to_continue(cfg: TrainConfig, plan: RunPlan, not_saved: str = "") -> str:
+    """What was saved and how to go on, for the last line of a failed or interrupted run; `not_saved`: why
+    the stop itself saved nothing (preemption.not_saved), said first."""
     ray_dirs = ray_checkpoint_dirs(cfg, plan.run_name)
     latest = ray_dirs[-1] if ray_dirs else Path(cfg.out_dir) / checkpoint.CKPT_NAME
+    before = f"{not_saved}; " if not_saved else ""
     if not ray_dirs and not latest.exists():
-        return "no checkpoint was saved yet"
-    return f"the latest checkpoint is {latest}: run the same command again to continue from it"
+        return f"{before}no checkpoint was saved yet"
+    return f"{before}the latest checkpoint is {latest}: run the same command again to continue from it"
 
 
 def worker_refusal(error: BaseException) -> RaygptError | None:

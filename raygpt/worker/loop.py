@@ -49,7 +49,13 @@ from raygpt.storage.datasets import dataset_uri, default_cache_root, stage_datas
 from raygpt.storage.uri import is_uri, join_uri, storage_root
 from raygpt.worker.checkpointer import Checkpointer
 from raygpt.worker.compile import CompileCache, Compiles, CompileWorkers, cache_writer, graph_settings
-from raygpt.worker.preemption import Notice, PreemptionWatch, launcher_asked_to_stop, notice_metrics
+from raygpt.worker.preemption import (
+    Notice,
+    PreemptionWatch,
+    launcher_asked_to_stop,
+    notice_metrics,
+    tell_launcher_not_saved,
+)
 from raygpt.worker.reporting import Reporter, Say, start_wandb
 from raygpt.worker.session import OrderedRayCalls, RaySession, exit_waits_for_block, train_worker, tune_trial
 from raygpt.worker.startup import Startup
@@ -303,9 +309,10 @@ def report_and_stop(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, sa
     # in order with the reports (Ray numbers both kinds of collective).
     # SIGTERM to the launcher reaches the workers the same way, read from Ray's key-value store.
     stop_asked = None if cfg.local_mode else functools.partial(launcher_asked_to_stop, plan.launch_id)
+    tell_launcher = functools.partial(tell_launcher_not_saved, plan.launch_id) if stop_asked and rank == 0 else None
     watch = PreemptionWatch(ray_session.preemption_info, cfg.log_interval, calls.in_order, say.line,
                             agree=functools.partial(largest_over_ranks, world_size=world_size, device=device),
-                            stop_asked=stop_asked)  # fmt: skip
+                            stop_asked=stop_asked, tell_launcher=tell_launcher)  # fmt: skip
     return reporter, calls, checkpointer, watch
 
 
@@ -342,12 +349,18 @@ def evaluate_and_maybe_checkpoint(run: Run, lr: float, next_batch, local_iter_nu
 
 
 def checkpoint_on_notice(run: Run, notice: Notice, lr: float, next_batch) -> None:
-    """A node is being reclaimed, or SIGTERM: checkpoint now, without an eval, and stop."""
-    metrics = notice_metrics(run.state, lr, run.tokens_per_iter, notice)
-    run.checkpointer.save(run.state, next_batch, functools.partial(run.reporter.to_ray, metrics))
+    """A node is being reclaimed, or SIGTERM: checkpoint now, without an eval, and stop. As at an eval,
+    weights that a run of non-finite steps left behind are not saved: the last good checkpoint stays."""
+    nonfinite_steps = run.guard.streak()
+    metrics = notice_metrics(run.state, lr, run.tokens_per_iter, notice, nonfinite_steps)
+    report = functools.partial(run.reporter.to_ray, metrics)
+    if nonfinite_steps:
+        run.calls.report(report)
+    else:
+        run.checkpointer.save(run.state, next_batch, report)
     run.calls.wait()
     # SIGTERM: raises Terminated; a preemption: waits for Ray's restart; the launcher's SIGTERM: returns
-    run.watch.stop(run.state.iter_num)
+    run.watch.stop(run.state.iter_num, nonfinite_steps=nonfinite_steps)
 
 
 def fit(run: Run) -> bool:

@@ -47,7 +47,12 @@ LAUNCHER_SIGTERM = "SIGTERM to the launcher"  # a Notice's reason
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM stopped the run; a KeyboardInterrupt, so whatever handles Ctrl-C handles it too."""
+    """SIGTERM stopped the run; a KeyboardInterrupt, so whatever handles Ctrl-C handles it too. `not_saved`:
+    why the stop saved no checkpoint (not_saved()), or empty."""
+
+    def __init__(self, message: str = "", not_saved: str = ""):
+        super().__init__(message)
+        self.not_saved = not_saved
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,8 @@ class PreemptionWatch:
     """notice(iter_num) every iteration: a Notice once per preemption (or SIGTERM), else None.
 
     `poll` is ray.train.get_preemption_info and `stop_asked` whether the launcher got SIGTERM (either None:
-    not watched; both None in local mode, where only this process's SIGTERM is). Both are asked in one job
+    not watched; both None in local mode, where only this process's SIGTERM is; `tell_launcher`, rank 0's,
+    hands the launcher why its SIGTERM saved nothing). Both are asked in one job
     submitted through `run_in_order` (OrderedRayCalls.in_order; default: called at once) when
     iter_num % every == 0, the same iterations on every rank. Answers are read when they have come, never
     waited for: a poll queued behind a background checkpoint write must not make the loop wait for the
@@ -77,9 +83,10 @@ class PreemptionWatch:
 
     def __init__(self, poll: Callable | None, every: int, run_in_order: Callable[[Callable], Future] | None = None,
                  say: Callable[[str], None] = print, agree: Callable[[int], int] = int,
-                 stop_asked: Callable[[], bool] | None = None):  # fmt: skip
+                 stop_asked: Callable[[], bool] | None = None,
+                 tell_launcher: Callable[[str], None] | None = None):  # fmt: skip
         self.poll, self.every, self.say, self.agree = poll, max(1, every), say, agree
-        self.stop_asked = stop_asked
+        self.stop_asked, self.tell_launcher = stop_asked, tell_launcher
         self.run_in_order = run_in_order or called_now
         self.answers: list[Future] = []  # polls submitted, oldest first
         self.noticed_nodes: set[str] = set()
@@ -125,18 +132,25 @@ class PreemptionWatch:
         info = self.poll() if self.poll is not None else None
         return info, bool(self.stop_asked()) if self.stop_asked is not None else False
 
-    def stop(self, iter_num: int, saved_at: float | None = None) -> None:
-        """After the notice's checkpoint is written and reported: say how long it took, then raise
-        Terminated (SIGTERM), wait for Ray's restart (a preemption; never returns), or return (the
-        launcher's SIGTERM: the loop ends the run)."""
+    def stop(self, iter_num: int, saved_at: float | None = None, nonfinite_steps: int = 0) -> None:
+        """After the notice's checkpoint is written and reported (or, after `nonfinite_steps` non-finite
+        steps in a row, not written): say how long it took (or why not), then raise Terminated (SIGTERM),
+        wait for Ray's restart (a preemption; never returns), or return (the launcher's SIGTERM: the loop
+        ends the run)."""
         notice, saved_at = self.stopping, time.time() if saved_at is None else saved_at
         left = notice.seconds_left(saved_at)
-        self.say(
-            f"{notice.reason}: checkpoint at iter {iter_num} saved {saved_at - notice.noticed_at:.2f}s after "
-            "the notice" + (f", {left:.1f}s before the deadline" if left is not None else "")
-        )
+        unsaved = not_saved(iter_num, nonfinite_steps) if nonfinite_steps else ""
+        if unsaved:
+            self.say(f"{notice.reason}: {unsaved}; the last good checkpoint stays")
+            if notice.reason == LAUNCHER_SIGTERM and self.tell_launcher is not None:
+                self.tell_launcher(unsaved)
+        else:
+            self.say(
+                f"{notice.reason}: checkpoint at iter {iter_num} saved {saved_at - notice.noticed_at:.2f}s after "
+                "the notice" + (f", {left:.1f}s before the deadline" if left is not None else "")
+            )
         if notice.reason == "SIGTERM":
-            raise Terminated(f"SIGTERM: stopped at iter {iter_num}")
+            raise Terminated(f"SIGTERM: stopped at iter {iter_num}", unsaved)
         if notice.reason == LAUNCHER_SIGTERM:
             return
         self.wait_for_restart(notice)
@@ -191,9 +205,32 @@ def launcher_asked_to_stop(launch_id: str) -> bool:
     return ray_compat.kv_exists(ray_compat.stop_key(launch_id))
 
 
-def notice_metrics(state, lr: float, tokens_per_iter: int, notice: Notice) -> dict:
+NONFINITE_STEPS = "nonfinite_steps"  # a notice's report: the non-finite steps in a row that kept it from saving
+
+
+def not_saved(iter_num: int, nonfinite_steps: int) -> str:
+    """Why a notice saved no checkpoint, for the worker's line and the launcher's last one."""
+    return (f"no checkpoint at iter {iter_num}: its last {nonfinite_steps} step(s) were not finite, and "
+            "diverged weights are never saved")  # fmt: skip
+
+
+def tell_launcher_not_saved(launch_id: str, why: str) -> None:
+    """Hand the launcher why its SIGTERM's checkpoint was not saved, for its last line (Ray's result holds
+    only reports that carry a checkpoint); where the store cannot be written, that line names the latest
+    checkpoint alone."""
+    ray_compat.kv_put(ray_compat.not_saved_key(launch_id), why.encode())
+
+
+def why_not_saved(launch_id: str) -> str:
+    """What tell_launcher_not_saved handed the launcher of this launch; empty where the checkpoint was saved."""
+    why = ray_compat.kv_take(ray_compat.not_saved_key(launch_id)) if launch_id else None
+    return why.decode() if why else ""
+
+
+def notice_metrics(state, lr: float, tokens_per_iter: int, notice: Notice, nonfinite_steps: int = 0) -> dict:
     """What a notice checkpoint reports to Ray: the last eval's numbers (no eval is run), at this iteration.
-    Ray keeps its latest checkpoint whatever the score, so a restart resumes from this one."""
+    Ray keeps its latest checkpoint whatever the score, so a restart resumes from this one. After
+    `nonfinite_steps` non-finite steps in a row nothing is saved, and the report says so."""
     return {
         "iter": state.iter_num,
         "train_loss": state.last_eval["train"],
@@ -202,4 +239,5 @@ def notice_metrics(state, lr: float, tokens_per_iter: int, notice: Notice) -> di
         "lr": lr,
         "tokens_seen": state.iter_num * tokens_per_iter,
         "stopped_by": notice.reason,
+        NONFINITE_STEPS: nonfinite_steps,
     }
