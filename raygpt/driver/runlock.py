@@ -31,12 +31,12 @@ class RunLock:
         self.files: list = []
         self.created: list[Path] = []
 
-    def acquire(self, lock_path: Path, what: str) -> None:
+    def acquire(self, lock_path: Path, what: str, way_out: str = "pass another --out_dir") -> None:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
             existed = lock_path.exists()
             f = open(lock_path, "a+")  # noqa: SIM115 - held open for the whole run: closing it releases the lock
-            lock_exclusive(f, when_held=functools.partial(refuse_held, f, what))
+            lock_exclusive(f, when_held=functools.partial(refuse_held, f, what, way_out))
             if same_file(f, lock_path):
                 break
             f.close()  # a refused launch removed the file we opened before we locked it: lock the new one
@@ -67,13 +67,11 @@ class RunLock:
         self.release()
 
 
-def refuse_held(f, what: str) -> None:
+def refuse_held(f, what: str, way_out: str) -> None:
     f.seek(0)
     holder = f.read().strip() or "another process"
     f.close()
-    raise RunLockedError(
-        f"{what} is in use by another raygpt run ({holder}); wait for it to end, or use another --out_dir / --run_name"
-    )
+    raise RunLockedError(f"{what} is in use by another raygpt run ({holder}); wait for it to end, or {way_out}")
 
 
 def same_file(f, path: Path) -> bool:
@@ -85,15 +83,17 @@ def same_file(f, path: Path) -> bool:
         return False
 
 
-def lock_run(out_dir: str, storage_path: str, run_name: str) -> RunLock:
-    """Lock out_dir and, where storage is a local path, the Ray run folder's name in it."""
+def lock_run(out_dir: str, storage_path: str, run_name: str, ray_run: bool = True) -> RunLock:
+    """Lock out_dir and, for a run on Ray (`ray_run`; local mode writes no Ray storage) where storage is a
+    local path, the Ray run folder's name in it. Each refusal names the one way out that frees it."""
     lock = RunLock()
     try:
-        lock.acquire(Path(out_dir) / LOCK_NAME, f"out_dir {out_dir}")
-        if "://" not in storage_path:
+        lock.acquire(Path(out_dir) / LOCK_NAME, f"out_dir {out_dir}", "pass another --out_dir")
+        if ray_run and "://" not in storage_path:
             storage = Path(storage_root(storage_path))
             # Beside the run folder, not in it: the run folder belongs to Ray.
-            lock.acquire(storage / f".{run_name}{LOCK_NAME}", f"Ray run '{run_name}' in {storage}")
+            lock.acquire(storage / f".{run_name}{LOCK_NAME}", f"Ray run '{run_name}' in {storage}",
+                         "pass another --run_name")  # fmt: skip
     except BaseException:
         lock.release()
         raise

@@ -122,9 +122,14 @@ class RunInterrupted(Exception):
 def where_to_continue(cfg: TrainConfig, plan: RunPlan) -> str:
     """What was saved and how to go on, for the last line of a failed or interrupted run."""
     ray_dirs = ray_checkpoint_dirs(cfg, plan.run_name)
-    latest = ray_dirs[-1] if ray_dirs else Path(cfg.out_dir) / checkpoint.CKPT_NAME
-    if not ray_dirs and not latest.exists():
+    out_ckpt = Path(cfg.out_dir) / checkpoint.CKPT_NAME
+    # The run's checkpoints as a rerun chooses among them (the latest iteration), the one it began from too.
+    candidates = [*reversed(ray_dirs), *([out_ckpt] if out_ckpt.exists() else [])]
+    if plan.resume_from and plan.resume_from not in map(str, candidates):
+        candidates.append(plan.resume_from)
+    if not candidates:
         return "no checkpoint was saved yet"
+    latest = checkpoint.by_iteration(candidates, checkpoint.iteration_of)[0]
     return f"the latest checkpoint is {latest}: run the same command again to continue from it"
 
 
