@@ -120,6 +120,17 @@ def test_a_new_folder_named_like_another_projects_out_dir_does_not_continue_its_
     )
 
 
+def test_a_ray_run_from_before_run_records_is_known_by_its_checkpoints_out_dir(tmp_path, data, capsys):
+    storage, a_out, b_out = tmp_path / "ray", tmp_path / "a" / "out", tmp_path / "b" / "out"
+    assert cli(args(data, a_out, storage), capsys)[0] == 0
+    as_ray_run(a_out, storage, "out", a_out / "ckpt.pt", 1)
+    (storage / "out" / RECORD_NAME).unlink()
+    (a_out / RECORD_NAME).unlink()
+    with pytest.raises(RaygptError, match=f"is the run of out_dir {a_out}, not of out_dir {b_out}: pass --run_name"):
+        ray_launch(args(data, b_out, storage, "--max_iters=8"))
+    assert ray_launch(args(data, a_out, storage, "--max_iters=8")).resume.summary["iter_num"] == 4  # its own
+
+
 def test_an_out_dir_and_a_ray_run_of_two_runs_are_refused_naming_both(tmp_path, data, capsys):
     storage, a_out, b_out = tmp_path / "ray", tmp_path / "a" / "out", tmp_path / "b" / "out"
     for out in (a_out, b_out):

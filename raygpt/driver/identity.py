@@ -4,8 +4,9 @@ A run is named by its run_name (by default out_dir's folder name), and names col
 out_dirs are both `.../out` would share Ray run 'out' in the default storage. So a run also gets an id
 at its first launch, written to `raygpt-run.json` in out_dir and in Ray's run folder
 (storage_path/run_name), with the run name and the out_dir it was launched with. A launch compares the
-two: a Ray run that belongs to another out_dir is refused in one line (Ray mode), or left alone (local
-mode, which writes no Ray storage); a run's own Ray checkpoints are then candidates for its resume,
+two (for a Ray run from before run records, its latest checkpoint's out_dir): a Ray run that belongs to
+another out_dir is refused in one line (Ray mode), or left alone (local mode, which writes no Ray
+storage); a run's own Ray checkpoints are then candidates for its resume,
 local mode's included.
 """
 
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raygpt.config.schema import TrainConfig
+from raygpt.core import checkpoint
+from raygpt.driver.plan import ray_run_checkpoints
 from raygpt.errors import LaunchError
 from raygpt.storage.uri import StorageError, join_uri, read_small_file, storage_root, write_small_file
 
@@ -58,29 +61,50 @@ def read_ray_record(cfg: TrainConfig, run_name: str) -> dict | None:
 
 def identify_run(cfg: TrainConfig, new_runs: bool = False) -> RunIdentity:
     """This launch's run: out_dir's record names it (and, unless --run_name says otherwise, its run name);
-    a Ray run of that name recorded for another run or out_dir is refused (Ray mode) or not used (local
-    mode). A Ray run without a record (raygpt before run records) is taken as this one's in Ray mode."""
+    a Ray run of that name that is another run's, or another out_dir's, is refused (Ray mode) or not
+    used (local mode)."""
     out_record = read_record(cfg.out_dir)
     run_name = cfg.run_name or (out_record or {}).get("run_name") or Path(cfg.out_dir).name
     if new_runs:
         return RunIdentity("", run_name, ray_run_is_ours=True)
-    ray_record = read_ray_record(cfg, run_name)
-    ray_owner = (ray_record or {}).get("out_dir")
+    ray_owner = ray_run_owner(cfg, run_name)
+    if ray_owner is None:
+        others = False
+    elif out_record is not None and ray_owner["run_id"] is not None:
+        others = ray_owner["run_id"] != out_record["run_id"]
+    else:
+        others = ray_owner["out_dir"] != cfg.out_dir
     if out_record is not None:
         run_id = out_record["run_id"]
-        others = ray_record is not None and ray_record["run_id"] != run_id
     else:
-        run_id = ray_record["run_id"] if ray_record is not None and ray_owner == cfg.out_dir else uuid.uuid4().hex
-        others = ray_record is not None and ray_owner != cfg.out_dir
+        run_id = ray_owner["run_id"] if ray_owner and not others and ray_owner["run_id"] else uuid.uuid4().hex
     if others and not cfg.local_mode:
+        theirs = f"run {ray_owner['run_id'][:8]}" if ray_owner["run_id"] else "the run"
         this = f"out_dir {cfg.out_dir}" + (f" (run {run_id[:8]})" if out_record else "")
         raise LaunchError(
-            f"Ray run '{run_name}' in {storage_root(cfg.storage_path)} is run {ray_record['run_id'][:8]} of out_dir "
-            f"{ray_owner}, not of {this}: pass --run_name=NEW to give this one a Ray run of its own"
-            + ("" if out_record else f", or --out_dir={ray_owner} to continue that one")
+            f"Ray run '{run_name}' in {storage_root(cfg.storage_path)} is {theirs} of out_dir {ray_owner['out_dir']}, "
+            f"not of {this}: pass --run_name=NEW to give this one a Ray run of its own"
+            + ("" if out_record else f", or --out_dir={ray_owner['out_dir']} to continue that one")
         )
-    ray_run_is_ours = not others if not cfg.local_mode else ray_record is not None and not others
+    ray_run_is_ours = not others if not cfg.local_mode else ray_owner is not None and not others
     return RunIdentity(run_id, run_name, ray_run_is_ours)
+
+
+def ray_run_owner(cfg: TrainConfig, run_name: str) -> dict | None:
+    """The run_id (None: not recorded) and out_dir of Ray run `run_name`: its record, or for a run that
+    raygpt wrote before run records, the out_dir in its latest checkpoint's config. None: no such run."""
+    record = read_ray_record(cfg, run_name)
+    if record is not None:
+        return {"run_id": record["run_id"], "out_dir": record.get("out_dir")}
+    if cfg.local_mode:
+        return None  # local mode continues no unrecorded Ray run: it never did
+    checkpoints = ray_run_checkpoints(cfg, run_name)
+    try:
+        saved_config = checkpoint.read_summary(checkpoints[-1])["config"] if checkpoints else {}
+    except checkpoint.CheckpointError:
+        saved_config = {}  # a damaged latest: the resume decision reports it
+    owner = saved_config.get("out_dir")
+    return {"run_id": None, "out_dir": owner} if isinstance(owner, str) else None
 
 
 def record_run(cfg: TrainConfig, identity: RunIdentity) -> None:
