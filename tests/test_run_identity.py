@@ -236,3 +236,20 @@ def test_a_checkpoint_elsewhere_at_a_later_iteration_wins_a_tie_goes_to_rays(tmp
     assert checkpoint.by_iteration(candidates, lambda c: iterations.get(c, 6))[0] == run / "checkpoint_2"
     assert checkpoint.by_iteration(candidates, lambda c: iterations.get(c))[-1] == tmp_path / "ckpt.pt"
     assert [checkpoint.iteration_of(run / name) for name in summaries] == [4, 6]
+
+
+@pytest.mark.ray
+def test_ray_then_local_then_ray_on_a_real_cluster(ray_local, tmp_path, data, capsys):
+    """The whole sequence with real Ray runs: the last Ray run goes on from local mode's iter 8, and a
+    second project's out_dir of the same name is refused before Ray's run starts."""
+    storage, out = tmp_path / "ray", tmp_path / "a" / "out"
+    on_ray = ["--local_mode=False", "--num_workers=1", "--cpus_per_worker=1"]
+    assert cli(args(data, out, storage, *on_ray), capsys)[0] == 0
+    assert json.loads((storage / "out" / RECORD_NAME).read_text()) == json.loads((out / RECORD_NAME).read_text())
+    assert cli(args(data, out, storage, "--max_iters=8"), capsys)[0] == 0
+    code, stdout, err = cli(args(data, out, storage, "--max_iters=12", *on_ray), capsys)
+    assert code == 0 and f"from iter 8 ({out / 'ckpt.pt'}, the latest iteration" in stdout, err
+    resumed = checkpoint.load(out / "ckpt.pt")
+    assert resumed["iter_num"] == 12 and resumed["resumed_from"] == str(out / "ckpt.pt")
+    code, _, err = cli(args(data, tmp_path / "b" / "out", storage, *on_ray), capsys)
+    assert_refused(code, err, f"of out_dir {out}, not of out_dir {tmp_path / 'b' / 'out'}", "--run_name=NEW")
