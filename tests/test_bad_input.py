@@ -131,6 +131,8 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(ray_local, paths, 
     assert len(checkpoints) == 2  # iters 2 and 4
     latest = checkpoints[-1] / "ckpt.pt"
     latest.write_bytes(latest.read_bytes()[:1000])  # a crash mid-copy
+    # out_dir's copy of the latest (iter 4) would win over the previous Ray checkpoint (by iteration).
+    (tmp_path / "out" / "ckpt.pt").unlink()
     assert launch.main([*QUICK, *argv, "--run_name=fallback", "--max_iters=6"]) == 0
     state = checkpoint.load(tmp_path / "out" / "ckpt.pt")
     assert state["iter_num"] == 6

@@ -154,9 +154,16 @@ def test_explicit_scratch_and_a_different_model_are_refused_with_the_ways_out(ru
     assert cli(argv, capsys)[0] == 0
     saved = checkpoint.load(out / "ckpt.pt")
     code, _, err = cli([*argv, "--max_iters=8", "--init_from=scratch"], capsys)
-    assert_refused(code, err, "init_from=scratch, but run 'out-run'", "--run_name=NEW", "--fresh")
+    assert_refused(code, err, "init_from=scratch, but run 'out-run'", "pass another --out_dir", "--fresh")
     code, _, err = cli([*argv, "--max_iters=8", "--n_layer=2"], capsys)
     assert_refused(code, err, "another model or data: n_layer=2 (checkpoint: 1)")
+    assert checkpoint.load(out / "ckpt.pt")["iter_num"] == saved["iter_num"]
+    # Each way out works as printed: another out_dir, and --fresh, are new runs.
+    other = out.with_name("other-out")
+    code, stdout, err = cli([*argv, "--max_iters=8", "--n_layer=2", f"--out_dir={other}"], capsys)
+    assert code == 0 and "continuing" not in stdout, err
+    assert checkpoint.load(other / "ckpt.pt")["model_args"]["n_layer"] == 2
+    assert cli([*argv, "--max_iters=8", "--init_from=scratch", "--fresh"], capsys)[0] == 0
     assert checkpoint.load(out / "ckpt.pt")["iter_num"] == saved["iter_num"]
 
 

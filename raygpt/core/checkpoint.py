@@ -289,16 +289,20 @@ def whole_model_state(saved: dict) -> dict:
     return wanted["model"]
 
 
-def newest_readable(paths: list[Path], warn=print) -> tuple[Path, dict]:
-    """The first of `paths` (newest first) whose summary reads, skipping damaged ones with a warning."""
-    problems = []
+def newest_readable(paths: list, warn=print) -> tuple[Path | str, dict]:
+    """Of `paths` (resume_candidates' order), the one whose summary reads at the latest iteration
+    (by_iteration); damaged ones are skipped with a warning."""
+    summaries, problems = {}, []
     for path in paths:
         try:
-            return path, read_summary(path)
+            summaries[path] = read_summary(path)
         except CheckpointError as e:
             warn(f"warning: skipping checkpoint: {e}")
             problems.append(str(e))
-    raise CheckpointError("no usable checkpoint to resume from: " + "; ".join(problems))
+    if not summaries:
+        raise CheckpointError("no usable checkpoint to resume from: " + "; ".join(problems))
+    newest = by_iteration(list(summaries), lambda path: summaries[path]["iter_num"])[0]
+    return newest, summaries[newest]
 
 
 def from_ray(checkpoint) -> tuple[dict, str]:
@@ -443,11 +447,12 @@ def remove_leftovers(out_dir: str | Path) -> list[Path]:
 
 
 def resume_candidates(ray_latest=None, ray_older=None, fallback: str | Path | None = None) -> list:
-    """The one order in which a run's checkpoints are tried, by the launcher deciding a rerun and by a
-    restarted worker alike (the first that reads wins; a damaged one is skipped with a warning): Ray's
-    latest checkpoint of the run (a ray.train.Checkpoint, a folder or a URI), then the run's older ones
-    newest first (`ray_older`; by default the ones beside a latest in a local folder), then `fallback`
-    (out_dir/ckpt.pt, or the checkpoint the launcher chose)."""
+    """The one set of a run's checkpoints a resume chooses from, by the launcher deciding a rerun and by a
+    restarted worker alike, in the order that breaks a tie: Ray's latest checkpoint of the run (a
+    ray.train.Checkpoint, a folder or a URI), then the run's older ones newest first (`ray_older`; by
+    default the ones beside a latest in a local folder), then `fallback` (out_dir/ckpt.pt, or the
+    checkpoint the launcher chose). by_iteration then puts the latest iteration first: a checkpoint
+    written elsewhere (out_dir/ckpt.pt by local mode) may be newer than Ray's latest."""
     candidates: list = []
     if ray_latest is not None:
         latest = local_folder(ray_latest)
@@ -455,8 +460,35 @@ def resume_candidates(ray_latest=None, ray_older=None, fallback: str | Path | No
             ray_older = older_beside(latest) if latest is not None else []
         candidates += [ray_latest if latest is None else latest, *ray_older]
     if fallback is not None:
-        candidates.append(Path(fallback))
+        fallback = fallback if is_uri(fallback) else Path(fallback)
+        if fallback not in candidates:  # the launcher's choice may be one of Ray's
+            candidates.append(fallback)
     return candidates
+
+
+def by_iteration(candidates: list, iteration_of) -> list:
+    """`candidates` (resume_candidates' order) with the latest iteration first, ties kept in that order.
+    iteration_of(candidate) is None where it cannot be read: those go last, tried (and reported) last."""
+    iterations = [iteration_of(candidate) for candidate in candidates]
+    order = sorted(range(len(candidates)), key=lambda i: (iterations[i] is None, -(iterations[i] or 0), i))
+    return [candidates[i] for i in order]
+
+
+def iteration_of(candidate) -> int | None:
+    """A checkpoint's iteration, read cheaply: from its summary.json where it has one (Ray's checkpoints),
+    else from the mapped file's small values; None where neither reads."""
+    try:
+        if is_uri(candidate):
+            return read_remote_summary(str(candidate))["iter_num"]
+        folder = candidate if isinstance(candidate, Path) else local_folder(candidate)
+        if folder is None:  # a ray.train.Checkpoint in object storage
+            with candidate.filesystem.open_input_stream(f"{candidate.path}/{SUMMARY_NAME}") as stream:
+                return int(json.loads(stream.read())["iter_num"])
+        if (folder / SUMMARY_NAME).is_file():
+            return int(json.loads((folder / SUMMARY_NAME).read_text())["iter_num"])
+        return read_checkpoint(folder, mmap=True)[0]["iter_num"]
+    except Exception:  # noqa: BLE001 - unreadable here: loading it says why, in its turn
+        return None
 
 
 def local_folder(ray_checkpoint) -> Path | None:
@@ -477,12 +509,12 @@ def older_beside(latest: Path) -> list[Path]:
 
 
 def load_resume_state(ray_checkpoint=None, fallback: str | Path | None = None, warn=print) -> tuple[dict, str]:
-    """The newest checkpoint that loads, in resume_candidates' order. A damaged one is reported and
-    skipped, never half-loaded; check_resumable skips what read_summary refuses in the launcher."""
-    candidates = resume_candidates(ray_checkpoint, fallback=fallback)
+    """The checkpoint at the latest iteration that loads (resume_candidates, by_iteration). A damaged one
+    is reported and skipped, never half-loaded; check_resumable skips what read_summary refuses in the launcher."""
+    candidates = by_iteration(resume_candidates(ray_checkpoint, fallback=fallback), iteration_of)
     for candidate in candidates:
         try:
-            state, where = read_checkpoint(candidate, mmap=True) if isinstance(candidate, Path) else from_ray(candidate)
+            state, where = read_any(candidate)
             check_resumable(state, where)
             return state, where
         except CheckpointError as e:
@@ -490,3 +522,13 @@ def load_resume_state(ray_checkpoint=None, fallback: str | Path | None = None, w
     raise CheckpointError(
         "no usable checkpoint to resume from (" + ", ".join(str(getattr(c, "path", c)) for c in candidates) + ")"
     )
+
+
+def read_any(candidate) -> tuple[dict, str]:
+    """A resume candidate read (mapped where local): a local path, a URI (downloaded), or a Ray Checkpoint."""
+    if isinstance(candidate, Path):
+        return read_checkpoint(candidate, mmap=True)
+    if is_uri(candidate):
+        state, _ = read_checkpoint(download(str(candidate)), mmap=True)
+        return state, str(candidate)
+    return from_ray(candidate)

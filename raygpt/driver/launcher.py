@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 
 from raygpt.config.schema import TrainConfig
+from raygpt.driver.identity import record_run
 from raygpt.driver.plan import RunPlan, plan_resources
 from raygpt.driver.preflight import preflight
 from raygpt.driver.ray_cluster import connect
@@ -39,6 +40,7 @@ def prepare_run(
         if not cfg.local_mode:
             connect(options.address, options.verbose)
         plan = plan_resources(cfg, options.wait_for_resources)
+        record_run(cfg, checked.identity)  # accepted: the run's identity goes where its checkpoints live
     except BaseException:  # a refusal (or Ctrl-C) leaves no lock file or empty folder behind
         checked.discard()
         raise

@@ -80,21 +80,22 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPla
     if not wait_for_resources and use_gpu and num_workers > cluster_gpus:
         raise LaunchError(
             f"{count(num_workers, 'GPU worker')} need{'s' if num_workers == 1 else ''} {count(num_workers, 'GPU')}"
-            f" but {have}"
-            " (pass --use_gpu=False to train on CPUs, or --wait-for-resources on an autoscaling cluster)"
+            f" but {have} (pass --use_gpu=False to train on CPUs"
+            + (")" if cfg.local_mode else ", or --wait-for-resources on an autoscaling cluster)")
         )
     cpus_per_worker = cfg.cpus_per_worker or cpu_share(cluster_cpus, num_workers, use_gpu)
     if not wait_for_resources and num_workers * cpus_per_worker > cluster_cpus:
         raise LaunchError(
             f"{count(num_workers, 'worker')} x {count(cpus_per_worker, 'CPU')} need "
-            f"{count(num_workers * cpus_per_worker, 'CPU')} but {have} (lower --num-workers or --cpus_per_worker)"
+            f"{count(num_workers * cpus_per_worker, 'CPU')} but {have} (lower "
+            + ("--cpus_per_worker)" if cfg.local_mode else "--num-workers or --cpus_per_worker)")
         )
     if not use_gpu and cfg.dtype == "float16":
         raise LaunchError("dtype float16 needs a GPU; on CPU use --dtype=float32 (or bfloat16)")
     if not use_gpu and cfg.fp8:
         raise LaunchError("fp8=True trains on GPUs with FP8 tensor cores; this run has CPU workers: drop --fp8=True")
     check_workers(cfg, num_workers)
-    run_name = cfg.run_name or Path(cfg.out_dir).name
+    run_name = cfg.run_name or Path(cfg.out_dir).name  # preflight has set it (identity.identify_run)
     return RunPlan(num_workers, use_gpu, float(cpus_per_worker), run_name, max_workers=cfg.max_workers)
 
 
@@ -147,10 +148,14 @@ def nearest_multiples(steps: int, num_workers: int) -> list[int]:
 
 
 def ray_checkpoint_dirs(cfg: TrainConfig, run_name: str) -> list[Path | str]:
-    """Checkpoints of Ray run `run_name` in cfg.storage_path (oldest first), which a rerun resumes from:
-    folders, or URIs when the storage is object storage."""
-    if cfg.local_mode:
-        return []  # local mode keeps no Ray checkpoints
+    """Checkpoints of Ray run `run_name` in cfg.storage_path (oldest first) that this launch's Ray run
+    writes beside: none in local mode, which keeps no Ray storage."""
+    return [] if cfg.local_mode else ray_run_checkpoints(cfg, run_name)
+
+
+def ray_run_checkpoints(cfg: TrainConfig, run_name: str) -> list[Path | str]:
+    """Checkpoints of Ray run `run_name` in cfg.storage_path (oldest first): folders, or URIs when the
+    storage is object storage."""
     if is_uri(cfg.storage_path):
         run = join_uri(cfg.storage_path, run_name)
         return [join_uri(run, name) for name in list_folders(run, "checkpoint_")]
@@ -167,23 +172,27 @@ class ResumePoint:
     in_ray_run: bool  # Ray hands the run's checkpoints to the workers; else the plan names it (resume_from)
 
 
-def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | None,
-                new_runs: bool = False, dataset: dict | None = None) -> ResumePoint | None:  # fmt: skip
+def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | None, new_runs: bool = False,
+                ray_run_is_ours: bool | None = None, dataset: dict | None = None) -> ResumePoint | None:  # fmt: skip
     """Decide, before Ray starts, whether this run continues an earlier one, and refuse the reruns that
     would silently train the wrong thing. Rerunning a command continues its run. Returns the checkpoint
-    it continues from (the first of resume_candidates that reads), or None for a new run. `meta`: the
-    dataset's (None: none found). new_runs: the config is a sweep's base, whose trials are new runs of
-    their own: a run under its names is neither continued nor in the way (unless init_from=resume asks
-    every trial to start from it). `dataset`: the dataset's identity (core.data.dataset_identity), compared
-    with the one the checkpoint records."""
+    it continues from (of the run's Ray checkpoints and out_dir/ckpt.pt, the readable one at the latest
+    iteration: checkpoint.newest_readable), or None for a new run. `meta`: the dataset's (None: none
+    found). new_runs: the config is a sweep's base, whose trials are new runs of their own: a run under
+    its names is neither continued nor in the way (unless init_from=resume asks every trial to start
+    from it). ray_run_is_ours: whether Ray run `run_name`'s checkpoints are this run's (identify_run;
+    None: in Ray mode). `dataset`: the dataset's identity (core.data.dataset_identity), compared with the
+    one the checkpoint records."""
     if new_runs and cfg.init_from != "resume":
         return None
-    ray_dirs = ray_checkpoint_dirs(cfg, run_name)
+    ours = not cfg.local_mode if ray_run_is_ours is None else ray_run_is_ours
+    ray_dirs = ray_run_checkpoints(cfg, run_name) if ours else []
     out_ckpt = Path(cfg.out_dir) / checkpoint.CKPT_NAME
+    has_out_ckpt = out_ckpt.is_file() or out_ckpt.is_dir()
     where = f"run '{run_name}'"
     if ray_dirs:
         where = f"{where} (Ray checkpoints in {cfg.storage_path or '~/ray_results'})"
-    elif out_ckpt.is_file() or out_ckpt.is_dir():
+    elif has_out_ckpt:
         where = f"{where} ({out_ckpt})"
     elif cfg.init_from == "resume":
         raise LaunchError(
@@ -192,12 +201,10 @@ def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | Non
         )
     else:
         return None
-    summary = None
+    source, summary = None, None
     if not starts_from_scratch(cfg, explicit_keys):  # else refused below, no checkpoint read
-        # out_dir's checkpoint only where Ray holds none: a Ray run none of whose checkpoints reads is
-        # refused, not continued from an older file.
         latest, older = (ray_dirs[-1], ray_dirs[-2::-1]) if ray_dirs else (None, None)
-        candidates = checkpoint.resume_candidates(latest, older, fallback=None if ray_dirs else out_ckpt)
+        candidates = checkpoint.resume_candidates(latest, older, fallback=out_ckpt if has_out_ckpt else None)
         try:
             source, summary = checkpoint.newest_readable(candidates, warn=lambda text: print(text, flush=True))
         except checkpoint.CheckpointError as e:
@@ -208,10 +215,15 @@ def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | Non
     changed = changed_since(cfg, summary["config"]) + dataset_changes(cfg, summary, dataset)
     print(
         f"raygpt: continuing {where} from iter {summary['iter_num']}"
+        + (
+            f" ({source}, the latest iteration of the run's checkpoints)"
+            if ray_dirs and (cfg.local_mode or source != ray_dirs[-1])
+            else ""
+        )
         + (f"; changed since: {', '.join(changed)}" if changed else ""),
         flush=True,
     )
-    return ResumePoint(source, summary, in_ray_run=bool(ray_dirs))
+    return ResumePoint(source, summary, in_ray_run=not cfg.local_mode and bool(ray_dirs) and source == ray_dirs[-1])
 
 
 def starts_from_scratch(cfg: TrainConfig, explicit_keys) -> bool:
@@ -220,7 +232,7 @@ def starts_from_scratch(cfg: TrainConfig, explicit_keys) -> bool:
 
 
 WAYS_OUT = (
-    "rerun without the change to continue it, pass --run_name=NEW (or another --out_dir) for a new run, "
+    "rerun without the change to continue it, pass another --out_dir for a new run, "
     "or --fresh to start a new run beside it (nothing is deleted)"
 )
 

@@ -16,6 +16,7 @@ from raygpt.core import checkpoint
 from raygpt.core.data import dataset_identity, validate_dataset
 from raygpt.core.hf import HF_REPOS, check_gpt2_available, check_gpt2_folder
 from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, load_meta, read_meta, scratch_vocab_size
+from raygpt.driver.identity import RunIdentity, identify_run
 from raygpt.driver.plan import ResumePoint, check_workers, plan_resume, ray_checkpoint_dirs
 from raygpt.driver.ray_cluster import check_address, given_address
 from raygpt.driver.runlock import RunLock, lock_run
@@ -32,6 +33,7 @@ class Checked:
 
     cfg: TrainConfig  # its paths absolute
     run_name: str
+    identity: RunIdentity  # recorded (identity.record_run) once the launch is accepted
     resume: ResumePoint | None  # the checkpoint the run continues from; None: a new run
     lock: RunLock  # held until released (or the process ends): one run at a time on out_dir and run name
     created: list[Path]  # the folders made for the run, deepest first
@@ -47,7 +49,6 @@ def preflight(cfg: TrainConfig, explicit_keys, prepare_input: str | None, addres
     """Every check that needs no cluster, in order; the run is locked from the output checks on. `address`:
     the --address given (None: RAY_ADDRESS, if set). new_runs: the config is a sweep's base (plan_resume)."""
     cfg = absolute_paths(cfg)
-    run_name = cfg.run_name or Path(cfg.out_dir).name
     if cfg.num_workers and not cfg.local_mode:  # a count given: checked now, not after Ray has started
         check_workers(cfg, cfg.num_workers)
     address, source = given_address(address)
@@ -56,11 +57,15 @@ def preflight(cfg: TrainConfig, explicit_keys, prepare_input: str | None, addres
     created = check_outputs(cfg)
     lock = None
     try:
-        lock = lock_run(cfg.out_dir, cfg.storage_path, run_name)
+        identity = identify_run(cfg, new_runs)
+        run_name = identity.run_name
+        cfg = cfg.replace(run_name=run_name)  # out_dir's run may have its own (an earlier --run_name)
+        lock = lock_run(cfg.out_dir, cfg.storage_path, run_name, ray_run=not cfg.local_mode)
         for leftover in checkpoint.remove_leftovers(cfg.out_dir):
             print(f"raygpt: removed {leftover.name}, left by a run killed while saving", flush=True)
         meta = dataset_meta(cfg, prepare_input)
-        resume = plan_resume(cfg, run_name, explicit_keys, meta, new_runs, dataset=current_dataset(cfg, meta))
+        resume = plan_resume(cfg, run_name, explicit_keys, meta, new_runs, identity.ray_run_is_ours,
+                             dataset=current_dataset(cfg, meta))  # fmt: skip
         cfg = shaped_as_checkpoint(cfg, resume)
         vocab_size = model_vocab_size(cfg, resume, meta)
         if not is_uri(cfg.data_dir):  # a dataset at a URI is checked whole by each node once it has a copy
@@ -72,7 +77,7 @@ def preflight(cfg: TrainConfig, explicit_keys, prepare_input: str | None, addres
             lock.discard()
         remove_empty_folders(created)
         raise
-    return Checked(cfg, run_name, resume, lock, created)
+    return Checked(cfg, run_name, identity, resume, lock, created)
 
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:

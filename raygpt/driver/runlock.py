@@ -32,12 +32,12 @@ class RunLock:
         self.files: list = []
         self.created: list[Path] = []
 
-    def acquire(self, lock_path: Path, what: str) -> None:
+    def acquire(self, lock_path: Path, what: str, way_out: str = "pass another --out_dir") -> None:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(10):
             existed = lock_path.exists()
             f = open(lock_path, "a+")  # noqa: SIM115 - held open for the whole run: closing it releases the lock
-            lock_exclusive(f, when_held=functools.partial(refuse_held, f, what))
+            lock_exclusive(f, when_held=functools.partial(refuse_held, f, what, way_out))
             if same_file(f, lock_path):
                 break
             f.close()  # a refused launch removed the file we opened before we locked it: lock the new one
@@ -68,13 +68,11 @@ class RunLock:
         self.release()
 
 
-def refuse_held(f, what: str) -> None:
+def refuse_held(f, what: str, way_out: str) -> None:
     f.seek(0)
     holder = f.read().strip() or "another process"
     f.close()
-    raise RunLockedError(
-        f"{what} is in use by another raygpt run ({holder}); wait for it to end, or use another --out_dir / --run_name"
-    )
+    raise RunLockedError(f"{what} is in use by another raygpt run ({holder}); wait for it to end, or {way_out}")
 
 
 def same_file(f, path: Path) -> bool:
@@ -86,19 +84,21 @@ def same_file(f, path: Path) -> bool:
         return False
 
 
-def lock_run(out_dir: str, storage_path: str, run_name: str) -> RunLock:
-    """Lock out_dir and, where storage is a local path, the Ray run folder's name in it."""
-    wanted = [(Path(out_dir) / LOCK_NAME, f"out_dir {out_dir}")]
-    if "://" not in storage_path:
+def lock_run(out_dir: str, storage_path: str, run_name: str, ray_run: bool = True) -> RunLock:
+    """Lock out_dir and, for a run on Ray (`ray_run`; local mode writes no Ray storage) where storage is a
+    local path, the Ray run folder's name in it. Each refusal names the one way out that frees it."""
+    wanted = [(Path(out_dir) / LOCK_NAME, f"out_dir {out_dir}", "pass another --out_dir")]
+    if ray_run and "://" not in storage_path:
         storage = Path(storage_root(storage_path))
         # Beside the run folder, not in it: the run folder belongs to Ray.
-        wanted.append((storage / f".{run_name}{LOCK_NAME}", f"Ray run '{run_name}' in {storage}"))
-    for lock_path, _ in wanted:  # before any lock is taken: a refusal leaves no lock file behind
+        wanted.append((storage / f".{run_name}{LOCK_NAME}", f"Ray run '{run_name}' in {storage}",
+                       "pass another --run_name"))  # fmt: skip
+    for lock_path, _, _ in wanted:  # before any lock is taken: a refusal leaves no lock file behind
         check_lock_name(lock_path, run_name)
     lock = RunLock()
     try:
-        for lock_path, what in wanted:
-            lock.acquire(lock_path, what)
+        for lock_path, what, way_out in wanted:
+            lock.acquire(lock_path, what, way_out)
     except BaseException:
         lock.release()
         raise

@@ -123,10 +123,15 @@ def where_to_continue(cfg: TrainConfig, plan: RunPlan, not_saved: str = "") -> s
     """What was saved and how to go on, for the last line of a failed or interrupted run; `not_saved`: why
     the stop itself saved nothing (preemption.not_saved), said first."""
     ray_dirs = ray_checkpoint_dirs(cfg, plan.run_name)
-    latest = ray_dirs[-1] if ray_dirs else Path(cfg.out_dir) / checkpoint.CKPT_NAME
+    out_ckpt = Path(cfg.out_dir) / checkpoint.CKPT_NAME
     before = f"{not_saved}; " if not_saved else ""
-    if not ray_dirs and not latest.exists():
+    # The run's checkpoints as a rerun chooses among them (the latest iteration), the one it began from too.
+    candidates = [*reversed(ray_dirs), *([out_ckpt] if out_ckpt.exists() else [])]
+    if plan.resume_from and plan.resume_from not in map(str, candidates):
+        candidates.append(plan.resume_from)
+    if not candidates:
         return f"{before}no checkpoint was saved yet"
+    latest = checkpoint.by_iteration(candidates, checkpoint.iteration_of)[0]
     return f"{before}the latest checkpoint is {latest}: run the same command again to continue from it"
 
 

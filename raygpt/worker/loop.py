@@ -110,10 +110,11 @@ def worker_cpu_count(cpus_per_worker: float) -> int:
 
 
 def find_resume(cfg: TrainConfig, resume_from: str | None, ray_checkpoint, say) -> tuple[dict | None, str | None]:
-    """A Ray checkpoint (a restart or a rerun of the run) wins, then the out_dir/ckpt.pt the launcher chose."""
+    """Of Ray's checkpoint (a restart or a rerun of the run) and the one the launcher chose (else
+    out_dir/ckpt.pt), the latest iteration: checkpoint.load_resume_state, the launcher's policy."""
     if ray_checkpoint is None and resume_from is None and cfg.init_from != "resume":
         return None, None
-    fallback = Path(resume_from or Path(cfg.out_dir) / checkpoint.CKPT_NAME)
+    fallback = resume_from or Path(cfg.out_dir) / checkpoint.CKPT_NAME  # a path, or a URI
     return checkpoint.load_resume_state(ray_checkpoint, fallback, warn=say)
 
 
