@@ -77,7 +77,7 @@ def test_packages_without_bytecode_are_found_and_the_fix_silences_them(tmp_path)
     # A container's torch: no .pyc beside its source (pip --no-compile) and none written
     # (PYTHONDONTWRITEBYTECODE); an empty pycache prefix stands in for the missing .pyc files.
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": str(tmp_path / "none")}
-    probe = "from raygpt.driver.preflight import packages_without_bytecode as p; print(' '.join(p()))"
+    probe = "from raygpt.driver.bytecode import packages_without_bytecode as p; print(' '.join(p()))"
 
     def without_bytecode() -> list[str]:
         done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)

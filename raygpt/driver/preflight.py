@@ -5,9 +5,7 @@ GPT-2's weights, wandb, and torch's bytecode. `preflight` runs them in order."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,7 @@ from raygpt.core import checkpoint
 from raygpt.core.data import dataset_identity, validate_dataset
 from raygpt.core.hf import HF_REPOS, check_gpt2_available, check_gpt2_folder
 from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, load_meta, read_meta, scratch_vocab_size
+from raygpt.driver.bytecode import packages_without_bytecode
 from raygpt.driver.identity import RunIdentity, identify_run
 from raygpt.driver.plan import ResumePoint, check_workers, plan_resume, ray_checkpoint_dirs
 from raygpt.driver.ray_cluster import check_address, given_address
@@ -172,30 +171,6 @@ def check_wandb(cfg: TrainConfig) -> None:
             "wandb_log=True but WandB has no credentials: run `wandb login`, set WANDB_API_KEY, "
             "or set WANDB_MODE=offline"
         )
-
-
-# The packages every training process imports, largest first; torch.compile adds sympy and triton.
-IMPORTED_PACKAGES = ("torch", "sympy", "triton", "numpy")
-
-
-def packages_without_bytecode() -> list[str]:
-    """The folders of IMPORTED_PACKAGES that have no compiled bytecode (.pyc) for this Python and will
-    get none (PYTHONDONTWRITEBYTECODE, or a read-only folder, after `pip install --no-compile`): every
-    new process, each worker and each restarted one, compiles their source again, seconds for torch."""
-    folders = []
-    for name in IMPORTED_PACKAGES:
-        spec = importlib.util.find_spec(name)
-        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-            continue
-        cached = importlib.util.cache_from_source(spec.origin)
-        if os.path.exists(cached):
-            continue
-        existing = os.path.dirname(cached)
-        while existing and not os.path.isdir(existing):
-            existing = os.path.dirname(existing)
-        if sys.dont_write_bytecode or not os.access(existing, os.W_OK):
-            folders.append(os.path.dirname(spec.origin))
-    return folders
 
 
 def check_bytecode() -> None:
