@@ -53,8 +53,9 @@ def assert_one_line_error(code, err, *needles):
     [
         ("no_folder", ["not found; create it with `python -m raygpt.prepare"]),
         ("no_train", ["train.bin is missing"]),
-        ("empty_val", ["val.bin has 0 tokens"]),
-        ("short_val", ["val.bin has 10 tokens, too few for block_size 16"]),
+        # meta.json records each file's size: a cut file is met by that check before the token counts
+        ("empty_val", ["val.bin has 0 bytes but meta.json records"]),
+        ("short_val", ["val.bin has 20 bytes but meta.json records"]),
         ("big_token", ["holds token id 999 but the model's vocab_size is 65"]),
         ("bad_meta", ["meta.json is not valid JSON"]),
     ],

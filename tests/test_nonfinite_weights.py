@@ -111,6 +111,7 @@ def test_a_ray_run_continues_from_the_checkpoint_before_the_nonfinite_one(ray_lo
     name = next(key for key in state["model"] if key.endswith(POISONED))
     state["model"][name][0, 0] = float("inf")
     checkpoint.save_atomic(state, latest)
+    (tmp_path / "out" / "ckpt.pt").unlink()  # its intact copy at iter 4 would be the newest good checkpoint
     capsys.readouterr()
     assert launch.main([*argv, "--max_iters=6"]) == 0
     out = capsys.readouterr().out

@@ -508,10 +508,14 @@ def older_beside(latest: Path) -> list[Path]:
     return sorted(older, reverse=True)
 
 
-def load_resume_state(ray_checkpoint=None, fallback: str | Path | None = None, warn=print) -> tuple[dict, str]:
-    """The checkpoint at the latest iteration that loads (resume_candidates, by_iteration). A damaged one
+def load_resume_state(ray_checkpoint=None, fallback: str | Path | None = None, warn=print,
+                      last_resort: Path | None = None) -> tuple[dict, str]:  # fmt: skip
+    """The checkpoint at the latest iteration that loads (resume_candidates, by_iteration), then
+    `last_resort` (not compared by iteration: it is read only when none of the others loads). A damaged one
     is reported and skipped, never half-loaded; check_resumable skips what read_summary refuses in the launcher."""
     candidates = by_iteration(resume_candidates(ray_checkpoint, fallback=fallback), iteration_of)
+    if last_resort is not None and last_resort not in candidates:
+        candidates.append(last_resort)
     for candidate in candidates:
         try:
             state, where = read_any(candidate)

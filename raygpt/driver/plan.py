@@ -172,6 +172,18 @@ class ResumePoint:
     in_ray_run: bool  # Ray hands the run's checkpoints to the workers; else the plan names it (resume_from)
 
 
+def written_after_ray(out_ckpt: Path, ray_dirs: list) -> bool:
+    """Whether out_dir/ckpt.pt counts beside the run's Ray checkpoints: only one written after Ray's latest
+    (by a local-mode run, say) can hold a later iteration. One written before it is the copy a Ray worker
+    keeps on its own node, which on a cluster this machine may not even see: it is not read."""
+    if not ray_dirs or not isinstance(ray_dirs[-1], Path):  # in object storage: compared by iteration
+        return True
+    try:
+        return out_ckpt.stat().st_mtime > ray_dirs[-1].stat().st_mtime
+    except OSError:
+        return True
+
+
 def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | None, new_runs: bool = False,
                 ray_run_is_ours: bool | None = None, dataset: dict | None = None) -> ResumePoint | None:  # fmt: skip
     """Decide, before Ray starts, whether this run continues an earlier one, and refuse the reruns that
@@ -188,7 +200,7 @@ def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | Non
     ours = not cfg.local_mode if ray_run_is_ours is None else ray_run_is_ours
     ray_dirs = ray_run_checkpoints(cfg, run_name) if ours else []
     out_ckpt = Path(cfg.out_dir) / checkpoint.CKPT_NAME
-    has_out_ckpt = out_ckpt.is_file() or out_ckpt.is_dir()
+    has_out_ckpt = (out_ckpt.is_file() or out_ckpt.is_dir()) and written_after_ray(out_ckpt, ray_dirs)
     where = f"run '{run_name}'"
     if ray_dirs:
         where = f"{where} (Ray checkpoints in {cfg.storage_path or '~/ray_results'})"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from raygpt.config.schema import TrainConfig
 from raygpt.core import checkpoint
-from raygpt.driver.plan import RunPlan, ray_checkpoint_dirs
+from raygpt.driver.plan import RunPlan, ray_checkpoint_dirs, written_after_ray
 from raygpt.errors import RaygptError
 from raygpt.ray_compat import with_sigint_handler
 from raygpt.storage.uri import join_uri, read_small_file, storage_root
@@ -126,7 +126,10 @@ def where_to_continue(cfg: TrainConfig, plan: RunPlan, not_saved: str = "") -> s
     out_ckpt = Path(cfg.out_dir) / checkpoint.CKPT_NAME
     before = f"{not_saved}; " if not_saved else ""
     # The run's checkpoints as a rerun chooses among them (the latest iteration), the one it began from too.
-    candidates = [*reversed(ray_dirs), *([out_ckpt] if out_ckpt.exists() else [])]
+    candidates = [
+        *reversed(ray_dirs),
+        *([out_ckpt] if out_ckpt.exists() and written_after_ray(out_ckpt, ray_dirs) else []),
+    ]
     if plan.resume_from and plan.resume_from not in map(str, candidates):
         candidates.append(plan.resume_from)
     if not candidates:

@@ -110,12 +110,13 @@ def worker_cpu_count(cpus_per_worker: float) -> int:
 
 
 def find_resume(cfg: TrainConfig, resume_from: str | None, ray_checkpoint, say) -> tuple[dict | None, str | None]:
-    """Of Ray's checkpoint (a restart or a rerun of the run) and the one the launcher chose (else
-    out_dir/ckpt.pt), the latest iteration: checkpoint.load_resume_state, the launcher's policy."""
+    """Of Ray's checkpoint (a restart or a rerun of the run) and the one the launcher chose, the latest
+    iteration: checkpoint.load_resume_state, the launcher's policy. This node's out_dir/ckpt.pt is read only
+    as the last resort: on a cluster each node has its own out_dir, and another node's copy may be stale."""
     if ray_checkpoint is None and resume_from is None and cfg.init_from != "resume":
         return None, None
-    fallback = resume_from or Path(cfg.out_dir) / checkpoint.CKPT_NAME  # a path, or a URI
-    return checkpoint.load_resume_state(ray_checkpoint, fallback, warn=say)
+    last_resort = None if resume_from else Path(cfg.out_dir) / checkpoint.CKPT_NAME
+    return checkpoint.load_resume_state(ray_checkpoint, resume_from, warn=say, last_resort=last_resort)
 
 
 def local_dataset(cfg: TrainConfig, say) -> Path:
