@@ -198,7 +198,10 @@ class TrainConfig:
         "", "Ray storage for checkpoints (a shared path or s3://...); '' = ~/ray_results", rerun="free", sweep=False
     )
     run_name: str = key(
-        "", "Ray run name; '' = out_dir's folder name, so rerunning a command resumes it", rerun="free", sweep=False
+        "",
+        "Ray run name; '' = the one out_dir's run has, else out_dir's folder name: a rerun resumes it",
+        rerun="free",
+        sweep=False,
     )
     max_failures: int = key(0, "times Ray restarts the workers after a failure (-1 = always)", rerun="free")
     max_preemption_failures: int = key(
