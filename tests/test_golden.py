@@ -6,7 +6,9 @@ printed by the code before the loop was split into parts (commit 908e2fc), so th
 change nothing. A change meant to alter the numerics re-pins them and says why in its commit: the dropout run was
 re-pinned when each global micro-batch got its own dropout seed (the same masks on any worker count).
 
-Local mode trains in this process; one CPU thread keeps the float summation order fixed.
+Local mode trains in this process; one CPU thread keeps the float summation order fixed. The order still
+depends on the CPU's vector width (the same commit prints `iter 14: loss 3.3944` on one 2-core machine and
+3.3943 on another), so a printed number may differ from its pin by one unit in its last decimal, no more.
 """
 
 import re
@@ -68,5 +70,14 @@ def test_printed_losses_are_the_pinned_ones(tmp_path, char_data, capfd, name):
     code = launch.main([*RUN, *keys, *paths])
     out, err = capfd.readouterr()
     assert code == 0, err[-3000:]
-    assert re.findall(r"^step \d+: train loss \d+\.\d+, val loss \d+\.\d+", out, re.MULTILINE) == eval_lines, out
-    assert re.findall(r"^iter \d+: loss \d+\.\d+", out, re.MULTILINE) == train_losses, out
+    assert_pinned(re.findall(r"^step \d+: train loss \d+\.\d+, val loss \d+\.\d+", out, re.MULTILINE), eval_lines)
+    assert_pinned(re.findall(r"^iter \d+: loss \d+\.\d+", out, re.MULTILINE), train_losses)
+
+
+def assert_pinned(printed: list[str], pinned: list[str]) -> None:
+    """The same lines, each loss within one unit of its pin's last (fourth) decimal."""
+    number = re.compile(r"\d+\.\d{4}")
+    assert [number.sub("#", line) for line in printed] == [number.sub("#", line) for line in pinned], printed
+    for got, want in zip(printed, pinned):
+        for a, b in zip(number.findall(got), number.findall(want)):
+            assert abs(float(a) - float(b)) <= 1.5e-4, f"{got!r} is not {want!r}"
