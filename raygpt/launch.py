@@ -13,7 +13,7 @@ import sys
 from raygpt.config.cli import config_help, read_config
 from raygpt.config.schema import TrainConfig
 from raygpt.driver.launcher import LauncherOptions, add_launcher_options, prepare_run
-from raygpt.driver.plan import count, workers_text
+from raygpt.driver.plan import NothingToDo, count, workers_text
 from raygpt.driver.preflight import absolute_paths, fresh_out_dir
 from raygpt.driver.trainer import (
     RunFailed,
@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             cfg = fresh_out_dir(absolute_paths(cfg))
         options = LauncherOptions(args.address, args.wait_for_resources, args.prepare_input, args.verbose)
         run(cfg, explicit_keys, options)
+    except NothingToDo as e:  # a finished run, rerun: what it would take to train further, and no error
+        print(f"raygpt: {e}", flush=True)
+        return 0
     except RaygptError as e:
         return refuse(e)
     except RunInterrupted as e:

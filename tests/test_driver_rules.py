@@ -10,7 +10,7 @@ import pytest
 
 from raygpt.config.schema import TrainConfig
 from raygpt.core.checkpoint import resume_candidates
-from raygpt.driver.plan import WAYS_OUT, changed_since, cpu_share, resume_refusal
+from raygpt.driver.plan import WAYS_OUT, already_finished, changed_since, cpu_share, resume_refusal
 from raygpt.driver.preflight import absolute_paths
 
 WHERE = "run 'out' (/runs/out/ckpt.pt)"
@@ -85,10 +85,12 @@ def test_the_continuing_line_names_the_data_dir_and_the_data_that_changed():
     assert dataset_changes(rerun(data_dir="/data"), summary(data_dir="/data"), identity("abd")) == []
 
 
-def test_a_run_at_max_iters_is_refused_unless_it_only_evaluates():
-    refusal = resume_refusal(rerun(max_iters=4), set(), WHERE, summary(iter_num=4), None)
-    assert refusal.startswith(f"{WHERE} is already at iter 4 (max_iters 4): pass a larger --max_iters")
-    assert resume_refusal(rerun(max_iters=4, eval_only=True), set(), WHERE, summary(iter_num=4), None) is None
+def test_a_run_at_max_iters_has_nothing_to_do_unless_it_only_evaluates():
+    assert resume_refusal(rerun(max_iters=4), set(), WHERE, summary(iter_num=4), None) is None  # no refusal
+    finished = already_finished(rerun(max_iters=4), WHERE, summary(iter_num=4))
+    assert finished.startswith(f"{WHERE} is already at iter 4 (max_iters 4): nothing to do; pass a larger --max_iters")
+    assert already_finished(rerun(max_iters=4, eval_only=True), WHERE, summary(iter_num=4)) is None
+    assert already_finished(rerun(max_iters=5), WHERE, summary(iter_num=4)) is None
 
 
 def test_what_changed_since_names_the_keys_that_matter_and_the_workers():

@@ -48,12 +48,22 @@ def assert_refused(code, err, *needles):
         assert needle in err, err
 
 
-def test_rerun_at_max_iters_says_so_and_how_to_go_on(run_args, capsys):
+def test_rerun_at_max_iters_has_nothing_to_do_and_says_how_to_go_on(run_args, capsys):
+    """A finished run's rerun is no error: exit 0 with the line that says how to train further. What
+    cannot happen stays a refusal: a new run asked for (--init_from=scratch) where checkpoints are."""
     argv, out = run_args
     assert cli(argv, capsys)[0] == 0
     before = (out / "ckpt.pt").stat().st_mtime_ns
-    code, _, err = cli(argv, capsys)
-    assert_refused(code, err, "already at iter 4 (max_iters 4)", "--max_iters", "--fresh")
+    rerun = subprocess.run([sys.executable, "-m", "raygpt.launch", *argv], capture_output=True, text=True,
+                           env=subprocess_env(), timeout=120)  # fmt: skip
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.strip().splitlines()[-1] == (
+        f"raygpt: run 'out-run' ({out / 'ckpt.pt'}) is already at iter 4 (max_iters 4): nothing to do; pass a "
+        "larger --max_iters (and --lr_decay_iters) to train further, --eval_only=True to evaluate it, or --fresh"
+    )
+    assert "error" not in rerun.stderr and "Traceback" not in rerun.stderr, rerun.stderr
+    code, _, err = cli([*argv, "--init_from=scratch"], capsys)
+    assert_refused(code, err, "init_from=scratch, but run 'out-run'", "--fresh")
     assert (out / "ckpt.pt").stat().st_mtime_ns == before
 
 

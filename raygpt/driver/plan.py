@@ -187,9 +187,10 @@ def written_after_ray(out_ckpt: Path, ray_dirs: list) -> bool:
 def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | None, new_runs: bool = False,
                 ray_run_is_ours: bool | None = None, dataset: dict | None = None) -> ResumePoint | None:  # fmt: skip
     """Decide, before Ray starts, whether this run continues an earlier one, and refuse the reruns that
-    would silently train the wrong thing. Rerunning a command continues its run. Returns the checkpoint
-    it continues from (of the run's Ray checkpoints and out_dir/ckpt.pt, the readable one at the latest
-    iteration: checkpoint.newest_readable), or None for a new run. `meta`: the dataset's (None: none
+    would silently train the wrong thing; a run already at max_iters raises NothingToDo. Rerunning a
+    command continues its run. Returns the checkpoint it continues from (of the run's Ray checkpoints and
+    out_dir/ckpt.pt, the readable one at the latest iteration: checkpoint.newest_readable), or None for a
+    new run. `meta`: the dataset's (None: none
     found). new_runs: the config is a sweep's base, whose trials are new runs of their own: a run under
     its names is neither continued nor in the way (unless init_from=resume asks every trial to start
     from it). ray_run_is_ours: whether Ray run `run_name`'s checkpoints are this run's (identify_run;
@@ -224,6 +225,9 @@ def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | Non
     refusal = resume_refusal(cfg, explicit_keys, where, summary, meta, dataset)
     if refusal:
         raise LaunchError(refusal)
+    finished = already_finished(cfg, where, summary)
+    if finished:
+        raise NothingToDo(finished)
     changed = changed_since(cfg, summary["config"]) + dataset_changes(cfg, summary, dataset)
     print(
         f"raygpt: continuing {where} from iter {summary['iter_num']}"
@@ -253,10 +257,10 @@ def resume_refusal(cfg: TrainConfig, explicit_keys, where: str, summary: dict | 
                    dataset: dict | None = None) -> str | None:  # fmt: skip
     """Why a rerun must not continue the checkpoint `summary` (read_summary's) of the run at `where`, or
     None: a new run asked for explicitly, another model or dataset (or, for a character-level dataset,
-    another vocabulary; or token ids that mean other tokens than the checkpoint's dataset's), or a run
-    already at max_iters. `meta`: the dataset's meta (None: none found); `dataset`: its identity
-    (core.data.dataset_identity), compared with the one the checkpoint records (older ones record none).
-    `summary` None: the checkpoint was not read (a new run was asked for, which is refused first)."""
+    another vocabulary; or token ids that mean other tokens than the checkpoint's dataset's). `meta`:
+    the dataset's meta (None: none found); `dataset`: its identity (core.data.dataset_identity), compared
+    with the one the checkpoint records (older ones record none). `summary` None: the checkpoint was not
+    read (a new run was asked for, which is refused first)."""
     if starts_from_scratch(cfg, explicit_keys):
         return f"init_from=scratch, but {where} has checkpoints: {WAYS_OUT}"
     saved_args, saved_config = summary["model_args"], summary["config"]
@@ -273,12 +277,23 @@ def resume_refusal(cfg: TrainConfig, explicit_keys, where: str, summary: dict | 
         conflicts.append(vocabulary_change(summary["dataset"], dataset))
     if conflicts:
         return f"{where} was trained with another model or data: {', '.join(conflicts)}; {WAYS_OUT}"
-    if summary["iter_num"] >= cfg.max_iters and not cfg.eval_only:
-        return (
-            f"{where} is already at iter {summary['iter_num']} (max_iters {cfg.max_iters}): pass a larger "
-            "--max_iters (and --lr_decay_iters) to train further, --eval_only=True to evaluate it, or --fresh"
-        )
     return None
+
+
+class NothingToDo(LaunchError):
+    """A rerun of a run already at max_iters: nothing to train, which is no error (raygpt.launch exits 0
+    with the line; a sweep, whose trials would all train nothing, refuses it as any LaunchError)."""
+
+
+def already_finished(cfg: TrainConfig, where: str, summary: dict) -> str | None:
+    """What a rerun of a finished run (its checkpoint `summary` at max_iters) says, or None: more to train,
+    or an eval_only run, which evaluates it."""
+    if summary["iter_num"] < cfg.max_iters or cfg.eval_only:
+        return None
+    return (
+        f"{where} is already at iter {summary['iter_num']} (max_iters {cfg.max_iters}): nothing to do; pass a "
+        "larger --max_iters (and --lr_decay_iters) to train further, --eval_only=True to evaluate it, or --fresh"
+    )
 
 
 def dataset_changes(cfg: TrainConfig, summary: dict, current: dict | None) -> list[str]:
