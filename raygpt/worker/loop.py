@@ -303,7 +303,8 @@ def report_and_stop(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, sa
         wandb_run, state.wandb_run_id = start_wandb(cfg, Path(cfg.out_dir), state.wandb_run_id)
     mfu = functools.partial(model.estimate_mfu, cfg.batch_size * accum_steps, device=device)
     reporter = Reporter(cfg, say, tokens_per_iter, mfu, device, wandb_run, report_to_ray=ray_session.report,
-                        results_at=join_uri(storage_root(cfg.storage_path), plan.run_name))  # fmt: skip
+                        results_at=join_uri(storage_root(cfg.storage_path), plan.run_name),
+                        start_iter=state.iter_num)  # fmt: skip
     calls = OrderedRayCalls(background=cfg.async_checkpoint)
     checkpointer = Checkpointer(cfg.out_dir, rank, calls, sharded=state.sharded,
                                 checkpoint_type=ray_session.checkpoint_type, say=say)  # fmt: skip

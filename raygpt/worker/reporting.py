@@ -1,14 +1,16 @@
-"""One reporter for what a run tells the world: the console line, WandB, and ray.train.report.
+"""One reporter for what a run tells the world: the console line, WandB, out_dir/metrics.jsonl, and
+ray.train.report.
 
-Cadence: every log_interval a console line (rank 0) and a WandB point; every eval a console line,
-a WandB point and ray.train.report (every rank, with rank 0's checkpoint). Steps never go to
-ray.train.report: a report made within Ray's controller poll of the previous one blocks until it is
-consumed, which would cost far more than a step.
+Cadence: every log_interval a console line (rank 0), a WandB point and a metrics.jsonl line; every eval
+a console line, a WandB point, a metrics.jsonl line and ray.train.report (every rank, with rank 0's
+checkpoint). Steps never go to ray.train.report: a report made within Ray's controller poll of the
+previous one blocks until it is consumed, which would cost far more than a step.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import statistics
 from collections.abc import Callable
@@ -20,6 +22,7 @@ from raygpt.storage.files import write_text_atomic
 from raygpt.storage.uri import join_uri, write_small_file
 
 EVAL_NAME = "eval.json"  # what an eval_only run found, in out_dir and in the run's folder in storage
+METRICS_NAME = "metrics.jsonl"  # the run's loss history, in out_dir (MetricsLog)
 
 # Reported metric -> WandB key (nanoGPT's names where it has them).
 WANDB_KEYS = {
@@ -50,6 +53,54 @@ class Say:
     def line(self, text: str) -> None:
         """One line, flushed at once."""
         self(text, flush=True)
+
+
+def metrics_lines(text: str) -> list[dict]:
+    """The records of a metrics.jsonl's text: its complete lines. A process killed while appending may
+    leave a last line without its newline; it is skipped, as any reader of the file should skip it."""
+    records = []
+    for line in text.split("\n")[:-1]:  # after the last newline: "", or a partial line
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("iter"), int):
+            records.append(record)
+    return records
+
+
+def as_json_line(record: dict) -> str:
+    """One line of JSON that any reader parses: a non-finite number (a diverged loss) is written as null."""
+    finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(finite) + "\n"
+
+
+def before_start(record: dict, start_iter: int) -> bool:
+    """Whether a metrics.jsonl record came before a run's start at `start_iter`: a step before it, or an
+    eval up to it (the eval at a checkpoint's iteration is written before the checkpoint)."""
+    return record["iter"] < start_iter or (0 < record["iter"] == start_iter and "val_loss" in record)
+
+
+class MetricsLog:
+    """out_dir/metrics.jsonl, rank 0's: the loss history without WandB, one JSON line per logged step
+    (iter, loss, lr, time_ms, tokens_per_sec, mfu) and per eval (iter, train_loss, val_loss), each
+    appended whole in one write and flushed. A run that starts at iteration N (a rerun, a restart) first
+    keeps only what its checkpoint had seen: the steps before N and the evals up to N (a resumed run does
+    not repeat the eval at N; a new run, N = 0, starts the file anew), so no iteration appears twice."""
+
+    def __init__(self, path: Path, start_iter: int):
+        self.path = path
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return
+        kept_text = "".join(as_json_line(r) for r in metrics_lines(text) if before_start(r, start_iter))
+        if kept_text != text:
+            write_text_atomic(path, kept_text)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as file:
+            file.write(as_json_line(record))
 
 
 def format_eta(seconds: float) -> str:
@@ -88,15 +139,23 @@ class Reporter:
         wandb_run=None,
         report_to_ray: Callable | None = None,
         results_at: str | None = None,
+        start_iter: int | None = None,
     ):
         self.cfg, self.say, self.tokens_per_iter, self.device = cfg, say.line, tokens_per_iter, device
         self.is_rank_zero = say.enabled
         self.estimate_mfu, self.wandb_run, self.report_to_ray = estimate_mfu, wandb_run, report_to_ray
         self.results_at = results_at  # the run's folder in Ray storage (a path or a URI)
+        # The iteration the run starts at, for metrics.jsonl (None: none written); an eval_only run has eval.json.
+        keep_history = self.is_rank_zero and start_iter is not None and not cfg.eval_only
+        self.history = MetricsLog(Path(cfg.out_dir) / METRICS_NAME, start_iter) if keep_history else None
         self.running_mfu = -1.0
         self.step_times: list[float] = []
         self.eval_seconds = 0.0
         self.steps_seen = 0
+
+    def _history(self, record: dict) -> None:
+        if self.history is not None:
+            self.history.write(record)
 
     def _wandb(self, metrics: dict) -> None:
         if self.wandb_run is not None:
@@ -124,13 +183,16 @@ class Reporter:
             f"iter {iter_num}: loss {loss:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}, {tokens_per_sec:,.0f} tok/s, "
             f"lr {lr:.2e}, eta {self.eta(iter_num + 1, dt)}"
         )
+        mfu = self.running_mfu if self.running_mfu >= 0 else None
+        self._history({"iter": iter_num, "loss": loss, "lr": lr, "time_ms": dt * 1000,
+                       "tokens_per_sec": tokens_per_sec, "mfu": mfu})  # fmt: skip
         self._wandb(
             {
                 "iter": iter_num,
                 "loss": loss,
                 "val_loss": last_val_loss,
                 "lr": lr,
-                "mfu": self.running_mfu if self.running_mfu >= 0 else None,
+                "mfu": mfu,
                 "tokens_per_sec": tokens_per_sec,
                 "tokens_seen": (iter_num + 1) * self.tokens_per_iter,
             }
@@ -165,6 +227,7 @@ class Reporter:
             write_text_atomic(Path(self.cfg.out_dir) / EVAL_NAME, evaluated)
             if self.results_at:  # where the driver reads it, on whichever machine it runs
                 write_small_file(join_uri(self.results_at, EVAL_NAME), evaluated)
+        self._history({key: metrics[key] for key in ("iter", "train_loss", "val_loss")})
         self._wandb(metrics)
         return metrics
 
