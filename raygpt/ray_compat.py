@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -148,6 +150,24 @@ def ray_processes_in_their_own_session():
         yield
     finally:
         services.ConsolePopen = popen
+
+
+# The variable Ray's job supervisor hands a job's driver its config in (runtime_env, metadata): Ray's private
+# ray._private.runtime_env.constants.RAY_JOB_CONFIG_JSON_ENV_VAR, spelled out so that reading it imports no Ray.
+JOB_CONFIG_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_working_dir() -> str | None:
+    """The runtime_env working_dir (`ray job submit --working-dir`) of the Ray job this process is the
+    driver of, or None: not a job's driver, or a job without one. Ray starts such a driver inside its copy
+    of that folder (under the session's runtime_resources), which it deletes when the job ends. Ray sets
+    no public variable for a job's driver; if this private one is renamed, None: paths resolve as anywhere."""
+    try:
+        job_config = json.loads(os.environ.get(JOB_CONFIG_VARIABLE) or "{}")
+        working_dir = (job_config.get("runtime_env") or {}).get("working_dir")
+    except (ValueError, AttributeError):  # not the JSON object Ray writes
+        return None
+    return working_dir if isinstance(working_dir, str) and working_dir else None
 
 
 def hide_token_auth_notice() -> None:

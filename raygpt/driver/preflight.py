@@ -1,7 +1,8 @@
 """The launcher's checks that need the disk or the environment but no cluster, run before Ray starts so
-that a bad input costs no Ray start: paths made absolute (and --fresh), the Ray address, the output
-folders and the run lock, the dataset (prepared here when the launcher knows how), the resume decision,
-GPT-2's weights, wandb, and torch's bytecode. `preflight` runs them in order."""
+that a bad input costs no Ray start: paths made absolute (a Ray job's out_dir kept past the job, and
+--fresh), the Ray address, the output folders and the run lock, the dataset (prepared here when the
+launcher knows how), the resume decision, GPT-2's weights, wandb, and torch's bytecode. `preflight`
+runs them in order."""
 
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from raygpt.driver.ray_cluster import check_address, given_address
 from raygpt.driver.runlock import RunLock, lock_run
 from raygpt.errors import LaunchError
 from raygpt.prep.shakespeare import SHAKESPEARE_SETS
+from raygpt.ray_compat import job_working_dir
 from raygpt.storage.datasets import DatasetNotFoundError, check_remote_dataset, dataset_uri
 from raygpt.storage.files import remove_empty_folders
-from raygpt.storage.uri import check_local_path, check_storage_path, is_uri
+from raygpt.storage.uri import check_local_path, check_storage_path, is_uri, storage_root
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ def preflight(cfg: TrainConfig, explicit_keys, prepare_input: str | None, addres
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """Ray workers chdir into a session folder, so every path must be absolute in the driver: the folders
     of out_dir, data_dir, a local storage_path, and an init_from GPT-2 folder."""
+    cfg = kept_after_the_job(cfg)
 
     def resolve(key: str) -> str:
         path = getattr(cfg, key)
@@ -100,6 +103,27 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     if cfg.init_from not in INIT_CHOICES:  # a local GPT-2 folder: checked here, as the config reads no disk
         changes["init_from"] = check_gpt2_folder(cfg.init_from, cfg.block_size)
     return cfg.replace(**changes)
+
+
+def kept_after_the_job(cfg: TrainConfig) -> TrainConfig:
+    """A Ray job's driver (`ray job submit --working-dir`) runs in Ray's copy of the working dir, deleted
+    when the job ends: a relative out_dir there would lose its ckpt.pt, eval.json and metrics. It goes into
+    the run's folder of Ray's storage on this machine instead (a local storage_path, else ~/ray_results),
+    where the same job submitted again finds it. A relative storage_path would be lost too: refused."""
+    if job_working_dir() is None:
+        return cfg
+    storage = cfg.storage_path
+    if storage and not is_uri(storage) and not Path(storage).expanduser().is_absolute():
+        raise LaunchError(f"storage_path {storage} is relative, but a Ray job runs in a copy of its working dir "
+                          "that Ray deletes when the job ends: pass an absolute --storage_path or a URI")  # fmt: skip
+    if Path(cfg.out_dir).expanduser().is_absolute():
+        return cfg
+    name = Path(os.path.abspath(cfg.out_dir)).name
+    local_storage = Path(storage_root("" if is_uri(storage) else storage)).expanduser()
+    out_dir = local_storage / (cfg.run_name or name) / name
+    print(f"raygpt: out_dir {cfg.out_dir} is {out_dir}: a Ray job runs in a copy of its working dir that Ray "
+          "deletes when the job ends (pass an absolute --out_dir to choose another)", flush=True)  # fmt: skip
+    return cfg.replace(out_dir=str(out_dir))
 
 
 def fresh_out_dir(cfg: TrainConfig) -> TrainConfig:

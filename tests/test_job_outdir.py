@@ -1,0 +1,96 @@
+"""Where a Ray job's files land: `ray job submit --working-dir .` runs the launcher inside Ray's copy of the
+project, which Ray deletes when the job ends, so a relative out_dir goes to the run's folder of Ray's
+storage instead, where the same job submitted again finds it.
+
+The fast tier gives the launcher (local mode, in this process) what Ray's job supervisor gives a job's
+driver: the job's config in its variable, and a working directory inside the session's runtime_resources.
+The Ray tier submits real jobs to a real head (test_job_submit's).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import TINY_LOCAL_RUN
+from test_job_submit import REPO, ray_head  # noqa: F401 - a fixture, used by name
+
+from raygpt import launch
+from raygpt.ray_compat import JOB_CONFIG_VARIABLE, job_working_dir
+
+WORKING_DIR_URI = "gcs://_ray_pkg_0123456789abcdef.zip"  # what `--working-dir .` becomes once uploaded
+
+
+@pytest.fixture
+def job_driver(tmp_path, monkeypatch):
+    """This process as Ray's job supervisor starts a job's driver: in its copy of the working dir."""
+    copy = tmp_path / "session_latest" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123456789abcdef"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    job_config = {"runtime_env": {"working_dir": WORKING_DIR_URI}, "metadata": {}}
+    monkeypatch.setenv(JOB_CONFIG_VARIABLE, json.dumps(job_config))
+    return copy
+
+
+def test_the_variable_is_the_one_ray_hands_a_jobs_driver():
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    assert JOB_CONFIG_VARIABLE == RAY_JOB_CONFIG_JSON_ENV_VAR
+
+
+def test_only_a_job_with_a_working_dir_counts(monkeypatch):
+    monkeypatch.delenv(JOB_CONFIG_VARIABLE, raising=False)
+    assert job_working_dir() is None
+    for config in ('{"runtime_env": {}}', '{"runtime_env": {"pip": ["x"]}}', "not json", "[]"):
+        monkeypatch.setenv(JOB_CONFIG_VARIABLE, config)
+        assert job_working_dir() is None, config
+    monkeypatch.setenv(JOB_CONFIG_VARIABLE, json.dumps({"runtime_env": {"working_dir": WORKING_DIR_URI}}))
+    assert job_working_dir() == WORKING_DIR_URI
+
+
+def test_a_jobs_relative_out_dir_lands_in_the_runs_storage_folder(job_driver, tmp_path, char_data, capsys):
+    storage = tmp_path / "ray"
+    argv = [*TINY_LOCAL_RUN, f"--data_dir={char_data}", f"--storage_path={storage}"]  # out_dir: the default 'out'
+    assert launch.main(argv) == 0
+    kept = storage / "out" / "out"
+    assert (kept / "ckpt.pt").is_file() and (kept / "metrics.jsonl").is_file()
+    assert not (job_driver / "out").exists()
+    out = capsys.readouterr().out
+    assert f"raygpt: out_dir out is {kept}: a Ray job runs in a copy of its working dir that Ray deletes" in out
+    # An absolute out_dir is the user's choice: kept as given.
+    mine = tmp_path / "mine"
+    assert launch.main([*argv, f"--out_dir={mine}"]) == 0
+    assert (mine / "ckpt.pt").is_file()
+
+
+def test_a_jobs_relative_storage_path_is_refused(job_driver, char_data, capsys):
+    argv = [*TINY_LOCAL_RUN, f"--data_dir={char_data}", "--storage_path=runs"]
+    assert launch.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: storage_path runs is relative, but a Ray job runs in a copy of its working dir that "
+                   "Ray deletes when the job ends: pass an absolute --storage_path or a URI")  # fmt: skip
+    assert not list(job_driver.iterdir())
+
+
+@pytest.mark.ray
+def test_a_submitted_jobs_checkpoint_outlives_the_job(ray_head, tmp_path, char_data):  # noqa: F811
+    """`ray job submit --working-dir` with the default out_dir: ckpt.pt is kept in storage_path's run folder,
+    and submitting the same job again finds the finished run there."""
+    ray_cli, address = ray_head
+    storage = tmp_path / "ray"
+    run = [arg for arg in TINY_LOCAL_RUN if not arg.startswith("--local_mode")]
+    submit = [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
+              sys.executable, "-m", "raygpt.launch", *run, "--num-workers", "1", f"--data_dir={char_data}",
+              f"--storage_path={storage}"]  # fmt: skip
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token"}
+    first = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+    output = first.stdout + first.stderr
+    assert first.returncode == 0 and "succeeded" in output, output[-3000:]
+    kept = storage / "out" / "out"
+    assert f"raygpt: out_dir out is {kept}" in output, output[-3000:]
+    assert (kept / "ckpt.pt").is_file() and (kept / "metrics.jsonl").is_file()
+    again = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0 and "succeeded" in output, output[-3000:]
+    assert "is already at iter 4 (max_iters 4): nothing to do" in output, output[-3000:]
