@@ -481,28 +481,23 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-@pytest.mark.ray
-def test_sigterm_to_the_launchers_process_group_checkpoints_then_ends_the_run(tmp_path, char_data):
-    """What `timeout`, `kill -- -PGID`, a closing terminal and batch schedulers send: SIGTERM to the launcher's
-    whole process group. The Ray the launcher started is not in that group, so it lives on for the workers
-    to checkpoint; the launcher exits as for its own SIGTERM, and Ray's processes end with it."""
-    out_dir = tmp_path / "out"
-    values = {**PREEMPT_RUN, "num_workers": 1, "max_iters": 100000, "lr_decay_iters": 100000}
-    argv = [f"--{key}={value}" for key, value in values.items()]
-    argv += [f"--data_dir={char_data}", f"--out_dir={out_dir}", f"--storage_path={tmp_path / 'ray'}"]
+def sigterm_group_of_own_ray_launch(argv: list[str], cwd: Path, after: Callable[[str], bool]):
+    """`python -m raygpt.launch` starting a Ray of its own, in a process group (and session) of its own, as a
+    batch job runs it; SIGTERM to that whole group once a line of its output passes `after`. Returns the
+    launcher's exit status, its stdout and stderr, and the Ray processes it started that outlived it."""
     # A Ray of the launcher's own (not one another test started with `ray start`), with a short temp path:
     # Ray's socket paths must stay under the OS's 107 bytes.
     ray_tmp = Path(tempfile.mkdtemp(prefix="rg-", dir="/tmp"))
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     env.update(PYTHONPATH=CODE, PYTHONUNBUFFERED="1", RAY_TMPDIR=str(ray_tmp))
-    launcher = subprocess.Popen([sys.executable, "-m", "raygpt.launch", *argv], env=env, cwd=tmp_path,
+    launcher = subprocess.Popen([sys.executable, "-m", "raygpt.launch", *argv], env=env, cwd=cwd,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)  # fmt: skip
-    out, started = [], []
+    out, started, left, err = [], [], [], ""
     try:
         for line in launcher.stdout:
             out.append(line)
-            if line.startswith("iter 3:"):
+            if after(line):
                 break
         started = descendants(launcher.pid)  # the Ray the launcher started: GCS, raylet, the workers...
         assert any(p.name() == "raylet" for p in started), "".join(out)
@@ -518,15 +513,39 @@ def test_sigterm_to_the_launchers_process_group_checkpoints_then_ends_the_run(tm
             except psutil.NoSuchProcess:
                 pass
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    out = "".join(out)
-    assert launcher.returncode == EXIT_TERMINATED, out + err
+    return launcher.returncode, "".join(out), err, left
+
+
+@pytest.mark.ray
+def test_sigterm_to_the_launchers_process_group_checkpoints_then_ends_the_run(tmp_path, char_data):
+    """What `timeout`, `kill -- -PGID`, a closing terminal and batch schedulers send: SIGTERM to the launcher's
+    whole process group. The Ray the launcher started is not in that group, so it lives on for the workers
+    to checkpoint; the launcher exits as for its own SIGTERM, without a traceback, and Ray's processes end
+    with it. The same command run again continues from that checkpoint."""
+    out_dir = tmp_path / "out"
+    values = {**PREEMPT_RUN, "num_workers": 1, "max_iters": 100000, "lr_decay_iters": 100000}
+    argv = [f"--{key}={value}" for key, value in values.items()]
+    argv += [f"--data_dir={char_data}", f"--out_dir={out_dir}", f"--storage_path={tmp_path / 'ray'}"]
+    code, out, err, left = sigterm_group_of_own_ray_launch(argv, tmp_path, lambda line: line.startswith("iter 3:"))
+    assert code == EXIT_TERMINATED, out + err
     [asked] = lines_matching(r"^SIGTERM to the launcher at iter (\d+): saving a checkpoint", out)
     [saved] = lines_matching(r"^SIGTERM to the launcher: checkpoint at iter (\d+) saved", out)
-    assert int(saved.group(1)) == int(asked.group(1))
+    stop_iter = int(asked.group(1))
+    assert int(saved.group(1)) == stop_iter
     last = err.strip().splitlines()[-1]
     assert last.startswith("terminated: the latest checkpoint is "), err
     assert last.endswith("run the same command again to continue from it"), last
-    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == int(asked.group(1))
+    assert "Traceback" not in out + err, out + err
+    assert torch.load(out_dir / "ckpt.pt", weights_only=True)["iter_num"] == stop_iter
+    assert not left, f"Ray processes the launcher started are still running: {[p.pid for p in left]}"
+
+    # The same command again, as the last line says: it continues from that checkpoint (then is stopped the same way).
+    code, out, err, left = sigterm_group_of_own_ray_launch(argv, tmp_path, lambda line: line.startswith("resuming "))
+    assert code == EXIT_TERMINATED, out + err
+    [continuing] = lines_matching(r"^raygpt: continuing run 'out' .*from iter (\d+)", out)
+    [resumed] = lines_matching(r"^resuming from .* at iter (\d+)", out)
+    assert int(continuing.group(1)) == int(resumed.group(1)) == stop_iter > 0
+    assert "Traceback" not in out + err, out + err
     assert not left, f"Ray processes the launcher started are still running: {[p.pid for p in left]}"
 
 
