@@ -190,12 +190,11 @@ def plan_resume(cfg: TrainConfig, run_name: str, explicit_keys, meta: dict | Non
     would silently train the wrong thing; a run already at max_iters raises NothingToDo. Rerunning a
     command continues its run. Returns the checkpoint it continues from (of the run's Ray checkpoints and
     out_dir/ckpt.pt, the readable one at the latest iteration: checkpoint.newest_readable), or None for a
-    new run. `meta`: the dataset's (None: none
-    found). new_runs: the config is a sweep's base, whose trials are new runs of their own: a run under
-    its names is neither continued nor in the way (unless init_from=resume asks every trial to start
-    from it). ray_run_is_ours: whether Ray run `run_name`'s checkpoints are this run's (identify_run;
-    None: in Ray mode). `dataset`: the dataset's identity (core.data.dataset_identity), compared with the
-    one the checkpoint records."""
+    new run. `meta`: the dataset's (None: none found). new_runs: the config is a sweep's base, whose
+    trials are new runs of their own: a run under its names is neither continued nor in the way (unless
+    init_from=resume asks every trial to start from it). ray_run_is_ours: whether Ray run `run_name`'s
+    checkpoints are this run's (identify_run; None: in Ray mode). `dataset`: the dataset's identity
+    (core.data.dataset_identity), compared with the one the checkpoint records."""
     if new_runs and cfg.init_from != "resume":
         return None
     ours = not cfg.local_mode if ray_run_is_ours is None else ray_run_is_ours
