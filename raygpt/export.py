@@ -1,12 +1,14 @@
 """`python -m raygpt.export CHECKPOINT [--ckpt FILE] [--hf DIR]`: any checkpoint as nanoGPT's ckpt.pt
 or a Hugging Face GPT-2 folder.
 
-CHECKPOINT is a ckpt.pt, a Ray checkpoint folder (whole or sharded by FSDP) or a run's out_dir. A
-sharded checkpoint is gathered on the CPU without any process group. Weights holding nan or inf are
-refused, as resume and sample refuse them, unless --allow-nonfinite.
+CHECKPOINT is a ckpt.pt, a Ray checkpoint folder (whole or sharded by FSDP), a run's out_dir, or a Ray
+run folder (storage_path/run_name, local or in object storage), whose checkpoint at the latest iteration is
+exported (chosen as a resume chooses it). A sharded checkpoint is gathered on the CPU without any process
+group. Weights holding nan or inf are refused, as resume and sample refuse them, unless --allow-nonfinite.
+--hf needs safetensors (the [hf] extra), checked before anything is read or written.
 
-    python -m raygpt.export ~/ray_results/run/checkpoint_2026-... --ckpt out-run/ckpt.pt
-    python -m raygpt.export out-shakespeare-char --hf gpt2-shakespeare   # GPT2LMHeadModel.from_pretrained
+    python -m raygpt.export ~/ray_results/out --ckpt out-nanogpt/ckpt.pt   # the run's latest checkpoint
+    python -m raygpt.export out-shakespeare-char-cpu --hf gpt2-shakespeare   # GPT2LMHeadModel.from_pretrained
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import torch
 from raygpt.core import checkpoint
 from raygpt.core.hf import HF_FILES, hf_config, hf_weights
 from raygpt.core.model import GPT, GPTConfig, clean_state_dict
+from raygpt.driver.identity import read_record
 from raygpt.errors import OneLineParser, RaygptError, run_cli
 from raygpt.storage.files import write_atomic, write_text_atomic
-from raygpt.storage.uri import is_uri
+from raygpt.storage.uri import is_uri, join_uri, list_folders
 
 
 class ExportError(RaygptError):
@@ -50,11 +53,20 @@ def whole_checkpoint(saved: dict) -> dict:
     return {**progress, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
-def export_hf(model_state: dict, model_args: dict, directory: Path) -> None:
+def check_hf_installed() -> None:
+    """--hf writes model.safetensors: refused before anything is read or written where safetensors is missing."""
     try:
-        from safetensors.torch import save
+        import safetensors.torch  # noqa: F401
     except ImportError:
-        raise ExportError("--hf writes safetensors: pip install safetensors") from None
+        raise ExportError(
+            '--hf writes model.safetensors, and safetensors is not installed: pip install -e ".[hf]" in the '
+            "raygpt folder (the [hf] extra), or pip install safetensors"
+        ) from None
+
+
+def export_hf(model_state: dict, model_args: dict, directory: Path) -> None:
+    from safetensors.torch import save  # check_hf_installed has found it
+
     weights = hf_weights(model_state, model_args)
     directory.mkdir(parents=True, exist_ok=True)
     config_json, weights_file = (directory / name for name in HF_FILES)
@@ -80,10 +92,12 @@ def parse_args(argv: list[str]):
     parser = OneLineParser(
         prog="python -m raygpt.export",
         usage="%(prog)s CHECKPOINT [--ckpt FILE] [--hf DIR] [--allow-nonfinite]",
-        description="Write any raygpt checkpoint (a ckpt.pt, a Ray checkpoint folder, sharded or not, or a "
-        "run's out_dir) as nanoGPT's ckpt.pt and/or a Hugging Face GPT-2 folder.",
+        description="Write any raygpt checkpoint (a ckpt.pt, a Ray checkpoint folder, sharded or not, a run's "
+        "out_dir, or a Ray run folder's latest) as nanoGPT's ckpt.pt and/or a Hugging Face GPT-2 folder.",
     )
-    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="what to export")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", nargs="+",
+                        help="a ckpt.pt, a checkpoint folder, a run's out_dir, or a Ray run folder "
+                        "(storage_path/run_name: its latest checkpoint)")  # fmt: skip
     parser.add_argument("--ckpt", metavar="FILE", help="write nanoGPT's single-file checkpoint here")
     parser.add_argument("--hf", metavar="DIR", help="write config.json and model.safetensors for GPT2LMHeadModel")
     parser.add_argument("--allow-nonfinite", action="store_true",
@@ -114,18 +128,93 @@ def output_path(given: str | None, flag: str, folder: bool) -> Path | None:
     return path
 
 
+RAY_CHECKPOINT_PREFIX = "checkpoint_"  # Ray names a run's checkpoints checkpoint_<time>, oldest first
+WHAT_CHECKPOINT_IS = "a ckpt.pt, a checkpoint folder, a run's out_dir or a Ray run folder (storage_path/run_name)"
+TORCH_FILE_STARTS = (b"PK", b"\x80")  # torch.save's zip archive, or its older plain pickle
+
+
+def one_checkpoint(given: list[str]) -> str:
+    """CHECKPOINT, one of it: a shell pattern such as RUN/checkpoint_* expands to every name it matches."""
+    if len(given) == 1:
+        return given[0]
+    parents = {os.path.dirname(os.path.normpath(path)) for path in given}
+    folder = f": a Ray run folder such as {parents.pop()} exports its latest checkpoint" if len(parents) == 1 else ""
+    raise ExportError(f"give one CHECKPOINT, not {len(given)} (did a shell pattern expand?){folder}")
+
+
+def checkpoint_to_export(given: str) -> Path:
+    """The local checkpoint CHECKPOINT names: a file or folder as it is, or a Ray run folder's latest
+    checkpoint. One in object storage is downloaded (only the chosen checkpoint, for a run folder)."""
+    if is_uri(given):
+        latest = latest_of_run(given, [join_uri(given, name) for name in list_folders(given, RAY_CHECKPOINT_PREFIX)])
+        return checkpoint.download(latest or given)
+    path = Path(given).expanduser()
+    if not path.exists():
+        raise ExportError(f"no checkpoint at {path}")
+    if path.is_file():
+        check_torch_file(path)
+        return path
+    out_ckpt = path / checkpoint.CKPT_NAME
+    ray_checkpoints = sorted(p for p in path.glob(f"{RAY_CHECKPOINT_PREFIX}*") if p.is_dir())
+    latest = latest_of_run(path, ray_checkpoints, out_ckpt if out_ckpt.is_file() else None)
+    if latest is None and not (out_ckpt.exists() or (path / checkpoint.PROGRESS_NAME).exists()):
+        raise ExportError(f"{path} holds no checkpoint: give {WHAT_CHECKPOINT_IS}{where_instead(path)}")
+    return latest or path
+
+
+def latest_of_run(folder: Path | str, ray_checkpoints: list, out_ckpt: Path | None = None) -> Path | str | None:
+    """Of a Ray run folder's checkpoints (oldest first; and a ckpt.pt beside them, if the folder is also
+    an out_dir), the one at the latest iteration, as a resume chooses; None when it holds none."""
+    if not ray_checkpoints:
+        return None
+    candidates = checkpoint.resume_candidates(ray_checkpoints[-1], ray_checkpoints[-2::-1], fallback=out_ckpt)
+    latest = checkpoint.by_iteration(candidates, checkpoint.iteration_of)[0]
+    iteration = checkpoint.iteration_of(latest)
+    at = f" (iter {iteration})" if iteration is not None else ""
+    print(f"exporting {latest}{at}, the latest checkpoint of Ray run folder {folder}", flush=True)
+    return latest
+
+
+def check_torch_file(path: Path) -> None:
+    """A file that torch.save cannot have written is refused as what it is, not as a damaged checkpoint."""
+    try:
+        with open(path, "rb") as f:
+            start = f.read(2)
+    except OSError:
+        return  # read_checkpoint says why
+    if start and not start.startswith(TORCH_FILE_STARTS):
+        raise ExportError(f"{path} is not a checkpoint (not a file torch.save wrote): give {WHAT_CHECKPOINT_IS}"
+                          f"{where_instead(path.parent)}")  # fmt: skip
+
+
+def where_instead(folder: Path) -> str:
+    """A hint for a path that is not a checkpoint: the Ray run folder beside it or inside it, or the Ray run
+    of an out_dir that holds no ckpt.pt (an FSDP run's)."""
+    if any(p.is_dir() for p in folder.glob(f"{RAY_CHECKPOINT_PREFIX}*")):
+        return f"; {folder} is a Ray run folder, which exports its latest checkpoint"
+    runs = sorted({p.parent for p in folder.glob(f"*/{RAY_CHECKPOINT_PREFIX}*") if p.is_dir()})
+    if runs:
+        return f"; it holds Ray runs: give one of them, such as {runs[-1]}"
+    record = read_record(str(folder)) if folder.is_dir() else None
+    if record and isinstance(record.get("run_name"), str):
+        return (f"; its run's checkpoints are in Ray's run folder, storage_path/{record['run_name']} "
+                f"(by default ~/ray_results/{record['run_name']})")  # fmt: skip
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
 
     def export() -> int:
+        given = one_checkpoint(args.checkpoint)
         ckpt, hf = output_path(args.ckpt, "--ckpt", folder=False), output_path(args.hf, "--hf", folder=True)
         if not (ckpt or hf):
             raise ExportError("nothing to write: give --ckpt FILE and/or --hf DIR")
         if ckpt and hf and ckpt.resolve() in [hf.resolve(), *(hf.resolve() / name for name in HF_FILES)]:
             raise ExportError(f"--ckpt {ckpt} is --hf {hf} or one of its files: give them separate places")
-        source = checkpoint.download(args.checkpoint) if is_uri(args.checkpoint) else Path(args.checkpoint).expanduser()
-        if not source.exists():
-            raise ExportError(f"no checkpoint at {source}")
+        if hf:
+            check_hf_installed()
+        source = checkpoint_to_export(given)
         saved, where = checkpoint.read_checkpoint(source, mmap=True)  # --hf alone never reads the optimizer's state
         whole = whole_checkpoint(saved) if ckpt else None  # a sharded checkpoint's shards are read once
         model_state = clean_state_dict(whole["model"]) if whole else checkpoint.whole_model_state(saved)

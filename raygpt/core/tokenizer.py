@@ -6,7 +6,9 @@ import functools
 import hashlib
 import io
 import json
+import os
 import pickle
+import tempfile
 from pathlib import Path
 
 from raygpt.errors import RaygptError, one_line
@@ -27,11 +29,36 @@ class MetaError(RaygptError, ValueError):
     """A meta.json or meta.pkl that cannot describe the dataset's tokens; the message is one line."""
 
 
+class TokenizerUnavailable(RaygptError):
+    """GPT-2 BPE cannot be loaded here (tiktoken's files neither cached nor downloadable); one line."""
+
+
 @functools.cache
 def gpt2_encoding():
+    """tiktoken's GPT-2 BPE: the one place raygpt loads it (prepare, sample and the rest), so a machine
+    without the files and without internet gets one line saying what to do, not a download's traceback."""
     import tiktoken
 
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except (OSError, ValueError) as e:  # requests' errors are OSErrors; a checksum mismatch is a ValueError
+        raise TokenizerUnavailable(bpe_files_advice(e)) from None
+
+
+def bpe_files_advice(error: Exception) -> str:
+    """Why tiktoken could not load GPT-2 BPE, and the two ways out: a connection, or a cache that holds it.
+    tiktoken caches a download under the sha1 of its URL in TIKTOKEN_CACHE_DIR, else $TMPDIR/data-gym-cache."""
+    reason = type(error).__name__ + (f": {error.strerror}" if getattr(error, "strerror", None) else "")
+    if isinstance(error, ValueError):
+        reason = one_line(str(error)) or reason
+    default_cache = os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    given = os.environ.get("TIKTOKEN_CACHE_DIR")
+    where = f"TIKTOKEN_CACHE_DIR {given} does not hold them" if given else "TIKTOKEN_CACHE_DIR is not set"
+    return (
+        f"GPT-2 BPE needs tiktoken's gpt2 files, which could not be downloaded ({reason}) and {where}: "
+        "connect to the internet once, or set TIKTOKEN_CACHE_DIR to a copy of the tiktoken cache of a machine "
+        f"that has loaded GPT-2 BPE (its TIKTOKEN_CACHE_DIR, by default {default_cache})"
+    )
 
 
 class _PlainDataUnpickler(pickle.Unpickler):

@@ -54,9 +54,10 @@ def check_dataset_name(name: str) -> None:
 
 
 def dataset_folder(data_dir: str | Path, name: str) -> Path:
-    """DATA_DIR/NAME, after checking it can be made there (no part of it is a file), before any work."""
+    """DATA_DIR/NAME, after checking it can be made there (no part of it is a file), before any work.
+    Absolute, as the launcher has it: every line prepare prints names the folder the same way."""
     check_dataset_name(name)
-    dataset_dir = Path(data_dir).expanduser() / name
+    dataset_dir = Path(os.path.realpath(Path(data_dir).expanduser())) / name
     for path in (dataset_dir, *dataset_dir.parents):
         try:
             mode = os.stat(path).st_mode

@@ -79,9 +79,9 @@ def prepare_shakespeare_bpe(
 ) -> Path:
     """GPT-2 BPE tiny Shakespeare: the 90/10 character split, each part encoded on its own."""
     dataset_dir = dataset_folder(data_dir, name)
+    encoding = gpt2_encoding()  # before the corpus is downloaded: without the BPE files nothing is written
     path, text = read_shakespeare(dataset_dir, input_path, input_flag)
     split = int(len(text) * 0.9)
-    encoding = gpt2_encoding()
     train_ids = np.array(encoding.encode_ordinary(text[:split]), dtype=np.uint16)
     val_ids = np.array(encoding.encode_ordinary(text[split:]), dtype=np.uint16)
     check_splits(name, len(train_ids), len(val_ids), f"use a longer text than {path}")
