@@ -12,7 +12,7 @@ from raygpt import launch
 from raygpt.core import checkpoint
 from raygpt.worker.reporting import METRICS_NAME, metrics_lines
 
-STEP_KEYS = {"iter", "loss", "lr", "time_ms", "tokens_per_sec", "mfu"}
+STEP_KEYS = {"iter", "loss", "lr", "time_ms", "tokens_per_sec", "mfu", "grad_norm"}
 EVAL_KEYS = {"iter", "train_loss", "val_loss"}
 
 

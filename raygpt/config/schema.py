@@ -56,10 +56,11 @@ class TrainConfig:
     init_from: str = key(
         "scratch", "'scratch', 'resume' (out_dir/ckpt.pt), 'gpt2*', or a local HF GPT-2 folder", rerun="free"
     )
-    # wandb logging
+    # logging: wandb, TensorBoard
     wandb_log: bool = key(False, "log to Weights & Biases (rank 0 only)", rerun="free")
     wandb_project: str = key("owt", "wandb project", rerun="free")
     wandb_run_name: str = key("gpt2", "wandb run name", rerun="free")
+    tensorboard: bool = key(True, "write TensorBoard event files to out_dir/tensorboard (rank 0 only)", rerun="free")
     # data
     dataset: str = key("openwebtext", "dataset folder name under data_dir", rerun="named")
     gradient_accumulation_steps: int = key(

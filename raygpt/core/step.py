@@ -69,6 +69,7 @@ class NonFiniteGuard:
         self.max_in_a_row, self.out_dir, self.announce = max_in_a_row, out_dir, announce
         self.in_a_row = torch.zeros((), device=device)  # skipped steps since the last good one
         self.since_check = torch.zeros((), device=device)  # skipped steps since the last check()
+        self.skipped = 0  # skipped steps of this process, as of the last check()
 
     def step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, grad_norm: torch.Tensor) -> None:
         if scaler.is_enabled():
@@ -102,10 +103,18 @@ class NonFiniteGuard:
         notice asks before saving (every rank gets the same answer: the norm is of the all-reduced gradients)."""
         return int(self.in_a_row)
 
-    def check(self, iter_num: int) -> int:
-        """Warn about steps skipped since the last check; raise after too many in a row. Returns the streak."""
-        in_a_row, since = (int(v) for v in torch.stack([self.in_a_row, self.since_check]).tolist())
+    def counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The device counts check() reads, for a caller that reads them with its own values in one transfer."""
+        return self.in_a_row, self.since_check
+
+    def check(self, iter_num: int, counts: list[float] | None = None) -> int:
+        """Warn about steps skipped since the last check; raise after too many in a row. Returns the streak.
+        `counts`: counts() as already read to the host; None reads them here."""
+        if counts is None:
+            counts = torch.stack(self.counts()).tolist()
+        in_a_row, since = (int(v) for v in counts)
         self.since_check.zero_()
+        self.skipped += since
         if since and self.announce:
             print(
                 f"warning: iter {iter_num}: {since} step(s) skipped for a non-finite loss or gradient norm "

@@ -6,8 +6,8 @@ the data, the model built or restored, the optimizer) and returns one `Run`; `fi
 checkpoint -> step -> log, with Ray taking the place of torchrun. Each concern is one call into its owner:
 core.step (precision, the step, eval, the schedule), core.parallel (the device, compile, DDP),
 core.checkpoint (TrainState), worker.checkpointer (writing), worker.reporting (console, WandB,
-ray.train.report), worker.preemption (stopping on notice). What runs once after the first steps (the
-start-up line, the compile cache's save, the compile workers' stop) plugs into `StepHooks`.
+TensorBoard, ray.train.report), worker.preemption (stopping on notice). What runs once after the first
+steps (the start-up line, the compile cache's save, the compile workers' stop) plugs into `StepHooks`.
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ def fit(run: Run) -> bool:
             checkpoint_on_notice(run, notice, lr, (X, Y))
             return False
 
-        loss_sum, _, X, Y = run.train_step(X, Y, state.iter_num)
+        loss_sum, grad_norm, X, Y = run.train_step(X, Y, state.iter_num)
 
         t1 = time.time()
         dt, t0 = t1 - t0, t1
@@ -393,8 +393,16 @@ def fit(run: Run) -> bool:
         local_iter_num += 1
         run.after_step(local_iter_num, t1, last=state.iter_num >= cfg.max_iters)
         if state.iter_num % cfg.log_interval == 0:
-            run.guard.check(state.iter_num - 1)
-            run.reporter.step(state.iter_num - 1, loss_sum.item(), lr, dt, state.last_eval["val"])
+            log_step(run, loss_sum, grad_norm, lr, dt)
+
+
+def log_step(run: Run, loss_sum: torch.Tensor, grad_norm: torch.Tensor, lr: float, dt: float) -> None:
+    """Every log_interval: the step's loss and gradient norm and the non-finite guard's counts, read to the
+    host in one transfer (the log step's one sync), then the guard's check and the reporter's line."""
+    iter_num = run.state.iter_num - 1
+    loss, norm, *counts = torch.stack([loss_sum, grad_norm.float(), *run.guard.counts()]).tolist()
+    run.guard.check(iter_num, counts)
+    run.reporter.step(iter_num, loss, norm, lr, dt, run.state.last_eval["val"], run.guard.skipped)
 
 
 def start(loop_config: dict, ray_session: RaySession) -> Run:

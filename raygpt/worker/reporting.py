@@ -1,8 +1,8 @@
-"""One reporter for what a run tells the world: the console line, WandB, out_dir/metrics.jsonl, and
-ray.train.report.
+"""One reporter for what a run tells the world: the console line, WandB, out_dir/metrics.jsonl,
+TensorBoard (worker/tensorboard.py) and ray.train.report.
 
-Cadence: every log_interval a console line (rank 0), a WandB point and a metrics.jsonl line; every eval
-a console line, a WandB point, a metrics.jsonl line and ray.train.report (every rank, with rank 0's
+Cadence: every log_interval a console line (rank 0), a WandB point, a metrics.jsonl line and TensorBoard
+points; every eval the same, TensorBoard flushed, and ray.train.report (every rank, with rank 0's
 checkpoint). Steps never go to ray.train.report: a report made within Ray's controller poll of the
 previous one blocks until it is consumed, which would cost far more than a step.
 """
@@ -24,7 +24,7 @@ from raygpt.storage.uri import join_uri, write_small_file
 EVAL_NAME = "eval.json"  # what an eval_only run found, in out_dir and in the run's folder in storage
 METRICS_NAME = "metrics.jsonl"  # the run's loss history, in out_dir (MetricsLog)
 
-# Reported metric -> WandB key (nanoGPT's names where it has them).
+# Reported metric -> its name in WandB and TensorBoard (nanoGPT's names where it has them).
 WANDB_KEYS = {
     "loss": "train/loss",
     "val_loss": "val/loss",
@@ -34,7 +34,14 @@ WANDB_KEYS = {
     "tokens_per_sec": "tokens/s",
     "tokens_seen": "tokens_seen",
     "peak_memory_gib": "peak_memory_gib",
+    "grad_norm": "grad_norm",  # before clipping
+    "clipped": "clipped",  # 1.0 where grad_norm was over grad_clip
+    "nonfinite_skips": "nonfinite_skips",  # steps skipped so far by this process (core.step.NonFiniteGuard)
 }
+HISTORY_STEP_KEYS = ("iter", "loss", "lr", "time_ms", "tokens_per_sec", "mfu", "grad_norm")  # metrics.jsonl's
+# What TensorBoard gets of a log step's metrics and of an eval's: each point once (lr is the step's).
+BOARD_STEP_KEYS = ("loss", "lr", "mfu", "tokens_per_sec", "grad_norm", "clipped", "nonfinite_skips")
+BOARD_EVAL_KEYS = ("train_loss", "val_loss", "peak_memory_gib")
 WARMUP_STEPS = 5  # the first steps of a process (compile, allocator warm-up) are left out of MFU and the ETA
 
 
@@ -83,18 +90,21 @@ def before_start(record: dict, start_iter: int) -> bool:
 
 class MetricsLog:
     """out_dir/metrics.jsonl, rank 0's: the loss history without WandB, one JSON line per logged step
-    (iter, loss, lr, time_ms, tokens_per_sec, mfu) and per eval (iter, train_loss, val_loss), each
-    appended whole in one write and flushed. A run that starts at iteration N (a rerun, a restart) first
-    keeps only what its checkpoint had seen: the steps before N and the evals up to N (a resumed run does
-    not repeat the eval at N; a new run, N = 0, starts the file anew), so no iteration appears twice."""
+    (iter, loss, lr, time_ms, tokens_per_sec, mfu, grad_norm) and per eval (iter, train_loss, val_loss),
+    each appended whole in one write and flushed. A run that starts at iteration N (a rerun, a restart)
+    first keeps only what its checkpoint had seen: the steps before N and the evals up to N (a resumed run
+    does not repeat the eval at N; a new run, N = 0, starts the file anew), so no iteration appears twice."""
 
     def __init__(self, path: Path, start_iter: int):
         self.path = path
+        self.eval_at_start = None  # the kept record of the eval at N, which the resumed run does not repeat
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return
-        kept_text = "".join(as_json_line(r) for r in metrics_lines(text) if before_start(r, start_iter))
+        kept = [r for r in metrics_lines(text) if before_start(r, start_iter)]
+        self.eval_at_start = next((r for r in kept if r["iter"] == start_iter and "val_loss" in r), None)
+        kept_text = "".join(as_json_line(r) for r in kept)
         if kept_text != text:
             write_text_atomic(path, kept_text)
 
@@ -127,7 +137,7 @@ def start_wandb(cfg, out_dir, run_id: str | None):
 
 
 class Reporter:
-    """Console lines on rank 0, WandB on rank 0, ray.train.report on every rank at evals."""
+    """Console lines, WandB, metrics.jsonl and TensorBoard on rank 0; ray.train.report on every rank at evals."""
 
     def __init__(
         self,
@@ -148,6 +158,13 @@ class Reporter:
         # The iteration the run starts at, for metrics.jsonl (None: none written); an eval_only run has eval.json.
         keep_history = self.is_rank_zero and start_iter is not None and not cfg.eval_only
         self.history = MetricsLog(Path(cfg.out_dir) / METRICS_NAME, start_iter) if keep_history else None
+        self.board = None
+        if keep_history and cfg.tensorboard:
+            from raygpt.worker.tensorboard import TENSORBOARD_DIR, TensorBoard  # tensorboardX: rank 0 only
+
+            self.board = TensorBoard(Path(cfg.out_dir) / TENSORBOARD_DIR, start_iter)
+            if self.history.eval_at_start is not None:  # hidden by the restart marker at start_iter: again
+                self._board(self.history.eval_at_start, BOARD_EVAL_KEYS)
         self.running_mfu = -1.0
         self.step_times: list[float] = []
         self.eval_seconds = 0.0
@@ -156,6 +173,12 @@ class Reporter:
     def _history(self, record: dict) -> None:
         if self.history is not None:
             self.history.write(record)
+
+    def _board(self, metrics: dict, keys: tuple[str, ...], flush: bool = False) -> None:
+        if self.board is not None:
+            self.board.scalars(metrics["iter"], {WANDB_KEYS[k]: metrics[k] for k in keys if metrics.get(k) is not None})
+            if flush:
+                self.board.flush()
 
     def _wandb(self, metrics: dict) -> None:
         if self.wandb_run is not None:
@@ -169,8 +192,10 @@ class Reporter:
         evals_left = cfg.max_iters // cfg.eval_interval - iter_num // cfg.eval_interval
         return format_eta((cfg.max_iters - iter_num) * typical_dt + max(0, evals_left) * self.eval_seconds)
 
-    def step(self, iter_num: int, loss: float, lr: float, dt: float, last_val_loss: float) -> None:
-        """A finished step (iter_num), every log_interval; `loss` is its loss, already on the host."""
+    def step(self, iter_num: int, loss: float, grad_norm: float, lr: float, dt: float, last_val_loss: float,
+             nonfinite_skips: int) -> None:  # fmt: skip
+        """A finished step (iter_num), every log_interval: its loss and gradient norm (before clipping),
+        already on the host, and the non-finite steps skipped so far."""
         self.steps_seen += 1
         if self.steps_seen >= WARMUP_STEPS:
             self.step_times.append(dt)
@@ -178,30 +203,33 @@ class Reporter:
             if mfu is not None:
                 self.running_mfu = mfu if self.running_mfu < 0 else 0.9 * self.running_mfu + 0.1 * mfu
         tokens_per_sec = self.tokens_per_iter / dt
+        # A non-finite norm is not clipped: its step is skipped (NonFiniteGuard).
+        clipped = math.isfinite(grad_norm) and 0 < self.cfg.grad_clip < grad_norm
         mfu_text = f"{self.running_mfu * 100:.2f}%" if self.running_mfu >= 0 else "n/a"
+        norm_text = f"{grad_norm:.4f}{' (clipped)' if clipped else ''}"
         self.say(
             f"iter {iter_num}: loss {loss:.4f}, time {dt * 1000:.2f}ms, mfu {mfu_text}, {tokens_per_sec:,.0f} tok/s, "
-            f"lr {lr:.2e}, eta {self.eta(iter_num + 1, dt)}"
+            f"lr {lr:.2e}, grad norm {norm_text}, eta {self.eta(iter_num + 1, dt)}"
         )
-        mfu = self.running_mfu if self.running_mfu >= 0 else None
-        self._history({"iter": iter_num, "loss": loss, "lr": lr, "time_ms": dt * 1000,
-                       "tokens_per_sec": tokens_per_sec, "mfu": mfu})  # fmt: skip
-        self._wandb(
-            {
-                "iter": iter_num,
-                "loss": loss,
-                "val_loss": last_val_loss,
-                "lr": lr,
-                "mfu": mfu,
-                "tokens_per_sec": tokens_per_sec,
-                "tokens_seen": (iter_num + 1) * self.tokens_per_iter,
-            }
-        )
+        metrics = {
+            "iter": iter_num,
+            "loss": loss,
+            "lr": lr,
+            "time_ms": dt * 1000,
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": self.running_mfu if self.running_mfu >= 0 else None,
+            "grad_norm": grad_norm,
+            "clipped": float(clipped),
+            "nonfinite_skips": nonfinite_skips,
+        }
+        self._history({key: metrics[key] for key in HISTORY_STEP_KEYS})
+        self._board(metrics, BOARD_STEP_KEYS)
+        self._wandb({**metrics, "val_loss": last_val_loss, "tokens_seen": (iter_num + 1) * self.tokens_per_iter})
 
     def eval(self, state, lr: float, seconds: float, weights_in_sync: bool) -> dict:
-        """An eval's losses (in `state`): console, WandB, and for eval_only out_dir/eval.json (Ray's Result
-        carries only checkpointed metrics). Returns the metrics for to_ray, which the checkpointer calls
-        once the eval's checkpoint (if any) is written."""
+        """An eval's losses (in `state`): console, WandB, TensorBoard (flushed), and for eval_only
+        out_dir/eval.json (Ray's Result carries only checkpointed metrics). Returns the metrics for to_ray,
+        which the checkpointer calls once the eval's checkpoint (if any) is written."""
         metrics = {
             "iter": state.iter_num,
             "train_loss": state.last_eval["train"],
@@ -228,6 +256,7 @@ class Reporter:
             if self.results_at:  # where the driver reads it, on whichever machine it runs
                 write_small_file(join_uri(self.results_at, EVAL_NAME), evaluated)
         self._history({key: metrics[key] for key in ("iter", "train_loss", "val_loss")})
+        self._board(metrics, BOARD_EVAL_KEYS, flush=True)
         self._wandb(metrics)
         return metrics
 
@@ -236,5 +265,7 @@ class Reporter:
             self.report_to_ray(metrics, checkpoint=checkpoint)
 
     def finish(self) -> None:
+        if self.board is not None:
+            self.board.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
