@@ -8,10 +8,18 @@ import logging
 import os
 import socket
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from raygpt.errors import LaunchError, one_line
-from raygpt.ray_compat import hide_token_auth_notice, ray_processes_in_their_own_session, start_autoscaling_coordinator
+from raygpt.ray_compat import (
+    WATCHER_SWITCH,
+    hide_token_auth_notice,
+    preemption_watcher_settings,
+    ray_processes_in_their_own_session,
+    ray_started_here_at_a_known_address,
+    start_autoscaling_coordinator,
+)
 
 
 def quiet_ray() -> None:
@@ -54,26 +62,58 @@ def connect(address: str | None, verbose: bool = False) -> None:
     if not joined:
         for name, value in LOCAL_RAY_SETTINGS.items():
             os.environ.setdefault(name, value)
+    watch_preemption(joined)
     # A Ray started here lives outside the launcher's process group: SIGTERM to the group (`timeout`, a batch
-    # scheduler) must leave it running while the workers save their checkpoint.
+    # scheduler) must leave it running while the workers save their checkpoint. Its workers, as a joined
+    # cluster's (lookup_hook), know which cluster is theirs.
     try:
-        with ray_processes_in_their_own_session():
+        with (
+            ray_processes_in_their_own_session(),
+            ray_started_here_at_a_known_address() if not joined else nullcontext(),
+        ):
             context = ray.init(
-                address=address,
-                runtime_env=job_runtime_env(joined),
+                address=address if joined else "local",
+                runtime_env=lookup_hook(job_runtime_env(joined)) if joined else None,
                 logging_level=logging.WARNING,
                 logging_config=None if verbose else ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
             )
     except (ConnectionError, ValueError, TimeoutError) as e:  # Ray's own words, on one line
         where = f"the Ray cluster at {address}" if address else "the Ray cluster started on this machine"
         raise LaunchError(f"cannot join {where}: {one_line(str(e)) or type(e).__name__}") from None
-    # Ray's preemption watcher (drained nodes -> the loop's notice checkpoint) matters only on a cluster
-    # joined here; on the Ray started here it would only log an error line at each start.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1" if joined else "0")
     gcs = context.address_info.get("gcs_address") or context.address_info.get("address")
     how = "joined the Ray cluster" if joined else "started a Ray instance here (it stops with this run)"
     print(f"raygpt: {how} at {gcs}", flush=True)
     start_autoscaling_coordinator()
+
+
+def watch_preemption(joined: bool) -> None:
+    """Whether Ray Train watches for drained nodes (-> the loop's notice checkpoint): on a joined cluster,
+    unless RAY_TRAIN_ENABLE_PREEMPTION_WATCHER says otherwise; a Ray started here is never drained. Set
+    before Ray starts, so that a Ray started here passes it on to its workers (Tune trials call fit() there)."""
+    watch = os.environ.get(WATCHER_SWITCH, "1" if joined else "0").lower() in ("1", "true")
+    for name, value in preemption_watcher_settings(watch).items():
+        if value:
+            os.environ[name] = value
+        else:
+            os.environ.pop(name, None)
+
+
+def lookup_hook(runtime_env: dict | None) -> dict:
+    """`runtime_env` with a hook (Ray's worker_process_setup_hook) that sets RAY_ADDRESS, in every worker
+    process of the job, to the worker's own cluster. Ray's lookups without an address (Train's placement
+    group cleaner asks Ray's state API about the controller every second) search the machine for Ray
+    instances otherwise, and refuse, or warn, every time, where another Ray runs there. The hook is
+    defined here, so Ray ships it by value: a node's workers run it whatever raygpt they have."""
+
+    def name_this_cluster() -> None:
+        try:  # never raises: a failing hook would stop the worker
+            import ray
+
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        except Exception:  # noqa: BLE001 - Ray's lookups then search as before
+            pass
+
+    return {**(runtime_env or {}), "worker_process_setup_hook": name_this_cluster}
 
 
 def given_address(address: str | None) -> tuple[str | None, str]:
