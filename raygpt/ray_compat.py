@@ -115,10 +115,19 @@ EXTRA_CALLBACKS = "RAY_TRAIN_CALLBACKS"  # import paths of callbacks Ray Train a
 WATCHER_CALLBACK = "PreemptionWatcherBesideController"
 
 
+def preemption_watcher_on(default: bool) -> bool:
+    """Whether this process's settings watch for drained nodes: Ray's switch, or this module's watcher among
+    the extra callbacks (which turned the switch off); `default` where neither says."""
+    if f"{__name__}.{WATCHER_CALLBACK}" in os.environ.get(EXTRA_CALLBACKS, "").split(","):
+        return True
+    return os.environ.get(WATCHER_SWITCH, "1" if default else "0").strip().lower() in ("1", "true")
+
+
 def preemption_watcher_settings(watch: bool) -> dict[str, str]:
     """The Ray Train settings (environment variables of the process that calls fit()) that watch for drained
-    nodes, or not. Watching: Ray's own watcher off and this module's WATCHER_CALLBACK on, through Ray's
-    setting for extra callbacks; where Ray's private classes moved, Ray's own watcher, with its error line."""
+    nodes, or not; an empty value: unset. Watching: Ray's own watcher off and this module's WATCHER_CALLBACK
+    on, through Ray's setting for extra callbacks; where Ray's private classes moved, Ray's own watcher, with
+    its error line."""
     ours = f"{__name__}.{WATCHER_CALLBACK}"
     others = [path for path in os.environ.get(EXTRA_CALLBACKS, "").split(",") if path.strip() and path != ours]
     if watch and preemption_watcher_beside_controller() is None:

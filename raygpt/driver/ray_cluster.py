@@ -13,8 +13,8 @@ from pathlib import Path
 
 from raygpt.errors import LaunchError, one_line
 from raygpt.ray_compat import (
-    WATCHER_SWITCH,
     hide_token_auth_notice,
+    preemption_watcher_on,
     preemption_watcher_settings,
     ray_processes_in_their_own_session,
     ray_started_here_at_a_known_address,
@@ -89,9 +89,8 @@ def connect(address: str | None, verbose: bool = False) -> None:
 def watch_preemption(joined: bool) -> None:
     """Whether Ray Train watches for drained nodes (-> the loop's notice checkpoint): on a joined cluster,
     unless RAY_TRAIN_ENABLE_PREEMPTION_WATCHER says otherwise; a Ray started here is never drained. Set
-    before Ray starts, so that a Ray started here passes it on to its workers (Tune trials call fit() there)."""
-    watch = os.environ.get(WATCHER_SWITCH, "1" if joined else "0").lower() in ("1", "true")
-    for name, value in preemption_watcher_settings(watch).items():
+    before Ray starts, so that a Ray started here hands it on to its workers (Tune trials call fit() there)."""
+    for name, value in preemption_watcher_settings(preemption_watcher_on(default=joined)).items():
         if value:
             os.environ[name] = value
         else:
