@@ -125,14 +125,15 @@ def preemption_watcher_on(default: bool) -> bool:
 
 def preemption_watcher_settings(watch: bool) -> dict[str, str]:
     """The Ray Train settings (environment variables of the process that calls fit()) that watch for drained
-    nodes, or not; an empty value: unset. Watching: Ray's own watcher off and this module's WATCHER_CALLBACK
-    on, through Ray's setting for extra callbacks; where Ray's private classes moved, Ray's own watcher, with
-    its error line."""
+    nodes, or not. Watching: Ray's own watcher off and this module's WATCHER_CALLBACK on, through Ray's
+    setting for extra callbacks; where Ray's private classes moved, Ray's own watcher, with its error line."""
     ours = f"{__name__}.{WATCHER_CALLBACK}"
     others = [path for path in os.environ.get(EXTRA_CALLBACKS, "").split(",") if path.strip() and path != ours]
-    if watch and preemption_watcher_beside_controller() is None:
-        return {WATCHER_SWITCH: "1", EXTRA_CALLBACKS: ",".join(others)}
-    return {WATCHER_SWITCH: "0", EXTRA_CALLBACKS: ",".join([*others, ours] if watch else others)}
+    ours_on = watch and preemption_watcher_beside_controller() is not None
+    settings = {WATCHER_SWITCH: "1" if watch and not ours_on else "0"}
+    if ours_on or EXTRA_CALLBACKS in os.environ:
+        settings[EXTRA_CALLBACKS] = ",".join([*others, ours] if ours_on else others)
+    return settings
 
 
 def __getattr__(name: str):

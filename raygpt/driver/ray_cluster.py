@@ -62,10 +62,10 @@ def connect(address: str | None, verbose: bool = False) -> None:
     if not joined:
         for name, value in LOCAL_RAY_SETTINGS.items():
             os.environ.setdefault(name, value)
-    watch_preemption(joined)
+    train_settings = watch_preemption(joined)
     # A Ray started here lives outside the launcher's process group: SIGTERM to the group (`timeout`, a batch
     # scheduler) must leave it running while the workers save their checkpoint. Its workers, as a joined
-    # cluster's (lookup_hook), know which cluster is theirs.
+    # cluster's (joined_runtime_env), know which cluster is theirs.
     try:
         with (
             ray_processes_in_their_own_session(),
@@ -73,7 +73,7 @@ def connect(address: str | None, verbose: bool = False) -> None:
         ):
             context = ray.init(
                 address=address if joined else "local",
-                runtime_env=lookup_hook(job_runtime_env(joined)) if joined else None,
+                runtime_env=joined_runtime_env(job_runtime_env(joined), train_settings) if joined else None,
                 logging_level=logging.WARNING,
                 logging_config=None if verbose else ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
             )
@@ -86,33 +86,34 @@ def connect(address: str | None, verbose: bool = False) -> None:
     start_autoscaling_coordinator()
 
 
-def watch_preemption(joined: bool) -> None:
+def watch_preemption(joined: bool) -> dict[str, str]:
     """Whether Ray Train watches for drained nodes (-> the loop's notice checkpoint): on a joined cluster,
     unless RAY_TRAIN_ENABLE_PREEMPTION_WATCHER says otherwise; a Ray started here is never drained. Set
-    before Ray starts, so that a Ray started here hands it on to its workers (Tune trials call fit() there)."""
-    for name, value in preemption_watcher_settings(preemption_watcher_on(default=joined)).items():
-        if value:
-            os.environ[name] = value
-        else:
-            os.environ.pop(name, None)
+    before Ray starts, so that a Ray started here hands it on to its workers (Tune trials call fit() there).
+    Returns the settings."""
+    settings = preemption_watcher_settings(preemption_watcher_on(default=joined))
+    os.environ.update(settings)
+    return settings
 
 
-def lookup_hook(runtime_env: dict | None) -> dict:
-    """`runtime_env` with a hook (Ray's worker_process_setup_hook) that sets RAY_ADDRESS, in every worker
-    process of the job, to the worker's own cluster. Ray's lookups without an address (Train's placement
+def joined_runtime_env(runtime_env: dict | None, train_settings: dict[str, str]) -> dict:
+    """`runtime_env` with a hook (Ray's worker_process_setup_hook) run in every worker process of the job.
+    It sets RAY_ADDRESS to the worker's own cluster: Ray's lookups without an address (Train's placement
     group cleaner asks Ray's state API about the controller every second) search the machine for Ray
-    instances otherwise, and refuse, or warn, every time, where another Ray runs there. The hook is
-    defined here, so Ray ships it by value: a node's workers run it whatever raygpt they have."""
+    instances otherwise, and refuse, or warn, every time, where another Ray runs there. And it hands on
+    `train_settings`, for the Tune trials that call fit() there, as a Ray started here does through its
+    environment. The hook is defined here, so Ray ships it by value: it needs no raygpt on the node."""
 
-    def name_this_cluster() -> None:
+    def set_up_worker() -> None:
         try:  # never raises: a failing hook would stop the worker
             import ray
 
+            os.environ.update(train_settings)
             os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         except Exception:  # noqa: BLE001 - Ray's lookups then search as before
             pass
 
-    return {**(runtime_env or {}), "worker_process_setup_hook": name_this_cluster}
+    return {**(runtime_env or {}), "worker_process_setup_hook": set_up_worker}
 
 
 def given_address(address: str | None) -> tuple[str | None, str]:
