@@ -1,6 +1,6 @@
 """Connecting the launcher to Ray: join a cluster (an address, RAY_ADDRESS, or one `ray start` began on this
 machine) or start one here, and the environment Ray and its workers get (quiet logs, credentials, settings
-for a Ray started here)."""
+for a Ray started here, the preemption watcher, and which cluster is theirs)."""
 
 from __future__ import annotations
 
