@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 
@@ -103,6 +105,87 @@ def torch_backend_without_teardown() -> type | None:
     return type("NoTeardownBackend", (_TorchBackend,), {"on_shutdown": _leave_process_group, "__module__": __name__})
 
 
+# Ray Train's preemption watcher (drained nodes -> each worker's ray.train.get_preemption_info) is an actor
+# that Ray restarts (max_restarts=-1) and that gets the workers' actor handles as constructor arguments. An
+# actor handle is an object reference, and Ray Core logs an error (core_worker.cc, in the controller's
+# process, so on the launcher's console) for every restartable actor created with references among its
+# arguments, since it cannot always restart one (ray-project/ray#53727). The same watcher started on the
+# controller's own node needs no restart: it goes only where the controller goes, and then the run does.
+WATCHER_SWITCH = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+EXTRA_CALLBACKS = "RAY_TRAIN_CALLBACKS"  # import paths of callbacks Ray Train adds to every run, comma-separated
+WATCHER_CALLBACK = "PreemptionWatcherBesideController"
+
+
+def preemption_watcher_on(default: bool) -> bool:
+    """Whether this process's settings watch for drained nodes: Ray's switch, or this module's watcher among
+    the extra callbacks (which turned the switch off); `default` where neither says."""
+    if f"{__name__}.{WATCHER_CALLBACK}" in os.environ.get(EXTRA_CALLBACKS, "").split(","):
+        return True
+    return os.environ.get(WATCHER_SWITCH, "1" if default else "0").strip().lower() in ("1", "true")
+
+
+def preemption_watcher_settings(watch: bool) -> dict[str, str]:
+    """The Ray Train settings (environment variables of the process that calls fit()) that watch for drained
+    nodes, or not. Watching: Ray's own watcher off and this module's WATCHER_CALLBACK on, through Ray's
+    setting for extra callbacks; where Ray's private classes moved, Ray's own watcher, with its error line."""
+    ours = f"{__name__}.{WATCHER_CALLBACK}"
+    others = [path for path in os.environ.get(EXTRA_CALLBACKS, "").split(",") if path.strip() and path != ours]
+    ours_on = watch and preemption_watcher_beside_controller() is not None
+    settings = {WATCHER_SWITCH: "1" if watch and not ours_on else "0"}
+    if ours_on or EXTRA_CALLBACKS in os.environ:
+        settings[EXTRA_CALLBACKS] = ",".join([*others, ours] if ours_on else others)
+    return settings
+
+
+def __getattr__(name: str):
+    """WATCHER_CALLBACK, built when Ray Train imports it by name: importing this module imports no Ray."""
+    if name == WATCHER_CALLBACK and preemption_watcher_beside_controller() is not None:
+        return preemption_watcher_beside_controller()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def preemption_watcher_beside_controller() -> type | None:
+    """Ray Train's preemption callback (private: ray.train.v2._internal.callbacks.preemption_callback), whose
+    watcher (ray.train.v2._internal.execution.preemption.PreemptionWatcher) is started on the controller's
+    node with no restarts; None where either moved. Should a worker group come without the fields read
+    here, that run gets Ray's own watcher."""
+    try:
+        from ray.train.v2._internal.callbacks.preemption_callback import PreemptionCallback
+        from ray.train.v2._internal.execution.preemption import PreemptionWatcher
+    except ImportError:  # pragma: no cover - depends on the Ray version
+        return None
+    takes = inspect.signature(PreemptionWatcher.__init__).parameters
+    if not {"node_to_ranks", "poll_interval_s", "worker_actors_by_rank"} <= set(takes) or not hasattr(
+        PreemptionCallback, "_stop_watcher"
+    ):  # pragma: no cover - depends on the Ray version
+        return None
+
+    def after_worker_group_start(self, worker_group) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        try:
+            ranks_by_node, worker_by_rank = {}, {}
+            for worker in worker_group.get_workers():
+                rank = worker.distributed_context.world_rank
+                ranks_by_node.setdefault(worker.metadata.node_id, []).append(rank)
+                worker_by_rank[rank] = worker.actor
+            poll_interval_s = self._poll_interval_s
+        except AttributeError:  # pragma: no cover - depends on the Ray version
+            PreemptionCallback.after_worker_group_start(self, worker_group)
+            return
+        self._stop_watcher()  # the previous worker group's
+        controller_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        watcher = ray.remote(PreemptionWatcher).options(num_cpus=0, scheduling_strategy=controller_node)
+        self._watcher = watcher.remote(
+            node_to_ranks=ranks_by_node, poll_interval_s=poll_interval_s, worker_actors_by_rank=worker_by_rank
+        )
+
+    members = {"after_worker_group_start": after_worker_group_start, "__module__": __name__}
+    return type(WATCHER_CALLBACK, (PreemptionCallback,), members)
+
+
 def tune_stop_event() -> Callable[[], bool]:
     """Whether Tune has stopped this trial, read from its session's stop event (ray.train._internal.session,
     a private attribute); where it is missing, never (trials end at their next report, as Tune means them to)."""
@@ -168,6 +251,43 @@ def job_working_dir() -> str | None:
     except (ValueError, AttributeError):  # not the JSON object Ray writes
         return None
     return working_dir if isinstance(working_dir, str) and working_dir else None
+
+
+@contextlib.contextmanager
+def ray_started_here_at_a_known_address():
+    """While Ray starts here (ray.init(address="local")): its GCS takes a port chosen now, and RAY_ADDRESS
+    names it in the environment that Ray's processes, and through the raylet every worker, inherit. Ray's
+    lookups without an address, in a worker (Train's placement group cleaner asks Ray's state API about the
+    controller every second), then find this cluster; without it they search the machine for Ray's GCS
+    processes and refuse, every time, where another Ray runs ("Found multiple active Ray instances"). The
+    port goes through RAY_GCS_SERVER_PORT, which ray.init reads for the head it starts but does not
+    document: if Ray stops naming it, nothing is set. This process's own environment is put back after."""
+    try:
+        from ray._private.ray_constants import GCS_PORT_ENVIRONMENT_VARIABLE as port_setting
+        from ray.util import get_node_ip_address
+    except ImportError:  # pragma: no cover - depends on the Ray version
+        yield
+        return
+    port = os.environ.get(port_setting) or str(unused_port())
+    host = get_node_ip_address()  # the address Ray gives the node it starts
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    before = {name: os.environ.get(name) for name in (port_setting, "RAY_ADDRESS")}
+    os.environ.update({port_setting: port, "RAY_ADDRESS": address})
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def unused_port() -> int:
+    """A TCP port nothing listens on now, as Ray chooses its own (the kernel's pick)."""
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def hide_token_auth_notice() -> None:

@@ -1,6 +1,6 @@
 """Connecting the launcher to Ray: join a cluster (an address, RAY_ADDRESS, or one `ray start` began on this
 machine) or start one here, and the environment Ray and its workers get (quiet logs, credentials, settings
-for a Ray started here)."""
+for a Ray started here, the preemption watcher, and which cluster is theirs)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,18 @@ import logging
 import os
 import socket
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from raygpt.errors import LaunchError, one_line
-from raygpt.ray_compat import hide_token_auth_notice, ray_processes_in_their_own_session, start_autoscaling_coordinator
+from raygpt.ray_compat import (
+    hide_token_auth_notice,
+    preemption_watcher_on,
+    preemption_watcher_settings,
+    ray_processes_in_their_own_session,
+    ray_started_here_at_a_known_address,
+    start_autoscaling_coordinator,
+)
 
 
 def quiet_ray() -> None:
@@ -54,26 +62,58 @@ def connect(address: str | None, verbose: bool = False) -> None:
     if not joined:
         for name, value in LOCAL_RAY_SETTINGS.items():
             os.environ.setdefault(name, value)
+    train_settings = watch_preemption(joined)
     # A Ray started here lives outside the launcher's process group: SIGTERM to the group (`timeout`, a batch
-    # scheduler) must leave it running while the workers save their checkpoint.
+    # scheduler) must leave it running while the workers save their checkpoint. Its workers, as a joined
+    # cluster's (joined_runtime_env), know which cluster is theirs.
     try:
-        with ray_processes_in_their_own_session():
+        with (
+            ray_processes_in_their_own_session(),
+            ray_started_here_at_a_known_address() if not joined else nullcontext(),
+        ):
             context = ray.init(
-                address=address,
-                runtime_env=job_runtime_env(joined),
+                address=address if joined else "local",
+                runtime_env=joined_runtime_env(job_runtime_env(joined), train_settings) if joined else None,
                 logging_level=logging.WARNING,
                 logging_config=None if verbose else ray.LoggingConfig(encoding="TEXT", log_level="WARNING"),
             )
     except (ConnectionError, ValueError, TimeoutError) as e:  # Ray's own words, on one line
         where = f"the Ray cluster at {address}" if address else "the Ray cluster started on this machine"
         raise LaunchError(f"cannot join {where}: {one_line(str(e)) or type(e).__name__}") from None
-    # Ray's preemption watcher (drained nodes -> the loop's notice checkpoint) matters only on a cluster
-    # joined here; on the Ray started here it would only log an error line at each start.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1" if joined else "0")
     gcs = context.address_info.get("gcs_address") or context.address_info.get("address")
     how = "joined the Ray cluster" if joined else "started a Ray instance here (it stops with this run)"
     print(f"raygpt: {how} at {gcs}", flush=True)
     start_autoscaling_coordinator()
+
+
+def watch_preemption(joined: bool) -> dict[str, str]:
+    """Whether Ray Train watches for drained nodes (-> the loop's notice checkpoint): on a joined cluster,
+    unless RAY_TRAIN_ENABLE_PREEMPTION_WATCHER says otherwise; a Ray started here is never drained. Set
+    before Ray starts, so that a Ray started here hands it on to its workers (Tune trials call fit() there).
+    Returns the settings."""
+    settings = preemption_watcher_settings(preemption_watcher_on(default=joined))
+    os.environ.update(settings)
+    return settings
+
+
+def joined_runtime_env(runtime_env: dict | None, train_settings: dict[str, str]) -> dict:
+    """`runtime_env` with a hook (Ray's worker_process_setup_hook) run in every worker process of the job.
+    It sets RAY_ADDRESS to the worker's own cluster: Ray's lookups without an address (Train's placement
+    group cleaner asks Ray's state API about the controller every second) search the machine for Ray
+    instances otherwise, and refuse, or warn, every time, where another Ray runs there. And it hands on
+    `train_settings`, for the Tune trials that call fit() there, as a Ray started here does through its
+    environment. The hook is defined here, so Ray ships it by value: it needs no raygpt on the node."""
+
+    def set_up_worker() -> None:
+        try:  # never raises: a failing hook would stop the worker
+            import ray
+
+            os.environ.update(train_settings)
+            os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        except Exception:  # noqa: BLE001 - Ray's lookups then search as before
+            pass
+
+    return {**(runtime_env or {}), "worker_process_setup_hook": set_up_worker}
 
 
 def given_address(address: str | None) -> tuple[str | None, str]:
