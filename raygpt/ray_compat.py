@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 # ---------------------------------------------------------------------------------------------------------
 # worker side
@@ -238,6 +239,20 @@ def ray_processes_in_their_own_session():
 # The variable Ray's job supervisor hands a job's driver its config in (runtime_env, metadata): Ray's private
 # ray._private.runtime_env.constants.RAY_JOB_CONFIG_JSON_ENV_VAR, spelled out so that reading it imports no Ray.
 JOB_CONFIG_VARIABLE = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def local_cluster_file() -> Path:
+    """The file where `ray start` records the cluster a plain ray.init() joins: ray_current_cluster in Ray's
+    default temp folder ($RAY_TMPDIR, else $TMPDIR on Linux, else /tmp; then /ray)."""
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        return Path(get_ray_address_file(None))
+    except (ImportError, AttributeError, TypeError):
+        system = os.environ.get("RAY_TMPDIR") or (
+            os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None
+        )
+        return Path(system or "/tmp") / "ray" / "ray_current_cluster"
 
 
 def job_working_dir() -> str | None:

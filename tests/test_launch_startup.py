@@ -160,3 +160,25 @@ print("torch._dynamo" in sys.modules)
 """
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False", done.stdout + done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("env", [{"TMPDIR": "tmpdir"}, {"RAY_TMPDIR": "raytmp", "TMPDIR": "tmpdir"}, {}])
+def test_local_cluster_file_is_the_one_ray_start_writes(env, monkeypatch, tmp_path):
+    """`ray start` records the cluster a plain ray.init() joins under $RAY_TMPDIR, else $TMPDIR, then /ray:
+    the launcher looks for it there, with Ray's function or with its own rule where Ray's moved."""
+    import sys
+
+    from ray._common.utils import get_ray_address_file
+
+    from raygpt.ray_compat import local_cluster_file
+
+    for name in ("TMPDIR", "RAY_TMPDIR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(tmp_path / value))
+    expected = Path(get_ray_address_file(None))
+    assert local_cluster_file() == expected
+    base = env.get("RAY_TMPDIR", env.get("TMPDIR"))
+    assert expected == (tmp_path / base if base else Path("/tmp")) / "ray" / "ray_current_cluster"
+    monkeypatch.setitem(sys.modules, "ray._common.utils", None)  # as if Ray had moved it
+    assert local_cluster_file() == expected

@@ -9,11 +9,11 @@ import os
 import socket
 import sys
 from contextlib import nullcontext
-from pathlib import Path
 
 from raygpt.errors import LaunchError, one_line
 from raygpt.ray_compat import (
     hide_token_auth_notice,
+    local_cluster_file,
     preemption_watcher_on,
     preemption_watcher_settings,
     ray_processes_in_their_own_session,
@@ -57,7 +57,7 @@ def connect(address: str | None, verbose: bool = False) -> None:
     address, source = given_address(address)
     if address:
         check_address(address, source)
-    local_cluster = Path(os.environ.get("RAY_TMPDIR", "/tmp/ray")) / "ray_current_cluster"
+    local_cluster = local_cluster_file()
     joined = bool(address) or local_cluster.is_file()
     if not joined:
         for name, value in LOCAL_RAY_SETTINGS.items():
