@@ -155,3 +155,36 @@ def test_a_new_sweep_says_where_it_goes(tmp_path, fresh):
     sweep = find_sweep(cfg, "out-tune", None, 1, fresh=fresh)
     assert sweep.state == "new" and sweep.trials_dir == str(tmp_path / "runs" / "out-tune")
     assert sweep.line == f"a new sweep 'out-tune' in {tmp_path / 'ray' / 'out-tune'}"
+
+
+class Result:
+    """What summarize reads of one of Tune's Results."""
+
+    def __init__(self, trial_id: str, lr: float, best: float, peak_memory_gib):
+        self.config, self.error, self.path, self.metrics_dataframe = {"learning_rate": lr}, None, trial_id, None
+        self.metrics = {"trial_id": trial_id, "iter": 8, "val_loss": best, "best_val_loss": best,
+                        "peak_memory_gib": peak_memory_gib}  # fmt: skip
+        self.best_checkpoints = []
+
+
+class Grid(list):
+    """What summarize reads of Tune's ResultGrid."""
+
+    experiment_path = "/sweeps/s"
+
+    def get_best_result(self, metric, mode, scope):
+        return min(self, key=lambda result: result.metrics[metric])
+
+
+@pytest.mark.parametrize("peak_memory_gib, column", [(None, False), (1.25, True)])
+def test_the_peak_memory_column_is_the_gpus_and_left_out_on_cpu(capsys, peak_memory_gib, column):
+    from raygpt.driver.sweep_report import summarize
+
+    grid = Grid([Result("a_00001", 1e-3, 2.5, peak_memory_gib), Result("a_00000", 1e-2, 2.0, peak_memory_gib)])
+    assert summarize(grid, ["learning_rate"], max_iters=8) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert ("peak_memory_gib" in lines[0].split()) is column
+    assert [line.split()[0] for line in lines[1:3]] == ["a_00000", "a_00001"]  # in trial order
+    if column:
+        assert lines[1].split()[-2] == "1.25"
+    assert lines[3] == "best trial a_00000: learning_rate=0.01"

@@ -101,8 +101,8 @@ class OutputWatch:
     has come for QUIET_S (at most SETTLE_LIMIT_S), then stops the forwarding, so that what this process
     prints next (the result table) comes last."""
 
-    QUIET_S = 1.5
-    SETTLE_LIMIT_S = 10.0
+    QUIET_S = 2.0
+    SETTLE_LIMIT_S = 15.0
 
     def __init__(self):
         self.saved = sys.stdout, sys.stderr

@@ -88,24 +88,26 @@ def summarize(grid, names: list[str], max_iters: int) -> int:
     """Print the trial table and the best trial; returns the exit code (1 when no trial produced a result).
     The peak_memory_gib column is the GPU's peak (torch's allocator); on CPU, where nothing measures it,
     the column is left out."""
-    with_memory = any(isinstance((r.metrics or {}).get("peak_memory_gib"), float) for r in grid)
-    header = ["trial", *names, "val_loss", "best_val_loss", "iter", *(["peak_memory_gib"] * with_memory), "status"]
+    results = sorted(grid, key=trial_id_of)  # in trial order, however Tune listed them
+    memory = (
+        ["peak_memory_gib"] if any(isinstance((r.metrics or {}).get("peak_memory_gib"), float) for r in grid) else []
+    )
+    header = ["trial", *names, "val_loss", "best_val_loss", "iter", *memory, "status"]
     rows = []
-    for result in grid:
+    for result in results:
         metrics = result.metrics or {}
         rows.append(
             [
                 trial_id_of(result),
                 *(fmt(result.config.get(n)) for n in names),
-                *(fmt(metrics.get(key)) for key in ("val_loss", "best_val_loss", "iter")),
-                *([fmt(metrics.get("peak_memory_gib"))] * with_memory),
+                *(fmt(metrics.get(key)) for key in ("val_loss", "best_val_loss", "iter", *memory)),
                 status_of(result, max_iters),
             ]
         )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
-    for result in grid:
+    for result in results:
         if result.error is not None:
             print(f"trial {trial_id_of(result)} failed: {root_cause(result.error)}")
     scored = [r for r in grid if r.metrics and r.metrics.get("best_val_loss") is not None]
