@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     from raygpt.driver.sweep_report import summarize
 
     code = summarize(grid, list(specs), base.max_iters)
-    left = unfinished_trials(grid.experiment_path, len(grid))
+    left = unfinished_trials(grid.experiment_path, len(grid), failed_too=False)
     if left:  # Tune stopped the sweep (Ctrl-C) and saved its state
         print(f"interrupted: {count(left, 'trial')} of {len(grid)} unfinished; the same command resumes the sweep",
               file=sys.stderr)  # fmt: skip

@@ -109,7 +109,7 @@ def summarize(grid, names: list[str], max_iters: int) -> int:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
     for result in results:
         if result.error is not None:
-            print(f"trial {trial_id_of(result)} failed: {root_cause(result.error)}")
+            print(f"trial {trial_id_of(result)} failed: {root_cause(result.error)} (the same command resumes it)")
     scored = [r for r in grid if r.metrics and r.metrics.get("best_val_loss") is not None]
     if not scored:
         print("no trial reported a val loss", file=sys.stderr)

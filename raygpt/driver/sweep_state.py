@@ -65,11 +65,18 @@ def is_taken(cfg: TrainConfig, name: str) -> bool:
     return Path(trials_dir).exists() or name in list_folders(storage_root(cfg.storage_path), name)
 
 
-def unfinished_trials(path: str, trials: int) -> int:
-    """Trials of the sweep at `path` that have not ended (Tune's TERMINATED), those not started included."""
+def trial_statuses(path: str) -> list[str]:
+    """Tune's status of each trial of the sweep at `path`: TERMINATED (ended), ERROR, or not ended."""
     from ray.tune import ExperimentAnalysis
 
-    ended = sum(trial.status == "TERMINATED" for trial in ExperimentAnalysis(path).trials)
+    return [trial.status for trial in ExperimentAnalysis(path).trials]
+
+
+def unfinished_trials(path: str, trials: int, failed_too: bool = True) -> int:
+    """Trials of the sweep at `path` (of `trials`) that have not ended, those not started included, and
+    unless not `failed_too` the failed ones: a rerun resumes them all."""
+    statuses = trial_statuses(path)
+    ended = statuses.count("TERMINATED") + (0 if failed_too else statuses.count("ERROR"))
     return max(trials - ended, 0)
 
 
