@@ -2,25 +2,25 @@
 
 A SPEC is `loguniform:LOW:HIGH`, `uniform:LOW:HIGH`, `choice:A,B,C` or `grid:A,B,C`; every other
 `--key=value` and the config file are read as by raygpt.launch. Each trial trains the base config with
-the trial's values, its own run_name (`<run_name>-<trial_id>`) and out_dir (`<out_dir>/<trial_id>`).
+the trial's values, its own run_name (`<run_name>-<trial_id>`) and out_dir (`<sweep>/<trial_id>` beside
+out_dir, <sweep> being the sweep's name: --name, default `<run_name>-tune`; raygpt.driver.sweep_state). A rerun
+of the command resumes an unfinished sweep and shows a finished one's results; --fresh starts a new one.
 A trial of one worker trains in the trial's own process (raygpt.worker.loop.train_in_tune_trial), reporting
 and checkpointing to Tune, which restarts it after a failure (max_failures); Tune reuses the process for
 the next trial, which so starts with torch imported and its graphs compiled. A trial of several workers
 (or FSDP2, or an elastic count) is a Ray Train V2 run (`raygpt.driver.trainer.build_trainer`) whose eval metrics
 reach Tune through TuneReportCallback. Tune minimizes val_loss; --asha stops poor trials early
-(time_attr 'iter').
+(time_attr 'iter'). Each trial's lines start with its trial id, and the result table comes last
+(raygpt.driver.sweep_console).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from raygpt.config.cli import config_help, parse_value, read_config
 from raygpt.config.schema import (
@@ -34,6 +34,7 @@ from raygpt.config.schema import (
     is_plain_name,
     shown,
 )
+from raygpt.driver.identity import identify_run
 from raygpt.driver.launcher import LauncherOptions, add_launcher_options, prepare_run
 from raygpt.driver.plan import (
     RunPlan,
@@ -44,7 +45,17 @@ from raygpt.driver.plan import (
     nearest_multiples,
     plan_resources,
 )
-from raygpt.driver.trainer import build_trainer, root_cause
+from raygpt.driver.preflight import absolute_paths
+from raygpt.driver.sweep_console import OutputWatch, quiet_sweep_output
+from raygpt.driver.sweep_state import (
+    Sweep,
+    find_sweep,
+    finished_results,
+    record_settings,
+    sweep_settings,
+    unfinished_trials,
+)
+from raygpt.driver.sweep_trials import build_tuner, trains_in_trial
 from raygpt.errors import EXIT_INTERRUPTED, LaunchError, OneLineParser, RaygptError, refuse
 from raygpt.storage.uri import check_storage_path
 
@@ -257,42 +268,6 @@ def plan_concurrency(cfg: TrainConfig, plan: RunPlan, explicit_keys, concurrent:
     return plan_resources(cfg.replace(use_gpu=plan.use_gpu, **changes))
 
 
-def trains_in_trial(cfg: TrainConfig, plan: RunPlan) -> bool:
-    """Whether each trial trains in its own process instead of starting a Ray Train run: one fixed worker,
-    no process group needed (FSDP2 shards over one; local mode keeps its Train semantics)."""
-    return plan.num_workers == 1 and not plan.max_workers and cfg.parallelism != "fsdp" and not cfg.local_mode
-
-
-def make_trainable(base: TrainConfig, plan: RunPlan):
-    from ray import tune
-
-    in_trial = trains_in_trial(base, plan)
-
-    def train_trial(config: dict) -> None:
-        from ray import tune
-
-        trial_id = tune.get_context().get_trial_id()
-        cfg = base.replace(**config, out_dir=f"{base.out_dir}/{trial_id}")
-        started = time.time()  # a trial's start-up line counts from the trial's own start, not the sweep's
-        trial_plan = dataclasses.replace(plan, run_name=f"{plan.run_name}-{trial_id}", launched_at=started,
-                                         ray_ready_at=started, launch_id=f"{plan.launch_id}-{trial_id}")  # fmt: skip
-        if in_trial:
-            from raygpt.worker.loop import train_in_tune_trial
-
-            train_in_tune_trial({"config": cfg.to_dict(), "plan": dataclasses.asdict(trial_plan)})
-        else:
-            from ray.tune.integration.ray_train import TuneReportCallback
-
-            build_trainer(cfg, trial_plan, callbacks=[TuneReportCallback()]).fit()
-
-    if not in_trial:
-        # The trial function only drives the Train run (whose controller takes 0 CPUs); its workers hold the
-        # resources. Tune refuses an all-zero request, and a CPU fraction would leave the workers' planned
-        # CPUs short of the cluster's, so the trial asks for one byte of Ray's memory resource.
-        return tune.with_resources(train_trial, {"memory": 1})
-    return tune.with_resources(train_trial, {"CPU": plan.cpus_per_worker, **({"GPU": 1} if plan.use_gpu else {})})
-
-
 def run_sweep(
     base: TrainConfig,
     specs: dict[str, Spec],
@@ -303,29 +278,33 @@ def run_sweep(
     grace_period: int | None = None,
     options: LauncherOptions = LauncherOptions(),
     name: str | None = None,
-    verbose: int = 1,
+    verbose: int = 0,
+    fresh: bool = False,
 ):
-    """Run the sweep and return Tune's ResultGrid. `specs`: {key: Spec} from split_argv, or a Tune param_space.
+    """Run the sweep, or resume it, and return Tune's ResultGrid (a finished sweep's, read back).
+    `specs`: {key: Spec} from split_argv, or a Tune param_space. `verbose`: Tune's own output (0: none,
+    raygpt's lines instead).
 
     Trials run `concurrent` at a time: --max-concurrent, capped (unless wait_for_resources) by how many the
     cluster holds side by side; a trial's own request is negligible, so this cap is what keeps Tune from
     starting trials whose Train workers would only wait for resources."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    # Tune snapshots the experiment whenever a trial has kept checkpoints_to_keep new ones, which is what
-    # ranks them; its warning about that cadence only says so, seconds apart, in every short sweep.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    quiet_sweep_output(verbose)
     check_sweep_options(base, specs, num_samples, max_concurrent, asha, grace_period, name)
     # Specs (from split_argv) are checked against the base config; a ready param_space is used as given.
     space = search_space(check_specs(base, specs)) if all(isinstance(s, Spec) for s in specs.values()) else specs
     explicit_keys = set(explicit_keys) | set(specs)
     if base.num_workers and not base.local_mode:  # a count given: checked now, not after Ray has started
         check_sampled_for_workers(base, specs, base.num_workers)
+    trials = trial_count(space, num_samples)
+    settings = command_settings(base, specs, num_samples, asha, grace_period)
+    sweep, base = locate_sweep(base, name, settings, trials, fresh)
+    print(f"raygpt.tune: {sweep.line}", flush=True)
+    if sweep.state == "finished":
+        return finished_results(sweep)
     cfg, plan, lock = prepare_run(base, explicit_keys, options, new_runs=True)  # each trial is a run of its own
     try:  # the run lock is released when the sweep ends, or fails to start
+        cfg = cfg.replace(out_dir=sweep.trials_dir)
         check_trial_names(plan.run_name)
-        trials = trial_count(space, num_samples)
         concurrent = min(max_concurrent or trials, trials)
         if not options.wait_for_resources:
             concurrent = max(1, min(concurrent, trials_that_fit(plan, explicit_keys)))
@@ -337,39 +316,36 @@ def run_sweep(
         print(
             f"raygpt.tune: {count(trials, 'trial')} of {workers},"
             f" {count(plan.cpus_per_worker, 'CPU')} each, up to {concurrent} at a time"
-            + (", each training in its Tune trial's process" if in_trial else ", each a Ray Train run"),
+            + (", each training in its Tune trial's process" if in_trial else ", each a Ray Train run")
+            + f"; their out_dirs in {sweep.trials_dir}",
             flush=True,
         )
-        scheduler = None
-        if asha:
-            grace = grace_period or min(cfg.max_iters, 2 * cfg.eval_interval)
-            scheduler = ASHAScheduler(time_attr="iter", max_t=max(cfg.max_iters, 1), grace_period=max(1, grace))
-        tuner = tune.Tuner(
-            make_trainable(cfg, plan),
-            param_space=space,
-            tune_config=tune.TuneConfig(
-                metric="val_loss",
-                mode="min",
-                num_samples=num_samples,
-                max_concurrent_trials=concurrent,
-                scheduler=scheduler,
-                # A finished trial's process runs the next trial: torch imported, its GPU set up and its graphs
-                # compiled. Only where the trial trained itself: a Train run that a scheduler stopped goes on in
-                # the trial's thread, Tune cannot hand that process on, and the sweep waited forever.
-                reuse_actors=in_trial,
-            ),
-            run_config=tune.RunConfig(
-                name=name or f"{plan.run_name}-tune",
-                storage_path=cfg.storage_path or None,
-                verbose=verbose,
-                # A trial that trains in its own process is restarted and checkpointed by Tune, as a Train run
-                # would be by Train.
-                **(trial_run_options(cfg) if in_trial else {}),
-            ),
-        )
+        tuner = build_tuner(cfg, plan, sweep, space, list(specs), num_samples, concurrent, asha, grace_period, verbose)
+        if sweep.state == "new":
+            record_settings(sweep, settings)
         return tuner.fit()
     finally:
         lock.release()
+
+
+def command_settings(base: TrainConfig, specs: dict, num_samples: int, asha: bool, grace_period: int | None):
+    """What the sweep's command asks for (sweep_state.sweep_settings); None for a ready param_space."""
+    if not all(isinstance(spec, Spec) for spec in specs.values()):
+        return None
+    options = {"num-samples": num_samples, "asha": asha, "grace-period": grace_period}
+    return sweep_settings(absolute_paths(base), {key: str(spec) for key, spec in specs.items()}, options)
+
+
+def locate_sweep(base: TrainConfig, name: str | None, settings: dict | None, trials: int,
+                 fresh: bool) -> tuple[Sweep, TrainConfig]:  # fmt: skip
+    """The sweep this command runs (sweep_state.find_sweep), and the base config to prepare it from: its
+    run name fixed, its out_dir the trials' folder (with init_from=resume, out_dir's: every trial starts
+    from that run)."""
+    cfg = absolute_paths(base)
+    run_name = identify_run(cfg, new_runs=True).run_name
+    sweep = find_sweep(cfg, name or f"{run_name}-tune", settings, trials, fresh)
+    cfg = cfg.replace(run_name=run_name)
+    return sweep, cfg if cfg.init_from == "resume" else cfg.replace(out_dir=sweep.trials_dir)
 
 
 def check_sweep_options(base: TrainConfig, specs: dict, num_samples: int, max_concurrent: int | None, asha: bool,
@@ -419,87 +395,6 @@ def check_trial_names(run_name: str) -> None:
         )
 
 
-def trial_run_options(cfg: TrainConfig) -> dict:
-    from ray import tune
-
-    return dict(
-        failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-        checkpoint_config=tune.CheckpointConfig(
-            num_to_keep=cfg.checkpoints_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
-        ),
-    )
-
-
-def best_checkpoint(result) -> tuple[str | None, dict | None]:
-    """The reported checkpoint with the lowest val_loss (Train or Tune keeps it: both rank by val_loss)."""
-    if result.best_checkpoints:  # a trial that trained in its own process reported its checkpoints to Tune
-        checkpoint, metrics = min(result.best_checkpoints, key=lambda pair: pair[1]["val_loss"])
-        return checkpoint.path, metrics
-    df = result.metrics_dataframe
-    if df is None or "checkpoint_path" not in df or "val_loss" not in df:
-        return result.metrics.get("checkpoint_path") if result.metrics else None, result.metrics
-    rows = df[df["checkpoint_path"].notna()]
-    if rows.empty:
-        return None, None
-    row = rows.loc[rows["val_loss"].idxmin()]
-    return row["checkpoint_path"], row.to_dict()
-
-
-def status_of(result, max_iters: int) -> str:
-    if result.error is not None:
-        return "ERROR"
-    it = (result.metrics or {}).get("iter")
-    if it is None:
-        return "NO RESULT"
-    return "DONE" if it >= max_iters else "STOPPED"
-
-
-def fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
-    return "-" if value is None else str(value)
-
-
-def summarize(grid, specs: dict[str, Spec], max_iters: int) -> int:
-    """Print the trial table and the best trial; returns the exit code (1 when no trial produced a result)."""
-    names = list(specs)
-    header = ["trial", *names, "val_loss", "best_val_loss", "iter", "status"]
-    rows = []
-    for result in grid:
-        metrics = result.metrics or {}
-        rows.append(
-            [
-                metrics.get("trial_id") or Path(result.path).name,
-                *(fmt(result.config.get(n)) for n in names),
-                fmt(metrics.get("val_loss")),
-                fmt(metrics.get("best_val_loss")),
-                fmt(metrics.get("iter")),
-                status_of(result, max_iters),
-            ]
-        )
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
-    for result in grid:
-        if result.error is not None:
-            print(
-                f"trial {(result.metrics or {}).get('trial_id') or Path(result.path).name} failed:"
-                f" {root_cause(result.error)}"
-            )
-    scored = [r for r in grid if r.metrics and r.metrics.get("best_val_loss") is not None]
-    if not scored:
-        print("no trial reported a val loss", file=sys.stderr)
-        return 1
-    best = grid.get_best_result(metric="best_val_loss", mode="min", scope="last")
-    values = ", ".join(f"{n}={fmt(best.config.get(n))}" for n in names)
-    print(f"best trial {best.metrics.get('trial_id')}: {values}")
-    print(f"best val loss {best.metrics['best_val_loss']:.4f}")
-    ckpt, _ = best_checkpoint(best)
-    print(f"best checkpoint: {ckpt or 'none'}")
-    print(f"sweep folder: {grid.experiment_path}")
-    return 0
-
-
 def read_base(config_argv: list[str], specs: dict[str, Spec]) -> tuple[TrainConfig, set]:
     """The sweep's base config, each sampled key at its first value: a sampled key's default is never
     trained, and must not make the base invalid (n_head=12 beside a small n_embd and a sampled n_head)."""
@@ -546,12 +441,24 @@ def parse_args(argv: list[str]):
         metavar="ITERS",
         help="iterations before ASHA may stop a trial (default: 2 eval intervals)",
     )
-    parser.add_argument("--name", default=None, help="Tune experiment name (default: <run_name>-tune)")
+    parser.add_argument(
+        "--name",
+        default=None,
+        help="the sweep's name: its experiment folder in storage_path and, beside out_dir, its trials' out_dirs "
+        "(default: <run_name>-tune)",
+    )
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new sweep beside an earlier one of this name (<name>-2, ...); nothing is deleted. Without "
+        "it, a rerun resumes an unfinished sweep and shows a finished one's results",
+    )
     add_launcher_options(parser)
     return parser, *parser.parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_sweep_output()  # before Ray is imported
     try:
         parser, args, config_argv = parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as e:  # argparse already printed a usage line
@@ -560,26 +467,30 @@ def main(argv: list[str] | None = None) -> int:
         print(parser.format_help())
         print(config_help())
         return 0
+    watch = OutputWatch()  # the trials' lines come first, then the table
     try:
         config_argv, specs = split_argv(config_argv)
         base, explicit_keys = read_base(config_argv, specs)
-        grid = run_sweep(
-            base,
-            specs,
-            explicit_keys,
-            args.num_samples,
-            args.max_concurrent,
-            args.asha,
-            args.grace_period,
-            LauncherOptions(args.address, args.wait_for_resources, args.prepare_input),
-            args.name,
-        )
+        options = LauncherOptions(args.address, args.wait_for_resources, args.prepare_input)
+        grid = run_sweep(base, specs, explicit_keys, args.num_samples, args.max_concurrent, args.asha,
+                         args.grace_period, options, args.name, fresh=args.fresh)  # fmt: skip
+        watch.settle()
     except RaygptError as e:
         return refuse(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return summarize(grid, specs, base.max_iters)
+    finally:
+        watch.close()
+    from raygpt.driver.sweep_report import summarize
+
+    code = summarize(grid, list(specs), base.max_iters)
+    left = unfinished_trials(grid.experiment_path, len(grid), failed_too=False)
+    if left:  # Tune stopped the sweep (Ctrl-C) and saved its state
+        print(f"interrupted: {count(left, 'trial')} of {len(grid)} unfinished; the same command resumes the sweep",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_INTERRUPTED
+    return code
 
 
 if __name__ == "__main__":

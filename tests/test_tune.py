@@ -16,6 +16,7 @@ from test_faults import FAULT_RUN, assert_bit_identical, cli_args, ray_actor_pro
 from raygpt import tune as rtune
 from raygpt.config.schema import ConfigError, TrainConfig
 from raygpt.core import checkpoint
+from raygpt.driver import sweep_report
 
 TINY = {**TINY_RUN, "min_lr": 1e-6}
 
@@ -104,8 +105,10 @@ def test_sweep_picks_the_better_learning_rate_and_asha_stops_the_worse(ray_local
     assert [by_lr[lr].metrics["iter"] for lr in (1e-2, 1e-5, 1e-6)] == [20, 10, 10]
     for result in grid:
         trial_id = result.metrics["trial_id"]
-        # each trial has its own out_dir; one worker trains in the trial's process: no Train run of its own
-        assert os.path.exists(tmp_path / "out-sweep" / trial_id / "ckpt.pt")
+        # each trial has its own out_dir, in the sweep's folder beside out_dir (named as its experiment), and
+        # its Tune folder is named by its id; one worker trains in the trial's process: no Train run of its own
+        assert os.path.exists(tmp_path / "sweep-tune" / trial_id / "ckpt.pt")
+        assert result.path == str(tmp_path / "ray" / "sweep-tune" / trial_id)
         assert not (tmp_path / "ray" / f"sweep-{trial_id}").exists()
         assert result.checkpoint is not None and result.checkpoint.path.startswith(result.path)
     assert grid.experiment_path == str(tmp_path / "ray" / "sweep-tune")
@@ -113,12 +116,13 @@ def test_sweep_picks_the_better_learning_rate_and_asha_stops_the_worse(ray_local
     assert by_lr[1e-2].metrics["best_val_loss"] < math.log(65) - 0.3
     best = grid.get_best_result(metric="best_val_loss", mode="min")
     assert best.config["learning_rate"] == 1e-2
-    ckpt, metrics = rtune.best_checkpoint(best)
+    ckpt, metrics = sweep_report.best_checkpoint(best)
     assert os.path.exists(os.path.join(ckpt, "ckpt.pt"))
     assert metrics["val_loss"] == best.metrics["best_val_loss"]
+    assert not (tmp_path / "out-sweep").exists()  # out_dir is a launch's: the sweep makes nothing there
 
     capsys.readouterr()
-    assert rtune.summarize(grid, specs, base.max_iters) == 0
+    assert sweep_report.summarize(grid, list(specs), base.max_iters) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0].split() == ["trial", "learning_rate", "val_loss", "best_val_loss", "iter", "status"]
@@ -162,9 +166,19 @@ def test_multi_worker_trials_are_train_runs_and_asha_stops_them(ray_local, tmp_p
     result = by_lr[1e-2]
     trial_id = result.metrics["trial_id"]
     assert (tmp_path / "ray" / f"wide-{trial_id}").is_dir()  # the Train run's own folder in storage
-    ckpt, metrics = rtune.best_checkpoint(result)
+    # The Train workers' lines carry the trial's id, as a one-worker trial's do.
+    assert f"[{trial_id}] iter 19: loss" in ray_worker_output()
+    ckpt, metrics = sweep_report.best_checkpoint(result)
     assert ckpt.startswith(str(tmp_path / "ray" / f"wide-{trial_id}"))
     assert metrics["val_loss"] == result.metrics["best_val_loss"]
+
+
+def ray_worker_output() -> str:
+    """What the shared cluster's worker processes printed (Ray's log files of this session)."""
+    import ray
+
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    return "".join(path.read_text(errors="replace") for path in logs.glob("worker-*.out"))
 
 
 def remove_leftover_placement_groups() -> None:
@@ -213,7 +227,7 @@ def test_killed_trial_is_restarted_by_tune_and_ends_bit_identical(ray_local, tmp
     finally:
         process.kill()
     assert process.returncode == 0, output[-3000:]
-    (trial_checkpoint,) = (tmp_path / "out-sweep").glob("*/ckpt.pt")
+    (trial_checkpoint,) = (tmp_path / "out-sweep-tune").glob("*/ckpt.pt")
     assert_bit_identical(checkpoint.load(trial_checkpoint), reference, max_iters=run["max_iters"])
 
 
@@ -265,7 +279,10 @@ def test_sweeps_that_cannot_run_are_one_line_before_ray_starts(tmp_path, capsys,
     monkeypatch.setattr(rtune, "prepare_run", ray_would_start)
     (tmp_path / "afile").write_text("not a folder")
     argv = [arg.format(tmp=tmp_path) for arg in argv]
-    assert rtune.main([*argv, "--max_iters=20", "--device=cpu", f"--out_dir={tmp_path / 'out'}"]) == 2
+    assert (
+        rtune.main([*argv, "--max_iters=20", "--device=cpu", f"--out_dir={tmp_path / 'out'}", *storage(tmp_path, argv)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message.format(tmp=tmp_path) in err
@@ -285,7 +302,12 @@ def test_sampled_accumulation_the_workers_divide_is_accepted(tmp_path, monkeypat
 
     monkeypatch.setattr(rtune, "prepare_run", reached)
     with pytest.raises(RuntimeError, match="reached prepare_run"):
-        rtune.main([*argv, "--max_iters=20", "--device=cpu", f"--out_dir={tmp_path / 'out'}"])
+        rtune.main([*argv, "--max_iters=20", "--device=cpu", f"--out_dir={tmp_path / 'out'}", *storage(tmp_path, argv)])
+
+
+def storage(tmp_path, argv) -> list[str]:
+    """A storage_path of the test's own where argv gives none (a sweep looks for its earlier self there)."""
+    return [] if any(arg.startswith("--storage_path") for arg in argv) else [f"--storage_path={tmp_path / 'ray'}"]
 
 
 def test_the_planned_worker_count_is_checked_against_every_sampled_value():

@@ -70,7 +70,8 @@ def in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
+def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None, train_loop: Callable[[dict], None] | None = None):
+    """The run's TorchTrainer; each worker runs `train_loop` (default: raygpt.worker.loop.train_loop_per_worker)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -99,7 +100,7 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None):
         callbacks=[*(callbacks or []), FailureClock(plan.launch_id)],
     )
     return interruptible(TorchTrainer, functools.partial(ask_workers_to_stop, plan.launch_id))(
-        train_loop_per_worker,
+        train_loop or train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan)},
         torch_config=NoTeardownTorchConfig(backend=cfg.backend if plan.use_gpu else "gloo"),
         scaling_config=scaling,
