@@ -126,9 +126,9 @@ def download_hellaswag(path: Path) -> None:
         raise EvalError(f"cannot write {path}: {e.strerror or e}; choose another --cache-dir") from None
 
 
-def score_choices(args, model: GPT, tokenizer: Tokenizer, choices: list[evals.Choice]) -> dict:
+def score_multiple_choice(args, model: GPT, tokenizer: Tokenizer, examples: list[evals.Example]) -> dict:
     name = "hellaswag" if args.task == "hellaswag" else Path(args.task).name
-    encoded = evals.encode_choices(choices, tokenizer, model.config.block_size, model.config.vocab_size)
+    encoded = evals.encode_examples(examples, tokenizer, model.config.block_size, model.config.vocab_size)
     truncated = sum(example.truncated for example in encoded)
     if truncated:
         say(
@@ -227,9 +227,9 @@ def evaluate(args) -> int:
         model, tokenizer, folder = load_model(args, with_dataset=True)
         result = score_bpb(args, model.eval().to(device), tokenizer, folder)
     else:
-        choices = evals.read_choices(task_file(args), args.limit)  # a malformed file before a large model loads
+        examples = evals.read_examples(task_file(args), args.limit)  # a malformed file before a large model loads
         model, tokenizer, _ = load_model(args)
-        result = score_choices(args, model.eval().to(device), tokenizer, choices)
+        result = score_multiple_choice(args, model.eval().to(device), tokenizer, examples)
     line = result.pop("line")
     print(json.dumps(result) if args.json else line, flush=True)
     return 0

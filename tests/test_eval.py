@@ -140,8 +140,8 @@ def test_scores_match_transformers_gpt2_on_the_exported_model(tmp_path, capsys):
     assert scores["examples"] == len(EXAMPLES) and scores["truncated"] == 1
     assert scores["acc"] == scores["correct"] / len(EXAMPLES)
 
-    choices = evals.read_choices(tmp_path / "mc.jsonl")
-    encoded = evals.encode_choices(choices, Tokenizer(None), BLOCK_SIZE, PADDED_GPT2_VOCAB_SIZE)
+    examples = evals.read_examples(tmp_path / "mc.jsonl")
+    encoded = evals.encode_examples(examples, Tokenizer(None), BLOCK_SIZE, PADDED_GPT2_VOCAB_SIZE)
     ours = evals.ending_losses(model, encoded, "float32", batch_size=3)  # batches that split examples
     for got, want in zip(ours, expected):
         assert got == pytest.approx(want, rel=1e-4, abs=1e-4)
@@ -180,8 +180,8 @@ def test_two_examples_scored_by_hand(tmp_path):
         {"ctx": "a", "endings": ["b", "cc"], "label": 1},
         {"ctx": "b", "endings": ["a", "b", "c"], "label": 0},
     ])  # fmt: skip
-    choices = evals.read_choices(path)
-    encoded = evals.encode_choices(choices, Tokenizer(HAND_CHARS), 8, 4)
+    examples = evals.read_examples(path)
+    encoded = evals.encode_examples(examples, Tokenizer(HAND_CHARS), 8, 4)
     losses = evals.ending_losses(Bigram(HAND_PROBS), encoded, "float32")
     ln = math.log
     assert losses[0] == pytest.approx([-ln(0.5) - ln(0.1), -ln(0.5) - ln(0.4) - ln(0.1)], rel=1e-6)
@@ -194,8 +194,8 @@ def test_two_examples_scored_by_hand(tmp_path):
 def test_a_long_context_is_cut_from_the_left_keeping_the_ending(tmp_path):
     """block_size 4: "abcab" + " cc" is 8 tokens, cut to its last 5 ("ab cc"), "abcab" + " a" to "cab a";
     the bigram's losses depend on the previous token only, so they are the uncut ones."""
-    choices = [evals.Choice("abcab", ("cc", "a"), 0, "x:1")]
-    encoded = evals.encode_choices(choices, Tokenizer(HAND_CHARS), 4, 4)
+    examples = [evals.Example("abcab", ("cc", "a"), 0, "x:1")]
+    encoded = evals.encode_examples(examples, Tokenizer(HAND_CHARS), 4, 4)
     assert encoded[0].rows == ((1, 2, 0, 3, 3), (3, 1, 2, 0, 1)) and encoded[0].truncated
     assert encoded[0].ending_lengths == (3, 2)
     losses = evals.ending_losses(Bigram(HAND_PROBS, block_size=4), encoded, "float32")
@@ -204,14 +204,14 @@ def test_a_long_context_is_cut_from_the_left_keeping_the_ending(tmp_path):
 
 
 def test_an_ending_longer_than_the_context_window_is_refused():
-    choices = [evals.Choice("a", ("abcabc", "a"), 0, "f.jsonl:3")]
+    examples = [evals.Example("a", ("abcabc", "a"), 0, "f.jsonl:3")]
     with pytest.raises(evals.EvalError, match=r"f.jsonl:3: ending 0 is 7 tokens, more than the model's block_size 4"):
-        evals.encode_choices(choices, Tokenizer(HAND_CHARS), 4, 4)
+        evals.encode_examples(examples, Tokenizer(HAND_CHARS), 4, 4)
 
 
 def test_the_model_is_left_in_the_mode_it_was_in():
     model = Bigram(HAND_PROBS).train()
-    encoded = evals.encode_choices([evals.Choice("a", ("b", "c"), 0, "x:1")], Tokenizer(HAND_CHARS), 8, 4)
+    encoded = evals.encode_examples([evals.Example("a", ("b", "c"), 0, "x:1")], Tokenizer(HAND_CHARS), 8, 4)
     evals.ending_losses(model, encoded)
     assert model.training
 
@@ -319,7 +319,7 @@ def test_hellaswag_from_a_local_copy_prints_one_result_line(tmp_path):
     local = write_jsonl(tmp_path / "hellaswag_val.jsonl", EXAMPLES)
     result = cli("hellaswag", "--input", str(local), "--out-dir", str(tmp_path / "out"), "--limit", "2")
     assert result.returncode == 0, result.stderr
-    expected = evals.evaluate_choices(model, Tokenizer(None), evals.read_choices(local, limit=2), "float32")
+    expected = evals.evaluate_multiple_choice(model, Tokenizer(None), evals.read_examples(local, limit=2), "float32")
     line = f"hellaswag: acc {expected['acc']:.4f} ({expected['correct']}/2), acc_norm {expected['acc_norm']:.4f}"
     assert result.stdout.startswith(line) and len(result.stdout.splitlines()) == 1
     assert "hellaswag: scoring 2 examples (8 endings) on cpu (float32)" in result.stderr
@@ -375,11 +375,10 @@ def test_bad_examples_are_refused_naming_file_and_line(tmp_path, capsys, line, m
     assert refusal.startswith(f"error: {tmp_path}/{message}"), refusal
 
 
-def test_a_char_model_refuses_text_it_has_no_characters_for(tmp_path, char_run):
+def test_a_char_model_refuses_text_it_has_no_characters_for(tmp_path, capsys, char_run):
     _, ckpt, _, _ = char_run
     path = write_jsonl(tmp_path / "mc.jsonl", [{"ctx": "Über alles", "endings": ["a", "b"], "label": 0}])
-    result = cli(str(path), "--checkpoint", str(ckpt))
-    line = refused(result.returncode, result.stderr)
+    line = refused(*run(capsys, str(path), "--checkpoint", str(ckpt))[::2])
     assert f"{path}:1: ctx has characters not in the vocabulary: 'Ü'" in line and "character-level model" in line
 
 

@@ -41,7 +41,7 @@ class EvalError(RaygptError, ValueError):
 
 
 @dataclass(frozen=True)
-class Choice:
+class Example:
     """One multiple-choice example: a context, two or more endings, and the index of the right one."""
 
     context: str
@@ -50,7 +50,7 @@ class Choice:
     where: str  # FILE:LINE, for messages
 
 
-def read_choices(path: str | Path, limit: int | None = None) -> list[Choice]:
+def read_examples(path: str | Path, limit: int | None = None) -> list[Example]:
     """The first `limit` (default: all) examples of a jsonl file in HellaSwag's format: one JSON object a
     line with `ctx` (a string), `endings` (two or more strings) and `label` (the right ending's index).
     Other keys are ignored, blank lines skipped; the first fault is an EvalError naming FILE:LINE."""
@@ -59,18 +59,18 @@ def read_choices(path: str | Path, limit: int | None = None) -> list[Choice]:
         data = path.read_bytes()
     except OSError as e:
         raise EvalError(f"cannot read {path}: {e.strerror or type(e).__name__}") from None
-    choices = []
+    examples = []
     for number, line in enumerate(data.splitlines(), 1):
-        if limit is not None and len(choices) >= limit:
+        if limit is not None and len(examples) >= limit:
             break
         if line.strip():
-            choices.append(parse_choice(line, f"{path}:{number}"))
-    if not choices:
+            examples.append(parse_example(line, f"{path}:{number}"))
+    if not examples:
         raise EvalError(f"{path} holds no examples: expected one JSON object a line with ctx, endings and label")
-    return choices
+    return examples
 
 
-def parse_choice(line: bytes, where: str) -> Choice:
+def parse_example(line: bytes, where: str) -> Example:
     try:
         record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
@@ -87,7 +87,7 @@ def parse_choice(line: bytes, where: str) -> Choice:
     empty = [i for i, ending in enumerate(endings) if not ending.strip()]
     if empty:
         raise EvalError(f"{where}: ending {empty[0]} is empty: every ending needs text to score")
-    return Choice(context, tuple(endings), parse_label(record.get("label"), len(endings), where), where)
+    return Example(context, tuple(endings), parse_label(record.get("label"), len(endings), where), where)
 
 
 def parse_label(label, n_endings: int, where: str) -> int:
@@ -105,8 +105,8 @@ def parse_label(label, n_endings: int, where: str) -> int:
 
 
 @dataclass(frozen=True)
-class EncodedChoice:
-    """A Choice as token rows, one per ending: its context (truncated from the left where the row would
+class EncodedExample:
+    """A Example as token rows, one per ending: its context (truncated from the left where the row would
     not fit) followed by the ending, whose tokens are the row's last `ending_lengths[i]`."""
 
     rows: tuple[tuple[int, ...], ...]
@@ -115,26 +115,26 @@ class EncodedChoice:
     truncated: bool
 
 
-def encode_choices(
-    choices: list[Choice], tokenizer: Tokenizer, block_size: int, vocab_size: int
-) -> list[EncodedChoice]:
+def encode_examples(
+    examples: list[Example], tokenizer: Tokenizer, block_size: int, vocab_size: int
+) -> list[EncodedExample]:
     """Each example's rows for a model of this context and vocabulary. A row may hold block_size + 1
     tokens: the model reads all but the last, and predicts all but the first."""
     encoded = []
-    for choice in choices:
-        context = encode(tokenizer, choice.context, vocab_size, f"{choice.where}: ctx")
+    for example in examples:
+        context = encode(tokenizer, example.context, vocab_size, f"{example.where}: ctx")
         rows, lengths = [], []
-        for i, ending in enumerate(choice.endings):
-            tokens = encode(tokenizer, " " + ending, vocab_size, f"{choice.where}: ending {i}")
+        for i, ending in enumerate(example.endings):
+            tokens = encode(tokenizer, " " + ending, vocab_size, f"{example.where}: ending {i}")
             if len(tokens) > block_size:
                 raise EvalError(
-                    f"{choice.where}: ending {i} is {len(tokens)} tokens, more than the model's block_size "
+                    f"{example.where}: ending {i} is {len(tokens)} tokens, more than the model's block_size "
                     f"{block_size}: it cannot be scored in one pass"
                 )
             rows.append(tuple(context + tokens)[-(block_size + 1) :])
             lengths.append(len(tokens))
         truncated = any(len(context) + n > block_size + 1 for n in lengths)
-        encoded.append(EncodedChoice(tuple(rows), tuple(lengths), choice.label, truncated))
+        encoded.append(EncodedExample(tuple(rows), tuple(lengths), example.label, truncated))
     return encoded
 
 
@@ -154,7 +154,7 @@ def encode(tokenizer: Tokenizer, text: str, vocab_size: int, what: str) -> list[
 
 def ending_losses(
     model: torch.nn.Module,
-    encoded: list[EncodedChoice],
+    encoded: list[EncodedExample],
     dtype: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress | None = None,
@@ -180,7 +180,7 @@ def ending_losses(
     return per_example
 
 
-def choice_metrics(encoded: list[EncodedChoice], losses: list[list[float]]) -> dict:
+def choice_metrics(encoded: list[EncodedExample], losses: list[list[float]]) -> dict:
     """acc (lowest summed loss) and acc_norm (lowest mean loss per token); a tie goes to the first ending."""
     correct = correct_norm = 0
     for example, sums in zip(encoded, losses):
@@ -198,16 +198,16 @@ def choice_metrics(encoded: list[EncodedChoice], losses: list[list[float]]) -> d
     }
 
 
-def evaluate_choices(
+def evaluate_multiple_choice(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
-    choices: list[Choice],
+    examples: list[Example],
     dtype: str = "auto",
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress | None = None,
 ) -> dict:
-    """choice_metrics of `choices` for a GPT (on the device it is on) and the tokenizer it was trained with."""
-    encoded = encode_choices(choices, tokenizer, model.config.block_size, model.config.vocab_size)
+    """choice_metrics of `examples` for a GPT (on the device it is on) and the tokenizer it was trained with."""
+    encoded = encode_examples(examples, tokenizer, model.config.block_size, model.config.vocab_size)
     return choice_metrics(encoded, ending_losses(model, encoded, dtype, batch_size, progress))
 
 
