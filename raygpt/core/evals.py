@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,18 +233,18 @@ def forward_losses(
     return losses
 
 
-def padded_batch(rows: list[tuple[tuple[int, ...], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_batch(rows: list[tuple[Sequence[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets, (len(rows), longest row - 1) each, for rows of (tokens, n): the last n tokens
     are scored, each predicted from the tokens before it in the row. Rows are padded on the right:
     attention is causal, so the padding changes nothing before it. Targets are -1 where nothing is scored."""
     width = max(len(tokens) for tokens, _ in rows) - 1
-    inputs = torch.zeros((len(rows), width), dtype=torch.long)
-    targets = torch.full((len(rows), width), -1, dtype=torch.long)
+    inputs = np.zeros((len(rows), width), dtype=np.int64)
+    targets = np.full((len(rows), width), -1, dtype=np.int64)
     for b, (tokens, n) in enumerate(rows):
-        row = torch.tensor(tokens, dtype=torch.long)
+        row = np.asarray(tokens, dtype=np.int64)
         inputs[b, : len(row) - 1] = row[:-1]
         targets[b, len(row) - 1 - n : len(row) - 1] = row[len(row) - n :]
-    return inputs, targets
+    return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
 @contextlib.contextmanager
@@ -312,7 +312,7 @@ def bits_per_byte(
                     f"token {position:,} is id {int(row.max())}, but the model's vocabulary has {vocab_size} "
                     "tokens: the data was prepared with another tokenizer"
                 )
-            rows.append((tuple(row.tolist()), len(row) - 1))
+            rows.append((row, len(row) - 1))
         inputs, targets = padded_batch(rows)
         losses = forward_losses(model, inputs, targets, precision)
         counted = (targets >= 0) & (byte_lengths[targets.clamp(min=0)] > 0)
