@@ -426,3 +426,13 @@ def test_bpb_refuses_token_ids_the_model_lacks(tmp_path, capsys, char_run):
     assert err.startswith(f"bpb: scoring {other / 'val.bin'} (5 tokens, windows of 16) on cpu (float32)\n")
     line = refused(code, err.split("\n", 1)[1])  # the error comes as the window holding the id is read
     assert f"{other / 'val.bin'}: token 3 is id 70, but the model's vocabulary has {len(CHARS)} tokens" in line
+
+
+def test_gpt2_weights_refuse_a_char_dataset(tmp_path, capsys, char_run):
+    from raygpt.export import export_hf
+
+    _, _, folder, _ = char_run
+    model, model_args = tiny_gpt(vocab_size=100)
+    export_hf(model.state_dict(), model_args, tmp_path / "hf")
+    line = refused(*run(capsys, "bpb", "--init-from", str(tmp_path / "hf"), "--data", str(folder))[::2])
+    assert f"{folder} holds a char dataset, but GPT-2's weights read GPT-2 BPE tokens" in line
