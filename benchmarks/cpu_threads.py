@@ -1,7 +1,8 @@
 """torch's CPU threads beside other work: raygpt.bench's step and raygpt.sample's tokens/s with each thread
 count, on a quiet machine and beside processes that keep cores busy.
 
-    python benchmarks/cpu_threads.py [--threads default 1 2] [--busy 0 1] [--repeats 3] [--wait-policy]
+    python benchmarks/cpu_threads.py [--tools bench sample] [--threads default 1 2] [--busy 0 1] [--repeats 3]
+                                     [--wait-policy]
 
 The model is configs/train_shakespeare_char_cpu.py's (0.8M parameters): bench trains it on shakespeare_char
 (prepared from tests/data), sample generates from an untrained checkpoint of it (speed does not depend on
@@ -15,6 +16,7 @@ counts the CLIs reported, and the 1-minute load average before its runs (other p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import re
@@ -38,7 +40,8 @@ def make_inputs(folder: Path) -> tuple[Path, Path]:
     from raygpt.prep.shakespeare import prepare_shakespeare_char
 
     data_dir, out_dir = folder / "data", folder / "out"
-    prepare_shakespeare_char(data_dir, input_path=REPO / "tests" / "data" / "tinyshakespeare.txt")
+    with contextlib.redirect_stdout(sys.stderr):  # stdout: the table alone
+        prepare_shakespeare_char(data_dir, input_path=REPO / "tests" / "data" / "tinyshakespeare.txt")
     model_args = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, bias=False, vocab_size=65)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**model_args, dropout=0.0))
@@ -80,13 +83,14 @@ def with_busy_processes(count: int, measure):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tools", nargs="+", default=["bench", "sample"], choices=["bench", "sample"])
     parser.add_argument("--threads", nargs="+", default=["default", "1", "2"])
     parser.add_argument("--busy", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--wait-policy", action="store_true")
     args = parser.parse_args()
     policies = ["", "PASSIVE"] if args.wait_policy else [""]
-    settings = [(tool, busy, threads, policy) for tool in ("bench", "sample") for busy in args.busy
+    settings = [(tool, busy, threads, policy) for tool in args.tools for busy in args.busy
                 for threads in args.threads for policy in policies]  # fmt: skip
     results: dict[tuple, list] = {setting: [] for setting in settings}
     with tempfile.TemporaryDirectory() as folder:
