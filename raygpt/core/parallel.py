@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -127,7 +128,7 @@ def process_cores() -> list[int]:
 def cpu_times(cores: list[int]) -> dict[int, tuple[int, int]] | None:
     """(busy, total) clock ticks of each of `cores` since boot, from /proc/stat; None where there is none."""
     try:
-        lines = open("/proc/stat").read().splitlines()
+        lines = Path("/proc/stat").read_text().splitlines()
     except OSError:
         return None
     times = {}
