@@ -27,7 +27,14 @@ from raygpt.config.cli import read_config
 from raygpt.core.data import Batches
 from raygpt.core.memory import check_fits
 from raygpt.core.model import GPT, GPTConfig
-from raygpt.core.parallel import choose_cpu_threads, compile_notices, setup_device, torch_threads, wrap_model
+from raygpt.core.parallel import (
+    choose_cpu_threads,
+    compile_mode_for,
+    compile_notices,
+    setup_device,
+    torch_threads,
+    wrap_model,
+)
 from raygpt.core.step import NonFiniteGuard, Precision, TrainStep
 from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, MAX_VOCAB_SIZE, load_meta, scratch_vocab_size
 from raygpt.errors import OneLineParser, RaygptError, refuse
@@ -174,7 +181,10 @@ def time_steps(step: TrainStep, batches: Batches, warmup: int, steps: int, use_c
             times.append(t1 - t0)
         if it in (0, warmup) or t1 - said >= PROGRESS_EVERY_S:
             kind, number, total = ("step", it - warmup + 1, steps) if timed else ("warm-up step", it + 1, warmup)
-            progress(f"{kind} {number}/{total}: {(t1 - t0) * 1000:,.1f} ms")
+            seconds = t1 - t0
+            progress(
+                f"{kind} {number}/{total}: " + (f"{seconds:,.1f} s" if seconds >= 10 else f"{seconds * 1000:,.1f} ms")
+            )
             said = t1
     return times
 
@@ -202,7 +212,7 @@ def print_table(cfg, model: GPT, dtype: str, dt: float, device: torch.device) ->
     use_cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if use_cuda else "cpu"
     peak_mem = f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB" if use_cuda else "n/a"
-    compiled = f"{cfg.compile_mode}" if cfg.compile else "off"
+    compiled = compile_mode_for(cfg.compile_mode, device.type)[0] if cfg.compile else "off"  # the mode it ran
     print(
         "| device | params | micro-batch x accum | block | dtype | compile | attention | ms/step | tokens/s | MFU |"
         " peak mem |"

@@ -118,7 +118,9 @@ def test_bench_says_it_compiles_before_the_compile_starts(tmp_path, capsys, monk
     monkeypatch.setattr(bench, "time_steps", lambda *args: [0.01])  # the notices, not the minutes of compile
     args = [a for a in TINY if a != "--compile=False"] + ["--compile=True", "--compile_mode=reduce-overhead"]
     assert bench.main([*args, f"--data_dir={tmp_path}", "--dataset=none"]) == 0
-    assert capsys.readouterr().err.splitlines() == [
+    out, err = capsys.readouterr()
+    assert params_in_table(out) and re.split(r"\s*\|\s*", out.splitlines()[-1])[6] == "default"  # the mode it ran
+    assert err.splitlines() == [
         "compile_mode=reduce-overhead uses CUDA graphs, which need a GPU: compiling for the CPU in the default mode",
         "compiling the model (torch.compile on CPU can take minutes; --compile=False to skip)",
     ]
