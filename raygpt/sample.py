@@ -5,7 +5,9 @@ training run's out_dir) or from OpenAI's GPT-2 weights. Each of --num-samples
 continuations of the prompt is printed whole, then a line of dashes. Text is
 encoded and decoded as the model was trained: with the character table of the
 dataset's meta.json (or nanoGPT's meta.pkl), or with GPT-2 BPE for a model of
-GPT-2's vocabulary.
+GPT-2's vocabulary. stderr says, before the first text, how many threads torch
+computes with on a CPU (one per core no other process keeps busy; --threads N to
+choose), and after each text how long it took: stdout holds the texts alone.
 
 examples:
     python -m raygpt.sample --out-dir out-shakespeare-char --start "ROMEO:" --num-samples 3
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +29,7 @@ import torch
 from raygpt.config.schema import SEED_LIMIT
 from raygpt.core import checkpoint
 from raygpt.core.model import GPT, GPTConfig
+from raygpt.core.parallel import choose_cpu_threads, compile_notices, torch_threads
 from raygpt.core.step import Precision
 from raygpt.core.tokenizer import (
     GPT2_VOCAB_SIZE,
@@ -59,6 +63,8 @@ def check_options(args) -> None:
         problems.append(f"--num-samples must be at least 1, got {args.num_samples}")
     if args.max_new_tokens < 1:
         problems.append(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.threads is not None and args.threads < 1:
+        problems.append(f"--threads must be at least 1, got {args.threads}")
     if not 0 <= args.seed < SEED_LIMIT:  # training's range; torch.manual_seed fails past 2**64
         problems.append(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.init_from != "resume" and (args.checkpoint or args.meta):
@@ -261,18 +267,35 @@ def sample(args) -> int:
     precision = Precision(args.dtype, device)  # a dtype the device lacks is a one-line PrecisionError
     model, tokenizer = load_model(args)
     x = torch.tensor(prompt_ids(args.start, tokenizer), dtype=torch.long, device=device)[None, ...]
+    threads = torch.get_num_threads()
+    if device.type == "cpu" or args.threads:
+        choice = choose_cpu_threads(args.threads)
+        progress(choice.describe())
+        threads = choice.threads
     torch.manual_seed(args.seed)
     model.eval().to(device)
     if args.compile:
+        progress("\n".join(compile_notices("default", device.type, skip="leave out --compile")))
         model = torch.compile(model)
     options = generate_options(args.temperature, args.top_k)
-    with torch.no_grad(), precision.autocast():
-        for _ in range(args.num_samples):
+    with torch_threads(threads), torch.no_grad(), precision.autocast():
+        for i in range(args.num_samples):
+            started = time.perf_counter()
             # A prompt longer than block_size is fine: generate conditions on its last block_size tokens.
             y = generate(model, x, args, options, precision.dtype)
+            seconds = time.perf_counter() - started
+            progress(
+                f"sample {i + 1}/{args.num_samples}: {args.max_new_tokens:,} tokens in {seconds:.1f} s "
+                f"({args.max_new_tokens / seconds:,.1f} tokens/s)"
+            )
             print(decode(tokenizer, y[0].tolist()))
-            print("---------------")
+            print("---------------", flush=True)
     return 0
+
+
+def progress(line: str) -> None:
+    """What sampling says about itself: to stderr, so that stdout holds the texts alone."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def generate(model: GPT, x: torch.Tensor, args, options: dict, dtype: str) -> torch.Tensor:
@@ -375,6 +398,13 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="precision of the forward pass; auto is bfloat16 on GPUs that have it, else float16 on CUDA, "
         "float32 on CPU (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: one per core that no other process keeps busy; stderr's first "
+        "line says how many)",
     )
     parser.add_argument(
         "--compile",

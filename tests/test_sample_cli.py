@@ -2,6 +2,8 @@
 checkpoint and meta.json it finds, and its help. Fast tier: tiny models on the CPU, no Ray."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -336,7 +338,6 @@ def test_nanogpt_sample_py_spellings_work_as_typed(tmp_path, capsys):
         (["--seed", str(2**64)], f"--seed must be in [0, 2**32), got {2**64}"),
         (["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
         (["--top-k", "many"], "argument --top-k: invalid int value: 'many'"),
-        (["--temperature", "1e-300"], "--temperature 1e-300: the model's scores divided by it overflow float32"),
         (["--start", "FILE:"], "--start FILE: names no file"),
         (["--start", "caf\udce9"], "--start is not UTF-8 text (character 3)"),  # b'caf\xe9' from a shell
     ],
@@ -347,6 +348,14 @@ def test_more_values_no_sampling_can_use_are_one_line(capsys, char_run, args, me
     except SystemExit as e:  # argparse's refusal, now one line too
         code, (out, err) = e.code, capsys.readouterr()
     assert message in refused(code, err) and out == ""
+
+
+def test_a_temperature_that_overflows_is_refused_in_one_line_after_the_thread_line(capsys, char_run):
+    """Found only as the first token is sampled: the thread line, said as sampling began, comes first."""
+    code, out, err = run(capsys, "--out-dir", str(char_run[0]), "--num-samples", "1", "--temperature", "1e-300")
+    thread_line, error = err.strip().splitlines()
+    assert code == 2 and out == "" and thread_line.startswith("cpu: ")
+    assert error.startswith("error: --temperature 1e-300: the model's scores divided by it overflow float32")
 
 
 @pytest.mark.parametrize("encoding", ["utf-16-le", "binary"])
@@ -420,3 +429,40 @@ def test_export_makes_the_folders_its_outputs_need(tmp_path, capsys, char_run):
     ckpt, hf = tmp_path / "new" / "deep" / "ckpt.pt", tmp_path / "new" / "hf"
     assert export.main([str(char_run[0]), "--ckpt", str(ckpt), "--hf", str(hf)]) == 0, capsys.readouterr().err
     assert ckpt.is_file() and sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
+
+
+# --- 7. CPU threads and progress: stderr says how many threads and how each text went; stdout holds the texts
+
+
+def test_sample_says_its_threads_and_each_texts_time_on_stderr(char_run):
+    out_dir, _ = char_run
+    one_core = {min(os.sched_getaffinity(0))}
+    done = subprocess.run([sys.executable, "-m", "raygpt.sample", "--out-dir", str(out_dir), "--device", "cpu",
+                           "--num-samples", "2", "--max-new-tokens", "8", "--start", "A"], capture_output=True,
+                          text=True, timeout=120, preexec_fn=lambda: os.sched_setaffinity(0, one_core))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    first, *progress = done.stderr.splitlines()
+    assert first == "cpu: 1 thread (of 1 core; --threads N to change)"
+    assert [re.sub(r"in [\d.]+ s \([\d,.]+ tokens/s\)", "in S", line) for line in progress] == [
+        "sample 1/2: 8 tokens in S",
+        "sample 2/2: 8 tokens in S",
+    ]
+    assert [len(text) for text in texts(done.stdout)] == [9, 9]  # the prompt and 8 characters: nothing else
+
+
+def test_sample_runs_on_the_threads_asked_and_leaves_torch_as_found(capsys, char_run, monkeypatch):
+    seen = []
+    original = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *args: seen.append(torch.get_num_threads()) or original(*args))
+    before = torch.get_num_threads()
+    threads = 2 if before != 2 else 3
+    code, out, err = run(capsys, "--out-dir", str(char_run[0]), "--num-samples", "1", "--max-new-tokens", "4",
+                         "--threads", str(threads))  # fmt: skip
+    assert code == 0 and seen == [threads] and torch.get_num_threads() == before
+    assert err.splitlines()[0] == f"cpu: {threads} threads (of {len(os.sched_getaffinity(0))} cores; set by --threads)"
+    assert len(texts(out)) == 1
+
+
+def test_threads_below_one_are_refused(capsys, char_run):
+    code, _, err = run(capsys, "--out-dir", str(char_run[0]), "--threads", "0")
+    assert refused(code, err) == "error: --threads must be at least 1, got 0"

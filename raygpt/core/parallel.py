@@ -1,7 +1,8 @@
 """The device and the model's parallel form: the device's options (`setup_device`, for the worker and
-raygpt.bench alike, so that what is benchmarked is what trains), NCCL's communicator made early
-(`CommunicatorWarmup`), and the wrap of the model for the run: activation checkpointing, compile, then DDP
-or FSDP2. The one place that knows how.
+raygpt.bench alike, so that what is benchmarked is what trains), torch's CPU thread count (`cpu_threads`,
+for training, raygpt.bench and raygpt.sample), NCCL's communicator made early (`CommunicatorWarmup`), and
+the wrap of the model for the run: activation checkpointing, compile, then DDP or FSDP2. The one place
+that knows how.
 
 The loop gets two handles: `train` runs the training step's forward and backward, `eval` runs
 evaluation's forward. Under DDP `eval` is the compiled model without the DDP wrapper (eval needs no
@@ -14,8 +15,11 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -75,6 +79,129 @@ def set_attention_backend(name: str) -> None:
         getattr(torch.backends.cuda, switch)(backend in (name, "math"))
 
 
+@dataclass(frozen=True)
+class CpuThreads:
+    """torch's CPU thread count and what it was chosen from."""
+
+    threads: int
+    cores: int  # the cores the process may use: its CPU affinity, or the CPUs Ray reserved for a worker
+    busy: int = 0  # of those, the cores other processes kept busy when it was chosen
+    requested: bool = False  # the user named the count
+
+    def describe(self, option: str = "--threads") -> str:
+        """'cpu: 1 thread (of 2 cores, 1 busy with other processes; --threads N to change)'."""
+        cores = f"of {plural(self.cores, 'core')}"
+        if self.requested:
+            return f"cpu: {plural(self.threads, 'thread')} ({cores}; set by {option})"
+        busy = f", {self.busy} busy with other processes" if self.busy else ""
+        return f"cpu: {plural(self.threads, 'thread')} ({cores}{busy}; {option} N to change)"
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def cpu_threads(cores: int, busy: float = 0.0, requested: int | None = None) -> CpuThreads:
+    """One thread per core that no other process keeps busy (at least one); `requested` wins. A core
+    counts as busy when other processes use half of it or more. A Ray worker's cores are its reservation,
+    which it does not share (busy=0): its count, and so its numerics, are the same run after run.
+
+    Why not every core: torch's OpenMP threads meet at a barrier after each parallel operator, and the
+    waiting ones spin on their cores. A thread that shares its core with another process waits for its
+    time slice there (the spinners keep the other cores looking busy, so the scheduler does not move
+    it), and every operator waits with it: a step becomes many times slower, not a little.
+    benchmarks/cpu_results.md has the measurements."""
+    cores = max(1, int(cores))
+    if requested:
+        return CpuThreads(requested, cores, requested=True)
+    taken = min(cores - 1, int(busy + 0.5))
+    return CpuThreads(cores - taken, cores, taken)
+
+
+def process_cores() -> list[int]:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def cpu_times(cores: list[int]) -> dict[int, tuple[int, int]] | None:
+    """(busy, total) clock ticks of each of `cores` since boot, from /proc/stat; None where there is none."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    times = {}
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cores:
+            ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+            times[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return times
+
+
+def busy_cores(cores: list[int], seconds: float = 0.2) -> float:
+    """How many of `cores` other processes keep busy: their busy share over `seconds`, while this process
+    sleeps. 0 where the system does not say (no /proc/stat)."""
+    before = cpu_times(cores)
+    time.sleep(seconds)
+    after = cpu_times(cores)
+    if not before or not after:
+        return 0.0
+    shares = ((after[c][0] - before[c][0]) / max(1, after[c][1] - before[c][1]) for c in after if c in before)
+    return sum(shares)
+
+
+def choose_cpu_threads(requested: int | None = None) -> CpuThreads:
+    """The thread count of a process that shares the machine with whatever else runs (raygpt.bench,
+    raygpt.sample): cpu_threads over this process's cores, less those busy right now."""
+    cores = process_cores()
+    return cpu_threads(len(cores), 0.0 if requested else busy_cores(cores), requested)
+
+
+@contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """torch's CPU thread count set for a block, then set back: a CLI's main() may run inside another program."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# What each compile mode beyond 'default' needs of a GPU.
+GPU_COMPILE_MODES = {
+    "reduce-overhead": "CUDA graphs",
+    "max-autotune": "CUDA graphs and GPU kernel tuning",
+    "max-autotune-no-cudagraphs": "GPU kernel tuning",
+}
+
+
+def compile_mode_for(mode: str, device_type: str) -> tuple[str, str | None]:
+    """The torch.compile mode to use on `device_type`, and a one-line notice where it is not `mode`. The
+    modes beyond 'default' are for GPUs; elsewhere the model compiles in the default mode (a config
+    written for a GPU still runs on a CPU), and the notice says so."""
+    if device_type == "cuda" or mode not in GPU_COMPILE_MODES:
+        return mode, None
+    return "default", (
+        f"compile_mode={mode} uses {GPU_COMPILE_MODES[mode]}, which need a GPU: compiling for the "
+        f"{device_type.upper()} in the default mode"
+    )
+
+
+def compile_notices(mode: str, device_type: str, skip: str = "--compile=False") -> list[str]:
+    """What a process says as it starts to compile: the mode it compiles in (compile_mode_for), and on a
+    CPU that the compile takes long, with `skip`, the option that turns it off."""
+    notice = compile_mode_for(mode, device_type)[1]
+    if device_type == "cuda":
+        return ["compiling the model... (takes a ~minute)"]
+    return [
+        *([notice] if notice else []),
+        f"compiling the model (torch.compile on CPU can take minutes; {skip} to skip)",
+    ]
+
+
 def compile_model(model: torch.nn.Module, mode: str, regions: bool = False) -> torch.nn.Module:
     """torch.compile with fixed shapes: the batch shapes of training and of eval never change.
 
@@ -118,7 +245,7 @@ def wrap_model(model: torch.nn.Module, cfg, world_size: int, device: torch.devic
     model.recompute_layers = recompute_layers(cfg.activation_checkpointing, len(model.transformer.h))
     if cfg.fp8:  # FP8 Linears first: compile traces them and DDP or FSDP wraps their (unchanged) Parameters
         convert_linears(model, device, dtype)
-    mode = cfg.compile_mode if device.type == "cuda" else "default"
+    mode, _ = compile_mode_for(cfg.compile_mode, device.type)
     cuda_graphs = cfg.compile and uses_cuda_graphs(mode, device.type)
     if cfg.parallelism == "fsdp":
         return shard_model(model, cfg, mode, dtype, cuda_graphs, device)

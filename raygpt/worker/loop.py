@@ -37,6 +37,8 @@ from raygpt.core.model import GPT, GPTConfig
 from raygpt.core.parallel import (
     CommunicatorWarmup,
     WrappedModel,
+    compile_notices,
+    cpu_threads,
     largest_over_ranks,
     setup_device,
     weights_in_sync,
@@ -205,7 +207,7 @@ def setup(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, started: flo
     say = Say(rank == 0)
     startup = Startup(plan, rank, say, time.time() if started is None else started)
     device = worker_device(cfg, plan.use_gpu, ray_session.gpu)
-    torch.set_num_threads(worker_cpu_count(plan.cpus_per_worker))
+    torch.set_num_threads(cpu_threads(worker_cpu_count(plan.cpus_per_worker)).threads)
     startup.lap("device")
     communicator = CommunicatorWarmup.for_worker(world_size, device)
     communicator.start()  # NCCL's set-up runs while the data is checked and the model built
@@ -273,7 +275,7 @@ def load_model(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, say: Sa
     communicator.wait()  # before the wrap's first collective
     startup.lap("communicator")
     if cfg.compile:
-        say("compiling the model... (takes a ~minute)", flush=True)
+        say("\n".join(compile_notices(cfg.compile_mode, device.type)), flush=True)
     wrapped = wrap_model(model, cfg, world_size, device, precision.dtype)  # before the optimizer: FSDP shards
     startup.lap("wrap")
     betas = (cfg.beta1, cfg.beta2)
