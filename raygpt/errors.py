@@ -8,6 +8,7 @@ tell them apart.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -54,8 +55,12 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_REFUSED, f"error: {one_line(message)} ({self.hint})\n")
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE's status, as a shell reports a command a closed pipe ended
+
+
 def run_cli(main: Callable[[], int]) -> int:
-    """Run a CLI's body: a RaygptError becomes one line and exit 2, Ctrl-C exit 130 without a traceback."""
+    """Run a CLI's body: a RaygptError becomes one line and exit 2, Ctrl-C exit 130 without a traceback,
+    and a reader that stopped reading (`| head`) ends it quietly, as it ends cat."""
     try:
         return main()
     except RaygptError as e:
@@ -63,3 +68,7 @@ def run_cli(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Python would flush stdout again at exit and print a second error: point it at nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

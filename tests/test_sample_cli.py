@@ -466,3 +466,17 @@ def test_sample_runs_on_the_threads_asked_and_leaves_torch_as_found(capsys, char
 def test_threads_below_one_are_refused(capsys, char_run):
     code, _, err = run(capsys, "--out-dir", str(char_run[0]), "--threads", "0")
     assert refused(code, err) == "error: --threads must be at least 1, got 0"
+
+
+def test_a_reader_that_stops_early_ends_sample_quietly(char_run):
+    """`raygpt.sample ... | head -1`: the closed pipe ends the samples without a traceback."""
+    out_dir, _ = char_run
+    command = [sys.executable, "-m", "raygpt.sample", "--out-dir", str(out_dir), "--num-samples", "50",
+               "--max-new-tokens", "200", "--device", "cpu", "--threads", "1"]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        process.stdout.readline()
+        process.stdout.close()  # as head does after its line
+        err = process.stderr.read().decode()
+        code = process.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert code == 141
