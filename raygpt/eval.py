@@ -31,6 +31,7 @@ import torch
 from raygpt import sample
 from raygpt.core import checkpoint, evals
 from raygpt.core.model import GPT
+from raygpt.core.saved_model import checkpoint_file, dataset_meta, load_checkpoint_model, tokenizer_for
 from raygpt.core.step import Precision
 from raygpt.core.tokenizer import Tokenizer, load_meta
 from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, one_line, run_cli
@@ -83,10 +84,10 @@ def load_model(args, with_dataset: bool = False) -> tuple[GPT, Tokenizer, Path |
     if is_uri(location):
         say(f"downloading {location}")
         location = checkpoint.download(location)
-    model, config, trained_on = sample.load_checkpoint_model(sample.checkpoint_file(Path(location).expanduser()))
+    model, config, trained_on = load_checkpoint_model(checkpoint_file(Path(location).expanduser()))
     folder = dataset_folder(args, config) if with_dataset else None
     meta_option = args.meta or (meta_folder(folder) if args.data else None)
-    tokenizer = sample.tokenizer_for(model.config.vocab_size, *sample.dataset_meta(config, meta_option), trained_on)
+    tokenizer = tokenizer_for(model.config.vocab_size, *dataset_meta(config, meta_option), trained_on)
     return model, tokenizer, folder
 
 
