@@ -193,8 +193,7 @@ def test_rank_zero_shows_each_validation_once_as_ray_reports_them(monkeypatch):
     watch.finish()
     assert [m["iter"] for m in shown] == [4, 8]
     assert said[1:] == [
-        "warning: the validation of iter 6 failed (Ray's log of the run says why); its checkpoint keeps its "
-        "training metrics",
+        "warning: the validation of iter 6 failed (Ray logs why); its checkpoint keeps its training metrics",
         "waiting for the validation of iter 8",
     ]
     assert set(asked) == {"COMMITTED"}  # never waits for validations inside Ray: the loop's thread goes on

@@ -239,7 +239,7 @@ class RayValidations(CheckpointEvals):
             ):
                 self.shown.add(iter_num)
                 how = "failed" if item.status == ReportedCheckpointStatus.VALIDATION_FAILED else "timed out"
-                self.say(f"warning: the validation of iter {iter_num} {how} (Ray's log of the run says why); "
+                self.say(f"warning: the validation of iter {iter_num} {how} (Ray logs why); "
                          "its checkpoint keeps its training metrics")  # fmt: skip
         return pending
 
