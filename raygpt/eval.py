@@ -18,29 +18,25 @@ examples:
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
-import os
 import sys
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from raygpt import sample
+from raygpt.config.schema import HELLASWAG_CACHE, HELLASWAG_FILE
 from raygpt.core import checkpoint, evals
 from raygpt.core.model import GPT
+from raygpt.core.saved_model import checkpoint_file, dataset_meta, load_checkpoint_model, tokenizer_for
 from raygpt.core.step import Precision
 from raygpt.core.tokenizer import Tokenizer, load_meta
 from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, one_line, run_cli
+from raygpt.prep.hellaswag import HELLASWAG_URL, cached_hellaswag
 from raygpt.storage.datasets import Meter, dataset_uri, default_cache_root, stage_dataset
-from raygpt.storage.files import write_bytes_atomic
 from raygpt.storage.uri import StorageError, is_uri
 
-HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-HELLASWAG_FILE = "hellaswag_val.jsonl"
-DEFAULT_CACHE = "~/.cache/raygpt/evals"
 PROGRESS_INTERVAL_S = 5.0
 EvalError = evals.EvalError
 
@@ -83,10 +79,10 @@ def load_model(args, with_dataset: bool = False) -> tuple[GPT, Tokenizer, Path |
     if is_uri(location):
         say(f"downloading {location}")
         location = checkpoint.download(location)
-    model, config, trained_on = sample.load_checkpoint_model(sample.checkpoint_file(Path(location).expanduser()))
+    model, config, trained_on = load_checkpoint_model(checkpoint_file(Path(location).expanduser()))
     folder = dataset_folder(args, config) if with_dataset else None
     meta_option = args.meta or (meta_folder(folder) if args.data else None)
-    tokenizer = sample.tokenizer_for(model.config.vocab_size, *sample.dataset_meta(config, meta_option), trained_on)
+    tokenizer = tokenizer_for(model.config.vocab_size, *dataset_meta(config, meta_option), trained_on)
     return model, tokenizer, folder
 
 
@@ -103,27 +99,7 @@ def task_file(args) -> Path:
         return path
     if args.input:
         return Path(args.input).expanduser()
-    cached = Path(args.cache_dir).expanduser() / HELLASWAG_FILE
-    if not os.path.lexists(cached):
-        download_hellaswag(cached)
-    return cached
-
-
-def download_hellaswag(path: Path) -> None:
-    say(f"downloading HellaSwag's val split from {HELLASWAG_URL}")
-    try:
-        with urllib.request.urlopen(HELLASWAG_URL, timeout=60) as response:
-            data = response.read()
-    except (OSError, http.client.HTTPException) as e:
-        raise EvalError(
-            f"cannot download HellaSwag ({one_line(str(e)) or type(e).__name__}); pass a local copy of "
-            f"{HELLASWAG_FILE} with --input FILE"
-        ) from None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, data)
-    except OSError as e:
-        raise EvalError(f"cannot write {path}: {e.strerror or e}; choose another --cache-dir") from None
+    return cached_hellaswag(args.cache_dir, "--input FILE", HELLASWAG_URL)
 
 
 def score_multiple_choice(args, model: GPT, tokenizer: Tokenizer, examples: list[evals.Example]) -> dict:
@@ -249,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", metavar="FILE", help=f"hellaswag: a local copy of {HELLASWAG_FILE} (no download)")
     parser.add_argument(
         "--cache-dir",
-        default=DEFAULT_CACHE,
+        default=HELLASWAG_CACHE,
         metavar="DIR",
         help="hellaswag: where its val split is downloaded once (default: %(default)s)",
     )

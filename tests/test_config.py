@@ -232,12 +232,13 @@ FREE_ON_A_RERUN = {
     "ddp_split_graphs", "compile_eval", "compile_cache", "attention", "deterministic", "parallelism",
     "fsdp_reshard_after_forward", "activation_checkpointing", "data_dir", "num_workers", "max_workers",
     "elastic_resize_interval_s", "use_gpu", "cpus_per_worker", "storage_path", "run_name", "max_failures",
-    "max_preemption_failures", "checkpoints_to_keep", "local_mode", "check_memory",
+    "max_preemption_failures", "checkpoints_to_keep", "local_mode", "check_memory", "tensorboard", "evals",
+    "eval_examples", "eval_cpus", "eval_gpus", "checkpoint_score",
 }  # fmt: skip
 SHAPE_GRAPHS = {"batch_size", "dtype", "compile_mode", "compile_regions", "compile_eval", "parallelism",
                 "activation_checkpointing", "eval_iters", "fp8", "ddp_split_graphs"}  # fmt: skip
 SHARED_BY_A_SWEEP = {"out_dir", "run_name", "storage_path", "data_dir", "num_workers", "use_gpu", "cpus_per_worker",
-                     "eval_only"}  # fmt: skip
+                     "eval_only", "evals", "eval_examples", "eval_cpus", "eval_gpus", "checkpoint_score"}  # fmt: skip
 
 
 def test_the_key_lists_derived_from_the_keys_metadata_are_todays():

@@ -61,6 +61,27 @@ class TrainConfig:
     wandb_project: str = key("owt", "wandb project", rerun="free")
     wandb_run_name: str = key("gpt2", "wandb run name", rerun="free")
     tensorboard: bool = key(True, "write TensorBoard event files to out_dir/tensorboard (rank 0 only)", rerun="free")
+    # evals of each checkpoint (worker/validation.py): Ray tasks beside the training, or in the loop
+    evals: str = key(
+        "",
+        "scored on each checkpoint, comma-separated: hellaswag, a .jsonl file in its format, bpb (bits per "
+        "byte of val.bin); '' = none",
+        rerun="free",
+        sweep=False,
+    )
+    eval_examples: int = key(
+        500,
+        "examples of each multiple-choice eval (and windows of bpb) scored per checkpoint; 0 = all",
+        rerun="free",
+        sweep=False,
+    )
+    eval_cpus: float = key(1.0, "CPUs of the Ray task that scores a checkpoint", rerun="free", sweep=False)
+    eval_gpus: float = key(
+        0.0,
+        "GPUs of the Ray task that scores a checkpoint (spare ones: the workers keep theirs)",
+        rerun="free",
+        sweep=False,
+    )
     # data
     dataset: str = key("openwebtext", "dataset folder name under data_dir", rerun="named")
     gradient_accumulation_steps: int = key(
@@ -211,7 +232,14 @@ class TrainConfig:
         rerun="free",
     )
     checkpoints_to_keep: int = key(
-        2, "Ray checkpoints kept: the best by val loss (the latest is kept too)", rerun="free"
+        2, "Ray checkpoints kept: the best by checkpoint_score (the latest is kept too)", rerun="free"
+    )
+    checkpoint_score: str = key(
+        "val_loss",
+        "what ranks checkpoints for checkpoints_to_keep: val_loss or an eval's metric (bpb, hellaswag/acc_norm, "
+        "...); lowest loss and bpb, highest acc",
+        rerun="free",
+        sweep=False,
     )
     seed: int = key(1337, "seed for the initial weights, the batches and dropout", rerun="named")
     data_order: str = key(
@@ -285,6 +313,7 @@ class TrainConfig:
             )
         if self.checkpoints_to_keep < 1:
             raise ConfigError(f"checkpoints_to_keep must be at least 1, got {self.checkpoints_to_keep}")
+        check_evals(self)
         if self.init_from in GPT2_MODELS and self.block_size > GPT2_CONTEXT:
             raise ConfigError(
                 f"GPT-2 weights have a {GPT2_CONTEXT}-token context; block_size {self.block_size} is larger"
@@ -325,7 +354,8 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 AT_LEAST_ONE = ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "gradient_accumulation_steps",
                 "eval_iters", "log_interval", "eval_interval")  # fmt: skip
 NOT_NEGATIVE = ("max_iters", "warmup_iters", "lr_decay_iters", "num_workers", "max_workers", "max_nonfinite_steps",
-                "weight_decay", "grad_clip", "min_lr", "cpus_per_worker", "elastic_resize_interval_s")  # fmt: skip
+                "weight_decay", "grad_clip", "min_lr", "cpus_per_worker", "elastic_resize_interval_s",
+                "eval_examples", "eval_cpus", "eval_gpus")  # fmt: skip
 
 
 def keys_where(**metadata) -> tuple[str, ...]:
@@ -396,6 +426,60 @@ def check_part_lengths(what: str, path: str) -> None:
         if size > NAME_MAX:
             raise ConfigError(f"{what}: the name {shown(part)} is {size:,} bytes long, over the {NAME_MAX} a file "
                               "system allows in one name")  # fmt: skip
+
+
+HELLASWAG = "hellaswag"  # HellaSwag's val split, fetched once by the launcher (prep/hellaswag.py) into:
+HELLASWAG_CACHE, HELLASWAG_FILE = "~/.cache/raygpt/evals", "hellaswag_val.jsonl"
+BPB = "bpb"  # bits per byte of the dataset's val.bin
+EVAL_FILE_SUFFIX = ".jsonl"
+
+
+def eval_tasks(evals: str) -> dict[str, str]:
+    """The evals a value of `evals` names, name -> what it scores: HELLASWAG, BPB or a .jsonl path. A file's
+    name (its metrics' prefix) is its stem: my_task.jsonl gives my_task/acc and my_task/acc_norm."""
+    tasks: dict[str, str] = {}
+    for item in (part.strip() for part in evals.split(",")):
+        if not item:
+            continue
+        if item in (HELLASWAG, BPB):
+            name = item
+        elif item.endswith(EVAL_FILE_SUFFIX) and is_uri(item):
+            raise ConfigError(f"evals: {item} is a URI; give a local copy (the launcher reads it and sends its "
+                              "examples with each checkpoint's eval)")  # fmt: skip
+        elif item.endswith(EVAL_FILE_SUFFIX):
+            name = Path(item).name[: -len(EVAL_FILE_SUFFIX)]
+        else:
+            close = difflib.get_close_matches(item, (HELLASWAG, BPB), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"evals: unknown eval {shown(item)}{hint}: give hellaswag, bpb or a .jsonl file "
+                              "in HellaSwag's format")  # fmt: skip
+        if name in tasks:
+            raise ConfigError(f"evals names '{name}' twice: each eval's metrics are named after it")
+        tasks[name] = item
+    return tasks
+
+
+def eval_metrics(tasks: dict[str, str]) -> list[str]:
+    """The metrics the evals report for each checkpoint: <name>/acc and <name>/acc_norm, and bpb."""
+    return [metric for name in tasks for metric in ([BPB] if name == BPB else [f"{name}/acc", f"{name}/acc_norm"])]
+
+
+def score_order(metric: str) -> str:
+    """How checkpoint_score ranks: a loss or bpb the lower the better, an accuracy the higher."""
+    return "max" if metric.rsplit("/", 1)[-1] in ("acc", "acc_norm") else "min"
+
+
+def check_evals(cfg: TrainConfig) -> None:
+    """evals names known evals, and checkpoint_score a metric the run reports for its checkpoints."""
+    metrics = eval_metrics(eval_tasks(cfg.evals))
+    if metrics and cfg.eval_only:
+        raise ConfigError("evals score each checkpoint, and eval_only saves none: score a checkpoint with "
+                          "python -m raygpt.eval")  # fmt: skip
+    if cfg.checkpoint_score != "val_loss" and cfg.checkpoint_score not in metrics:
+        offered = ", ".join(["val_loss", *metrics])
+        advice = "" if cfg.evals else ": set evals to rank by an eval's"
+        raise ConfigError(f"checkpoint_score must be a metric of the run's checkpoints ({offered}), got "
+                          f"{shown(cfg.checkpoint_score)}{advice}")  # fmt: skip
 
 
 def check_fp8(fp8: bool, device: str, dtype: str) -> None:

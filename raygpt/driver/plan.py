@@ -5,6 +5,7 @@ and the reruns refused because they would silently train something else)."""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,19 +77,29 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPla
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else (cfg.device != "cpu" and cluster_gpus > 0)
     if use_gpu and cfg.device == "cpu":
         raise LaunchError("use_gpu=True conflicts with device=cpu")
-    num_workers = 1 if cfg.local_mode else cfg.num_workers or (max(cluster_gpus, 1) if use_gpu else 1)
+    eval_cpus, eval_gpus = eval_task(cfg)
+    spare_gpus = max(cluster_gpus - math.ceil(eval_gpus), 1)
+    num_workers = 1 if cfg.local_mode else cfg.num_workers or (spare_gpus if use_gpu else 1)
     if not wait_for_resources and use_gpu and num_workers > cluster_gpus:
         raise LaunchError(
             f"{count(num_workers, 'GPU worker')} need{'s' if num_workers == 1 else ''} {count(num_workers, 'GPU')}"
             f" but {have} (pass --use_gpu=False to train on CPUs"
             + (")" if cfg.local_mode else ", or --wait-for-resources on an autoscaling cluster)")
         )
-    cpus_per_worker = cfg.cpus_per_worker or cpu_share(cluster_cpus, num_workers, use_gpu)
+    cpus_per_worker = cfg.cpus_per_worker or cpu_share(cluster_cpus - eval_cpus, num_workers, use_gpu)
     if not wait_for_resources and num_workers * cpus_per_worker > cluster_cpus:
         raise LaunchError(
             f"{count(num_workers, 'worker')} x {count(cpus_per_worker, 'CPU')} need "
             f"{count(num_workers * cpus_per_worker, 'CPU')} but {have} (lower "
             + ("--cpus_per_worker)" if cfg.local_mode else "--num-workers or --cpus_per_worker)")
+        )
+    free_cpus, free_gpus = cluster_cpus - num_workers * cpus_per_worker, cluster_gpus - num_workers * use_gpu
+    if not wait_for_resources and (eval_cpus > free_cpus or eval_gpus > free_gpus):
+        raise LaunchError(
+            f"the evals' Ray task needs {count(eval_cpus, 'CPU')} and {count(eval_gpus, 'GPU')} beside the "
+            f"workers, but {have} and the workers take {count(num_workers * cpus_per_worker, 'CPU')} and "
+            f"{count(num_workers * use_gpu, 'GPU')} (lower --eval_cpus or --eval_gpus, --num-workers or "
+            "--cpus_per_worker)"
         )
     if not use_gpu and cfg.dtype == "float16":
         raise LaunchError("dtype float16 needs a GPU; on CPU use --dtype=float32 (or bfloat16)")
@@ -97,6 +108,12 @@ def plan_resources(cfg: TrainConfig, wait_for_resources: bool = False) -> RunPla
     check_workers(cfg, num_workers)
     run_name = cfg.run_name or Path(cfg.out_dir).name  # preflight has set it (identity.identify_run)
     return RunPlan(num_workers, use_gpu, float(cpus_per_worker), run_name, max_workers=cfg.max_workers)
+
+
+def eval_task(cfg: TrainConfig) -> tuple[float, float]:
+    """The CPUs and GPUs of the Ray task that scores each checkpoint (worker/validation.py), which the
+    workers leave free; none without evals, or in local mode (they run in the loop)."""
+    return (cfg.eval_cpus, cfg.eval_gpus) if cfg.evals.strip() and not cfg.local_mode else (0.0, 0.0)
 
 
 def check_workers(cfg: TrainConfig, num_workers: int, advice: str | None = None) -> None:

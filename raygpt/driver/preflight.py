@@ -1,8 +1,8 @@
 """The launcher's checks that need the disk or the environment but no cluster, run before Ray starts so
 that a bad input costs no Ray start: paths made absolute (a Ray job's out_dir kept past the job, and
 --fresh), the Ray address, the output folders and the run lock, the dataset (prepared here when the
-launcher knows how), the resume decision, GPT-2's weights, wandb, and torch's bytecode. `preflight`
-runs them in order."""
+launcher knows how), the resume decision, GPT-2's weights, the evals' data, wandb, and torch's bytecode.
+`preflight` runs them in order."""
 
 from __future__ import annotations
 
@@ -10,22 +10,35 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from raygpt.config.schema import INIT_CHOICES, MODEL_KEYS, TrainConfig, check_name_lengths
+from raygpt.config.schema import (
+    BPB,
+    HELLASWAG,
+    HELLASWAG_CACHE,
+    INIT_CHOICES,
+    MODEL_KEYS,
+    TrainConfig,
+    check_name_lengths,
+    eval_tasks,
+)
 from raygpt.core import checkpoint
 from raygpt.core.data import dataset_identity, validate_dataset
+from raygpt.core.evals import EvalError, encode_examples
 from raygpt.core.hf import HF_REPOS, check_gpt2_available, check_gpt2_folder
-from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, load_meta, read_meta, scratch_vocab_size
+from raygpt.core.saved_model import tokenizer_for
+from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, load_meta, read_meta, scratch_vocab_size, vocabulary
 from raygpt.driver.bytecode import packages_without_bytecode
 from raygpt.driver.identity import RunIdentity, identify_run
 from raygpt.driver.plan import ResumePoint, check_workers, plan_resume, ray_checkpoint_dirs
 from raygpt.driver.ray_cluster import check_address, given_address
 from raygpt.driver.runlock import RunLock, lock_run
 from raygpt.errors import LaunchError
+from raygpt.prep.hellaswag import cached_hellaswag
 from raygpt.prep.shakespeare import SHAKESPEARE_SETS
 from raygpt.ray_compat import job_working_dir
 from raygpt.storage.datasets import DatasetNotFoundError, check_remote_dataset, dataset_uri
 from raygpt.storage.files import remove_empty_folders
 from raygpt.storage.uri import check_local_path, check_storage_path, is_uri, storage_root
+from raygpt.worker.validation import read_eval_examples
 
 
 @dataclass(frozen=True)
@@ -71,6 +84,7 @@ def preflight(cfg: TrainConfig, explicit_keys, prepare_input: str | None, addres
         vocab_size = model_vocab_size(cfg, resume, meta)
         if not is_uri(cfg.data_dir):  # a dataset at a URI is checked whole by each node once it has a copy
             validate_dataset(Path(cfg.data_dir) / cfg.dataset, cfg.block_size, vocab_size)
+        check_evals(cfg, meta, vocab_size)
         check_wandb(cfg)
         check_bytecode()
     except BaseException:  # a refusal (or Ctrl-C) leaves no lock file or empty folder behind
@@ -102,6 +116,11 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
         changes["storage_path"] = resolve("storage_path")
     if cfg.init_from not in INIT_CHOICES:  # a local GPT-2 folder: checked here, as the config reads no disk
         changes["init_from"] = check_gpt2_folder(cfg.init_from, cfg.block_size)
+    sources = eval_tasks(cfg.evals).values()
+    if sources:  # a .jsonl file's path, read where the loop runs (a Tune trial's folder) or by the launcher
+        changes["evals"] = ",".join(
+            s if s in (HELLASWAG, BPB) else str(Path(s).expanduser().resolve()) for s in sources
+        )
     return cfg.replace(**changes)
 
 
@@ -177,6 +196,28 @@ def make_folder(name: str, path: Path) -> list[Path]:
         remove_empty_folders(missing)
         raise LaunchError(f"{name} {path} is not writable: pass another --{name} or change its permissions")
     return missing
+
+
+def check_evals(cfg: TrainConfig, meta: dict | None, vocab_size: int) -> None:
+    """The evals' data, before Ray starts: HellaSwag fetched once (no eval downloads mid-run), each file read
+    (its first eval_examples), and every example in tokens the model has (a character-level model lacks
+    most of HellaSwag's characters)."""
+    sources = eval_tasks(cfg.evals)
+    if HELLASWAG in sources.values():
+        cached_hellaswag(HELLASWAG_CACHE, "--evals=PATH/hellaswag_val.jsonl (its metrics are then hellaswag_val's)")
+    for source in sources.values():
+        if source not in (HELLASWAG, BPB) and not Path(source).is_file():
+            raise LaunchError(f"evals: no file {source}: give hellaswag, bpb or a .jsonl file in HellaSwag's format")
+    examples = read_eval_examples(cfg)
+    if not examples:  # bpb alone: val.bin is the dataset's, already checked
+        return
+    dataset = dataset_uri(cfg.data_dir, cfg.dataset) if is_uri(cfg.data_dir) else Path(cfg.data_dir) / cfg.dataset
+    tokenizer = tokenizer_for(vocab_size, vocabulary(meta) if meta else None, str(dataset))
+    for name, task in examples.items():
+        try:
+            encode_examples(task, tokenizer, cfg.block_size, vocab_size)
+        except EvalError as e:
+            raise LaunchError(f"evals {name}: {e}") from None
 
 
 def check_wandb(cfg: TrainConfig) -> None:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from raygpt.config.schema import TrainConfig
+from raygpt.config.schema import TrainConfig, score_order
 from raygpt.core import checkpoint
 from raygpt.driver.plan import RunPlan, ray_checkpoint_dirs, written_after_ray
 from raygpt.errors import RaygptError
@@ -78,6 +79,7 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None, train_loop: C
     from raygpt.worker.loop import train_loop_per_worker
     from raygpt.worker.session import NoTeardownTorchConfig
     from raygpt.worker.startup import FailureClock
+    from raygpt.worker.validation import validation_config
 
     # num_workers=0 is Ray Train's local mode: train_loop_per_worker runs in this process.
     workers = (plan.num_workers, plan.max_workers) if plan.max_workers else plan.num_workers  # (min, max): elastic
@@ -95,7 +97,9 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None, train_loop: C
             max_failures=cfg.max_failures, max_preemption_failures=cfg.max_preemption_failures
         ),
         checkpoint_config=CheckpointConfig(
-            num_to_keep=cfg.checkpoints_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            num_to_keep=cfg.checkpoints_to_keep,
+            checkpoint_score_attribute=cfg.checkpoint_score,
+            checkpoint_score_order=score_order(cfg.checkpoint_score),
         ),
         callbacks=[*(callbacks or []), FailureClock(plan.launch_id)],
     )
@@ -105,6 +109,7 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None, train_loop: C
         torch_config=NoTeardownTorchConfig(backend=cfg.backend if plan.use_gpu else "gloo"),
         scaling_config=scaling,
         run_config=run_config,
+        validation_config=validation_config(cfg),  # None: no evals, or local mode (they run in the loop)
     )
 
 
@@ -185,11 +190,23 @@ def summarize(result, cfg: TrainConfig) -> None:
     if best:
         ckpt, metrics = min(best, key=lambda pair: pair[1].get("val_loss", float("inf")))
         print(f"best val loss {metrics['val_loss']:.4f} at iter {metrics['iter']}: {ckpt.path}")
+    if best and cfg.checkpoint_score != "val_loss":
+        print(best_by_score(best, cfg.checkpoint_score))
     if result.checkpoint is not None:
         print(f"latest checkpoint: {result.checkpoint.path}")
     elif result.metrics:
         print(no_checkpoint_saved(cfg, result.metrics))
     print(f"run folder: {result.path}")
+
+
+def best_by_score(best: list, score: str) -> str:
+    """The line naming the kept checkpoint of the best `score` (an eval's metric); NaN: not validated."""
+    scored = [(ckpt, metrics) for ckpt, metrics in best if math.isfinite(metrics.get(score, math.nan))]
+    if not scored:
+        return f"no kept checkpoint has a {score} (their evals did not end)"
+    sign = 1 if score_order(score) == "min" else -1
+    ckpt, metrics = min(scored, key=lambda pair: sign * pair[1][score])
+    return f"best {score} {metrics[score]:.4f} at iter {metrics['iter']}: {ckpt.path}"
 
 
 def no_checkpoint_saved(cfg: TrainConfig, metrics: dict) -> str:

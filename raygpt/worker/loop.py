@@ -61,6 +61,12 @@ from raygpt.worker.preemption import (
 from raygpt.worker.reporting import Reporter, Say, start_wandb
 from raygpt.worker.session import OrderedRayCalls, RaySession, exit_waits_for_block, train_worker, tune_trial
 from raygpt.worker.startup import Startup
+from raygpt.worker.validation import (
+    CheckpointEvals,
+    checkpoint_evals,
+    reporting_checkpoints_for_validation,
+    runs_as_ray_tasks,
+)
 
 
 def build_model(cfg: TrainConfig, meta: dict | None, saved: dict | None, precision: Precision) -> tuple[GPT, dict]:
@@ -179,6 +185,7 @@ class Run:
     reporter: Reporter
     calls: OrderedRayCalls  # the one thread of Ray Train calls: writes, reports, preemption polls
     checkpointer: Checkpointer
+    evals: CheckpointEvals  # the evals of each checkpoint: Ray's validation tasks, or in the loop
     watch: PreemptionWatch
     compiles: Compiles
     after_step: StepHooks
@@ -239,6 +246,7 @@ def setup(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, started: flo
                               before_compile=compile_workers.ready_for_compile)  # fmt: skip
     reporter, calls, checkpointer, watch = report_and_stop(cfg, plan, ray_session, say, state, wrapped.module, device,
                                                            tokens_per_iter, accum_steps)  # fmt: skip
+    evals = checkpoint_evals(cfg, ray_session.validation_tasks, say.line, reporter, calls, wrapped.module, dataset_dir)
     compiles = Compiles(trained.compile_cache, compile_workers, say)
     after_step = StepHooks()
     after_step.add(compiles.after_step, steps=(1, 3))  # the cache's save, then the workers' stop
@@ -247,7 +255,7 @@ def setup(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, started: flo
     first_batch = batches.train_batch(state.iter_num, 0) if resumed is None else tuple(t.to(device) for t in resumed)
     startup.ready(device)
     return Run(cfg, ray_session, say, state, trained.optimizer, wrapped, guard, train_step, estimate_loss,
-               reporter, calls, checkpointer, watch, compiles, after_step, first_batch, trained.source,
+               reporter, calls, checkpointer, evals, watch, compiles, after_step, first_batch, trained.source,
                tokens_per_iter)  # fmt: skip
 
 
@@ -304,7 +312,10 @@ def report_and_stop(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, sa
     if cfg.wandb_log and say.enabled:
         wandb_run, state.wandb_run_id = start_wandb(cfg, Path(cfg.out_dir), state.wandb_run_id)
     mfu = functools.partial(model.estimate_mfu, cfg.batch_size * accum_steps, device=device)
-    reporter = Reporter(cfg, say, tokens_per_iter, mfu, device, wandb_run, report_to_ray=ray_session.report,
+    report = ray_session.report
+    if runs_as_ray_tasks(cfg, ray_session.validation_tasks):
+        report = reporting_checkpoints_for_validation(report, cfg)
+    reporter = Reporter(cfg, say, tokens_per_iter, mfu, device, wandb_run, report_to_ray=report,
                         results_at=join_uri(storage_root(cfg.storage_path), plan.run_name),
                         start_iter=state.iter_num)  # fmt: skip
     calls = OrderedRayCalls(background=cfg.async_checkpoint)
@@ -343,10 +354,12 @@ def evaluate_and_maybe_checkpoint(run: Run, lr: float, next_batch, local_iter_nu
     wanted = state.record_eval(losses) or cfg.always_save_checkpoint
     wanted = wanted and state.iter_num > 0 and not cfg.eval_only
     metrics = run.reporter.eval(state, lr, run.estimate_loss.seconds, in_sync)
-    report = functools.partial(run.reporter.to_ray, metrics)
-    if wanted and keep:
-        run.checkpointer.save(state, next_batch, report)  # reports once written
+    run.evals.at_eval()
+    if wanted and keep:  # evals in the loop join the checkpoint's metrics; reported once written
+        report = functools.partial(run.reporter.to_ray, run.evals.at_checkpoint(metrics))
+        run.checkpointer.save(state, next_batch, report)
         return
+    report = functools.partial(run.reporter.to_ray, metrics)
     if wanted:
         run.say.line(f"warning: iter {state.iter_num}: no checkpoint: non-finite losses or gradients "
                      f"(the last good checkpoint stays in {Path(cfg.out_dir)})")  # fmt: skip
@@ -415,6 +428,8 @@ def start(loop_config: dict, ray_session: RaySession) -> Run:
 
 
 def end(run: Run) -> None:
+    if run.state.iter_num >= run.cfg.max_iters:  # not stopped on a notice, which must not wait
+        run.evals.finish()  # the last checkpoints' outstanding evals, shown as they end
     run.calls.close()  # the last checkpoint is written and reported before the run ends
     run.reporter.finish()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from raygpt.config.schema import eval_metrics, eval_tasks
 from raygpt.storage.files import write_text_atomic
 from raygpt.storage.uri import join_uri, write_small_file
 
@@ -58,8 +59,9 @@ class Say:
             print(*args, **kwargs)
 
     def line(self, text: str) -> None:
-        """One line, flushed at once."""
-        self(text, flush=True)
+        """One line, flushed at once, written whole: the checkpoint thread's lines (a save's, a checkpoint's
+        evals) never split the loop's."""
+        self(text + "\n", end="", flush=True)
 
 
 def metrics_lines(text: str) -> list[dict]:
@@ -82,28 +84,39 @@ def as_json_line(record: dict) -> str:
     return json.dumps(finite) + "\n"
 
 
+VALIDATION_KEY = "validation_seconds"  # how long a checkpoint's evals took (worker/validation.py): the mark of
+# their records in metrics.jsonl
+
+
 def before_start(record: dict, start_iter: int) -> bool:
     """Whether a metrics.jsonl record came before a run's start at `start_iter`: a step before it, or an
-    eval up to it (the eval at a checkpoint's iteration is written before the checkpoint)."""
-    return record["iter"] < start_iter or (0 < record["iter"] == start_iter and "val_loss" in record)
+    eval up to it (the eval at a checkpoint's iteration is written before the checkpoint), or the evals of
+    a checkpoint up to it."""
+    at_start = "val_loss" in record or VALIDATION_KEY in record
+    return record["iter"] < start_iter or (0 < record["iter"] == start_iter and at_start)
 
 
 class MetricsLog:
     """out_dir/metrics.jsonl, rank 0's: the loss history without WandB, one JSON line per logged step
-    (iter, loss, lr, time_ms, tokens_per_sec, mfu, grad_norm) and per eval (iter, train_loss, val_loss),
-    each appended whole in one write and flushed. A run that starts at iteration N (a rerun, a restart)
-    first keeps only what its checkpoint had seen: the steps before N and the evals up to N (a resumed run
-    does not repeat the eval at N; a new run, N = 0, starts the file anew), so no iteration appears twice."""
+    (iter, loss, lr, time_ms, tokens_per_sec, mfu, grad_norm), per eval (iter, train_loss, val_loss) and
+    per checkpoint's evals (iter, their metrics, validation_seconds), each appended whole in one write and
+    flushed. A run that starts at iteration N (a rerun, a restart) first keeps only what its checkpoint had
+    seen: the steps before N, the evals up to N (a resumed run does not repeat the eval at N; a new run,
+    N = 0, starts the file anew) and the checkpoints' evals shown so far, so no iteration appears twice."""
 
     def __init__(self, path: Path, start_iter: int):
         self.path = path
         self.eval_at_start = None  # the kept record of the eval at N, which the resumed run does not repeat
+        self.validation_at_start = None  # and of the evals of the checkpoint at N
+        self.validated: set[int] = set()  # the iterations of the checkpoints whose evals are kept
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return
         kept = [r for r in metrics_lines(text) if before_start(r, start_iter)]
         self.eval_at_start = next((r for r in kept if r["iter"] == start_iter and "val_loss" in r), None)
+        self.validation_at_start = next((r for r in kept if r["iter"] == start_iter and VALIDATION_KEY in r), None)
+        self.validated = {r["iter"] for r in kept if VALIDATION_KEY in r}
         kept_text = "".join(as_json_line(r) for r in kept)
         if kept_text != text:
             write_text_atomic(path, kept_text)
@@ -159,12 +172,17 @@ class Reporter:
         keep_history = self.is_rank_zero and start_iter is not None and not cfg.eval_only
         self.history = MetricsLog(Path(cfg.out_dir) / METRICS_NAME, start_iter) if keep_history else None
         self.board = None
+        self.eval_metrics = eval_metrics(eval_tasks(cfg.evals))  # what a checkpoint's evals report
+        self.wandb_defined: set[str] = set()  # metrics WandB plots against checkpoint_iter
         if keep_history and cfg.tensorboard:
             from raygpt.worker.tensorboard import TENSORBOARD_DIR, TensorBoard  # tensorboardX: rank 0 only
 
             self.board = TensorBoard(Path(cfg.out_dir) / TENSORBOARD_DIR, start_iter)
             if self.history.eval_at_start is not None:  # hidden by the restart marker at start_iter: again
                 self._board(self.history.eval_at_start, BOARD_EVAL_KEYS)
+            if self.history.validation_at_start is not None:
+                at_start = self.history.validation_at_start
+                self._board(at_start, tuple(k for k in self.eval_metrics if at_start.get(k) is not None))
         self.running_mfu = -1.0
         self.step_times: list[float] = []
         self.eval_seconds = 0.0
@@ -176,7 +194,8 @@ class Reporter:
 
     def _board(self, metrics: dict, keys: tuple[str, ...], flush: bool = False) -> None:
         if self.board is not None:
-            self.board.scalars(metrics["iter"], {WANDB_KEYS[k]: metrics[k] for k in keys if metrics.get(k) is not None})
+            tags = {k: WANDB_KEYS.get(k, k) for k in keys}  # a checkpoint's evals keep their own names
+            self.board.scalars(metrics["iter"], {tags[k]: metrics[k] for k in keys if metrics.get(k) is not None})
             if flush:
                 self.board.flush()
 
@@ -259,6 +278,28 @@ class Reporter:
         self._board(metrics, BOARD_EVAL_KEYS, flush=True)
         self._wandb(metrics)
         return metrics
+
+    def validation(self, metrics: dict) -> None:
+        """A checkpoint's evals (worker/validation.py), whenever they arrive: the console line, TensorBoard
+        at the checkpoint's iteration, metrics.jsonl and WandB. WandB's steps never go back, so there the
+        points are plotted against checkpoint_iter instead."""
+        iter_num = metrics["iter"]
+        scored = {k: metrics[k] for k in self.eval_metrics if isinstance(metrics.get(k), (int, float))}
+        shown = [f"{k.split('/')[0]} acc_norm {v:.4f}" if k.endswith("/acc_norm") else f"{k} {v:.4f}"
+                 for k, v in scored.items() if not k.endswith("/acc")]  # fmt: skip
+        seconds = metrics.get(VALIDATION_KEY, 0.0)
+        self.say(f"validation of iter {iter_num}: {', '.join(shown)} (took {seconds:.1f}s)")
+        self._history({"iter": iter_num, **scored, VALIDATION_KEY: seconds})
+        self._board({"iter": iter_num, **scored}, tuple(scored), flush=True)
+        if self.wandb_run is not None:
+            for name in set(scored) - self.wandb_defined:
+                self.wandb_run.define_metric(name, step_metric="checkpoint_iter")
+                self.wandb_defined.add(name)
+            self.wandb_run.log({**scored, "checkpoint_iter": iter_num})
+
+    def validated_iters(self) -> set[int]:
+        """The iterations whose checkpoint's evals an earlier process of this run has shown."""
+        return set(self.history.validated) if self.history is not None else set()
 
     def to_ray(self, metrics: dict, checkpoint=None) -> None:
         if self.report_to_ray is not None:

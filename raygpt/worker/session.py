@@ -35,6 +35,9 @@ class RaySession:
     preemption_info: Callable | None  # ray.train.get_preemption_info; None where Ray gives no notice
     gpu: Callable[[], torch.device]  # this worker's GPU
     stop_requested: Callable[[], bool] = lambda: False  # Tune stopped the trial (ASHA): end the loop now
+    # Ray Train's controller runs the trainer's validation tasks on reported checkpoints (worker/validation.py);
+    # a Tune trial's own process has no controller.
+    validation_tasks: bool = True
 
 
 def train_worker() -> RaySession:
@@ -69,6 +72,7 @@ def tune_trial() -> RaySession:
         preemption_info=None,
         gpu=lambda: torch.device("cuda", 0),
         stop_requested=tune_stop_requested(),
+        validation_tasks=False,
     )
 
 
@@ -103,8 +107,10 @@ class OrderedRayCalls:
     Invariant: ray.train.report and ray.train.get_preemption_info are collectives, numbered per process,
     so every rank must make them in the same order. Every call the loop makes to them goes through here:
     the Checkpointer's writes and their reports, the reports of evals without a checkpoint, and
-    PreemptionWatch's polls. Synchronous (background=False): each job runs at once, in the caller's thread.
-    A job's error is raised in the loop's thread at the next raise_error(), wait() or close()."""
+    PreemptionWatch's polls. Rank 0's questions about its checkpoints' validations (no collective) come
+    here too: each waits for the reports before it, and the loop waits for none. Synchronous
+    (background=False): each job runs at once, in the caller's thread. A job's error is raised in the
+    loop's thread at the next raise_error(), wait() or close()."""
 
     def __init__(self, background: bool):
         self.background = ThreadPoolExecutor(1, thread_name_prefix="raygpt-checkpoint") if background else None
