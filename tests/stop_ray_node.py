@@ -1,0 +1,53 @@
+"""`ray stop` for one node of a test cluster that shares this machine with other Ray instances.
+
+`python tests/stop_ray_node.py TEMP_DIR` ends the processes whose command line names TEMP_DIR (the node's
+`--temp-dir`: its GCS, raylet, agents and Ray workers all do) and every process below them (a job's driver),
+by pid: SIGTERM, then SIGKILL for those still there after a grace period. The real `ray stop` would end
+every Ray process of the user on the machine.
+"""
+
+import os
+import sys
+
+import psutil
+
+GRACE_S = 10
+
+
+def node_processes(temp_dir: str) -> list[psutil.Process]:
+    """The processes naming temp_dir in their command line, and their descendants; never this process or
+    the ones above it (the shell that runs `ray stop`)."""
+    spared = {os.getpid(), *(parent.pid for parent in psutil.Process().parents())}
+    found = {}
+    for process in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in part for part in process.info["cmdline"] or ()):
+            try:
+                for each in (process, *process.children(recursive=True)):
+                    found[each.pid] = each
+            except psutil.NoSuchProcess:
+                pass
+    return [process for pid, process in found.items() if pid not in spared]
+
+
+def stop(temp_dir: str) -> int:
+    processes = node_processes(temp_dir)
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=GRACE_S)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=GRACE_S)
+    print(f"stopped {len(processes)} processes of the Ray node in {temp_dir} ({len(alive)} killed)")
+    return len(processes)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not os.path.isabs(sys.argv[1]):
+        sys.exit("usage: stop_ray_node.py TEMP_DIR (an absolute path)")
+    stop(sys.argv[1])
