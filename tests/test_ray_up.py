@@ -15,6 +15,7 @@ keeps the shipped file's commands and changes only what two nodes on one offline
 """
 
 import getpass
+import hashlib
 import json
 import os
 import shutil
@@ -23,11 +24,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from multinode import free_port, free_port_range
+from stop_ray_node import node_processes
 
 pytestmark = pytest.mark.ray  # `ray up` starts a Ray cluster
 
@@ -35,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "cluster-onprem.yaml"
 RAY = str(Path(sys.executable).with_name("ray"))
 SSHD = "/usr/sbin/sshd"
+STOP_NODE = REPO / "tests" / "stop_ray_node.py"
 HEAD_IP, WORKER_IP = "127.0.0.23", "127.0.0.24"
 JOB_TIMEOUT_S = 240
 
@@ -122,9 +127,9 @@ def make_home(root: Path, name: str) -> Path:
     (home / "tmp").mkdir()
     (home / ".bashrc").touch()
     (home / "raygpt-venv").symlink_to(sys.prefix)
-    stop = f"{sys.executable} {REPO / 'tests' / 'stop_ray_node.py'} {home / 'ray'}"
+    stop = f"{sys.executable} {STOP_NODE} {home / 'ray'}"
     scripts = {
-        "ray": f'[ "$1" = stop ] && exec {stop}\nexec {RAY} "$@"',
+        "ray": f'[ "$1" = stop ] && shift && exec {stop} "$@"\nexec {RAY} "$@"',
         "ssh": 'for a; do shift; case "$i$a" in "-i~/"*) a="$HOME/${a#??}";; esac; set -- "$@" "$a"; i=$a; done\n'
         f'exec {shutil.which("ssh")} "$@"',
     }
@@ -137,8 +142,8 @@ def make_home(root: Path, name: str) -> Path:
 # What the test's nodes add to ~/.bashrc after the shipped setup: its `ray` first, the project copy
 # importable, the node's own TMPDIR (another machine's /tmp).
 NODE_ENV = (
-    "grep -qs 'raygpt test node' ~/.bashrc || echo 'export PATH=\"$HOME/bin:$PATH\" PYTHONPATH=\"$HOME/raygpt\""
-    " TMPDIR=\"$HOME/tmp\"  # raygpt test node' >> ~/.bashrc"
+    'grep -qs \'raygpt test node\' ~/.bashrc || echo \'export PATH="$HOME/bin:$PATH" PYTHONPATH="$HOME/raygpt"'
+    ' TMPDIR="$HOME/tmp"  # raygpt test node\' >> ~/.bashrc'
 )
 
 
@@ -160,10 +165,25 @@ def node_flags(root: Path, name: str, ip: str) -> dict:
     return flags
 
 
+def cluster_name(root: Path) -> str:
+    return f"raygpt-test-{root.name}"
+
+
+def remove_ssh_control_folder(cluster: str) -> None:
+    """The folder for SSH's control sockets that Ray's launcher makes in /tmp for each user and cluster
+    (ray/autoscaler/_private/command_runner.py names it so); empty once the connections are gone."""
+    user, name = (hashlib.sha256(text.encode()).hexdigest()[:10] for text in (getpass.getuser(), cluster))
+    for folder in (f"/tmp/ray_ssh_{user}/{name}", f"/tmp/ray_ssh_{user}"):
+        try:
+            os.rmdir(folder)  # only if empty: another cluster's sockets may be in the parent
+        except OSError:
+            pass
+
+
 def cluster_file(root: Path, gcs: int, dashboard: int) -> Path:
     """The test's copy of cluster-onprem.yaml (module docstring: what it changes)."""
     config = yaml.safe_load(SHIPPED.read_text())
-    config["cluster_name"] = f"raygpt-test-{root.name}"
+    config["cluster_name"] = cluster_name(root)
     config["provider"].update(head_ip=HEAD_IP, worker_ips=[WORKER_IP])
     config["auth"].update(ssh_user=getpass.getuser(), ssh_private_key=str(root / "key"))
     config["setup_commands"] = [c for c in config["setup_commands"] if "pip install" not in c] + [NODE_ENV]
@@ -178,7 +198,8 @@ def cluster_file(root: Path, gcs: int, dashboard: int) -> Path:
         config[key] = [with_flags(c, flags) if "ray start" in c else c for c in config[key]]
     # The head's autoscaler serves metrics on a fixed port (Ray's AUTOSCALER_METRIC_PORT) by default.
     config["head_start_ray_commands"] = [
-        f"AUTOSCALER_METRIC_PORT={free_port()} {c}" if "ray start" in c else c for c in config["head_start_ray_commands"]
+        f"AUTOSCALER_METRIC_PORT={free_port()} {c}" if "ray start" in c else c
+        for c in config["head_start_ray_commands"]
     ]
     path = root / "cluster.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -217,13 +238,33 @@ def submit(env: dict, address: str, args: list[str]) -> str:
         time.sleep(1)
 
 
-def worker_nodes_of_the_job(env: dict, address: str) -> set[str]:
-    """The IPs of the nodes where the run's training workers ran (Ray's state API, finished actors too)."""
-    actors = json.loads(ray(env, "list", "actors", "--address", address, "--filter", "class_name=RayTrainWorker",
-                            "--detail", "--format", "json").stdout)  # fmt: skip
-    nodes = json.loads(ray(env, "list", "nodes", "--address", address, "--format", "json").stdout)
-    ip_of = {node["node_id"]: node["node_ip"] for node in nodes}
-    return {ip_of[actor["node_id"]] for actor in actors}
+def state_api(address: str, token: str, resource: str) -> list[dict]:
+    """What `ray list RESOURCE --detail` reads from the dashboard (Ray's state API), finished actors too."""
+    request = urllib.request.Request(
+        f"{address}/api/v0/{resource}?detail=1&limit=10000", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)["data"]["result"]["result"]
+
+
+def training_nodes(address: str, token: str) -> set[str]:
+    """The IPs of the nodes where Ray Train's workers ran."""
+    ip_of = {node["node_id"]: node["node_ip"] for node in state_api(address, token, "nodes")}
+    return {ip_of[actor["node_id"]] for actor in state_api(address, token, "actors")
+            if actor["class_name"] == "RayTrainWorker"}  # fmt: skip
+
+
+def end_process_tree(process: subprocess.Popen) -> None:
+    """A process started in a session of its own, and everything below it (`ray dashboard`'s ssh, sshd's
+    sessions and the SSH control masters they serve)."""
+    below = psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []
+    for each in [process, *below]:
+        try:
+            each.kill()
+        except (psutil.NoSuchProcess, ProcessLookupError):
+            pass
+    process.wait(timeout=30)
+    psutil.wait_procs(below, timeout=30)
 
 
 @pytest.fixture
@@ -240,11 +281,11 @@ def loopback_machines():
         sshd = start_sshd(root)
         yield root
     finally:
-        for name in NODES.values():  # whatever `ray down` left (the worker's Ray: it only loses its head)
-            subprocess.run([sys.executable, REPO / "tests" / "stop_ray_node.py", root / name / "ray"], check=False)
+        for name in NODES.values():  # whatever `ray down` left: the worker's Ray only loses its head
+            subprocess.run([sys.executable, STOP_NODE, root / name / "ray", "--force"], check=False)
         if sshd is not None:
-            sshd.terminate()
-            sshd.wait(timeout=30)
+            end_process_tree(sshd)
+        remove_ssh_control_folder(cluster_name(root))
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -253,7 +294,7 @@ def test_ray_up_runs_a_job_on_the_worker_node_and_ray_down_ends_it(loopback_mach
     gcs, dashboard, forwarded = free_port(), free_port(), free_port()
     config = cluster_file(root, gcs, dashboard)
     env = launcher_env(root)
-    ray(env, "get-auth-token", "--generate")
+    token = ray(env, "get-auth-token", "--generate").stdout.strip()
     ray(env, "up", "-y", "--no-config-cache", config, timeout=300)
     tunnel = subprocess.Popen([RAY, "dashboard", config, "--port", str(forwarded), "--remote-port", str(dashboard)],
                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
@@ -266,12 +307,12 @@ def test_ray_up_runs_a_job_on_the_worker_node_and_ray_down_ends_it(loopback_mach
                "--num-workers", "1", "--wait-for-resources"]  # fmt: skip
         output = submit(env, address, [*run, "--max_iters=4"])
         assert "best val loss" in output, output[-4000:]
-        assert worker_nodes_of_the_job(env, address) == {WORKER_IP}
+        assert training_nodes(address, token) == {WORKER_IP}  # the head has no CPUs
         assert list((storage / out_dir.name).glob("checkpoint_*/ckpt.pt")), output[-4000:]
         output = submit(env, address, [*run, "--max_iters=6"])
         assert f"continuing run '{out_dir.name}'" in output and "from iter 4" in output, output[-4000:]
     finally:
-        tunnel.terminate()
-        tunnel.wait(timeout=30)
+        end_process_tree(tunnel)
     down = ray(env, "down", "-y", config, timeout=120)
-    assert "stopped" in down.stdout + down.stderr
+    assert "stopped" in down.stdout, down.stdout[-4000:]  # our `ray stop` ran on the head
+    assert not node_processes(str(root / "head" / "ray"))
