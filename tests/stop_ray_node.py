@@ -7,6 +7,7 @@ job's driver), by pid: SIGTERM, then SIGKILL for those still there after a grace
 """
 
 import argparse
+import re
 
 import psutil
 
@@ -18,9 +19,10 @@ def node_processes(temp_dir: str) -> list[psutil.Process]:
     the ones above it (the shell that runs `ray stop`)."""
     this = psutil.Process()
     spared = {this.pid, *(parent.pid for parent in this.parents())}
+    names_it = re.compile(re.escape(temp_dir.rstrip("/")) + r"(?![\w.-])")  # not /tmp/x/ray-2 for /tmp/x/ray
     found = {}
     for process in psutil.process_iter(["cmdline"]):
-        if any(temp_dir in part for part in process.info["cmdline"] or ()):
+        if any(names_it.search(part) for part in process.info["cmdline"] or ()):
             try:
                 for each in (process, *process.children(recursive=True)):
                     found[each.pid] = each

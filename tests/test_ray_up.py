@@ -117,34 +117,33 @@ def start_sshd(root: Path) -> subprocess.Popen:
 NODES = {HEAD_IP: "head", WORKER_IP: "worker"}  # each address's home folder, below the test's root
 
 
+# What each node's account has before `ray up` (Ray sources ~/.bashrc before each command): its own TMPDIR
+# (another machine's /tmp); the project copy that file_mounts makes importable, in place of `pip install
+# -e`; ~/bin first on PATH, for the `ssh` below; and a `ray` function whose `stop` stops only this node's
+# Ray (tests/stop_ray_node.py): a function wins over the venv's `ray`, wherever the setup puts it on PATH.
+BASHRC = """\
+export TMPDIR="$HOME/tmp" PYTHONPATH="$HOME/raygpt" PATH="$HOME/bin:$PATH"
+ray() {{ if [ "$1" = stop ]; then shift; {python} {stop} "$HOME/ray" "$@"; else command ray "$@"; fi; }}
+"""
+# OpenSSH reads ~ in `-i ~/...` as the home in /etc/passwd, not HOME; the head's autoscaler passes it
+# -i ~/ray_bootstrap_key.pem, which ray up copied to this node's home.
+SSH_IN_THIS_HOME = """\
+#!/bin/sh
+for a; do shift; case "$i$a" in "-i~/"*) a="$HOME/${{a#??}}";; esac; set -- "$@" "$a"; i=$a; done
+exec {ssh} "$@"
+"""
+
+
 def make_home(root: Path, name: str) -> Path:
-    """A node's home: an empty ~/.bashrc as a fresh account has, the venv linked where the cluster file
-    makes it, and in ~/bin (first on the node's PATH: NODE_ENV) a `ray` whose `stop` stops only this node
-    and an `ssh` that reads the key file `-i ~/...` in this home (OpenSSH takes ~ from /etc/passwd, not
-    from HOME, and the head's autoscaler passes it -i ~/ray_bootstrap_key.pem)."""
+    """A node's home: BASHRC, ~/bin/ssh, and this venv linked where the cluster file makes one."""
     home = root / name
     (home / "bin").mkdir(parents=True)
     (home / "tmp").mkdir()
-    (home / ".bashrc").touch()
+    (home / ".bashrc").write_text(BASHRC.format(python=sys.executable, stop=STOP_NODE))
+    (home / "bin" / "ssh").write_text(SSH_IN_THIS_HOME.format(ssh=shutil.which("ssh")))
+    (home / "bin" / "ssh").chmod(0o755)
     (home / "raygpt-venv").symlink_to(sys.prefix)
-    stop = f"{sys.executable} {STOP_NODE} {home / 'ray'}"
-    scripts = {
-        "ray": f'[ "$1" = stop ] && shift && exec {stop} "$@"\nexec {RAY} "$@"',
-        "ssh": 'for a; do shift; case "$i$a" in "-i~/"*) a="$HOME/${a#??}";; esac; set -- "$@" "$a"; i=$a; done\n'
-        f'exec {shutil.which("ssh")} "$@"',
-    }
-    for script, body in scripts.items():
-        (home / "bin" / script).write_text(f"#!/bin/sh\n{body}\n")
-        (home / "bin" / script).chmod(0o755)
     return home
-
-
-# What the test's nodes add to ~/.bashrc after the shipped setup: its `ray` first, the project copy
-# importable, the node's own TMPDIR (another machine's /tmp).
-NODE_ENV = (
-    'grep -qs \'raygpt test node\' ~/.bashrc || echo \'export PATH="$HOME/bin:$PATH" PYTHONPATH="$HOME/raygpt"'
-    ' TMPDIR="$HOME/tmp"  # raygpt test node\' >> ~/.bashrc'
-)
 
 
 def with_flags(command: str, flags: dict) -> str:
@@ -186,7 +185,7 @@ def cluster_file(root: Path, gcs: int, dashboard: int) -> Path:
     config["cluster_name"] = cluster_name(root)
     config["provider"].update(head_ip=HEAD_IP, worker_ips=[WORKER_IP])
     config["auth"].update(ssh_user=getpass.getuser(), ssh_private_key=str(root / "key"))
-    config["setup_commands"] = [c for c in config["setup_commands"] if "pip install" not in c] + [NODE_ENV]
+    config["setup_commands"] = [c for c in config["setup_commands"] if "pip install" not in c]
     head = node_flags(root, "head", HEAD_IP) | {
         "port": gcs,
         "dashboard-port": dashboard,
