@@ -4,14 +4,13 @@ job trains through `ray job submit`, its rerun continues it, and `ray down` ends
 The two machines are loopback addresses of this one: the test runs its own sshd (config, host key, pid file
 and authorized key in its own folder; never the system's sshd or ~/.ssh) on 127.0.0.23 (the head) and
 127.0.0.24 (the worker), and each address logs in to a home folder of its own (sshd's SetEnv HOME), so the
-nodes share the disk but not their ~/.bashrc, ~/raygpt or ~/.ray. The test's copy of cluster-onprem.yaml
-keeps the shipped file's commands and changes only what two nodes on one offline machine need:
-- the nodes' venv is this one (each home links it as ~/raygpt-venv), and the project copy that file_mounts
-  made is put on PYTHONPATH instead of `pip install -e` (no downloads here);
-- each node starts Ray with its own ports, --temp-dir and node IP, and the head with no CPUs, so the
-  training worker can only run on the worker node;
-- `ray stop` (the start commands run it, and `ray down` runs it on the head) stops only that node's
-  processes, by pid (tests/stop_ray_node.py): the real one would stop every Ray on this machine.
+nodes share the disk but not their ~/.bashrc, ~/raygpt, ~/.ray or TMPDIR. The test's copy of
+cluster-onprem.yaml keeps the shipped file's commands, less its `pip install` lines, and changes only what
+two nodes on one offline machine need: each node starts Ray with its own ports, --temp-dir and node IP,
+and the head with no CPUs, so the training worker can only run on the worker node. What each node's
+account holds beforehand (make_home): this venv where the setup makes one, and a ~/.bashrc whose `ray
+stop` (the start commands run it, and `ray down` runs it on the head) stops only that node's processes,
+by pid (tests/stop_ray_node.py): the real one would stop every Ray on this machine.
 """
 
 import getpass
@@ -41,6 +40,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 SSHD = "/usr/sbin/sshd"
 STOP_NODE = REPO / "tests" / "stop_ray_node.py"
 HEAD_IP, WORKER_IP = "127.0.0.23", "127.0.0.24"
+NODES = {HEAD_IP: "head", WORKER_IP: "worker"}  # each address's home folder, below the test's root
 JOB_TIMEOUT_S = 240
 
 TINY_JOB = [
@@ -114,16 +114,13 @@ def start_sshd(root: Path) -> subprocess.Popen:
     return sshd
 
 
-NODES = {HEAD_IP: "head", WORKER_IP: "worker"}  # each address's home folder, below the test's root
-
-
 # What each node's account has before `ray up` (Ray sources ~/.bashrc before each command): its own TMPDIR
 # (another machine's /tmp); the project copy that file_mounts makes importable, in place of `pip install
 # -e`; ~/bin first on PATH, for the `ssh` below; and a `ray` function whose `stop` stops only this node's
 # Ray (tests/stop_ray_node.py): a function wins over the venv's `ray`, wherever the setup puts it on PATH.
 BASHRC = """\
 export TMPDIR="$HOME/tmp" PYTHONPATH="$HOME/raygpt" PATH="$HOME/bin:$PATH"
-ray() {{ if [ "$1" = stop ]; then shift; {python} {stop} "$HOME/ray" "$@"; else command ray "$@"; fi; }}
+ray() {{ if [ "$1" = stop ]; then shift; {python} {stop} "$HOME" "$@"; else command ray "$@"; fi; }}
 """
 # OpenSSH reads ~ in `-i ~/...` as the home in /etc/passwd, not HOME; the head's autoscaler passes it
 # -i ~/ray_bootstrap_key.pem, which ray up copied to this node's home.
@@ -224,7 +221,7 @@ def ray(env: dict, *args, timeout: float = 180, check: bool = True) -> subproces
     return done
 
 
-def submit(env: dict, address: str, args: list[str]) -> str:
+def submit(env: dict, address: str, args: list[str], root: Path) -> str:
     """`ray job submit` of the launcher; polled while the head's job agent is not up yet."""
     deadline = time.time() + JOB_TIMEOUT_S
     while True:
@@ -232,9 +229,15 @@ def submit(env: dict, address: str, args: list[str]) -> str:
                    "python", "-m", "raygpt.launch", *args, timeout=JOB_TIMEOUT_S, check=False)  # fmt: skip
         output = done.stdout + done.stderr
         if "No available agent" not in output or time.time() > deadline:
-            assert done.returncode == 0 and "succeeded" in output, output[-4000:]
+            assert done.returncode == 0 and "succeeded" in output, output[-4000:] + head_autoscaler_log(root)
             return output
         time.sleep(1)
+
+
+def head_autoscaler_log(root: Path) -> str:
+    """The end of what the head's autoscaler printed while setting up the worker (why it did not join)."""
+    log = root / "head" / "ray" / "session_latest" / "logs" / "monitor.out"
+    return "\nhead's monitor.out:\n" + log.read_text(errors="replace")[-3000:] if log.is_file() else ""
 
 
 def state_api(address: str, token: str, resource: str) -> list[dict]:
@@ -281,7 +284,7 @@ def loopback_machines():
         yield root
     finally:
         for name in NODES.values():  # whatever `ray down` left: the worker's Ray only loses its head
-            subprocess.run([sys.executable, STOP_NODE, root / name / "ray", "--force"], check=False)
+            subprocess.run([sys.executable, STOP_NODE, root / name, "--force"], check=False)
         if sshd is not None:
             end_process_tree(sshd)
         remove_ssh_control_folder(cluster_name(root))
@@ -304,14 +307,14 @@ def test_ray_up_runs_a_job_on_the_worker_node_and_ray_down_ends_it(loopback_mach
         storage, out_dir = root / "storage", root / "out-rayup"
         run = [*TINY_JOB, f"--data_dir={char_data}", f"--storage_path={storage}", f"--out_dir={out_dir}",
                "--num-workers", "1", "--wait-for-resources"]  # fmt: skip
-        output = submit(env, address, [*run, "--max_iters=4"])
+        output = submit(env, address, [*run, "--max_iters=4"], root)
         assert "best val loss" in output, output[-4000:]
         assert training_nodes(address, token) == {WORKER_IP}  # the head has no CPUs
         assert list((storage / out_dir.name).glob("checkpoint_*/ckpt.pt")), output[-4000:]
-        output = submit(env, address, [*run, "--max_iters=6"])
+        output = submit(env, address, [*run, "--max_iters=6"], root)
         assert f"continuing run '{out_dir.name}'" in output and "from iter 4" in output, output[-4000:]
     finally:
         end_process_tree(tunnel)
     down = ray(env, "down", "-y", config, timeout=120)
     assert "stopped" in down.stdout, down.stdout[-4000:]  # our `ray stop` ran on the head
-    assert not node_processes(str(root / "head" / "ray"))
+    assert not node_processes(str(root / "head"))
