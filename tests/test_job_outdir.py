@@ -57,11 +57,26 @@ def test_a_jobs_relative_out_dir_lands_in_the_runs_storage_folder(job_driver, tm
     assert (kept / "ckpt.pt").is_file() and (kept / "metrics.jsonl").is_file()
     assert not (job_driver / "out").exists()
     out = capsys.readouterr().out
-    assert f"raygpt: out_dir out is {kept}: a Ray job runs in a copy of its working dir that Ray deletes" in out
+    assert f"raygpt: out_dir out is {kept}, a folder of its Ray run: a Ray job runs in a copy of its working dir" in out
     # An absolute out_dir is the user's choice: kept as given.
     mine = tmp_path / "mine"
     assert launch.main([*argv, f"--out_dir={mine}"]) == 0
     assert (mine / "ckpt.pt").is_file()
+
+
+def test_a_job_continues_the_out_dir_its_run_was_recorded_with(job_driver, tmp_path, char_data, capsys):
+    """The quick start trained here in ./out, then the same config is submitted as a job: the run's record
+    names that out_dir, and the job goes on there instead of a second out_dir the run refuses."""
+    storage, trained_here = tmp_path / "ray", tmp_path / "project" / "out"
+    trained_here.mkdir(parents=True)
+    (storage / "out").mkdir(parents=True)
+    record = {"run_id": "0123abcd", "run_name": "out", "out_dir": str(trained_here)}
+    (storage / "out" / "raygpt-run.json").write_text(json.dumps(record))  # what a launch on Ray wrote
+    argv = [*TINY_LOCAL_RUN, f"--data_dir={char_data}", f"--storage_path={storage}"]
+    assert launch.main(argv) == 0
+    assert (trained_here / "ckpt.pt").is_file() and not (storage / "out" / "out").exists()
+    out = capsys.readouterr().out
+    assert f"raygpt: out_dir out is {trained_here}, the out_dir its Ray run was recorded with: a Ray job" in out
 
 
 def test_a_jobs_relative_storage_path_is_refused(job_driver, char_data, capsys):

@@ -27,7 +27,7 @@ from raygpt.core.hf import HF_REPOS, check_gpt2_available, check_gpt2_folder
 from raygpt.core.saved_model import tokenizer_for
 from raygpt.core.tokenizer import GPT2_VOCAB_SIZE, load_meta, read_meta, scratch_vocab_size, vocabulary
 from raygpt.driver.bytecode import packages_without_bytecode
-from raygpt.driver.identity import RunIdentity, identify_run
+from raygpt.driver.identity import RunIdentity, identify_run, ray_run_folder, read_record
 from raygpt.driver.plan import ResumePoint, check_workers, plan_resume, ray_checkpoint_dirs
 from raygpt.driver.ray_cluster import check_address, given_address
 from raygpt.driver.runlock import RunLock, lock_run
@@ -37,7 +37,7 @@ from raygpt.prep.shakespeare import SHAKESPEARE_SETS
 from raygpt.ray_compat import job_working_dir
 from raygpt.storage.datasets import DatasetNotFoundError, check_remote_dataset, dataset_uri
 from raygpt.storage.files import remove_empty_folders
-from raygpt.storage.uri import check_local_path, check_storage_path, is_uri, storage_root
+from raygpt.storage.uri import StorageError, check_local_path, check_storage_path, is_uri, storage_root
 from raygpt.worker.validation import read_eval_examples
 
 
@@ -138,11 +138,28 @@ def kept_after_the_job(cfg: TrainConfig) -> TrainConfig:
     if Path(cfg.out_dir).expanduser().is_absolute():
         return cfg
     name = Path(os.path.abspath(cfg.out_dir)).name
-    local_storage = Path(storage_root("" if is_uri(storage) else storage)).expanduser()
-    out_dir = local_storage / (cfg.run_name or name) / name
-    print(f"raygpt: out_dir {cfg.out_dir} is {out_dir}: a Ray job runs in a copy of its working dir that Ray "
-          "deletes when the job ends (pass an absolute --out_dir to choose another)", flush=True)  # fmt: skip
+    recorded = recorded_out_dir(cfg, cfg.run_name or name)
+    if recorded is not None:  # the run this config names already has an out_dir here: it goes on there
+        out_dir, why = recorded, "the out_dir its Ray run was recorded with"
+    else:
+        local_storage = Path(storage_root("" if is_uri(storage) else storage)).expanduser()
+        out_dir, why = local_storage / (cfg.run_name or name) / name, "a folder of its Ray run"
+    print(f"raygpt: out_dir {cfg.out_dir} is {out_dir}, {why}: a Ray job runs in a copy of its working dir that "
+          "Ray deletes when the job ends (pass an absolute --out_dir to choose another)", flush=True)  # fmt: skip
     return cfg.replace(out_dir=str(out_dir))
+
+
+def recorded_out_dir(cfg: TrainConfig, run_name: str) -> Path | None:
+    """The absolute out_dir on this machine that Ray run `run_name`'s record names (the run was launched
+    here before, as a job or not), or None."""
+    try:
+        record = read_record(ray_run_folder(cfg, run_name))
+    except StorageError:
+        return None
+    out_dir = record.get("out_dir") if record else None
+    if isinstance(out_dir, str) and Path(out_dir).is_absolute() and Path(out_dir).is_dir():
+        return Path(out_dir)
+    return None
 
 
 def fresh_out_dir(cfg: TrainConfig) -> TrainConfig:
