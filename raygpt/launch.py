@@ -63,9 +63,11 @@ def run(cfg: TrainConfig, explicit_keys=(), options: LauncherOptions = LauncherO
     except (RaygptError, RunInterrupted):
         raise
     except Exception as e:  # noqa: BLE001 - one line for the user; Ray's log (or local mode's raise) keeps the rest
+        from ray.exceptions import RayError
         from ray.train import TrainingFailedError
 
-        if not (isinstance(e, TrainingFailedError) or cfg.local_mode):
+        # Ray's own errors too: a joined cluster's node going away under the controller, say.
+        if not (isinstance(e, (TrainingFailedError, RayError)) or cfg.local_mode):
             raise
         refusal = worker_refusal(e)
         if refusal is not None:  # bad input only a worker could see (its GPU's memory): a refusal all the same

@@ -182,3 +182,25 @@ def test_local_cluster_file_is_the_one_ray_start_writes(env, monkeypatch, tmp_pa
     assert expected == (tmp_path / base if base else Path("/tmp")) / "ray" / "ray_current_cluster"
     monkeypatch.setitem(sys.modules, "ray._common.utils", None)  # as if Ray had moved it
     assert local_cluster_file() == expected
+
+
+def test_a_stale_cluster_record_is_named_and_not_joined(tmp_path, capsys):
+    """A cluster stopped without `ray stop` (its `ray start --block` killed) leaves ray_current_cluster
+    behind; ray.init would retry its address forever. A live one is joined as before."""
+    import socket
+
+    from raygpt.driver.ray_cluster import recorded_cluster_answers
+
+    record = tmp_path / "ray_current_cluster"
+    assert not recorded_cluster_answers(record)  # no record: nothing to join, nothing said
+    assert capsys.readouterr().out == ""
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        record.write_text(f"127.0.0.1:{listening.getsockname()[1]}")
+        assert recorded_cluster_answers(record)
+    # The port is closed now, as a stopped head's is.
+    assert not recorded_cluster_answers(record)
+    out = capsys.readouterr().out
+    assert f"the Ray cluster recorded in {record} (127.0.0.1:" in out and "does not answer" in out
+    assert "starting a Ray instance here" in out

@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 from contextlib import nullcontext
+from pathlib import Path
 
 from raygpt.errors import LaunchError, one_line
 from raygpt.ray_compat import (
@@ -57,8 +58,7 @@ def connect(address: str | None, verbose: bool = False) -> None:
     address, source = given_address(address)
     if address:
         check_address(address, source)
-    local_cluster = local_cluster_file()
-    joined = bool(address) or local_cluster.is_file()
+    joined = bool(address) or recorded_cluster_answers(local_cluster_file())
     if not joined:
         for name, value in LOCAL_RAY_SETTINGS.items():
             os.environ.setdefault(name, value)
@@ -124,6 +124,24 @@ def given_address(address: str | None) -> tuple[str | None, str]:
 
 
 ADDRESS_TIMEOUT_S = 5  # a head that does not answer a TCP connect in this long is not there
+
+
+def recorded_cluster_answers(record: Path) -> bool:
+    """Whether the cluster `ray start` recorded on this machine is there to join. A cluster stopped without
+    `ray stop` (its `ray start --block` killed, a reboot) leaves its record behind, and ray.init would
+    retry its address forever: such a record is named, and a Ray instance starts here instead."""
+    try:
+        address = record.read_text().strip()
+    except OSError:
+        return False
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+        return True
+    except (OSError, ValueError):
+        print(f"raygpt: the Ray cluster recorded in {record} ({address}) does not answer: it was stopped without "
+              "`ray stop`; starting a Ray instance here (--address joins another)", flush=True)  # fmt: skip
+        return False
 
 
 def check_address(address: str, source: str) -> None:
