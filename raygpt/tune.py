@@ -411,6 +411,11 @@ def read_base(config_argv: list[str], specs: dict[str, Spec]) -> tuple[TrainConf
 
 
 def parse_args(argv: list[str]):
+    parser = build_parser()
+    return parser, *parser.parse_known_args(argv)
+
+
+def build_parser() -> OneLineParser:
     parser = OneLineParser(
         prog="python -m raygpt.tune",
         usage="%(prog)s [CONFIG_FILE] --key=SPEC ... [--key=value ...] [--num-samples N] [--max-concurrent K] "
@@ -454,7 +459,7 @@ def parse_args(argv: list[str]):
         "it, a rerun resumes an unfinished sweep and shows a finished one's results",
     )
     add_launcher_options(parser)
-    return parser, *parser.parse_known_args(argv)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,12 @@ HEAD_SETTINGS = {
 }
 
 
+# What rank 0 writes of a run's history, each node its own (README: metrics.jsonl, TensorBoard). A restarted
+# rank 0 reads the copy in its out_dir to continue it without duplicates: where out_dir is shared (as here)
+# that is the first node's, on a cluster of own disks none; no result depends on it.
+PER_NODE_HISTORY = {"metrics.jsonl"}
+
+
 # Every Python process of a node (Ray's workers included, through PYTHONPATH) and the drivers log which
 # files under the watched folders they open to read or write (`open`, and renames and links onto a path),
 # one line a file event: time, kind, pid, path. C++ file access (pyarrow, Ray's own) is not seen.
@@ -197,6 +203,8 @@ class LoopbackCluster:
                     events.append((float(when), kind, path, log.parent.name))
         last_writer, found = {}, []
         for _, kind, path, machine in sorted(events):
+            if Path(path).name in PER_NODE_HISTORY or "/tensorboard/" in path:
+                continue
             if kind == "write":
                 last_writer[path] = machine
             elif last_writer.get(path, machine) != machine:

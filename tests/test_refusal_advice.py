@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TINY_LOCAL_RUN as TINY
 
-from raygpt import launch
+from raygpt import launch, tune
 from raygpt.config.cli import read_config
 from raygpt.core import checkpoint
 from raygpt.driver.plan import check_workers
@@ -41,7 +41,10 @@ def refused(argv, capsys, *needles) -> str:
 def test_a_finished_run_s_three_ways_on_work(base, tmp_path, capsys):
     out = f"--out_dir={tmp_path / 'out'}"
     assert cli([*base, out], capsys)[0] == 0
-    refused([*base, out], capsys, "pass a larger --max_iters (and --lr_decay_iters)", "--eval_only=True", "--fresh")
+    code, stdout, err = cli([*base, out], capsys)  # nothing to do: said, not refused
+    assert code == 0 and "nothing to do" in stdout, err
+    for advice in ("pass a larger --max_iters (and --lr_decay_iters)", "--eval_only=True", "--fresh"):
+        assert advice in stdout, stdout
     code, stdout, err = cli([*base, out, "--eval_only=True"], capsys)
     assert code == 0 and "eval at iter 4" in stdout, err
     assert cli([*base, out, "--max_iters=6", "--lr_decay_iters=12"], capsys)[0] == 0
@@ -104,8 +107,16 @@ def test_refusals_name_no_flag_the_launcher_does_not_take(capsys):
     from raygpt.config.schema import DEFAULTS
 
     options = {"address", "wait-for-resources", "prepare-input", "fresh", "verbose", "num-workers", "help"}
-    options |= {"head", "no-compile", "data-dir"}  # other tools' (`ray start --head`, pip, raygpt.prepare)
+    options |= {
+        "head",
+        "no-compile",
+        "data-dir",
+        "logdir",
+        "working-dir",
+    }  # ray start, pip, prepare, tensorboard, ray job
     options |= {"key", "f", "add"}  # usage's `--key=value`; launch.py's note on abbreviated options
+    sweep = tune.build_parser()  # the sweep's own options, which driver/sweep_*.py advise
+    options |= {flag[2:] for action in sweep._actions for flag in action.option_strings if flag.startswith("--")}
     sources = Path(launch.__file__).parent
     for path in [*(sources / "driver").glob("*.py"), sources / "launch.py", *(sources / "config").glob("*.py")]:
         for flag in re.findall(r"--([a-z][a-z0-9_-]*)", path.read_text()):

@@ -128,7 +128,7 @@ ADDRESS_TIMEOUT_S = 5  # a head that does not answer a TCP connect in this long 
 
 def recorded_cluster_answers(record: Path) -> bool:
     """Whether the cluster `ray start` recorded on this machine is there to join. A cluster stopped without
-    `ray stop` (its `ray start --block` killed, a reboot) leaves its record behind, and ray.init would
+    `ray stop` (its `ray start` process killed, a reboot) leaves its record behind, and ray.init would
     retry its address forever: such a record is named, and a Ray instance starts here instead."""
     try:
         address = record.read_text().strip()
