@@ -42,6 +42,7 @@ from raygpt.driver.plan import (
     count,
     cpu_share,
     describe_worker,
+    eval_task,
     nearest_multiples,
     plan_resources,
 )
@@ -240,15 +241,24 @@ def trial_count(space: dict, num_samples: int) -> int:
     return num_samples * grid
 
 
-def trials_that_fit(plan: RunPlan, explicit_keys) -> int:
-    """Trials whose Train workers fit side by side now (workers shrink to that share where not set explicitly)."""
+def trial_eval_task(cfg: TrainConfig, plan: RunPlan) -> tuple[float, float]:
+    """The CPUs and GPUs each trial's evals take beside its workers: a trial that is a Train run scores its
+    checkpoints in a Ray task of their own; one that trains in its trial's process scores them in the loop."""
+    return (0.0, 0.0) if trains_in_trial(cfg, plan) else eval_task(cfg)
+
+
+def trials_that_fit(cfg: TrainConfig, plan: RunPlan, explicit_keys) -> int:
+    """Trials whose Train workers (and eval tasks) fit side by side now (workers shrink to that share where
+    not set explicitly)."""
     import ray
 
     resources = ray.cluster_resources()
+    eval_cpus, eval_gpus = trial_eval_task(cfg, plan)
     if plan.use_gpu:
-        return int(resources.get("GPU", 0)) // (plan.num_workers if "num_workers" in explicit_keys else 1)
+        workers = plan.num_workers if "num_workers" in explicit_keys else 1
+        return int(resources.get("GPU", 0) // (workers + eval_gpus))
     per_worker = plan.cpus_per_worker if "cpus_per_worker" in explicit_keys else 1.0
-    return int(resources.get("CPU", 0) // (plan.num_workers * per_worker))
+    return int(resources.get("CPU", 0) // (plan.num_workers * per_worker + eval_cpus))
 
 
 def plan_concurrency(cfg: TrainConfig, plan: RunPlan, explicit_keys, concurrent: int) -> RunPlan:
@@ -256,10 +266,11 @@ def plan_concurrency(cfg: TrainConfig, plan: RunPlan, explicit_keys, concurrent:
     import ray
 
     resources = ray.cluster_resources()
-    cpus, gpus = resources.get("CPU", 0.0), int(resources.get("GPU", 0))
+    eval_cpus, eval_gpus = trial_eval_task(cfg, plan)  # each trial's eval task is left its share first
+    cpus, gpus = resources.get("CPU", 0.0) - concurrent * eval_cpus, resources.get("GPU", 0) - concurrent * eval_gpus
     changes = {}
     if plan.use_gpu and "num_workers" not in explicit_keys:
-        changes["num_workers"] = max(1, gpus // concurrent)
+        changes["num_workers"] = max(1, int(gpus) // concurrent)
     workers = changes.get("num_workers", plan.num_workers)
     if "cpus_per_worker" not in explicit_keys:
         changes["cpus_per_worker"] = cpu_share(cpus, workers * concurrent, plan.use_gpu)
@@ -307,7 +318,7 @@ def run_sweep(
         check_trial_names(plan.run_name)
         concurrent = min(max_concurrent or trials, trials)
         if not options.wait_for_resources:
-            concurrent = max(1, min(concurrent, trials_that_fit(plan, explicit_keys)))
+            concurrent = max(1, min(concurrent, trials_that_fit(cfg, plan, explicit_keys)))
         if concurrent > 1:
             plan = plan_concurrency(cfg, plan, explicit_keys, concurrent)
         check_sampled_for_workers(cfg, specs, plan.num_workers)

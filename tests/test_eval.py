@@ -351,6 +351,54 @@ def test_the_download_is_cached_and_an_offline_one_is_refused(tmp_path, capsys, 
     assert code == 0 and out.startswith("hellaswag: acc ") and "downloading" not in err
 
 
+@pytest.fixture
+def served(tmp_path):
+    """A real HTTP server on loopback that serves the bytes put in `served.body`; yields it with its url."""
+    import http.server
+    import threading
+
+    class Reply(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(server.body)))
+            self.end_headers()
+            self.wfile.write(server.body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Reply)
+    server.body, server.url = b"", f"http://127.0.0.1:{server.server_address[1]}/hellaswag_val.jsonl"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_only_the_whole_val_split_is_cached(tmp_path, capsys, monkeypatch, served):
+    """A proxy's page or a cut-short file is refused in one line and not cached; the whole split is."""
+    from raygpt.prep.hellaswag import HELLASWAG_VAL_EXAMPLES, cached_hellaswag
+
+    model, model_args = tiny_gpt()
+    ckpt = str(write_checkpoint(tmp_path / "ckpt.pt", model, model_args))
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(eval_cli, "HELLASWAG_URL", served.url)
+    served.body = b"<html><body>Please sign in to the network</body></html>\n"
+    code, _, err = run(capsys, "hellaswag", "--checkpoint", ckpt, "--cache-dir", str(cache))
+    line = refused(code, err.split("\n", 1)[1])
+    assert line.startswith(f"error: the download from {served.url} is not HellaSwag's val split (line 1: not valid")
+    assert line.endswith("nothing was cached: pass a local copy of hellaswag_val.jsonl with --input FILE")
+    assert not cache.exists()
+    lines = [json.dumps(EXAMPLES[i % len(EXAMPLES)]) for i in range(HELLASWAG_VAL_EXAMPLES)]
+    served.body = "\n".join(lines[:-1]).encode()
+    with pytest.raises(evals.EvalError, match=f"\\(10041 examples, not the val split's {HELLASWAG_VAL_EXAMPLES}\\)"):
+        cached_hellaswag(cache, "--input FILE", served.url)
+    assert not cache.exists()
+    served.body = "\n".join(lines).encode()
+    assert cached_hellaswag(cache, "--input FILE", served.url).read_bytes() == served.body
+
+
 # --- 5. what is refused, in one line each
 
 

@@ -338,3 +338,39 @@ def test_the_base_holds_each_sampled_key_at_its_first_value():
     _, specs = rtune.split_argv(["--n_head=grid:2,4", "--learning_rate=loguniform:1e-4:1e-3"])
     base, explicit = rtune.read_base(["--n_embd=16"], specs)
     assert (base.n_head, base.learning_rate, base.n_embd) == (2, 1e-4, 16) and {"n_head", "n_embd"} <= explicit
+
+
+@pytest.mark.parametrize(
+    "evals, score, order", [("", "val_loss", "min"), ("bpb", "bpb", "min"), ("hellaswag", "hellaswag/acc_norm", "max")]
+)
+def test_a_trial_that_trains_itself_keeps_checkpoints_by_checkpoint_score(evals, score, order):
+    """One-worker trials score their evals in the loop into the checkpoint's report, so Tune, which keeps
+    their checkpoints, ranks them by checkpoint_score as Train would (not always by val_loss)."""
+    from raygpt.driver.sweep_trials import trial_run_options
+
+    cfg = TrainConfig(**{**TINY, "checkpoints_to_keep": 2, "evals": evals, "checkpoint_score": score})
+    kept = trial_run_options(cfg)["checkpoint_config"]
+    assert (kept.num_to_keep, kept.checkpoint_score_attribute, kept.checkpoint_score_order) == (2, score, order)
+
+
+@pytest.mark.parametrize(
+    "evals, workers, fit, cpus_each",
+    [
+        ("", 2, 4, 2.0),  # 8 CPUs, 2 trials of 2 workers: 2 CPUs a worker
+        ("bpb", 2, 2, 1.0),  # each trial's 2-CPU eval task first: 4 CPUs left for 4 workers
+        ("bpb", 1, 8, 4.0),  # one-worker trials score in the loop: no task to leave room for
+    ],
+)
+def test_sweep_planning_leaves_each_train_run_trial_room_for_its_eval_task(monkeypatch, evals, workers, fit, cpus_each):
+    """A trial that is a Ray Train run scores its checkpoints in a Ray task beside its workers; trials
+    planned side by side without that room would hold every CPU, and the tasks would wait for them."""
+    import ray
+
+    from raygpt.driver.plan import RunPlan
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    monkeypatch.setattr(rtune, "plan_resources", lambda cfg: cfg)  # the plan's inputs, without a cluster
+    cfg = TrainConfig(**{**TINY, "evals": evals, "eval_cpus": 2, "num_workers": workers})
+    plan = RunPlan(num_workers=workers, use_gpu=False, cpus_per_worker=1.0, run_name="sweep")
+    assert rtune.trials_that_fit(cfg, plan, {"num_workers"}) == fit
+    assert rtune.plan_concurrency(cfg, plan, {"num_workers"}, 2).cpus_per_worker == cpus_each

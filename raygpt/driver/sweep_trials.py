@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from raygpt.config.schema import TrainConfig
+from raygpt.config.schema import TrainConfig, score_order
 from raygpt.driver.plan import RunPlan
 from raygpt.driver.sweep_console import TaggedLoop, tagged_output, trial_tag
 from raygpt.driver.sweep_state import Sweep
@@ -106,7 +106,11 @@ def trial_run_options(cfg: TrainConfig) -> dict:
 
     return dict(
         failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+        # The loop scores its evals into the checkpoint's report here (no Ray validation in a trial), so
+        # checkpoint_score ranks what Tune keeps, as it does for Train.
         checkpoint_config=tune.CheckpointConfig(
-            num_to_keep=cfg.checkpoints_to_keep, checkpoint_score_attribute="val_loss", checkpoint_score_order="min"
+            num_to_keep=cfg.checkpoints_to_keep,
+            checkpoint_score_attribute=cfg.checkpoint_score,
+            checkpoint_score_order=score_order(cfg.checkpoint_score),
         ),
     )
