@@ -27,9 +27,15 @@ import torch
 
 from raygpt import sample
 from raygpt.config.schema import HELLASWAG_CACHE, HELLASWAG_FILE
-from raygpt.core import checkpoint, evals
+from raygpt.core import evals
 from raygpt.core.model import GPT
-from raygpt.core.saved_model import checkpoint_file, dataset_meta, load_checkpoint_model, tokenizer_for
+from raygpt.core.saved_model import (
+    checkpoint_file,
+    dataset_meta,
+    load_checkpoint_model,
+    locate_checkpoint,
+    tokenizer_for,
+)
 from raygpt.core.step import Precision
 from raygpt.core.tokenizer import Tokenizer, load_meta
 from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, one_line, run_cli
@@ -75,11 +81,8 @@ def load_model(args, with_dataset: bool = False) -> tuple[GPT, Tokenizer, Path |
         if meta and meta["tokenizer"] != "gpt2":
             raise EvalError(f"{folder} holds a {meta['tokenizer']} dataset, but GPT-2's weights read GPT-2 BPE tokens")
         return model, tokenizer, folder
-    location = args.checkpoint or args.out_dir
-    if is_uri(location):
-        say(f"downloading {location}")
-        location = checkpoint.download(location)
-    model, config, trained_on = load_checkpoint_model(checkpoint_file(Path(location).expanduser()))
+    location = locate_checkpoint(args.checkpoint or args.out_dir, say)
+    model, config, trained_on = load_checkpoint_model(checkpoint_file(location))
     folder = dataset_folder(args, config) if with_dataset else None
     meta_option = args.meta or (meta_folder(folder) if args.data else None)
     tokenizer = tokenizer_for(model.config.vocab_size, *dataset_meta(config, meta_option), trained_on)

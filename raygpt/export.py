@@ -23,10 +23,11 @@ import torch
 from raygpt.core import checkpoint
 from raygpt.core.hf import HF_FILES, hf_config, hf_weights
 from raygpt.core.model import GPT, GPTConfig, clean_state_dict
+from raygpt.core.saved_model import RAY_CHECKPOINT_PREFIX, locate_checkpoint
 from raygpt.driver.identity import read_record
 from raygpt.errors import OneLineParser, RaygptError, run_cli
 from raygpt.storage.files import write_atomic, write_text_atomic
-from raygpt.storage.uri import is_uri, join_uri, list_folders
+from raygpt.storage.uri import is_uri
 
 
 class ExportError(RaygptError):
@@ -128,7 +129,6 @@ def output_path(given: str | None, flag: str, folder: bool) -> Path | None:
     return path
 
 
-RAY_CHECKPOINT_PREFIX = "checkpoint_"  # Ray names a run's checkpoints checkpoint_<time>, oldest first
 WHAT_CHECKPOINT_IS = "a ckpt.pt, a checkpoint folder, a run's out_dir or a Ray run folder (storage_path/run_name)"
 TORCH_FILE_STARTS = (b"PK", b"\x80")  # torch.save's zip archive, or its older plain pickle
 
@@ -142,37 +142,25 @@ def one_checkpoint(given: list[str]) -> str:
     raise ExportError(f"give one CHECKPOINT, not {len(given)} (did a shell pattern expand?){folder}")
 
 
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
 def checkpoint_to_export(given: str) -> Path:
     """The local checkpoint CHECKPOINT names: a file or folder as it is, or a Ray run folder's latest
     checkpoint. One in object storage is downloaded (only the chosen checkpoint, for a run folder)."""
     if is_uri(given):
-        latest = latest_of_run(given, [join_uri(given, name) for name in list_folders(given, RAY_CHECKPOINT_PREFIX)])
-        return checkpoint.download(latest or given)
+        return locate_checkpoint(given, say)
     path = Path(given).expanduser()
     if not path.exists():
         raise ExportError(f"no checkpoint at {path}")
     if path.is_file():
         check_torch_file(path)
         return path
-    out_ckpt = path / checkpoint.CKPT_NAME
-    ray_checkpoints = sorted(p for p in path.glob(f"{RAY_CHECKPOINT_PREFIX}*") if p.is_dir())
-    latest = latest_of_run(path, ray_checkpoints, out_ckpt if out_ckpt.is_file() else None)
-    if latest is None and not (out_ckpt.exists() or (path / checkpoint.PROGRESS_NAME).exists()):
+    located = locate_checkpoint(given, say)
+    if located == path and not ((path / checkpoint.CKPT_NAME).exists() or (path / checkpoint.PROGRESS_NAME).exists()):
         raise ExportError(f"{path} holds no checkpoint: give {WHAT_CHECKPOINT_IS}{where_instead(path)}")
-    return latest or path
-
-
-def latest_of_run(folder: Path | str, ray_checkpoints: list, out_ckpt: Path | None = None) -> Path | str | None:
-    """Of a Ray run folder's checkpoints (oldest first; and a ckpt.pt beside them, if the folder is also
-    an out_dir), the one at the latest iteration, as a resume chooses; None when it holds none."""
-    if not ray_checkpoints:
-        return None
-    candidates = checkpoint.resume_candidates(ray_checkpoints[-1], ray_checkpoints[-2::-1], fallback=out_ckpt)
-    latest = checkpoint.by_iteration(candidates, checkpoint.iteration_of)[0]
-    iteration = checkpoint.iteration_of(latest)
-    at = f" (iter {iteration})" if iteration is not None else ""
-    print(f"exporting {latest}{at}, the latest checkpoint of Ray run folder {folder}", flush=True)
-    return latest
+    return located
 
 
 def check_torch_file(path: Path) -> None:

@@ -27,15 +27,19 @@ from pathlib import Path
 import torch
 
 from raygpt.config.schema import SEED_LIMIT
-from raygpt.core import checkpoint
 from raygpt.core.model import GPT
 from raygpt.core.parallel import choose_cpu_threads, compile_notices, torch_threads
-from raygpt.core.saved_model import checkpoint_file, dataset_meta, load_checkpoint_model, tokenizer_for
+from raygpt.core.saved_model import (
+    checkpoint_file,
+    dataset_meta,
+    load_checkpoint_model,
+    locate_checkpoint,
+    tokenizer_for,
+)
 from raygpt.core.step import Precision
 from raygpt.core.tokenizer import Tokenizer
 from raygpt.errors import EXIT_INTERRUPTED, OneLineParser, RaygptError, one_line, run_cli
 from raygpt.storage.files import NulCharacterError, decode_text
-from raygpt.storage.uri import is_uri
 
 
 class SampleError(RaygptError, ValueError):
@@ -90,11 +94,8 @@ def load_model(args) -> tuple[GPT, Tokenizer]:
             return GPT.from_pretrained(args.init_from, dict(dropout=0.0)), Tokenizer.from_meta(None)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise SampleError(f"--init-from {args.init_from}: {one_line(str(e)) or type(e).__name__}") from None
-    location = args.checkpoint or args.out_dir
-    if is_uri(location):  # a checkpoint in object storage: a local copy first
-        print(f"downloading {location}", file=sys.stderr, flush=True)
-        location = checkpoint.download(location)
-    model, config, trained_on = load_checkpoint_model(checkpoint_file(Path(location).expanduser()))
+    location = locate_checkpoint(args.checkpoint or args.out_dir, say=lambda line: print(line, file=sys.stderr))
+    model, config, trained_on = load_checkpoint_model(checkpoint_file(location))
     return model, tokenizer_for(model.config.vocab_size, *dataset_meta(config, args.meta), trained_on)
 
 

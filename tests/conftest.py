@@ -52,9 +52,17 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
+    # Under pytest-xdist's loadgroup (pyproject's addopts), a module's tests stay in one worker, so its
+    # module fixtures are made once; the tests of the four-node cluster share a worker, so only one such
+    # cluster runs at a time.
+    grouped = config.pluginmanager.hasplugin("xdist")
     for item in items:
-        if "ray_local" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "ray_local" in fixtures:
             item.add_marker(pytest.mark.ray)
+        if grouped:
+            group = "ray_nodes" if "ray_nodes" in fixtures else item.module.__name__
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 RAY_DAEMONS = ("raylet", "gcs_server")

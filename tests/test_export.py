@@ -58,7 +58,7 @@ def test_a_ray_run_folder_exports_its_latest_checkpoint(tmp_path, capsys, ray_ru
     code, out, err = exported(capsys, ray_run, "--ckpt", tmp_path / "export" / "ckpt.pt")
     assert code == 0, err
     assert checkpoint.load(tmp_path / "export" / "ckpt.pt")["iter_num"] == 8
-    assert f"exporting {ray_run / LATER} (iter 8), the latest checkpoint of Ray run folder {ray_run}" in out
+    assert f"{ray_run / LATER} (iter 8) is the latest checkpoint of Ray run folder {ray_run}" in out
 
 
 def test_the_latest_is_by_iteration_as_a_resume_chooses(tmp_path, capsys, ray_run):
@@ -123,7 +123,7 @@ def test_a_ray_run_folder_in_object_storage_downloads_only_its_latest(tmp_path, 
     code, out, err = exported(capsys, uri, "--ckpt", tmp_path / "ckpt.pt")
     assert code == 0, err
     assert checkpoint.load(tmp_path / "ckpt.pt")["iter_num"] == 8
-    assert f"exporting {uri}/{LATER} (iter 8)" in out
+    assert f"{uri}/{LATER} (iter 8) is the latest checkpoint of Ray run folder {uri}" in out
     copy = Path(out.split(" from ")[-1].strip()).parent  # the local copy read: that checkpoint alone
     assert sorted(p.name for p in copy.iterdir()) == [checkpoint.CKPT_NAME, checkpoint.SUMMARY_NAME]
 

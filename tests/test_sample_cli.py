@@ -276,11 +276,20 @@ def test_checkpoint_paths_without_a_checkpoint_are_one_line(tmp_path, capsys, ch
     (tmp_path / "empty").mkdir()
     line = refused(*run(capsys, "--checkpoint", str(tmp_path / "empty"))[::2])
     assert line.startswith(f"error: {tmp_path / 'empty'} holds no ckpt.pt")
-    # A Ray run folder: the message names its newest checkpoint.
-    for name in ("checkpoint_2026-01-01_00-00-00.000000", "checkpoint_2026-01-02_00-00-00.000000"):
-        write_checkpoint(tmp_path / "run" / name, char_run[1])
-    line = refused(*run(capsys, "--checkpoint", str(tmp_path / "run"))[::2])
-    assert line.endswith(f"the newest is {tmp_path / 'run' / 'checkpoint_2026-01-02_00-00-00.000000'})")
+
+
+def test_a_ray_run_folder_samples_its_latest_checkpoint(tmp_path, capsys, char_run):
+    """storage_path/run_name, as raygpt.export and raygpt.eval take it: the checkpoint at the latest
+    iteration (as a resume chooses), named on stderr; stdout holds only the samples."""
+    older, newer = (tmp_path / "run" / f"checkpoint_2026-01-0{day}_00-00-00.000000" for day in (1, 2))
+    for folder in (older, newer):
+        write_checkpoint(folder, char_run[1])
+    state = checkpoint.load(older / checkpoint.CKPT_NAME)
+    checkpoint.save_atomic({**state, "iter_num": 5}, older / checkpoint.CKPT_NAME)  # the later iteration
+    code, out, err = run(capsys, "--checkpoint", str(tmp_path / "run"), "--num-samples", "1", "--max-new-tokens", "8")
+    assert code == 0, err
+    assert f"{older} (iter 5) is the latest checkpoint of Ray run folder {tmp_path / 'run'}" in err
+    assert out == run(capsys, "--checkpoint", str(older), "--num-samples", "1", "--max-new-tokens", "8")[1]
 
 
 def test_damaged_checkpoints_are_one_line(tmp_path, capsys, char_run):

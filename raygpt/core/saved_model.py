@@ -1,14 +1,16 @@
 """A trained model from a checkpoint, with its tokenizer: what raygpt.sample, raygpt.eval and the validation
 tasks of a training run (worker/validation.py) load.
 
-A checkpoint is a ckpt.pt, a sharded checkpoint's folder, a Ray checkpoint folder or an out_dir holding a
-ckpt.pt. Its tokenizer is the one it was trained with: the character table of its dataset's meta.json (or
-nanoGPT's meta.pkl), or GPT-2 BPE for a model of GPT-2's vocabulary; never a guess. The messages name the
-command-line options (--meta) of the tools that load models this way.
+A checkpoint is a ckpt.pt, a sharded checkpoint's folder, a Ray checkpoint folder, an out_dir holding a
+ckpt.pt, or a Ray run folder (its latest checkpoint), local or at a URI. Its tokenizer is the one it was
+trained with: the character table of its dataset's meta.json (or nanoGPT's meta.pkl), or GPT-2 BPE for a
+model of GPT-2's vocabulary; never a guess. The messages name the command-line options (--meta) of the
+tools that load models this way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from raygpt.core import checkpoint
@@ -23,14 +25,50 @@ from raygpt.core.tokenizer import (
 )
 from raygpt.errors import RaygptError, one_line
 from raygpt.storage.datasets import check_remote_dataset, dataset_uri
-from raygpt.storage.uri import StorageError, is_uri
+from raygpt.storage.uri import StorageError, is_uri, join_uri, list_folders
 
-WHAT_CHECKPOINT_IS = f"pass a Ray checkpoint folder, a {checkpoint.CKPT_NAME} file or a training run's out_dir"
+WHAT_CHECKPOINT_IS = (
+    f"pass a Ray checkpoint folder, a {checkpoint.CKPT_NAME} file, a training run's out_dir or a Ray run folder"
+)
 FIX_META = "pass the dataset's with --meta PATH/meta.json"
 
 
 class SavedModelError(RaygptError, ValueError):
     """A checkpoint, or its tokenizer, that cannot be loaded as given; the message is one line."""
+
+
+RAY_CHECKPOINT_PREFIX = "checkpoint_"  # Ray names a run's checkpoints checkpoint_<time>, oldest first
+
+
+def locate_checkpoint(given: str, say: Callable[[str], None]) -> Path:
+    """The local checkpoint that --checkpoint (or --out-dir) names, for checkpoint_file: a file or folder as
+    it is, or a Ray run folder's (storage_path/run_name) latest checkpoint, by iteration, as a resume
+    chooses. One at a URI is downloaded first: only the chosen checkpoint of a run folder. `say` tells
+    which checkpoint a run folder gave, and of a download."""
+    if is_uri(given):
+        folders = list_folders(given, RAY_CHECKPOINT_PREFIX)
+        chosen = latest_of_run(given, [join_uri(given, name) for name in folders], say) or given
+        say(f"downloading {chosen}")
+        return Path(checkpoint.download(chosen))
+    path = Path(given).expanduser()
+    if not path.is_dir():
+        return path
+    out_ckpt = path / checkpoint.CKPT_NAME
+    reported = sorted(p for p in path.glob(f"{RAY_CHECKPOINT_PREFIX}*") if p.is_dir())
+    return latest_of_run(path, reported, say, out_ckpt if out_ckpt.is_file() else None) or path
+
+
+def latest_of_run(folder: Path | str, reported: list, say: Callable[[str], None], out_ckpt: Path | None = None):
+    """Of a Ray run folder's checkpoints (oldest first; and a ckpt.pt beside them, if the folder is also an
+    out_dir), the one at the latest iteration; None when it holds none."""
+    if not reported:
+        return None
+    candidates = checkpoint.resume_candidates(reported[-1], reported[-2::-1], fallback=out_ckpt)
+    latest = checkpoint.by_iteration(candidates, checkpoint.iteration_of)[0]
+    iteration = checkpoint.iteration_of(latest)
+    at = f" (iter {iteration})" if iteration is not None else ""
+    say(f"{latest}{at} is the latest checkpoint of Ray run folder {folder}")
+    return latest
 
 
 def checkpoint_file(path: Path) -> Path:
@@ -43,10 +81,7 @@ def checkpoint_file(path: Path) -> Path:
         return path / checkpoint.CKPT_NAME
     if (path / checkpoint.PROGRESS_NAME).exists():  # a sharded (FSDP) checkpoint: read from its shards
         return path
-    # A Ray run folder holds one checkpoint_<timestamp> folder per report; the names sort oldest first.
-    reported = sorted(p for p in path.glob("checkpoint_*") if (p / checkpoint.CKPT_NAME).is_file())
-    newest = f" (it holds Ray checkpoints; the newest is {reported[-1]})" if reported else ""
-    raise SavedModelError(f"{path} holds no {checkpoint.CKPT_NAME}: {WHAT_CHECKPOINT_IS}{newest}")
+    raise SavedModelError(f"{path} holds no {checkpoint.CKPT_NAME}: {WHAT_CHECKPOINT_IS}")
 
 
 def load_checkpoint_model(ckpt_path: Path) -> tuple[GPT, dict, dict | None]:
