@@ -33,13 +33,16 @@ GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, bias=True, 
 
 def offline_gpt2_bpe(cache: Path) -> None:
     """The GPU machines have no internet: give tiktoken the BPE files shipped in tests/data, under the names
-    its cache looks for (the sha1 of each file's URL), unless TIKTOKEN_CACHE_DIR is already set."""
-    if os.environ.get("TIKTOKEN_CACHE_DIR"):
+    its cache looks for (the sha1 of each file's URL), unless TIKTOKEN_CACHE_DIR already holds them (a
+    machine may set it to a folder that does not)."""
+    url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    names = {name: hashlib.sha1((url + name).encode()).hexdigest() for name in ("encoder.json", "vocab.bpe")}
+    given = os.environ.get("TIKTOKEN_CACHE_DIR")
+    if given and all((Path(given) / cached).is_file() for cached in names.values()):
         return
     cache.mkdir(parents=True, exist_ok=True)
-    url = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-    for name in ("encoder.json", "vocab.bpe"):
-        shutil.copyfile(CORPUS.parent / "gpt2-bpe" / name, cache / hashlib.sha1((url + name).encode()).hexdigest())
+    for name, cached in names.items():
+        shutil.copyfile(CORPUS.parent / "gpt2-bpe" / name, cache / cached)
     os.environ["TIKTOKEN_CACHE_DIR"] = str(cache)
 
 

@@ -158,8 +158,11 @@ class Bigram(torch.nn.Module):
         self.log_probs = torch.nn.Parameter(torch.tensor(probs, dtype=torch.float64).log().float())
         self.config = SimpleNamespace(block_size=block_size, vocab_size=len(probs))
 
-    def forward(self, idx, targets=None):
-        return self.log_probs[idx], None
+    def hidden_states(self, idx):  # what the scorer asks of a GPT: the state lm_head reads, at each position
+        return torch.nn.functional.one_hot(idx, self.config.vocab_size).float()
+
+    def lm_head(self, hidden):
+        return hidden @ self.log_probs
 
 
 # Characters " ", "a", "b", "c"; row: the current character, column: the next one.
@@ -246,8 +249,11 @@ class Unigram(torch.nn.Module):
         self.logits = torch.nn.Parameter(torch.randn(vocab_size, generator=torch.Generator().manual_seed(0)))
         self.config = SimpleNamespace(block_size=block_size, vocab_size=vocab_size)
 
-    def forward(self, idx, targets=None):
-        return self.logits.expand(*idx.shape, -1), None
+    def hidden_states(self, idx):
+        return torch.zeros(*idx.shape, 1)
+
+    def lm_head(self, hidden):
+        return self.logits.expand(*hidden.shape[:-1], -1)
 
 
 def test_bits_per_byte_of_gpt2_tokens_leaves_out_endoftext():

@@ -224,12 +224,13 @@ def forward_losses(
     """The cross-entropy in nats of each target (padded_batch's), 0 where there is none."""
     device = device_of(model)
     inputs, targets = inputs.to(device), targets.to(device)
-    with evaluating(model), torch.no_grad(), precision.autocast():
-        # With targets the model returns the logits of every position (its own mean loss goes unused).
-        logits, _ = model(inputs, targets)
     scored = targets >= 0
     losses = torch.zeros(targets.shape, dtype=torch.float32, device=device)
-    losses[scored] = F.cross_entropy(logits[scored].float(), targets[scored], reduction="none")
+    with evaluating(model), torch.no_grad(), precision.autocast():
+        # The vocabulary's logits of the scored positions only: a multiple-choice row is mostly context,
+        # and the projection onto 50k tokens (and its softmax) is most of a small model's forward pass.
+        logits = model.lm_head(model.hidden_states(inputs)[scored])
+        losses[scored] = F.cross_entropy(logits.float(), targets[scored], reduction="none")
     return losses
 
 

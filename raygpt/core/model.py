@@ -201,6 +201,19 @@ class GPT(nn.Module):
         return n_params
 
     def forward(self, idx, targets=None, kv_cache: KVCache | None = None):
+        x = self.hidden_states(idx, kv_cache)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        else:
+            # Inference needs only the last position: skip the vocab projection of the others.
+            logits = self.lm_head(x[:, [-1], :])
+            loss = None
+        return logits, loss
+
+    def hidden_states(self, idx, kv_cache: KVCache | None = None):
+        """The last block's output, normalized, at every position: what lm_head turns into logits. The
+        evals call it directly to take the logits of the positions they score only."""
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0
         assert start + T <= self.config.block_size, (
@@ -214,15 +227,7 @@ class GPT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, kv_cache, layer, use_reentrant=False)
             else:
                 x = block(x, kv_cache, layer)
-        x = self.transformer.ln_f(x)
-        if targets is not None:
-            logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        else:
-            # Inference needs only the last position: skip the vocab projection of the others.
-            logits = self.lm_head(x[:, [-1], :])
-            loss = None
-        return logits, loss
+        return self.transformer.ln_f(x)
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context length (e.g. GPT-2's 1024 to a smaller block_size for fine-tuning)."""
