@@ -5,6 +5,7 @@ The Ray Train path is tests/test_validation_ray.py."""
 import json
 
 import pytest
+import torch
 from conftest import TINY_LOCAL_RUN
 from test_tensorboard import board
 
@@ -12,6 +13,7 @@ from raygpt import launch
 from raygpt.config.cli import read_config
 from raygpt.config.schema import TrainConfig
 from raygpt.core import checkpoint
+from raygpt.core.model import GPT, GPTConfig
 from raygpt.errors import LaunchError
 from raygpt.worker.reporting import METRICS_NAME
 
@@ -162,7 +164,7 @@ def reported(iter_num: int, status: str, **metrics):
     return ReportedCheckpoint(None, {"iter": iter_num, "val_loss": 1.5, **metrics}, ReportedCheckpointStatus[status])
 
 
-def test_rank_zero_shows_each_validation_once_as_ray_reports_them(monkeypatch):
+def test_rank_zero_shows_each_validation_once_as_ray_reports_them(monkeypatch, tmp_path):
     import ray.train
 
     from raygpt.worker import validation
@@ -184,7 +186,8 @@ def test_rank_zero_shows_each_validation_once_as_ray_reports_them(monkeypatch):
     monkeypatch.setattr(ray.train, "get_all_reported_checkpoints", get_all_reported_checkpoints)
     monkeypatch.setattr(validation, "END_WAIT_POLL_S", 0.0)
     shown, said = [], []
-    watch = validation.RayValidations(OrderedRayCalls(background=False), shown.append, said.append, shown={2})
+    watch = validation.RayValidations(OrderedRayCalls(background=False), shown.append, said.append, shown={2},
+                                      results=str(tmp_path / "validations"))  # fmt: skip
     watch.at_eval()  # 2 was shown by an earlier process of the run (its metrics.jsonl)
     assert [m["iter"] for m in shown] == [4] and shown[0]["bpb"] == 3.0
     assert said == ["warning: validations fall behind training (2 checkpoints wait; Ray runs one at a time): give "
@@ -197,6 +200,65 @@ def test_rank_zero_shows_each_validation_once_as_ray_reports_them(monkeypatch):
         "waiting for the validation of iter 8",
     ]
     assert set(asked) == {"COMMITTED"}  # never waits for validations inside Ray: the loop's thread goes on
+
+
+def test_a_validation_whose_checkpoint_ray_deleted_is_shown_from_the_tasks_record(monkeypatch, tmp_path):
+    """Ray deletes a validated checkpoint that ranks below checkpoints_to_keep at once, metrics and all (a
+    short run whose validations fall behind lost the first ones so); the task's record in the run folder
+    still shows it. A record that comes before Ray's status is shown, not waited for."""
+    import ray.train
+
+    from raygpt.worker import validation
+    from raygpt.worker.session import OrderedRayCalls
+
+    results = tmp_path / "ray" / "run" / "validations"
+    answers = [[reported(6, "PENDING_VALIDATION"), reported(8, "PENDING_VALIDATION")],
+               [reported(8, "PENDING_VALIDATION")],
+               [reported(8, "VALIDATED", bpb=2.9)]]  # fmt: skip
+    asked = []
+
+    def get_all_reported_checkpoints(consistency_mode):
+        asked.append(consistency_mode)
+        if len(asked) == 2:  # 4 and 6 validated since, and 4 deleted by Ray; 8's task has written, not returned
+            for iter_num, bpb in ((4, 3.0), (6, 2.95), (8, 2.9)):
+                write_result(iter_num, bpb)
+        return answers[min(len(asked), len(answers)) - 1]
+
+    def write_result(iter_num, bpb):
+        results.mkdir(parents=True, exist_ok=True)
+        (results / f"iter_{iter_num}.json").write_text(json.dumps({"iter": iter_num, "bpb": bpb,
+                                                                   "validation_seconds": 1.0}))  # fmt: skip
+
+    monkeypatch.setattr(ray.train, "get_all_reported_checkpoints", get_all_reported_checkpoints)
+    monkeypatch.setattr(validation, "END_WAIT_POLL_S", 0.0)
+    shown, said = [], []
+    watch = validation.RayValidations(OrderedRayCalls(background=False), shown.append, said.append, shown=set(),
+                                      results=str(results))  # fmt: skip
+    watch.finish()
+    assert [(m["iter"], m["bpb"]) for m in shown] == [(4, 3.0), (6, 2.95), (8, 2.9)]
+    assert said == ["waiting for the validation of iter 6, 8"] and len(asked) == 2
+
+
+def test_a_validation_task_leaves_its_result_in_the_run_folder(tmp_path, char_data):
+    """validate_checkpoint as Ray runs it: the metrics it returns are also in validations/iter_N.json."""
+    from ray.train import Checkpoint
+
+    from raygpt.worker import validation
+
+    torch.manual_seed(0)
+    args = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, bias=False, vocab_size=65)
+    model = GPT(GPTConfig(**args))
+    folder = tmp_path / "ray" / "run" / "checkpoint_2026-01-01_00-00-00.000000"
+    config = {"data_dir": str(char_data), "dataset": "shakespeare_char"}
+    checkpoint.save_atomic({"model": model.state_dict(), "model_args": args, "iter_num": 6, "config": config},
+                           folder / checkpoint.CKPT_NAME)  # fmt: skip
+    cfg = TrainConfig(storage_path=str(tmp_path / "ray"), evals="bpb")
+    results = validation.results_folder(cfg, "run")
+    result = validation.validate_checkpoint(Checkpoint(str(folder)), {}, str(char_data), "shakespeare_char",
+                                            bpb=True, windows=4, threads=1, use_gpu=False, results=results)  # fmt: skip
+    assert result["iter"] == 6 and result["bpb"] > 0
+    assert json.loads((tmp_path / "ray" / "run" / "validations" / "iter_6.json").read_text()) == result
+    assert validation.stored_results(results) == [result]
 
 
 def test_a_rerun_keeps_the_checkpoints_evals_it_showed(tmp_path):

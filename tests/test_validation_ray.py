@@ -76,6 +76,10 @@ def test_validation_tasks_score_each_checkpoint_while_training_goes_on(ray_local
     for iter_num, metrics in kept.items():
         assert metrics["bpb"] == pytest_approx(validated[iter_num]["bpb"]) and "val_loss" in metrics
         assert metrics["tiny/acc_norm"] == validated[iter_num]["tiny/acc_norm"]
+    # Each task's record in the run folder, which outlives a checkpoint Ray deletes.
+    for iter_num, record in validated.items():
+        stored = json.loads((storage / "out" / "validations" / f"iter_{iter_num}.json").read_text())
+        assert stored["bpb"] == pytest_approx(record["bpb"]) and stored["iter"] == iter_num
     ranked = [metrics["iter"] for _, metrics in result.best_checkpoints]  # Ray's order: worst first
     assert ranked == sorted(kept, key=lambda i: -kept[i]["bpb"])
     best = min(kept, key=lambda i: kept[i]["bpb"])

@@ -109,7 +109,7 @@ def build_trainer(cfg: TrainConfig, plan: RunPlan, callbacks=None, train_loop: C
         torch_config=NoTeardownTorchConfig(backend=cfg.backend if plan.use_gpu else "gloo"),
         scaling_config=scaling,
         run_config=run_config,
-        validation_config=validation_config(cfg),  # None: no evals, or local mode (they run in the loop)
+        validation_config=validation_config(cfg, plan.run_name),  # None: no evals, or local mode (in the loop)
     )
 
 

@@ -212,6 +212,23 @@ def list_folders(uri: str, prefix: str) -> list[str]:
     )
 
 
+def list_files(uri: str, prefix: str, suffix: str) -> list[str]:
+    """The names of the files directly in `uri` that start with `prefix` and end with `suffix`, sorted; []
+    if there is none (or no such folder)."""
+    import pyarrow.fs
+
+    filesystem, path = open_filesystem(uri)
+    with remote_errors(uri):
+        infos = filesystem.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return sorted(
+        info.base_name
+        for info in infos
+        if info.type == pyarrow.fs.FileType.File
+        and info.base_name.startswith(prefix)
+        and info.base_name.endswith(suffix)
+    )
+
+
 def download_folder(uri: str, local: Path) -> Path:
     """Copy the folder at `uri` into `local` (created); returns `local`."""
     import pyarrow.fs

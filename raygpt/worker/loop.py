@@ -246,7 +246,8 @@ def setup(cfg: TrainConfig, plan: RunPlan, ray_session: RaySession, started: flo
                               before_compile=compile_workers.ready_for_compile)  # fmt: skip
     reporter, calls, checkpointer, watch = report_and_stop(cfg, plan, ray_session, say, state, wrapped.module, device,
                                                            tokens_per_iter, accum_steps)  # fmt: skip
-    evals = checkpoint_evals(cfg, ray_session.validation_tasks, say.line, reporter, calls, wrapped.module, dataset_dir)
+    evals = checkpoint_evals(cfg, plan.run_name, ray_session.validation_tasks, say.line, reporter, calls,
+                             wrapped.module, dataset_dir)  # fmt: skip
     compiles = Compiles(trained.compile_cache, compile_workers, say)
     after_step = StepHooks()
     after_step.add(compiles.after_step, steps=(1, 3))  # the cache's save, then the workers' stop

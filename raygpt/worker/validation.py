@@ -7,7 +7,9 @@ in a task of its own (eval_cpus, eval_gpus), one checkpoint at a time, while tra
 the task's metrics into the checkpoint's. The examples travel with the task (the launcher read them), so a
 node needs only what training needs: the dataset, for the tokenizer and bpb. Rank 0 asks Ray for the
 reported checkpoints at each eval, through the thread that orders the worker's Ray calls, and shows each
-result that has arrived (RayValidations); at the run's end it waits for the outstanding ones.
+result that has arrived (RayValidations); at the run's end it waits for the outstanding ones. Each task
+also leaves its result in the run folder's validations/ (storage_path/run_name): Ray deletes a validated
+checkpoint that ranks below checkpoints_to_keep at once, its metrics with it, before rank 0 could ask.
 
 Where Ray runs no validation tasks (local mode, a one-worker Tune trial: no Train controller), the same
 evals run in the loop on rank 0's model at each checkpoint, and training waits for them (InLoopEvals).
@@ -16,7 +18,9 @@ evals run in the loop on rank 0's model at each checkpoint, and training waits f
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,11 +34,20 @@ from raygpt.core.model import GPT
 from raygpt.core.saved_model import checkpoint_file, dataset_meta, load_checkpoint_model, tokenizer_for
 from raygpt.core.tokenizer import Tokenizer, load_meta
 from raygpt.storage.datasets import dataset_uri, default_cache_root, stage_dataset
-from raygpt.storage.uri import is_uri
+from raygpt.storage.uri import (
+    StorageError,
+    is_uri,
+    join_uri,
+    list_files,
+    read_small_file,
+    storage_root,
+    write_small_file,
+)
 from raygpt.worker.reporting import VALIDATION_KEY
 
 END_WAIT_POLL_S = 2.0  # at the run's end, between rank 0's questions to Ray
 END_WAIT_PATIENCE_S = 600.0  # at the run's end, rank 0 stops waiting when no validation ends for this long
+RESULTS_FOLDER = "validations"  # in the run folder: iter_<N>.json, one validation's result each
 
 
 # ---- what is scored, and how ---------------------------------------------------------------------------
@@ -77,9 +90,10 @@ def score(model: GPT, tokenizer: Tokenizer, examples: dict[str, list[evals.Examp
 
 
 def validate_checkpoint(checkpoint_to_score, examples: dict, data_dir: str, dataset: str, bpb: bool,
-                        windows: int | None, threads: int, use_gpu: bool) -> dict:  # fmt: skip
-    """The validation task Ray runs on a reported checkpoint: its iter and the evals' metrics. `examples`:
-    name -> Example fields (plain values, as Ray's task config keeps them)."""
+                        windows: int | None, threads: int, use_gpu: bool, results: str) -> dict:  # fmt: skip
+    """The validation task Ray runs on a reported checkpoint: its iter and the evals' metrics, also left in
+    the `results` folder for rank 0. `examples`: name -> Example fields (plain values, as Ray's task config
+    keeps them)."""
     started = time.perf_counter()
     torch.set_num_threads(threads)  # Ray starts task processes with one thread
     device = torch.device("cuda" if use_gpu else "cpu")  # Ray hands the task its GPU as the only visible one
@@ -91,7 +105,32 @@ def validate_checkpoint(checkpoint_to_score, examples: dict, data_dir: str, data
                 examples.items()}  # fmt: skip
     val_dir = dataset_folder(data_dir, dataset) if bpb else None
     metrics = score(model.to(device), tokenizer, examples, val_dir, windows, "auto", evals.DEFAULT_BATCH_SIZE)
-    return {"iter": iter_num, **metrics, VALIDATION_KEY: time.perf_counter() - started}
+    result = {"iter": iter_num, **metrics, VALIDATION_KEY: time.perf_counter() - started}
+    try:
+        write_small_file(join_uri(results, f"iter_{iter_num}.json"), json.dumps(result))
+    except (StorageError, OSError) as e:  # Ray still has the result: only a deleted checkpoint's is lost
+        print(f"warning: cannot keep the validation of iter {iter_num} in {results}: {e}", file=sys.stderr)
+    return result
+
+
+def results_folder(cfg: TrainConfig, run_name: str) -> str:
+    """Where the validation tasks leave their results: validations/ in the run's Ray run folder."""
+    return join_uri(storage_root(cfg.storage_path), run_name, RESULTS_FOLDER)
+
+
+def stored_results(results: str) -> list[dict]:
+    """The results the validation tasks left in `results`, by iteration; an unreadable one is skipped (the
+    task's result still reaches Ray)."""
+    found = []
+    try:
+        for name in list_files(results, "iter_", ".json"):
+            data = read_small_file(join_uri(results, name))
+            record = json.loads(data) if data is not None else None
+            if isinstance(record, dict) and isinstance(record.get("iter"), int):
+                found.append(record)
+    except (StorageError, ValueError):
+        pass
+    return sorted(found, key=lambda record: record["iter"])
 
 
 # ---- where the evals run -------------------------------------------------------------------------------
@@ -103,7 +142,7 @@ def runs_as_ray_tasks(cfg: TrainConfig, validation_tasks: bool = True) -> bool:
     return bool(eval_tasks(cfg.evals)) and not cfg.local_mode and validation_tasks
 
 
-def validation_config(cfg: TrainConfig):
+def validation_config(cfg: TrainConfig, run_name: str):
     """The trainer's ray.train.ValidationConfig (None where Ray validates nothing): validate_checkpoint with
     the examples read here, in a task of eval_cpus CPUs and eval_gpus GPUs."""
     if not runs_as_ray_tasks(cfg):
@@ -113,7 +152,8 @@ def validation_config(cfg: TrainConfig):
     examples = {name: [dataclasses.asdict(e) for e in task] for name, task in read_eval_examples(cfg).items()}
     arguments = dict(examples=examples, data_dir=cfg.data_dir, dataset=cfg.dataset,
                      bpb=BPB in eval_tasks(cfg.evals), windows=cfg.eval_examples or None,
-                     threads=max(1, int(cfg.eval_cpus)), use_gpu=cfg.eval_gpus > 0)  # fmt: skip
+                     threads=max(1, int(cfg.eval_cpus)), use_gpu=cfg.eval_gpus > 0,
+                     results=results_folder(cfg, run_name))  # fmt: skip
     return ValidationConfig(
         validate_checkpoint,
         ValidationTaskConfig(fn_kwargs=arguments),
@@ -147,8 +187,8 @@ def describe(cfg: TrainConfig, in_loop_because: str | None) -> str:
             "scores each checkpoint while training goes on")  # fmt: skip
 
 
-def checkpoint_evals(cfg: TrainConfig, validation_tasks: bool, say: Callable[[str], None], reporter, calls,
-                     model: GPT, dataset_dir: Path) -> CheckpointEvals:  # fmt: skip
+def checkpoint_evals(cfg: TrainConfig, run_name: str, validation_tasks: bool, say: Callable[[str], None],
+                     reporter, calls, model: GPT, dataset_dir: Path) -> CheckpointEvals:  # fmt: skip
     """What scores the run's checkpoints on this worker, said in one line at the start: rank 0's view of
     Ray's validation tasks, or the evals in the loop where Ray runs none (`validation_tasks` False: a
     one-worker Tune trial)."""
@@ -158,7 +198,8 @@ def checkpoint_evals(cfg: TrainConfig, validation_tasks: bool, say: Callable[[st
         say(describe(cfg, None))
         if not reporter.is_rank_zero:
             return CheckpointEvals()
-        return RayValidations(calls, reporter.validation, say, reporter.validated_iters())
+        results = results_folder(cfg, run_name)
+        return RayValidations(calls, reporter.validation, say, reporter.validated_iters(), results)
     why = "local mode has no Ray tasks" if cfg.local_mode else "a one-worker Tune trial has no Ray validation tasks"
     say(describe(cfg, why))
     tokenizer = tokenizer_for(model.config.vocab_size, load_meta(dataset_dir), str(dataset_dir))
@@ -208,8 +249,9 @@ class RayValidations(CheckpointEvals):
     checkpoint that the next report's ranking would delete is still there. `shown`: the iterations whose
     results an earlier process of the run has shown (its metrics.jsonl)."""
 
-    def __init__(self, calls, show: Callable[[dict], None], say: Callable[[str], None], shown: set[int]):
-        self.calls, self.show, self.say, self.shown = calls, show, say, set(shown)
+    def __init__(self, calls, show: Callable[[dict], None], say: Callable[[str], None], shown: set[int],
+                 results: str):  # fmt: skip
+        self.calls, self.show, self.say, self.shown, self.results = calls, show, say, set(shown), results
         self.warned_behind = False
 
     def at_eval(self) -> None:
@@ -223,6 +265,11 @@ class RayValidations(CheckpointEvals):
         from ray.train import CheckpointConsistencyMode, ReportedCheckpointStatus, get_all_reported_checkpoints
 
         reported = get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+        # The tasks' own records first: one whose checkpoint Ray has deleted is there alone.
+        for record in stored_results(self.results):
+            if record["iter"] not in self.shown:
+                self.shown.add(record["iter"])
+                self.show(record)
         pending = []
         for item in sorted(reported, key=lambda item: item.metrics.get("iter", -1)):
             iter_num = item.metrics.get("iter")
