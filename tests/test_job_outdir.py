@@ -4,17 +4,13 @@ storage instead, where the same job submitted again finds it.
 
 The fast tier gives the launcher (local mode, in this process) what Ray's job supervisor gives a job's
 driver: the job's config in its variable, and a working directory inside the session's runtime_resources.
-The Ray tier submits real jobs to a real head (test_job_submit's).
+test_job_submit.py submits the real job, twice, to a real head.
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from conftest import TINY_LOCAL_RUN
-from test_job_submit import REPO, ray_head  # noqa: F401 - a fixture, used by name
 
 from raygpt import launch
 from raygpt.ray_compat import JOB_CONFIG_VARIABLE, job_working_dir
@@ -86,26 +82,3 @@ def test_a_jobs_relative_storage_path_is_refused(job_driver, char_data, capsys):
     assert err == ("error: storage_path runs is relative, but a Ray job runs in a copy of its working dir that "
                    "Ray deletes when the job ends: pass an absolute --storage_path or a URI")  # fmt: skip
     assert not list(job_driver.iterdir())
-
-
-@pytest.mark.ray
-def test_a_submitted_jobs_checkpoint_outlives_the_job(ray_head, tmp_path, char_data):  # noqa: F811
-    """`ray job submit --working-dir` with the default out_dir: ckpt.pt is kept in storage_path's run folder,
-    and submitting the same job again finds the finished run there."""
-    ray_cli, address = ray_head
-    storage = tmp_path / "ray"
-    run = [arg for arg in TINY_LOCAL_RUN if not arg.startswith("--local_mode")]
-    submit = [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-              sys.executable, "-m", "raygpt.launch", *run, "--num-workers", "1", f"--data_dir={char_data}",
-              f"--storage_path={storage}"]  # fmt: skip
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token"}
-    first = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-    output = first.stdout + first.stderr
-    assert first.returncode == 0 and "succeeded" in output, output[-3000:]
-    kept = storage / "out" / "out"
-    assert f"raygpt: out_dir out is {kept}" in output, output[-3000:]
-    assert (kept / "ckpt.pt").is_file() and (kept / "metrics.jsonl").is_file()
-    again = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
-    output = again.stdout + again.stderr
-    assert again.returncode == 0 and "succeeded" in output, output[-3000:]
-    assert "is already at iter 4 (max_iters 4): nothing to do" in output, output[-3000:]

@@ -1,7 +1,8 @@
-"""`ray job submit` against a real Ray head on loopback: a tiny CPU training job runs to SUCCEEDED.
+"""`ray job submit` against a real Ray head on loopback: a tiny CPU training job runs to SUCCEEDED, and its
+files outlive the job (test_job_outdir.py has the fast tier of where they land).
 
-The test starts its own head (`ray start --head`, own ports and temp dir), submits with the job SDK
-(what `ray job submit` uses), and stops only the processes of the cluster it started.
+The test starts its own head (`ray start --head`, own ports and temp dir), submits with the `ray` CLI, and
+stops only the processes of the cluster it started.
 """
 
 import json
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TINY_LOCAL_RUN
 
 pytestmark = pytest.mark.ray  # it starts its own Ray head with `ray start`
 
@@ -86,60 +88,33 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_job_submit_trains_and_checkpoints(ray_head, tmp_path, char_data):
+def test_a_submitted_job_trains_keeps_its_checkpoint_and_a_resubmit_finds_it(ray_head, tmp_path, char_data):
+    """`ray job submit --working-dir` with the default (relative) out_dir, and a WandB key handed to the
+    workers as the README does: the job succeeds; ckpt.pt is kept in storage_path's run folder (Ray deletes
+    its copy of the project when the job ends); the key shows in no output or file; and the same job
+    submitted again finds the finished run there."""
     ray_cli, address = ray_head
     storage = tmp_path / "ray"
-    # The README's way to hand workers a WandB key; it must never show up in output or saved files.
     secret = "wandb-key-" + os.urandom(8).hex()
     runtime_env = json.dumps({"env_vars": {"WANDB_API_KEY": secret, "WANDB_MODE": "offline"}})
+    run = [arg for arg in TINY_LOCAL_RUN if not arg.startswith("--local_mode")]
+    submit = [ray_cli, "job", "submit", "--address", address, "--working-dir", str(REPO), "--runtime-env-json",
+              runtime_env, "--", sys.executable, "-m", "raygpt.launch", *run, "--num-workers", "1",
+              f"--data_dir={char_data}", f"--storage_path={storage}", "--wandb_log=True"]  # fmt: skip
     # `ray start --head` turns token authentication on; the CLI reads ~/.ray/auth_token in token mode.
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "token"}
-    submit = subprocess.run(
-        [
-            ray_cli,
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--working-dir",
-            str(REPO),
-            "--runtime-env-json",
-            runtime_env,
-            "--",
-            sys.executable,
-            "-m",
-            "raygpt.launch",
-            "--dataset=shakespeare_char",
-            f"--data_dir={char_data}",
-            f"--out_dir={tmp_path / 'out-job'}",
-            f"--storage_path={storage}",
-            "--num-workers",
-            "1",
-            "--n_layer=1",
-            "--n_head=2",
-            "--n_embd=16",
-            "--block_size=16",
-            "--batch_size=4",
-            "--gradient_accumulation_steps=1",
-            "--max_iters=4",
-            "--eval_interval=2",
-            "--eval_iters=2",
-            "--device=cpu",
-            "--compile=False",
-            "--warmup_iters=1",
-            "--lr_decay_iters=10",
-            "--wandb_log=True",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    output = submit.stdout + submit.stderr
-    assert submit.returncode == 0, output[-3000:]
-    assert "succeeded" in output and "best val loss" in output, output[-3000:]
-    assert list((storage / "out-job").glob("checkpoint_*/ckpt.pt"))
-    assert list((tmp_path / "out-job" / "wandb").glob("offline-run-*"))  # wandb ran, with the key in its env
+    first = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+    output = first.stdout + first.stderr
+    assert first.returncode == 0 and "succeeded" in output and "best val loss" in output, output[-3000:]
+    kept = storage / "out" / "out"
+    assert f"raygpt: out_dir out is {kept}" in output, output[-3000:]
+    assert (kept / "ckpt.pt").is_file() and (kept / "metrics.jsonl").is_file()
+    assert list((storage / "out").glob("checkpoint_*/ckpt.pt"))
+    assert list((kept / "wandb").glob("offline-run-*"))  # wandb ran, with the key in its env
     assert secret not in output
     for path in tmp_path.rglob("*"):  # checkpoints, configs, Ray's results, wandb's files
         assert not path.is_file() or secret.encode() not in path.read_bytes(), path
+    again = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=300)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0 and "succeeded" in output, output[-3000:]
+    assert "is already at iter 4 (max_iters 4): nothing to do" in output, output[-3000:]
