@@ -51,27 +51,10 @@ def pytest_configure(config):
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-# Clusters of several `ray start` nodes on this machine: their idle daemons take about a tenth of a core while
-# they live, so the tests that use them run last (the session's after every other module, a module's last
-# in its module): on 2 cores that is the rest of the Ray tier's time.
-SESSION_CLUSTERS, MODULE_CLUSTERS = ("ray_nodes",), ("preemptible_cluster",)
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if "ray_local" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
-
-    def uses(item, fixtures) -> bool:
-        return any(name in getattr(item, "fixturenames", ()) for name in fixtures)
-
-    late_modules = {item.module for item in items if uses(item, SESSION_CLUSTERS)}
-    module_order = {}
-    for item in items:
-        module_order.setdefault(item.module, len(module_order))
-    position = {id(item): i for i, item in enumerate(items)}
-    items.sort(key=lambda item: (item.module in late_modules, module_order[item.module],
-                                 uses(item, MODULE_CLUSTERS), position[id(item)]))  # fmt: skip
 
 
 RAY_DAEMONS = ("raylet", "gcs_server")

@@ -96,9 +96,13 @@ def newest_state(storage: str, run_name: str, scratch) -> dict:
     assert folders, f"no checkpoint in {storage}/{run_name}"
     states = []
     for i, path in enumerate(folders):
+        # A node killed while uploading leaves a folder without its ckpt.pt: no checkpoint Ray reported.
+        if filesystem.get_file_info(f"{path}/{checkpoint.CKPT_NAME}").type != pyarrow.fs.FileType.File:
+            continue
         local = scratch / f"ckpt-{i}.pt"
         pyarrow.fs.copy_files(f"{path}/{checkpoint.CKPT_NAME}", str(local), source_filesystem=filesystem)
         states.append(checkpoint.load(local))
+    assert states, f"no checkpoint with its {checkpoint.CKPT_NAME} in {storage}/{run_name}"
     return max(states, key=lambda state: state["iter_num"])
 
 
