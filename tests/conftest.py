@@ -1,6 +1,6 @@
 """Shared test fixtures: offline tiktoken, the tiny Shakespeare corpus, one Ray local cluster per session.
 
-Two tiers: `pytest -m "not ray"` runs in about 2 minutes on 2 cores and starts no Ray process (Ray
+Two tiers: `pytest -m "not ray"` runs in about 4 minutes on 2 cores and starts no Ray process (Ray
 Train's local mode trains in the test's own process); `pytest -m ray` is the rest. A test that uses the
 `ray_local` cluster is marked `ray` here; a module that starts Ray some other way says
 `pytestmark = pytest.mark.ray`. A test left unmarked that starts Ray anyway fails (`fast_tier_starts_no_ray`).

@@ -168,6 +168,27 @@ def test_ranks_whose_answers_come_late_stop_with_the_others_and_never_wait():
     assert stopped == {0: 10, 1: 10}
 
 
+def test_a_notice_another_rank_read_first_gets_this_ranks_answer_by_the_save():
+    """Rank 0 prints, but on a loaded machine another rank may read Ray's notice first: rank 0 says so
+    without inventing ranks, and once its own answer has come (during the save) it says which ranks go and
+    when, states the deadline with the save, and waits for Ray's restart until that deadline."""
+    queued, said, waited = Future(), [], []
+    watch = PreemptionWatch(lambda: None, 1, lambda job: queued, say=said.append,
+                            agree=lambda flag: preemption.PREEMPTED)  # fmt: skip
+    watch.wait_for_restart = waited.append
+    notice = watch.notice(4)
+    assert notice.deadline is None
+    assert said == ["preemption notice at iter 4 (read by another rank first): saving a checkpoint"]
+    deadline = time.time() + 30
+    queued.set_result((FakeInfo({"node-x": [0, 1]}, deadline_ms=int(deadline * 1000)), False))
+    watch.stop(4)
+    assert re.fullmatch(r"preemption notice at iter 4: ranks \[0, 1\] lose their node in [\d.]+s: saving a checkpoint",
+                        said[1])  # fmt: skip
+    assert re.fullmatch(r"preemption: checkpoint at iter 4 saved [\d.]+s after the notice, [\d.]+s before the "
+                        r"deadline", said[2])  # fmt: skip
+    assert waited[0].deadline == pytest.approx(deadline, abs=0.01) and waited[0].ranks == (0, 1)
+
+
 def test_sigterm_is_a_notice_at_the_next_boundary_then_terminated():
     before = signal.getsignal(signal.SIGTERM)
     restore = preemption.handle_sigterm()

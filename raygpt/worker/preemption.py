@@ -91,6 +91,7 @@ class PreemptionWatch:
         self.answers: list[Future] = []  # polls submitted, oldest first
         self.noticed_nodes: set[str] = set()
         self.stopping: Notice | None = None
+        self.notice_iter = 0  # the iteration of the latest notice
 
     def notice(self, iter_num: int) -> Notice | None:
         if stop_requested.is_set():  # set only in a process that trains itself: one rank
@@ -100,12 +101,7 @@ class PreemptionWatch:
         if (self.poll is None and self.stop_asked is None) or iter_num % self.every:
             return None
         self.answers.append(self.run_in_order(self.ask))
-        info, asked = None, False
-        while self.answers and self.answers[0].done():
-            answer, stop = self.answers.pop(0).result()
-            asked = asked or stop
-            if answer is not None and not set(answer.preempted_node_ids) <= self.noticed_nodes:
-                info = answer
+        info, asked = self.arrived_answers()
         decision = self.agree(LAUNCHER_STOPPED if asked else PREEMPTED if info is not None else NOTHING)
         if decision == NOTHING:
             return None
@@ -113,19 +109,37 @@ class PreemptionWatch:
             self.stopping = Notice(LAUNCHER_SIGTERM, time.time())
             self.say(f"{LAUNCHER_SIGTERM} at iter {iter_num}: saving a checkpoint, then ending the run")
             return self.stopping
+        self.notice_iter = iter_num
         if info is None:  # another rank has read the notice already; this one's answer is still queued
             self.stopping = Notice("preemption", time.time())
+            self.say(f"preemption notice at iter {iter_num} (read by another rank first): saving a checkpoint")
         else:
-            self.noticed_nodes |= set(info.preempted_node_ids)
-            deadline = None if info.deadline_ms is None else info.deadline_ms / 1000
-            self.stopping = Notice("preemption", time.time(), deadline, tuple(info.preempted_ranks))
-        left = self.stopping.seconds_left()
+            self.stopping = self.preemption(info, time.time())
+        return self.stopping
+
+    def arrived_answers(self) -> tuple:
+        """The polls' answers that have come, never waited for: Ray's preemption info of nodes not noticed
+        yet (None: none), and whether the launcher asked to stop."""
+        info, asked = None, False
+        while self.answers and self.answers[0].done():
+            answer, stop = self.answers.pop(0).result()
+            asked = asked or stop
+            if answer is not None and not set(answer.preempted_node_ids) <= self.noticed_nodes:
+                info = answer
+        return info, asked
+
+    def preemption(self, info, noticed_at: float) -> Notice:
+        """The Notice of Ray's preemption info, said in one line."""
+        self.noticed_nodes |= set(info.preempted_node_ids)
+        deadline = None if info.deadline_ms is None else info.deadline_ms / 1000
+        notice = Notice("preemption", noticed_at, deadline, tuple(info.preempted_ranks))
+        left = notice.seconds_left()
         self.say(
-            f"preemption notice at iter {iter_num}: ranks {list(self.stopping.ranks)} lose their node "
+            f"preemption notice at iter {self.notice_iter}: ranks {list(notice.ranks)} lose their node "
             + (f"in {left:.1f}s" if left is not None else "(no deadline given)")
             + ": saving a checkpoint"
         )
-        return self.stopping
+        return notice
 
     def ask(self) -> tuple:
         """One poll: Ray's preemption info (None: none), and whether the launcher asked to stop."""
@@ -137,6 +151,12 @@ class PreemptionWatch:
         steps in a row, not written): say how long it took (or why not), then raise Terminated (SIGTERM),
         wait for Ray's restart (a preemption; never returns), or return (the launcher's SIGTERM: the loop
         ends the run)."""
+        if self.stopping.reason == "preemption" and self.stopping.deadline is None:
+            # This rank's answer was still queued at the notice: it has likely come during the save, with
+            # the deadline the wait for Ray's restart needs and the line states.
+            info, _ = self.arrived_answers()
+            if info is not None:
+                self.stopping = self.preemption(info, self.stopping.noticed_at)
         notice, saved_at = self.stopping, time.time() if saved_at is None else saved_at
         left = notice.seconds_left(saved_at)
         unsaved = not_saved(iter_num, nonfinite_steps) if nonfinite_steps else ""
